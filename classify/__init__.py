@@ -1,0 +1,1 @@
+"""Classify stage: scikit-learn heads on cached features, selected on val, scored once on test."""

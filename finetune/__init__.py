@@ -1,0 +1,1 @@
+"""Finetune stage: partial-unfreeze fine-tuning on the manifest's splits, with a frozen-prefix activation cache."""

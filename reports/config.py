@@ -1,0 +1,7 @@
+"""Schema of the ``[report]`` config section (see study/schema.py)."""
+from study.schema import Field, int_range, is_str
+
+SCHEMA = {
+    "title": Field("Frozen features + classical heads vs partial fine-tuning", is_str),
+    "worst_classes": Field(10, int_range(1)),
+}

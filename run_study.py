@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Run the transfer-learning study: frozen features + classical heads vs partial fine-tuning.
+
+    python run_study.py                                   # the default study (configs/default.toml)
+    python run_study.py --config configs/quick.toml --out out/quick
+    python run_study.py --stages dataset --set data.split.train_per_class=20
+
+Each stage lives in its package (``<stage>/stage.py`` exposes ``run(ctx)``); this file only parses,
+loads and validates the config, makes the run folder, records provenance and calls the stages.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+from study.config import DEFAULT_CONFIG, REPO_ROOT, STAGES, dump_config, load_config
+from study.context import StudyContext, resolve_device
+from study.provenance import end_provenance, start_provenance, utc_now
+from study.schema import ConfigError
+
+STAGE_MODULES = {"dataset": "dataset.stage", "extract": "extract.stage", "classify": "classify.stage",
+                 "finetune": "finetune.stage", "report": "reports.stage"}
+log = logging.getLogger("study")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="study config (TOML); default: %(default)s")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set extract.views=4 (repeatable)")
+    p.add_argument("--stages", default=None,
+                   help=f"comma-separated subset of {','.join(STAGES)} (default: the config's stages)")
+    p.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "datasets"),
+                   help="folder holding the image sources; default: %(default)s")
+    p.add_argument("--out", default=str(REPO_ROOT / "out"), help="artefacts and runs go here; default: %(default)s")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="overrides config 'device'")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="rebuild feature/prefix caches whose spec no longer matches (the only override of a mismatch)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    overrides = list(args.overrides)
+    if args.stages:
+        overrides.append("stages=[" + ",".join(f'"{s.strip()}"' for s in args.stages.split(",")) + "]")
+    if args.device:
+        overrides.append(f'device="{args.device}"')
+    return load_config(args.config, overrides=overrides)
+
+
+def make_run_dir(out: Path, name: str) -> Path:
+    stamp = utc_now().replace(":", "").replace("-", "")
+    run_dir = out / "runs" / f"{stamp}-{name}"
+    n = 1
+    while run_dir.exists():  # two runs started within one second
+        n += 1
+        run_dir = out / "runs" / f"{stamp}-{name}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        config = resolve(args)
+        device = resolve_device(config["device"])
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
+    run_dir = make_run_dir(out, config["name"])
+    (run_dir / "config.resolved.toml").write_text(dump_config(config))
+    prov = start_provenance(run_dir=run_dir, repo=REPO_ROOT, argv=[sys.argv[0], *argv], device=device)
+    log.info("run %s: git %s%s, device %s, stages %s", run_dir.name, prov["git"]["sha"],
+             " (dirty)" if prov["git"]["dirty"] else "", device, ",".join(config["stages"]))
+    ctx = StudyContext(config=config, data_root=data_root, out_dir=out, run_dir=run_dir, device=device,
+                       rebuild_cache=args.rebuild_cache)
+    status = "failed"
+    try:
+        for stage in config["stages"]:
+            t0 = time.perf_counter()
+            log.info("stage %s ...", stage)
+            importlib.import_module(STAGE_MODULES[stage]).run(ctx)
+            log.info("stage %s done in %.1fs", stage, time.perf_counter() - t0)
+        status = "ok"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        print(f"\ninterrupted; rerun the same command to resume (completed work is cached under {out})",
+              file=sys.stderr)
+        return 130
+    finally:
+        end_provenance(run_dir=run_dir, prov=prov, status=status)
+    report = run_dir / "report.md"
+    print(f"run folder: {run_dir}")
+    if report.is_file():
+        print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

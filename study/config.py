@@ -1,0 +1,88 @@
+"""Study configs: load a TOML file, apply ``--set key=value`` overrides, validate against every stage's schema.
+
+Each stage package owns its section's schema (``<package>/config.py`` exports ``SCHEMA``); this
+module only assembles them, so a stage adds a key in one place. The resolved config (defaults
+filled in) is what a run writes next to its results.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from study.schema import ConfigError, Field, int_range, is_str, one_of, validate
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.toml"
+STAGES = ("dataset", "extract", "classify", "finetune", "report")
+
+
+def study_schema() -> dict:
+    # Imported here so that a broken stage schema is reported when a config is loaded, not on import.
+    from classify.config import SCHEMA as classify_schema
+    from dataset.config import SCHEMA as data_schema
+    from extract.config import SCHEMA as extract_schema
+    from finetune.config import SCHEMA as finetune_schema
+    from reports.config import SCHEMA as report_schema
+
+    return {
+        "name": Field("study", is_str, "a short name used in the run folder"),
+        "seed": Field(0, int_range(0, 2**31 - 1)),
+        "device": Field("auto", one_of("auto", "cpu", "cuda", "mps")),
+        "stages": Field(list(STAGES), _stages_check),
+        "data": data_schema,
+        "extract": extract_schema,
+        "classify": classify_schema,
+        "finetune": finetune_schema,
+        "report": report_schema,
+    }
+
+
+def _stages_check(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not value or any(v not in STAGES for v in value):
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a non-empty list drawn from {list(STAGES)}")
+    return [s for s in STAGES if s in value]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=VALUE`` -> (['a','b','c'], value); VALUE is read as a TOML value, else as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set classify.heads=[\"lr\"]")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key {key!r} is not a dotted config key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = config
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a table")
+        node[path[-1]] = value
+    return config
+
+
+def load_config(path: str | Path | None = None, *, overrides: list[str] = ()) -> dict:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; the shipped ones are in {REPO_ROOT / 'configs'}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    return validate(apply_overrides(raw, list(overrides)), study_schema())
+
+
+def dump_config(config: dict) -> str:
+    return tomli_w.dumps(config)

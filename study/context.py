@@ -1,0 +1,75 @@
+"""Where a study's artefacts live, and the resolved settings every stage receives.
+
+Layout under ``--out`` (shared by all runs, so caches are reused across runs)::
+
+    dataset/            manifest.csv, summary.{md,csv}, excluded.csv, duplicates.csv, *.png, file_index.csv
+    features/<key>.h5   frozen-backbone feature caches
+    prefix/<key>.h5     fine-tuning frozen-prefix activation caches
+    heads/<key>/        fitted heads (joblib + meta.json + result rows)
+    finetune/<key>/     checkpoints (+ result rows)
+    runs/<UTC>-<name>/  config.resolved.toml, provenance.json, results.jsonl, report.md, *.csv, *.png
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    config: dict
+    data_root: Path
+    out_dir: Path
+    run_dir: Path
+    device: str
+    rebuild_cache: bool = False
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.out_dir / "dataset"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dataset_dir / "manifest.csv"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.out_dir / "features"
+
+    @property
+    def prefix_dir(self) -> Path:
+        return self.out_dir / "prefix"
+
+    @property
+    def heads_dir(self) -> Path:
+        return self.out_dir / "heads"
+
+    @property
+    def finetune_dir(self) -> Path:
+        return self.out_dir / "finetune"
+
+    @property
+    def results_path(self) -> Path:
+        return self.run_dir / "results.jsonl"
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    import torch
+
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }
+    if requested == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if requested not in available:
+        raise ValueError(f"device {requested!r}; allowed: auto, cpu, cuda, mps")
+    if not available[requested]:
+        raise ValueError(f"device {requested!r} was asked for but is not available here; use --device cpu or auto")
+    return requested
