@@ -1,0 +1,117 @@
+"""Backbone registry: real Lite0 weights classify correctly, heads are stripped, weights resolve or say how."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataset.images import load_rgb
+from dataset.transforms import eval_transform
+from extract import backbones
+from extract.backbones import WeightsUnavailable, backbone_spec, build_classifier, load_backbone, resolve_weights
+
+IMAGENET_CLASS = {"tench": 0, "golf_ball": 574, "garbage_truck": 569}
+
+
+@pytest.fixture(scope="module")
+def lite0_spec():
+    return backbone_spec("efficientnet_lite0")
+
+
+def _imagenette_batch(data_root: Path, cls: str, tf, n: int = 3) -> torch.Tensor:
+    files = sorted((data_root / "imagenette" / cls).glob("*"))[:n]
+    return torch.stack([tf(load_rgb(f)) for f in files])
+
+
+def test_lite0_pretrained_weights_classify_imagenette(data_root, lite0_spec):
+    """Before the classifier is removed, the packaged weights must recognise ImageNet classes."""
+    model = build_classifier("efficientnet_lite0", resolve_weights("efficientnet_lite0"))
+    tf = eval_transform(lite0_spec["data_config"])
+    with torch.inference_mode():
+        for cls, imagenet_idx in IMAGENET_CLASS.items():
+            pred = model(_imagenette_batch(data_root, cls, tf)).argmax(1)
+            assert (pred == imagenet_idx).float().mean() >= 2 / 3, (cls, pred.tolist())
+
+
+def test_lite_data_configs_follow_timm(lite0_spec):
+    sizes = {name: backbone_spec(name)["data_config"] for name in backbones.LITE_NAMES}
+    assert [c["crop_size"] for c in sizes.values()] == [224, 240, 260]
+    assert lite0_spec["data_config"]["resize"] == 256  # floor(224 / 0.875)
+    assert all(c["mean"] == [0.5] * 3 and c["std"] == [0.5] * 3 and c["interpolation"] == "bicubic"
+               for c in sizes.values())
+    assert len(lite0_spec["weights_sha256"]) == 64
+
+
+def test_lite0_backbone_gives_pooled_prelogits(data_root, lite0_spec):
+    bb = load_backbone("efficientnet_lite0")
+    assert bb.feature_dim == 1280 and not bb.model.training
+    assert all(hasattr(bb.model, m) for m in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool"))
+    with torch.inference_mode():
+        feats = bb.model(_imagenette_batch(data_root, "tench", eval_transform(bb.data_config), n=2))
+    assert feats.shape == (2, 1280) and torch.isfinite(feats).all()
+    assert bb.spec == lite0_spec
+
+
+def test_wrong_weights_file_is_a_clear_error():
+    lite1_file = backbones._lite_package_file("efficientnet_lite1")
+    with pytest.raises(ValueError, match="does not fit"):
+        load_backbone("efficientnet_lite0", weights_file=str(lite1_file))
+
+
+@pytest.mark.parametrize("name,size,dim", [
+    ("resnet18", 224, 512), ("resnet50", 224, 2048), ("inception_v3", 299, 2048),
+    ("mobilenet_v3_large", 224, 1280), ("efficientnet_b0", 224, 1280), ("convnext_tiny", 224, 768),
+])
+def test_torchvision_random_backbones_shapes(name, size, dim):
+    bb = load_backbone(name, pretrained=False)
+    assert bb.data_config["crop_size"] == size and bb.feature_dim == dim
+    assert bb.spec["weights"] == "random" and not bb.model.training
+    with torch.inference_mode():
+        out = bb.model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, dim)
+
+
+def test_inception_keeps_aux_module_but_not_in_features():
+    bb = load_backbone("inception_v3", pretrained=False)
+    assert hasattr(bb.model, "AuxLogits")
+    with torch.inference_mode():
+        assert isinstance(bb.model(torch.randn(1, 3, 299, 299)), torch.Tensor)
+
+
+def test_missing_torchvision_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv(backbones.OFFLINE_ENV, "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(WeightsUnavailable) as err:
+        backbone_spec("resnet50")
+    expected = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    assert str(expected) in err.value.fix and "download.pytorch.org/models/resnet50-11ad3fa6.pth" in err.value.fix
+
+
+def test_torchvision_weights_resolve_from_user_file_then_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(backbones.OFFLINE_ENV, "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    reference = build_classifier("resnet18", resolve_weights("resnet18", pretrained=False))
+    user_file = tmp_path / "my_resnet18.pth"
+    torch.save(reference.state_dict(), user_file)
+    bb = load_backbone("resnet18", weights_file=str(user_file))
+    assert bb.spec["weights"] == "file:my_resnet18.pth"
+    assert torch.equal(bb.model.conv1.weight, reference.conv1.weight)
+
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(user_file.read_bytes())
+    spec = backbone_spec("resnet18")
+    assert spec["weights"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert spec["weights_sha256"] == bb.spec["weights_sha256"]
+
+
+def test_missing_user_file_names_it(tmp_path):
+    with pytest.raises(WeightsUnavailable, match="does not exist") as err:
+        backbone_spec("efficientnet_lite0", weights_file=str(tmp_path / "nope.pth"))
+    assert "nope.pth" in err.value.fix
+
+
+def test_unknown_backbone_lists_what_is_allowed():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet51'.*efficientnet_lite0"):
+        backbone_spec("resnet51")
