@@ -1,0 +1,30 @@
+"""The command line: bad input fails before any work, with a message naming key, value and what is allowed."""
+import tomllib
+
+import pytest
+
+import run_study
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "extract.viewz=1"], "unknown config key 'extract.viewz'"),
+    (["--set", "classify.heads=[\"rf\"]"], "'classify.heads[0]' has value 'rf'; allowed: one of 'lr', 'svm', 'knn'"),
+    (["--stages", "dataset,plot"], "'stages' has value"),
+    (["--set", "seed=-3"], "'seed' has value -3"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, capsys, args, message):
+    assert run_study.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert run_study.main(["--config", str(tmp_path / "none.toml"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    from study.config import REPO_ROOT, load_config
+    for path in sorted((REPO_ROOT / "configs").glob("*.toml")):
+        cfg = load_config(path)
+        assert cfg["name"] == tomllib.loads(path.read_text()).get("name", "study"), path
