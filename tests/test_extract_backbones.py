@@ -55,7 +55,7 @@ def test_lite0_backbone_gives_pooled_prelogits(data_root, lite0_spec):
 
 def test_wrong_weights_file_is_a_clear_error():
     lite1_file = backbones._lite_package_file("efficientnet_lite1")
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="not weights for this architecture"):
         load_backbone("efficientnet_lite0", weights_file=str(lite1_file))
 
 
@@ -69,14 +69,10 @@ def test_torchvision_random_backbones_shapes(name, size, dim):
     assert bb.spec["weights"] == "random" and not bb.model.training
     with torch.inference_mode():
         out = bb.model(torch.randn(2, 3, size, size))
-    assert out.shape == (2, dim)
-
-
-def test_inception_keeps_aux_module_but_not_in_features():
-    bb = load_backbone("inception_v3", pretrained=False)
-    assert hasattr(bb.model, "AuxLogits")
-    with torch.inference_mode():
-        assert isinstance(bb.model(torch.randn(1, 3, 299, 299)), torch.Tensor)
+    # a plain tensor: Inception's aux logits (its module is kept for fine-tuning) are not in the features
+    assert isinstance(out, torch.Tensor) and out.shape == (2, dim)
+    if name == "inception_v3":
+        assert hasattr(bb.model, "AuxLogits")
 
 
 def test_missing_torchvision_weights_say_where_to_put_them(tmp_path, monkeypatch):
