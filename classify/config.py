@@ -1,8 +1,51 @@
-"""Schema of the ``[classify]`` config section (see study/schema.py)."""
-from study.schema import Field, int_range, list_of, one_of
+"""Schema of the ``[classify]`` config section (see study/schema.py).
+
+Every head's hyperparameter grid is data here: each list is one axis, and the grid a head sweeps
+is their cartesian product (``classify.heads.head_grid``). ``norm`` is the feature normalisation
+fitted on training rows ("standard" = StandardScaler, "l2" = unit-length rows, "none"); ``pca`` is
+the number of PCA components (0 = no PCA). The defaults are the ones ``benchmarks/heads.py``
+measured on EfficientNet-Lite0 features of Caltech 101 (see classify/heads.py).
+"""
+from study.schema import Field, float_range, int_range, list_of, one_of
+
+NORMS = ("standard", "l2", "none")
+# A log grid of C, 4 points per decade: fine enough that the val optimum is not a grid artefact.
+LR_C_GRID = [round(10 ** (e / 4), 6) for e in range(-12, 5)]
+
+_C_LIST = list_of(float_range(1e-8, 1e8), min_len=1)
+_NORM_LIST = list_of(one_of(*NORMS), min_len=1)
+_PCA_LIST = list_of(int_range(0), min_len=1)
 
 SCHEMA = {
     "heads": Field(["lr", "svm", "knn"], list_of(one_of("lr", "svm", "knn"), min_len=1)),
     "feature_sets": Field(["clean", "aug"], list_of(one_of("clean", "aug"), min_len=1)),
     "bootstrap": Field(1000, int_range(0)),
+    "lr": {
+        "C": Field(LR_C_GRID, _C_LIST, "inverse regularisation strengths, swept in ascending order with warm starts"),
+        "norm": Field(["standard", "l2"], _NORM_LIST),
+        "pca": Field([0], _PCA_LIST),
+        "max_iter": Field(300, int_range(10)),
+        "tol": Field(1e-3, float_range(1e-10, 1.0)),
+    },
+    "svm": {
+        "kernel": Field(["linear"], list_of(one_of("linear", "rbf"), min_len=1)),
+        "C": Field([0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], _C_LIST),
+        "norm": Field(["standard", "l2"], _NORM_LIST),
+        "pca": Field([0], _PCA_LIST),
+    },
+    "knn": {
+        "k": Field([1, 3, 5, 10, 20], list_of(int_range(1), min_len=1)),
+        "metric": Field(["cosine", "euclidean"], list_of(one_of("cosine", "euclidean"), min_len=1)),
+        "weights": Field(["uniform", "distance"], list_of(one_of("uniform", "distance"), min_len=1)),
+        "norm": Field(["standard", "l2"], _NORM_LIST),
+        "pca": Field([0], _PCA_LIST),
+    },
+    "fewshot": {
+        "k": Field([1, 5, 10, 20, 30], list_of(int_range(1), min_len=0),
+                   "images per class; [] turns the few-shot curve off"),
+        "seeds": Field(3, int_range(1, 100), "draws per k (seed, seed+1, ...)"),
+        # The few-shot heads reuse the full set's val-chosen hyperparameters, so val is not needed
+        # for selection and may join the pool; that makes k = 30 the standard Caltech protocol.
+        "pool": Field("train+val", one_of("train", "train+val"), "the labelled images the k per class are drawn from"),
+    },
 }

@@ -1,0 +1,146 @@
+"""Classify images with a saved head: ``python -m classify.predict --head DIR IMAGE_OR_FOLDER...``.
+
+Loads the backbone named in the head's meta.json (or ``--backbone``), refuses it unless its spec
+equals the spec the head was trained on (the error names the differing fields), pre-processes
+each image with the backbone's eval transform, and prints one line per image: path, class,
+probability (for an SVM head: a softmax of its decision values, marked as a score).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classify.heads import probabilities
+from classify.store import load_head
+from dataset.images import ImageLoadError, load_rgb
+from dataset.transforms import eval_transform
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class HeadMismatch(ValueError):
+    """The backbone asked for is not the one the head's features came from."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    class_name: str
+    label: int
+    probability: float
+    calibrated: bool
+
+
+def spec_differences(expected: dict, actual: dict, *, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two specs differ (nested dicts compared field by field)."""
+    diffs = []
+    for key in sorted(set(expected) | set(actual)):
+        name = f"{prefix}{key}"
+        a, b = expected.get(key, "<absent>"), actual.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += spec_differences(a, b, prefix=f"{name}.")
+        elif a != b:
+            diffs.append(f"{name}: head has {a!r}, backbone has {b!r}")
+    return diffs
+
+
+def check_backbone(meta: dict, backbone, *, head_dir: Path) -> None:
+    diffs = spec_differences(meta["backbone_spec"], _json_roundtrip(backbone.spec))
+    if diffs:
+        raise HeadMismatch(f"head {head_dir} was trained on features of {meta['backbone']!r}, and the backbone "
+                           f"{backbone.name!r} loaded here differs in: " + "; ".join(diffs)
+                           + ". Use the backbone (and weights file) the head was trained with, or retrain the head.")
+
+
+def _json_roundtrip(spec: dict) -> dict:
+    # meta.json stores the spec as JSON (tuples become lists), so compare like with like.
+    import json
+
+    from study.hashing import canonical_json
+    return json.loads(canonical_json(spec))
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted, recursive)."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item} is neither an image file nor a folder")
+    if not paths:
+        raise FileNotFoundError(f"no images found in {inputs}")
+    return paths
+
+
+def predict_images(head_dir: str | Path, paths: list[Path], *, backbone=None, device: str = "cpu",
+                   batch_size: int = 32) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+    """Predictions for readable images, and (path, reason) for the ones that could not be read."""
+    from extract.backbones import load_backbone
+
+    head_dir = Path(head_dir)
+    model, meta = load_head(head_dir)
+    backbone = backbone or load_backbone(meta["backbone"])
+    check_backbone(meta, backbone, head_dir=head_dir)
+    transform = eval_transform(backbone.data_config)
+    net = backbone.model.to(device).eval()
+    results, failed = [], []
+    for start in range(0, len(paths), batch_size):
+        batch, tensors = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                tensors.append(transform(load_rgb(path)))
+                batch.append(path)
+            except ImageLoadError as exc:
+                failed.append((path, exc.reason))
+        if batch:
+            with torch.inference_mode():
+                feats = net(torch.stack(tensors).to(device)).float().cpu().numpy()
+            results += _label(model, feats, batch, meta["class_names"])
+    return results, failed
+
+
+def _label(model, feats: np.ndarray, paths: list[Path], names: list[str]) -> list[Prediction]:
+    probs, calibrated = probabilities(model, feats, n_classes=len(names))
+    best = probs.argmax(axis=1)
+    return [Prediction(path=p, class_name=names[b], label=int(b), probability=float(probs[i, b]),
+                       calibrated=calibrated) for i, (p, b) in enumerate(zip(paths, best))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--head", required=True, help="a saved head folder (<out>/heads/<key>/)")
+    p.add_argument("--backbone", default=None, help="backbone to load (default: the one in the head's meta.json)")
+    p.add_argument("--weights", default=None, help="a local weights file for the backbone")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    args = p.parse_args(argv)
+    from extract.backbones import WeightsUnavailable, load_backbone
+
+    try:
+        _, meta = load_head(args.head)
+        backbone = load_backbone(args.backbone or meta["backbone"], weights_file=args.weights)
+        results, failed = predict_images(args.head, image_paths(args.inputs), backbone=backbone, device=args.device)
+    except WeightsUnavailable as exc:
+        print(f"error: {exc}\nfix: {exc.fix}", file=sys.stderr)
+        return 2
+    except (HeadMismatch, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        what = "probability" if r.calibrated else "score"
+        print(f"{r.path}\t{r.class_name}\t{what}={r.probability:.4f}")
+    for path, reason in failed:
+        print(f"{path}\tskipped: {reason}", file=sys.stderr)
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The classify stage: LR / SVM / kNN heads (and the LR few-shot curve) on each backbone's feature cache.
+
+For every features entry (``<run>/features.json``, written by the extract stage), feature set and
+head, the head is selected on val, refit on train+val, scored once on test, saved to
+``heads/<key>/`` and its row appended to ``results.jsonl``; a completed head dir is reused as is.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from classify.features import head_data
+from classify.fewshot import fewshot_pool, fit_fewshot, max_k
+from classify.heads import count_parameters, head_grid
+from classify.metrics import evaluate
+from classify.selection import HeadData, fit_select_score
+from classify.store import cached_rows, head_key, save_head, save_rows
+from dataset.manifest import class_names, manifest_hash, read_manifest
+from study.results import append_rows, append_skip
+
+log = logging.getLogger("study.classify")
+
+
+def run(ctx) -> None:
+    cfg = ctx.config["classify"]
+    manifest = read_manifest(ctx.manifest_path)
+    for entry in read_features_index(ctx.run_dir):
+        from extract.cache import load_features
+
+        fs = load_features(entry["path"])
+        if fs.key != entry["key"]:
+            raise ValueError(f"{ctx.run_dir / 'features.json'} names key {entry['key']} for {entry['path']}, but the "
+                             f"cache there has key {fs.key}; rerun the extract stage")
+        rows = classify_features(fs, backbone=entry["backbone"], manifest=manifest, cfg=cfg, seed=ctx.seed,
+                                 heads_dir=ctx.heads_dir, run_dir=ctx.run_dir)
+        log.info("classify %s: %d rows appended to %s", entry["backbone"], len(rows), ctx.results_path)
+
+
+def read_features_index(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "features.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: the classify stage reads the feature caches the extract stage lists "
+                                "there; run the extract stage in the same run (--stages extract,classify)")
+    return json.loads(path.read_text())
+
+
+def classify_features(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, seed: int, heads_dir: Path,
+                      run_dir: Path) -> list[dict]:
+    """All heads and feature sets (then the few-shot curve) for one feature cache; rows are appended
+    to ``run_dir/results.jsonl`` as each head finishes, so an interrupted stage loses at most one head."""
+    context = {"backbone": backbone, "fs": fs, "manifest": manifest, "seed": seed, "n_boot": cfg["bootstrap"],
+               "class_names": class_names(manifest), "manifest_hash": manifest_hash(manifest)}
+    all_rows, chosen_lr = [], {}
+    tasks = [(fset, method) for fset in cfg["feature_sets"] for method in cfg["heads"]]
+    for feature_set, method in tqdm(tasks, desc=f"heads {backbone}", unit="head"):
+        try:
+            data = head_data(fs, manifest, feature_set=feature_set)
+        except ValueError as exc:
+            append_skip(run_dir, stage="classify", what=f"{backbone} {method} {feature_set}", reason=str(exc),
+                        fix="set extract.views >= 1, or drop 'aug' from classify.feature_sets")
+            continue
+        rows = cached_head(method, feature_set=feature_set, data=data, head_cfg=cfg[method], heads_dir=heads_dir,
+                           **context)
+        append_rows(Path(run_dir) / "results.jsonl", rows)
+        all_rows += rows
+        if method == "lr":
+            chosen_lr[feature_set] = rows[0]["hyperparams"]
+    if cfg["fewshot"]["k"] and chosen_lr:
+        params = chosen_lr.get("clean") or next(iter(chosen_lr.values()))
+        rows = cached_fewshot(params, data=head_data(fs, manifest, feature_set="clean"), fewshot_cfg=cfg["fewshot"],
+                              head_cfg=cfg["lr"], heads_dir=heads_dir, run_dir=run_dir, **context)
+        append_rows(Path(run_dir) / "results.jsonl", rows)
+        all_rows += rows
+    return all_rows
+
+
+def cached_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict, heads_dir: Path, **context) -> list:
+    fs = context["fs"]
+    key = head_key(features_key=fs.key, kind="head", method=method, feature_set=feature_set, settings=head_cfg,
+                   seed=context["seed"], n_boot=context["n_boot"])
+    head_dir = Path(heads_dir) / key
+    rows = cached_rows(head_dir)
+    if rows is not None:
+        log.info("%s %s %s: reusing %s", context["backbone"], method, feature_set, head_dir)
+        return rows
+    grid = head_grid(method, head_cfg)
+    log.info("%s %s %s: sweeping %d grid points on %d train rows", context["backbone"], method, feature_set,
+             len(grid), len(data.train))
+    fit = fit_select_score(method, grid, data=data, seed=context["seed"], head_cfg=head_cfg,
+                           n_classes=len(context["class_names"]))
+    row = result_row(kind="head", method=method, feature_set=feature_set, data=data, test_pred=fit.test_pred,
+                     test_scores=fit.test_scores, hyperparams=fit.selection.best, train_s=fit.train_s,
+                     predict_s=fit.predict_s, model=fit.model, **context)
+    row["selection"] = fit.selection.scores
+    row["head_key"] = key
+    save_head(head_dir, model=fit.model, meta=head_meta(row, context))
+    save_rows(head_dir, [row])
+    log.info("%s %s %s: val %.4f -> test mean per-class %.4f (%s) in %.1fs", context["backbone"], method, feature_set,
+             max(s["val_mean_per_class"] for s in fit.selection.scores), row["metrics"]["mean_per_class"],
+             fit.selection.best, fit.train_s)
+    return [row]
+
+
+def cached_fewshot(params: dict, *, data: HeadData, fewshot_cfg: dict, head_cfg: dict, heads_dir: Path, run_dir: Path,
+                   **context) -> list:
+    fs, seed = context["fs"], context["seed"]
+    settings = {"lr": head_cfg, "chosen": params, "fewshot": fewshot_cfg}
+    head_dir = Path(heads_dir) / head_key(features_key=fs.key, kind="fewshot", method="lr", feature_set="clean",
+                                          settings=settings, seed=seed, n_boot=context["n_boot"])
+    rows = cached_rows(head_dir)
+    if rows is not None:
+        return rows
+    pool = fewshot_pool(data, pool=fewshot_cfg["pool"])
+    rows, largest = [], max_k(pool)
+    for k in tqdm(fewshot_cfg["k"], desc=f"few-shot {context['backbone']}", unit="k"):
+        if k > largest:
+            append_skip(run_dir, stage="classify", what=f"{context['backbone']} few-shot k={k}",
+                        reason=f"the smallest class has {largest} images in the '{fewshot_cfg['pool']}' pool",
+                        fix="lower classify.fewshot.k or use classify.fewshot.pool='train+val'")
+            continue
+        for draw_seed in range(seed, seed + fewshot_cfg["seeds"]):
+            fit = fit_fewshot(params, pool=pool, test=data.test, k=k, seed=draw_seed, head_cfg=head_cfg,
+                              n_classes=len(context["class_names"]))
+            row = result_row(kind="fewshot", method="lr", feature_set="clean", data=data, test_pred=fit.test_pred,
+                             test_scores=fit.test_scores, hyperparams=params, train_s=fit.train_s,
+                             predict_s=fit.predict_s, model=fit.model, **{**context, "seed": draw_seed})
+            rows.append({**row, "k_per_class": k, "n_train": fit.n_train, "n_val": 0, "n_fit_rows": fit.n_train,
+                         "fewshot_pool": fewshot_cfg["pool"]})
+    save_rows(head_dir, rows)
+    return rows
+
+
+def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, test_pred: np.ndarray,
+               test_scores: np.ndarray, hyperparams: dict, train_s: float, predict_s: float, model, **context) -> dict:
+    """One results.jsonl row (schema: study/results.py)."""
+    fs = context["fs"]
+    metrics = evaluate(data.test.y, test_pred, test_scores, n_classes=len(context["class_names"]),
+                       n_boot=context["n_boot"], seed=context["seed"])
+    return {
+        "kind": kind, "backbone": context["backbone"], "method": method, "feature_set": feature_set,
+        "seed": context["seed"], "k_per_class": None, "metrics": metrics,
+        "test_sample_id": data.test.sample_id.tolist(), "test_pred": test_pred.tolist(),
+        "hyperparams": hyperparams, "selection": None, "train_s": train_s, "predict_s": predict_s,
+        "cache_key": fs.key, "manifest_hash": context["manifest_hash"],
+        "n_train": int(len(np.unique(data.train.sample_id))), "n_val": int(len(data.val)), "n_test": int(len(data.test)),
+        "n_fit_rows": int(len(data.train) + len(data.val_fit)), "class_names": context["class_names"],
+        "trainable_params": count_parameters(model), "total_params": None,
+    }
+
+
+def head_meta(row: dict, context: dict) -> dict:
+    """What predict needs beside the fitted pipeline: which backbone made its features, and its classes."""
+    fs = context["fs"]
+    return {"backbone": context["backbone"], "backbone_spec": backbone_spec_of(fs.spec, context["backbone"]),
+            "features_spec": fs.spec, "cache_key": fs.key, "class_names": context["class_names"],
+            "method": row["method"], "feature_set": row["feature_set"], "hyperparams": row["hyperparams"],
+            "manifest_hash": context["manifest_hash"], "seed": row["seed"]}
+
+
+def backbone_spec_of(features_spec: dict, backbone: str) -> dict:
+    """The backbone part of a feature cache's spec (what predict compares with the loaded backbone)."""
+    spec = features_spec.get("backbone")
+    if isinstance(spec, dict):
+        return spec
+    raise ValueError(f"the feature cache spec for {backbone} has no 'backbone' table (keys: {sorted(features_spec)}); "
+                     "it was written by an older extract stage: rerun it")
