@@ -1,7 +1,38 @@
 """Schema of the ``[finetune]`` config section (see study/schema.py)."""
-from study.schema import Field, int_range, is_str, list_of
+from dataset.transforms import POLICIES
+from study.schema import ConfigError, Field, float_range, int_range, is_bool, is_str, list_of, one_of
+
+
+def _unfreeze_policy(key: str, value):
+    from finetune.unfreeze import parse_policy
+
+    is_str(key, value)
+    try:
+        parse_policy(value)
+    except ValueError as exc:
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: 'head', 'last:k' (k >= 1), 'all'") from exc
+    return value
+
 
 SCHEMA = {
-    "policies": Field(["head", "last:1", "last:2"], list_of(is_str)),
+    "policies": Field(["head", "last:1", "last:2"], list_of(_unfreeze_policy, min_len=1),
+                      "unfreeze policies: 'head', 'last:k', 'all'"),
     "epochs": Field(15, int_range(1)),
+    "optimizer": Field("adamw", one_of("adamw", "sgd")),
+    "lr": Field(1e-3, float_range(1e-7, 10.0), "head learning rate (peak, after warm-up)"),
+    "backbone_lr_mult": Field(0.1, float_range(0.0, 10.0), "unfrozen blocks train at lr * this"),
+    "weight_decay": Field(0.01, float_range(0.0, 1.0)),
+    "momentum": Field(0.9, float_range(0.0, 1.0), "SGD only"),
+    "warmup_epochs": Field(1, int_range(0)),
+    "label_smoothing": Field(0.1, float_range(0.0, 0.99)),
+    "dropout": Field(0.0, float_range(0.0, 0.99), "dropout before the new linear head"),
+    "aux_weight": Field(0.4, float_range(0.0, 10.0), "Inception v3 aux-logits loss weight when its trunk trains"),
+    "batch_size": Field(32, int_range(1, 4096)),
+    "patience": Field(5, int_range(1), "early stopping: epochs without a better val mean per-class accuracy"),
+    "augment": Field("light", one_of(*POLICIES), "augmentation policy of the training views"),
+    "views": Field(4, int_range(0, 64), "augmented views per training image in the prefix cache"),
+    "prefix_cache": Field(True, is_bool, "false: the naive loop (full forward, fresh augmentation every step)"),
+    "num_workers": Field(2, int_range(0, 64)),
+    "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16")),
+    "n_boot": Field(1000, int_range(0)),
 }

@@ -1,0 +1,52 @@
+"""Manifest images as tensors for fine-tuning: clean view 0 or augmentation view v, reproducible per
+(seed, sample_id, view) through dataset.transforms.apply_view, in any worker and on any rank.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dataset.images import load_rgb
+from dataset.transforms import augment_transform, apply_view, eval_transform
+
+
+class ManifestViews(Dataset):
+    """Item i = (views of row i stacked as (V, 3, H, W), i); ``views[i]`` lists the view ids to draw."""
+
+    def __init__(self, *, rows: pd.DataFrame, data_root: Path, data_config: dict, policy: str, seed: int,
+                 views: list[list[int]]):
+        if len(views) != len(rows):
+            raise ValueError(f"{len(views)} view lists for {len(rows)} manifest rows")
+        self.paths = [str(Path(data_root) / p) for p in rows["path"]]
+        self.sample_ids = rows["sample_id"].tolist()
+        self.clean, self.augment = eval_transform(data_config), augment_transform(data_config, policy)
+        self.seed, self.views = seed, views
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img = load_rgb(self.paths[i])
+        return torch.stack([self.view(img, i, v) for v in self.views[i]]), i
+
+    def view(self, img, i: int, v: int) -> torch.Tensor:
+        if v == 0:
+            return self.clean(img)
+        return apply_view(self.augment, img, seed=self.seed, sample_id=self.sample_ids[i], view=v)
+
+
+def image_loader(dataset: ManifestViews, *, order: np.ndarray, batch_size: int, num_workers: int) -> DataLoader:
+    """Batches of (views, row index) in ``order``; views of one image stay adjacent."""
+    return DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
+    rows = manifest[manifest["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"the manifest has no '{split}' rows; fine-tuning needs train, val and test splits")
+    return rows

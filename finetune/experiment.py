@@ -1,0 +1,147 @@
+"""One fine-tuning experiment (backbone x unfreeze policy) from manifest to results rows, cached by spec hash.
+
+``ctx.finetune_dir/<run key>/`` holds ``last.pt`` (resume), ``best.pt`` (the kept model) and ``rows.json``
+(the finished run's results rows): a rerun of the same spec re-appends those rows without training.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from classify.metrics import evaluate
+from dataset.manifest import class_names, manifest_hash, read_manifest
+from dataset.transforms import policy_spec
+from finetune.data import split_rows
+from finetune.model import build_split_net, count_params
+from finetune.prefix_cache import build_prefix_cache, load_prefix_cache, prefix_spec
+from finetune.train import CachedSource, ImageSource, Trainer, autocast_dtype
+from study.atomic import write_text_atomic
+from study.hashing import spec_hash
+
+log = logging.getLogger(__name__)
+# Keys of the [finetune] section that do not change the numbers (so they stay out of the run key).
+NOT_NUMERIC = ("policies", "num_workers")
+
+
+def run_spec(*, backbone_spec: dict, policy: str, hp: dict, seed: int, mhash: str, use_cache: bool) -> dict:
+    return {
+        "kind": "finetune",
+        "backbone": backbone_spec,
+        "policy": policy,
+        "hyperparams": {k: v for k, v in hp.items() if k not in NOT_NUMERIC},
+        "augment": policy_spec(hp["augment"]),
+        "seed": seed,
+        "manifest_hash": mhash,
+        "path": "prefix_cache" if use_cache else "naive",
+        "versions": {p: metadata.version(p) for p in ("torch", "torchvision", "timm")},
+    }
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir, device, rebuild):
+    """(train, val, test) sources and the prefix cache (None on the naive path)."""
+    if not hp["use_cache"]:
+        def images(split):
+            return ImageSource(rows=split_rows(manifest, split), data_root=data_root, data_config=backbone.data_config,
+                               policy=hp["augment"], num_workers=hp["num_workers"])
+        return images("train"), images("val"), images("test"), None
+    spec = prefix_spec(net=net, backbone_spec=backbone.spec, augment=hp["augment"], views=hp["views"], seed=seed,
+                       manifest_hash=mhash, precision=hp["precision"])
+    rank, world = _rank_world()
+    if rank == 0:
+        path = build_prefix_cache(net=net, spec=spec, manifest=manifest, data_root=data_root, cache_dir=prefix_dir,
+                                  data_config=backbone.data_config, device=device, batch_size=64,
+                                  num_workers=hp["num_workers"], autocast_dtype=autocast_dtype(device, hp["precision"]),
+                                  rebuild=rebuild)
+    if world > 1:
+        dist.barrier()
+    path = Path(prefix_dir) / f"{spec_hash(spec)}.h5"
+    cache = load_prefix_cache(path, expected_spec=spec, manifest=manifest)
+    s = cache.splits
+    return (CachedSource(s["train"].acts, s["train"].labels), CachedSource(s["val"].acts, s["val"].labels),
+            CachedSource(s["test"].acts, s["test"].labels), cache)
+
+
+def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
+                 finetune_dir: Path, prefix_dir: Path, rebuild: bool = False, on_epoch_end=None) -> list[dict]:
+    """Fine-tune ``backbone`` (extract.backbones.Backbone) with ``policy``; return its results rows (rank 0)."""
+    manifest = read_manifest(manifest_path)
+    mhash, names = manifest_hash(manifest), class_names(manifest)
+    net = build_split_net(backbone, policy=policy, n_classes=len(names), dropout=hp["dropout"])
+    use_cache = hp["prefix_cache"] and bool(net.prefix_names)
+    spec = run_spec(backbone_spec=backbone.spec, policy=policy, hp=hp, seed=seed, mhash=mhash, use_cache=use_cache)
+    key = spec_hash(spec)
+    run_dir = Path(finetune_dir) / key
+    rows_path = run_dir / "rows.json"
+    if rows_path.is_file() and not rebuild:
+        log.info("finetune %s %s: cached result in %s", backbone.name, policy, run_dir)
+        return json.loads(rows_path.read_text()) if _rank_world()[0] == 0 else []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
+    train, val, test, cache = _sources(net=net, backbone=backbone, manifest=manifest, mhash=mhash,
+                                       hp={**hp, "use_cache": use_cache}, seed=seed, data_root=Path(data_root),
+                                       prefix_dir=prefix_dir, device=device, rebuild=rebuild)
+    trainer = Trainer(net=net, hp={**hp, "name": f"{backbone.name} {policy}"}, seed=seed, device=device,
+                      ckpt_dir=run_dir, run_key=key)
+    fit = trainer.fit(train, val, on_epoch_end=on_epoch_end)
+    if _rank_world()[0] != 0:
+        return []
+    t1 = time.perf_counter()
+    logits = trainer.predict(test)
+    predict_s = time.perf_counter() - t1
+    row = _row(backbone=backbone, policy=policy, hp=hp, seed=seed, net=net, fit=fit, logits=logits,
+               manifest=manifest, names=names, mhash=mhash, key=key, cache=cache, predict_s=predict_s)
+    write_text_atomic(rows_path, json.dumps([row]))
+    return [row]
+
+
+def _row(*, backbone, policy, hp, seed, net, fit, logits, manifest, names, mhash, key, cache, predict_s) -> dict:
+    test = split_rows(manifest, "test")
+    y_test = test["label"].to_numpy(np.int64)
+    pred = logits.argmax(1)
+    scores = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    trainable, total = count_params(net)
+    # A cache hit costs nothing now but the build was part of this result: charge its recorded build time.
+    prefix_s = cache.build_s if cache is not None else 0.0
+    return {
+        "kind": "finetune",
+        "backbone": backbone.name,
+        "method": f"ft:{policy}",
+        "feature_set": hp["augment"],
+        "seed": seed,
+        "k_per_class": None,
+        "metrics": evaluate(y_test, pred, scores, n_classes=len(names), n_boot=hp["n_boot"], seed=seed),
+        "test_sample_id": test["sample_id"].tolist(),
+        "test_pred": pred.tolist(),
+        "hyperparams": {**{k: v for k, v in hp.items() if k not in NOT_NUMERIC}, "policy": policy,
+                        "path": "prefix_cache" if cache is not None else "naive",
+                        "trainable_units": net.suffix_names, "best_epoch": fit.best_epoch},
+        "selection": {"metric": "val_mean_per_class", "best_epoch": fit.best_epoch, "best_score": fit.best_score,
+                      "curve": fit.history, "stopped_early": fit.stopped_early},
+        "train_s": fit.train_s + prefix_s,
+        "train_epochs_s": fit.train_s,
+        "prefix_cache_s": prefix_s,
+        "predict_s": predict_s,
+        "trainable_params": trainable,
+        "total_params": total,
+        "epochs_run": fit.epochs_run,
+        "cache_key": cache.key if cache is not None else key,
+        "run_key": key,
+        "manifest_hash": mhash,
+        "n_train": int((manifest["split"] == "train").sum()),
+        "n_val": int((manifest["split"] == "val").sum()),
+        "n_test": len(test),
+        "class_names": names,
+    }

@@ -1,0 +1,286 @@
+"""The fine-tuning loop: discriminative LRs, AdamW/SGD, warm-up + cosine, label smoothing, early stopping on
+val mean per-class accuracy, best checkpoint kept, resume from the last epoch, AMP + channels-last on CUDA,
+DDP under torchrun.
+
+Training data comes from a *source*: ``CachedSource`` (prefix activations, one cached view per image per
+epoch, only the suffix runs) or ``ImageSource`` (the naive path: decode, fresh augmentation, full forward).
+Every epoch's randomness (order, view draws, dropout) comes from a seed derived from (seed, epoch), so a
+resumed run repeats exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from classify.metrics import mean_per_class_accuracy
+from dataset.transforms import view_seed
+from finetune.checkpoint import load_checkpoint, save_checkpoint
+from finetune.data import ManifestViews, image_loader
+
+log = logging.getLogger(__name__)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return view_seed(seed=seed, sample_id="finetune-epoch", view=epoch)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(order: torch.Tensor) -> torch.Tensor:
+    """This rank's share of ``order``, padded by wrapping so every rank runs the same number of steps."""
+    rank, world = _rank_world()
+    if world == 1:
+        return order
+    per_rank = math.ceil(len(order) / world)
+    padded = torch.cat([order, order[: per_rank * world - len(order)]])
+    return padded[rank::world]
+
+
+class CachedSource:
+    """Prefix activations (N, V, ...) float16; each epoch draws one view per image."""
+
+    uses_prefix = True
+
+    def __init__(self, acts: torch.Tensor, labels: torch.Tensor):
+        self.acts, self.labels = acts, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, *, epoch: int, seed: int, batch_size: int, train: bool) -> Iterator:
+        if not train:
+            for lo in range(0, len(self), batch_size):
+                yield self.acts[lo : lo + batch_size, 0].float(), self.labels[lo : lo + batch_size]
+            return
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        order = shard(torch.randperm(len(self), generator=g))
+        views = torch.randint(0, self.acts.shape[1], (len(self),), generator=g)
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo : lo + batch_size]
+            yield self.acts[idx, views[idx]].float(), self.labels[idx]
+
+
+class ImageSource:
+    """Images from the manifest: training draws a fresh augmentation view per epoch, eval uses the clean view."""
+
+    uses_prefix = False
+
+    def __init__(self, *, rows, data_root: Path, data_config: dict, policy: str, num_workers: int):
+        self.rows, self.data_root, self.data_config, self.policy = rows, data_root, data_config, policy
+        self.labels = torch.as_tensor(rows["label"].to_numpy(np.int64))
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batches(self, *, epoch: int, seed: int, batch_size: int, train: bool) -> Iterator:
+        # View ids >= 1 are augmented; a new id per epoch is a fresh augmentation, still reproducible.
+        view = epoch + 1 if train and self.policy != "none" else 0
+        if train:
+            g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+            order = shard(torch.randperm(len(self), generator=g))
+        else:
+            order = torch.arange(len(self))
+        data = ManifestViews(rows=self.rows, data_root=self.data_root, data_config=self.data_config,
+                             policy=self.policy, seed=seed, views=[[view]] * len(self))
+        loader = image_loader(data, order=order.numpy(), batch_size=batch_size, num_workers=self.num_workers)
+        for images, index in loader:
+            yield images[:, 0], self.labels[index]
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    train_s: float
+    resumed_from: int | None = None
+    stopped_early: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
+    """AMP dtype: 'auto' is bf16 (fp16 if unsupported) on CUDA and fp32 elsewhere."""
+    if precision == "fp32" or (precision == "auto" and not device.startswith("cuda")):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def make_optimizer(net, hp: dict) -> torch.optim.Optimizer:
+    groups = net.trainable_parameters()
+    param_groups = [{"params": groups["head"], "lr": hp["lr"]}]
+    if groups["trunk"]:
+        param_groups.append({"params": groups["trunk"], "lr": hp["lr"] * hp["backbone_lr_mult"]})
+    if hp["optimizer"] == "sgd":
+        return torch.optim.SGD(param_groups, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"],
+                               nesterov=True)
+    return torch.optim.AdamW(param_groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
+
+
+def make_scheduler(optimizer, *, steps_per_epoch: int, hp: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = hp["warmup_epochs"] * steps_per_epoch
+    total = max(hp["epochs"] * steps_per_epoch, warmup + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """One fine-tuning run of ``net`` (finetune.model.SplitNet); checkpoints live in ``ckpt_dir``."""
+
+    def __init__(self, *, net, hp: dict, seed: int, device: str, ckpt_dir: Path, run_key: str):
+        self.net, self.hp, self.seed, self.device = net, hp, seed, device
+        self.ckpt_dir, self.run_key = Path(ckpt_dir), run_key
+        self.amp = autocast_dtype(device, hp["precision"])
+        self.channels_last = device.startswith("cuda")
+        self.net.to(device)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.model = None  # the module the loss is computed through; DDP-wrapped under torchrun, see _bind
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
+
+    def _bind(self, *, from_prefix: bool) -> None:
+        module = _SuffixOnly(self.net) if from_prefix else self.net
+        if _rank_world()[1] > 1:
+            ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self.model = module
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp, enabled=self.amp is not None)
+
+    def _loss(self, out, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(out, tuple):
+            logits, aux = out
+            return self.loss_fn(logits.float(), y) + self.hp["aux_weight"] * self.loss_fn(aux.float(), y)
+        return self.loss_fn(out.float(), y)
+
+    def train_epoch(self, source, *, epoch: int, optimizer, scheduler, scaler) -> dict:
+        self.model.train()
+        total, n, t0 = 0.0, 0, time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(epoch_seed(self.seed, epoch))  # scoped: dropout / drop-path draws of this epoch
+            batches = source.batches(epoch=epoch, seed=self.seed, batch_size=self.hp["batch_size"], train=True)
+            for x, y in batches:
+                x, y = self._to_device(x), y.to(self.device)
+                with self._autocast():
+                    out = self.model(x)
+                loss = self._loss(out, y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                total, n = total + loss.item() * len(y), n + len(y)
+        seconds = time.perf_counter() - t0
+        return {"train_loss": total / max(n, 1), "train_s": seconds, "img_per_s": n / max(seconds, 1e-9)}
+
+    @torch.no_grad()
+    def predict(self, source) -> np.ndarray:
+        """Logits (N, C) for every item of ``source`` in order (clean view), float32."""
+        self.net.eval()
+        out = []
+        for x, _ in source.batches(epoch=0, seed=self.seed, batch_size=max(self.hp["batch_size"], 64), train=False):
+            with self._autocast():
+                x = self._to_device(x)
+                logits = self.net.forward_suffix(x) if source.uses_prefix else self.net(x)
+            out.append(logits.float().cpu())
+        return torch.cat(out).numpy()
+
+    def fit(self, train, val, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+        hp = self.hp
+        _, world = _rank_world()
+        steps = math.ceil(math.ceil(len(train) / world) / hp["batch_size"])
+        optimizer = make_optimizer(self.net, hp)
+        scheduler = make_scheduler(optimizer, steps_per_epoch=steps, hp=hp)
+        scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
+        state = self._resume(optimizer, scheduler, scaler)
+        self._bind(from_prefix=train.uses_prefix)
+        resumed_from = state["epoch"] if state["epoch"] >= 0 else None
+        y_val = val.labels.numpy()
+        bar = tqdm(range(state["epoch"] + 1, hp["epochs"]), desc=f"finetune {hp.get('name', '')}", unit="epoch",
+                   leave=False, disable=not _is_main())
+        for epoch in bar:
+            if state["bad_epochs"] >= hp["patience"]:
+                break
+            stats = self.train_epoch(train, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            score = mean_per_class_accuracy(y_val, self.predict(val).argmax(1))
+            stats = {"epoch": epoch, "val_mean_per_class": score, "lr": optimizer.param_groups[0]["lr"], **stats}
+            state["history"].append(stats)
+            improved = score > state["best_score"]
+            if improved:
+                state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+                self._save("best.pt", {"epoch": epoch, "score": score, "model": self.net.trainable_state()})
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch
+            self._save("last.pt", {**state, "model": self.net.trainable_state(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "hp": hp})
+            bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val=f"{score:.3f}", img_s=f"{stats['img_per_s']:.0f}")
+            log.info("epoch %d: loss %.4f val mean/class %.4f (%.0f img/s)", epoch, stats["train_loss"], score,
+                     stats["img_per_s"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, stats)
+        bar.close()
+        best = load_checkpoint(self.ckpt_dir / "best.pt", run_key=self.run_key)
+        self.net.load_trainable_state(best["model"])
+        return FitResult(history=state["history"], best_epoch=state["best_epoch"], best_score=state["best_score"],
+                         epochs_run=len(state["history"]), train_s=sum(h["train_s"] for h in state["history"]),
+                         resumed_from=resumed_from, stopped_early=len(state["history"]) < hp["epochs"])
+
+    def _resume(self, optimizer, scheduler, scaler) -> dict:
+        fresh = {"epoch": -1, "history": [], "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0}
+        last = load_checkpoint(self.ckpt_dir / "last.pt", run_key=self.run_key)
+        if last is None:
+            return fresh
+        self.net.load_trainable_state(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        scaler.load_state_dict(last["scaler"])
+        log.info("resuming %s after epoch %d", self.ckpt_dir, last["epoch"])
+        return {k: last[k] for k in fresh}
+
+    def _save(self, name: str, payload: dict) -> None:
+        if _is_main():
+            save_checkpoint(self.ckpt_dir / name, {"run_key": self.run_key, **payload})
+        if _rank_world()[1] > 1:
+            dist.barrier()
+
+
+class _SuffixOnly(nn.Module):
+    """``net.forward_suffix`` as a module call, so DDP's hooks see it (the frozen prefix is not trained)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, a: torch.Tensor):
+        return self.net.forward_suffix(a)
+
+
+def _is_main() -> bool:
+    return _rank_world()[0] == 0
