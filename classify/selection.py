@@ -1,9 +1,10 @@
 """Model selection that cannot see test rows: sweep on train, score on val, refit on train+val.
 
 The split is structural. ``sweep`` and ``refit`` receive only ``Rows`` of train and val; the one
-function that holds test rows, ``fit_select_score``, passes them to nothing but the final
-``predict``. Selection scores each grid point by mean per-class accuracy on clean val rows, and
-ties go to the earlier grid point (smaller C / k: the more regularised model).
+function that holds test rows, ``select_and_refit``, passes them to nothing but the final
+``predict``. Selection scores each grid point by mean per-class accuracy on clean val rows. Val is
+small (5 images per class on Caltech), so accuracies often tie; ties go to the lower val log-loss
+where the head gives probabilities (LR, kNN), else to the earlier grid point (smaller C / k).
 
 The sweep fits each preprocessing (normalisation, PCA) once on train and walks the classifier's
 path key in ascending order with a warm-started estimator: each C starts from the previous
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from itertools import groupby
 
 import numpy as np
+from sklearn.metrics import log_loss
 
 from classify.heads import class_scores, clf_params, make_classifier, make_pipeline, make_preprocessor, prep_params
 from classify.metrics import mean_per_class_accuracy
@@ -72,9 +74,16 @@ def sweep(method: str, grid: list[dict], *, train: Rows, val: Rows, seed: int, h
         for point, clf in _path(method, points, seed=seed, head_cfg=head_cfg, n_rows=len(train)):
             clf.fit(X_train, train.y)
             score = mean_per_class_accuracy(val.y, clf.predict(X_val))
-            scores.append({"params": point, "val_mean_per_class": score})
-    best = max(scores, key=lambda s: s["val_mean_per_class"])  # max keeps the first of equal scores
+            scores.append({"params": point, "val_mean_per_class": score, "val_log_loss": _log_loss(clf, X_val, val.y)})
+    # max keeps the first of equal keys; a missing log-loss (SVM) ranks all ties equal.
+    best = max(scores, key=lambda s: (s["val_mean_per_class"], -(s["val_log_loss"] or 0.0)))
     return Selection(best=best["params"], scores=scores, seconds=time.perf_counter() - t0)
+
+
+def _log_loss(clf, X_val: np.ndarray, y_val: np.ndarray) -> float | None:
+    if not hasattr(clf, "predict_proba"):
+        return None
+    return float(log_loss(y_val, clf.predict_proba(X_val), labels=clf.classes_))
 
 
 def _path(method: str, points: list[dict], *, seed: int, head_cfg: dict, n_rows: int):
@@ -108,7 +117,7 @@ class HeadFit:
     test_scores: np.ndarray
 
 
-def fit_select_score(method: str, grid: list[dict], *, data: HeadData, seed: int, head_cfg: dict,
+def select_and_refit(method: str, grid: list[dict], *, data: HeadData, seed: int, head_cfg: dict,
                      n_classes: int) -> HeadFit:
     """Select on val, refit on train+val, then -- and only then -- predict test once."""
     t0 = time.perf_counter()

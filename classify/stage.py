@@ -18,7 +18,8 @@ from classify.features import head_data
 from classify.fewshot import fewshot_pool, fit_fewshot, max_k
 from classify.heads import count_parameters, head_grid
 from classify.metrics import evaluate
-from classify.selection import HeadData, fit_select_score
+from classify import selection
+from classify.selection import HeadData
 from classify.store import cached_rows, head_key, save_head, save_rows
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from study.results import append_rows, append_skip
@@ -91,7 +92,7 @@ def cached_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict
     grid = head_grid(method, head_cfg)
     log.info("%s %s %s: sweeping %d grid points on %d train rows", context["backbone"], method, feature_set,
              len(grid), len(data.train))
-    fit = fit_select_score(method, grid, data=data, seed=context["seed"], head_cfg=head_cfg,
+    fit = selection.select_and_refit(method, grid, data=data, seed=context["seed"], head_cfg=head_cfg,
                            n_classes=len(context["class_names"]))
     row = result_row(kind="head", method=method, feature_set=feature_set, data=data, test_pred=fit.test_pred,
                      test_scores=fit.test_scores, hyperparams=fit.selection.best, train_s=fit.train_s,
@@ -121,7 +122,8 @@ def cached_fewshot(params: dict, *, data: HeadData, fewshot_cfg: dict, head_cfg:
         if k > largest:
             append_skip(run_dir, stage="classify", what=f"{context['backbone']} few-shot k={k}",
                         reason=f"the smallest class has {largest} images in the '{fewshot_cfg['pool']}' pool",
-                        fix="lower classify.fewshot.k or use classify.fewshot.pool='train+val'")
+                        fix="lower classify.fewshot.k" + (" or set classify.fewshot.pool='train+val'"
+                                                          if fewshot_cfg["pool"] == "train" else ""))
             continue
         for draw_seed in range(seed, seed + fewshot_cfg["seeds"]):
             fit = fit_fewshot(params, pool=pool, test=data.test, k=k, seed=draw_seed, head_cfg=head_cfg,
