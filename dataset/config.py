@@ -1,5 +1,10 @@
-"""Schema of the ``[data]`` config section (see study/schema.py)."""
-from study.schema import Field, int_range, is_bool, is_str, list_of, one_of, opt_str, str_map, tables_of
+"""Schema of the ``[data]`` config section (see study/schema.py).
+
+Class names in ``rename`` and ``drop`` are either ``"<source>/<folder>"`` (one source's folder)
+or a bare ``"<folder>"`` (that folder in every source). Two folders whose final names are equal
+become one class (e.g. Caltech's and Flowers' ``sunflower``).
+"""
+from study.schema import Field, float_range, int_range, is_bool, is_str, list_of, one_of, opt_str, str_map, tables_of
 
 SOURCE = {
     "name": Field(help="a short source name, e.g. 'caltech101'"),
@@ -16,10 +21,29 @@ SCHEMA = {
     "sources": Field([], tables_of(SOURCE)),
     "rename": Field({}, str_map()),
     "drop": Field([], list_of(is_str)),
+    # Where a source with a ``url`` is downloaded when its folder is absent ('' = <out>/downloads,
+    # beside the dataset folder: the data root may be read-only).
+    "download_dir": Field("", opt_str),
+    "small_class_threshold": Field(100, int_range(0)),
+    "workers": Field(2, int_range(1, 64), "processes that hash and decode images"),
+    "dedup": {
+        # Two images are near-copies when their 64-bit perceptual hashes differ in <= near_distance bits
+        # AND their 256-bit ones in <= confirm_distance bits (-1: no confirmation). near_distance = -1
+        # turns near-duplicate detection off; exact (sha256) copies are always found.
+        # Tuned on Caltech 101 (see dataset/dedup.py): 64-bit distances of 2-4 already pair different
+        # motorbikes on white backgrounds; the 256-bit confirmation at 16 keeps only true re-crops/re-encodes.
+        "near_distance": Field(6, int_range(-1, 64)),
+        "confirm_distance": Field(16, int_range(-1, 256)),
+        # "drop": keep one copy per group (no copy can reach two splits); "report": find and record only
+        # (for a published protocol that is defined on the raw files).
+        "policy": Field("drop", one_of("drop", "report")),
+    },
     "split": {
         "protocol": Field("per_class", one_of("per_class", "fraction")),
         "train_per_class": Field(30, int_range(1)),
         "val_per_class": Field(5, int_range(0)),
+        "train_fraction": Field(0.6, float_range(0.0, 1.0)),
+        "val_fraction": Field(0.1, float_range(0.0, 1.0)),
         "too_few": Field("error", one_of("error", "drop")),
     },
 }

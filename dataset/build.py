@@ -1,0 +1,166 @@
+"""Build the study's dataset: sources -> file index -> exclusions -> class mapping -> de-duplication -> splits.
+
+``build_dataset`` writes into ``out_dir``: manifest.csv, summary.json/.md/.csv, excluded.csv,
+duplicates.csv, contact_sheet.png, augmentations.png, plus file_index.csv (the scan cache) and
+build.json (what the outputs were built from: a rebuild with the same inputs returns at once).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dataset import splits as splitting
+from dataset.classmap import map_classes
+from dataset.dedup import find_duplicates
+from dataset.index import OK, scan_files
+from dataset.manifest import COLUMNS, write_manifest
+from dataset.sources import ResolvedSource, SourceFile, list_source_files, resolve_source
+from dataset.summary import write_summary
+from study.atomic import write_text_atomic
+from study.hashing import spec_hash
+
+log = logging.getLogger(__name__)
+BUILD_VERSION = 1  # bump when the build's logic changes what it writes
+
+
+@dataclass(frozen=True)
+class DatasetBuild:
+    manifest_path: Path
+    manifest_hash: str
+    summary_path: Path
+    n_images: int
+    n_classes: int
+    n_excluded: int
+    n_duplicates: int
+    reused: bool = False  # True when out_dir already held this exact build
+
+
+def _download_dir(data_cfg: dict, out_dir: Path) -> Path:
+    return Path(data_cfg["download_dir"]) if data_cfg["download_dir"] else out_dir.parent / "downloads"
+
+
+def _manifest_path_of(path: Path, data_root: Path) -> str:
+    """Relative to the data root when under it (the manifest moves with its data), else absolute."""
+    try:
+        return str(path.relative_to(data_root))
+    except ValueError:
+        return str(path)
+
+
+def _file_table(files: list[SourceFile], index: pd.DataFrame, *, data_root: Path, source_order: dict) -> pd.DataFrame:
+    df = index.copy()
+    df["source"] = [f.source for f in files]
+    df["folder"] = [f.folder for f in files]
+    df["sample_id"] = [f.sample_id for f in files]
+    df["abs_path"] = df["path"]
+    df["path"] = [_manifest_path_of(f.path, data_root) for f in files]
+    df["source_rank"] = df["source"].map(source_order)
+    return df.sort_values(["source_rank", "sample_id"], ignore_index=True)
+
+
+def _split_classes(kept: pd.DataFrame, *, split_cfg: dict, seed: int) -> tuple[pd.DataFrame, list[dict]]:
+    """Assign splits per final class; classes with too few images raise or are dropped (recorded)."""
+    split_of, dropped = {}, []
+    for name, group in kept.groupby("class_name", sort=True):
+        assigned = splitting.assign_splits(group["sample_id"].tolist(), class_name=name, split_cfg=split_cfg, seed=seed)
+        if assigned is None:
+            reason = (f"too few images: {len(group)} after exclusions and de-duplication; the {split_cfg['protocol']} "
+                      f"protocol needs {splitting.needed_images(split_cfg)}")
+            if split_cfg["too_few"] == "error":
+                raise splitting.TooFewImages(f"class '{name}' has {reason[len('too few images: '):]}. Set "
+                                             "data.split.too_few = \"drop\" to drop such classes, or change data.split.")
+            dropped.append({"name": name, "reason": reason})
+            continue
+        split_of.update(assigned)
+    out = kept[kept["sample_id"].isin(split_of)].copy()
+    out["split"] = out["sample_id"].map(split_of)
+    return out, dropped
+
+
+def _inputs_key(*, data_cfg: dict, seed: int, data_root: Path, files: list[SourceFile]) -> str:
+    stats = [(f.sample_id, str(f.path), *(lambda s: (s.st_size, s.st_mtime_ns))(os.stat(f.path))) for f in files]
+    return spec_hash({"version": BUILD_VERSION, "data": data_cfg, "seed": seed, "data_root": str(data_root),
+                      "files": stats})
+
+
+def _reuse(out_dir: Path, key: str) -> DatasetBuild | None:
+    record = out_dir / "build.json"
+    if not record.is_file():
+        return None
+    try:
+        saved = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return None
+    if saved.get("inputs_key") != key or not all((out_dir / f).is_file() for f in saved.get("outputs", [])):
+        return None
+    fields = saved["build"]
+    fields.update(manifest_path=Path(fields["manifest_path"]), summary_path=Path(fields["summary_path"]), reused=True)
+    return DatasetBuild(**fields)
+
+
+def resolve_all(data_cfg: dict, *, data_root: Path, out_dir: Path) -> list[ResolvedSource]:
+    """Every source's folder (downloading where configured) before any work; the first missing one is an error."""
+    if not data_cfg["sources"]:
+        raise ValueError("data.sources is empty; add at least one [[data.sources]] table (see configs/default.toml)")
+    names = [s["name"] for s in data_cfg["sources"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data.sources names must be unique; got {names}")
+    download_dir = _download_dir(data_cfg, out_dir)
+    return [resolve_source(s, data_root=data_root, download_dir=download_dir) for s in data_cfg["sources"]]
+
+
+def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, reuse: bool = True) -> DatasetBuild:
+    """Build (or, with ``reuse`` and unchanged inputs, reuse) the manifest and its summary in ``out_dir``."""
+    data_root, out_dir = Path(data_root).absolute(), Path(out_dir).absolute()
+    splitting.check_split_config(data_cfg["split"])
+    resolved = resolve_all(data_cfg, data_root=data_root, out_dir=out_dir)
+    files = [f for src, res in zip(data_cfg["sources"], resolved) for f in list_source_files(src, res)]
+    key = _inputs_key(data_cfg=data_cfg, seed=seed, data_root=data_root, files=files)
+    if reuse and (previous := _reuse(out_dir, key)) is not None:
+        log.info("dataset: reusing the build in %s (same config, seed and files)", out_dir)
+        return previous
+
+    index = scan_files([f.path for f in files], index_path=out_dir / "file_index.csv", workers=data_cfg["workers"])
+    table = _file_table(files, index, data_root=data_root,
+                        source_order={s["name"]: i for i, s in enumerate(data_cfg["sources"])})
+    excluded = table[table["status"] != OK]
+    usable = table[table["status"] == OK]
+
+    folders = sorted(set(zip(table["source"], table["folder"])))
+    final, config_dropped, unused = map_classes(folders, rename=data_cfg["rename"], drop=data_cfg["drop"])
+    for k in unused:
+        log.warning("data.rename/drop key %r matches no class folder of the configured sources", k)
+    usable = usable.assign(class_name=[final[(s, f)] for s, f in zip(usable["source"], usable["folder"])])
+    usable = usable[usable["class_name"].notna()].reset_index(drop=True)
+
+    dedup = data_cfg["dedup"]
+    keep, duplicates = find_duplicates(usable, near_distance=dedup["near_distance"],
+                                       confirm_distance=dedup["confirm_distance"])
+    if dedup["policy"] == "report":
+        keep[:] = True
+    split_df, too_few_dropped = _split_classes(usable[keep], split_cfg=data_cfg["split"], seed=seed)
+    names = sorted(split_df["class_name"].unique())
+    split_df["label"] = split_df["class_name"].map({n: i for i, n in enumerate(names)}).astype("int64")
+    manifest = split_df.sort_values(["label", "sample_id"], ignore_index=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.csv"
+    manifest_hash = write_manifest(manifest[list(COLUMNS)], manifest_path)
+    outputs = write_summary(
+        out_dir=out_dir, manifest=manifest, manifest_hash=manifest_hash, table=table, excluded=excluded,
+        duplicates=duplicates, usable=usable, dropped_classes=config_dropped + too_few_dropped,
+        unused_mapping=unused, resolved=resolved, data_cfg=data_cfg, seed=seed, data_root=data_root)
+    build = DatasetBuild(manifest_path=manifest_path, manifest_hash=manifest_hash,
+                         summary_path=out_dir / "summary.json", n_images=len(manifest), n_classes=len(names),
+                         n_excluded=len(excluded), n_duplicates=len(duplicates))
+    record = {"inputs_key": key, "outputs": ["manifest.csv", *outputs],
+              "build": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(build).items() if k != "reused"}}
+    write_text_atomic(out_dir / "build.json", json.dumps(record, indent=1))
+    log.info("dataset: %d images, %d classes, %d excluded, %d duplicates dropped -> %s",
+             build.n_images, build.n_classes, build.n_excluded, build.n_duplicates, manifest_path)
+    return build

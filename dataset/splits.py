@@ -1,0 +1,65 @@
+"""Seeded, stratified splits, made once and stored in the manifest.
+
+Each class draws its own permutation from ``np.random.default_rng([seed, <class-name hash>])``,
+so a class's split does not change when another class is added or dropped. Protocols:
+
+- ``per_class`` (Caltech 101's): ``train_per_class`` images per class for training, of which
+  ``val_per_class`` are held out for model selection; every other image is test.
+- ``fraction``: ``train_fraction`` / ``val_fraction`` of each class (rounded), the rest test.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+class TooFewImages(ValueError):
+    """A class that cannot fill the protocol's splits (raised when ``too_few = "error"``)."""
+
+
+def class_rng(seed: int, class_name: str) -> np.random.Generator:
+    name_key = int.from_bytes(hashlib.sha256(class_name.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, name_key])
+
+
+def split_sizes(n: int, split_cfg: dict) -> tuple[int, int, int] | None:
+    """(train, val, test) image counts for a class of ``n`` images, or None if it cannot fill them."""
+    if split_cfg["protocol"] == "per_class":
+        n_fit, n_val = split_cfg["train_per_class"], split_cfg["val_per_class"]
+        sizes = (n_fit - n_val, n_val, n - n_fit)
+    else:
+        n_train = int(round(split_cfg["train_fraction"] * n))
+        n_val = int(round(split_cfg["val_fraction"] * n))
+        sizes = (n_train, n_val, n - n_train - n_val)
+        if split_cfg["val_fraction"] > 0 and n_val < 1:
+            return None
+    return sizes if sizes[0] >= 1 and sizes[2] >= 1 and sizes[1] >= 0 else None
+
+
+def check_split_config(split_cfg: dict) -> None:
+    if split_cfg["protocol"] == "per_class" and split_cfg["val_per_class"] >= split_cfg["train_per_class"]:
+        raise ValueError(f"data.split.val_per_class ({split_cfg['val_per_class']}) must be smaller than "
+                         f"train_per_class ({split_cfg['train_per_class']}): val is carved from the training images")
+    if split_cfg["protocol"] == "fraction" and split_cfg["train_fraction"] + split_cfg["val_fraction"] >= 1:
+        raise ValueError(f"data.split.train_fraction + val_fraction = "
+                         f"{split_cfg['train_fraction'] + split_cfg['val_fraction']}; must be < 1 to leave a test part")
+
+
+def needed_images(split_cfg: dict) -> str:
+    if split_cfg["protocol"] == "per_class":
+        return f"at least {split_cfg['train_per_class'] + 1} (train_per_class={split_cfg['train_per_class']} + 1 test)"
+    return (f"enough for >= 1 train and >= 1 test image at train_fraction={split_cfg['train_fraction']}, "
+            f"val_fraction={split_cfg['val_fraction']}")
+
+
+def assign_splits(sample_ids: list[str], *, class_name: str, split_cfg: dict, seed: int) -> dict[str, str] | None:
+    """sample_id -> split for one class (sampled without replacement), or None if the class has too few images."""
+    sizes = split_sizes(len(sample_ids), split_cfg)
+    if sizes is None:
+        return None
+    canonical = sorted(sample_ids)  # the draw must not depend on listing order
+    ordered = [canonical[i] for i in class_rng(seed, class_name).permutation(len(canonical))]
+    n_train, n_val, _ = sizes
+    return {sid: ("train" if k < n_train else "val" if k < n_train + n_val else "test")
+            for k, sid in enumerate(ordered)}
