@@ -79,7 +79,8 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
     """Fine-tune ``backbone`` (extract.backbones.Backbone) with ``policy``; return its results rows (rank 0)."""
     manifest = read_manifest(manifest_path)
     mhash, names = manifest_hash(manifest), class_names(manifest)
-    net = build_split_net(backbone, policy=policy, n_classes=len(names), dropout=hp["dropout"])
+    net = build_split_net(backbone, policy=policy, n_classes=len(names), dropout=hp["dropout"],
+                          seed=seed)
     use_cache = hp["prefix_cache"] and bool(net.prefix_names)
     spec = run_spec(backbone_spec=backbone.spec, policy=policy, hp=hp, seed=seed, mhash=mhash, use_cache=use_cache)
     key = spec_hash(spec)

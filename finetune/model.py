@@ -21,7 +21,7 @@ class PolicyNotApplicable(ValueError):
 
 class SplitNet(nn.Module):
     def __init__(self, *, blocks: BlockList, n_trainable: int, feature_dim: int, n_classes: int,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, seed: int = 0):
         super().__init__()
         units = blocks.units
         cut = len(units) - n_trainable
@@ -32,10 +32,12 @@ class SplitNet(nn.Module):
         self.prefix = nn.Sequential(*prefix)
         self.suffix = nn.ModuleList([m for _, m in units[cut:]])
         self.tail = blocks.tail if n_trainable > 0 else nn.Identity()
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, n_classes))
         # The auxiliary classifier only matters when the block it reads trains.
         self.aux_index = self.suffix_names.index(blocks.aux_after) if blocks.aux_after in self.suffix_names else None
-        self.aux = _fresh_aux(blocks.aux, n_classes) if self.aux_index is not None else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # scoped: the new heads' initial weights are a function of the seed alone
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, n_classes))
+            self.aux = _fresh_aux(blocks.aux, n_classes) if self.aux_index is not None else None
         for p in self.parameters():
             p.requires_grad_(True)
         for p in self.prefix.parameters():
@@ -93,7 +95,8 @@ def count_params(net: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def build_split_net(backbone, *, policy: str | UnfreezePolicy, n_classes: int, dropout: float = 0.0) -> SplitNet:
+def build_split_net(backbone, *, policy: str | UnfreezePolicy, n_classes: int, dropout: float = 0.0,
+                    seed: int = 0) -> SplitNet:
     """Split ``backbone.model`` (extract.backbones.Backbone) for ``policy`` with a head of ``n_classes`` outputs."""
     policy = parse_policy(policy) if isinstance(policy, str) else policy
     # A copy: the split freezes and re-heads modules, and the caller's backbone must stay as it was.
@@ -103,4 +106,4 @@ def build_split_net(backbone, *, policy: str | UnfreezePolicy, n_classes: int, d
         raise PolicyNotApplicable(f"unfreeze policy {policy.name!r} asks for {policy.last} blocks but {backbone.name} "
                          f"({blocks.arch}) has {n_units}: {[n for n, _ in blocks.units]}; use last:1..last:{n_units}")
     return SplitNet(blocks=blocks, n_trainable=policy.n_trainable(n_units), feature_dim=backbone.feature_dim,
-                    n_classes=n_classes, dropout=dropout)
+                    n_classes=n_classes, dropout=dropout, seed=seed)

@@ -81,7 +81,7 @@ class ImageSource:
 
     def __init__(self, *, rows, data_root: Path, data_config: dict, policy: str, num_workers: int):
         self.rows, self.data_root, self.data_config, self.policy = rows, data_root, data_config, policy
-        self.labels = torch.as_tensor(rows["label"].to_numpy(np.int64))
+        self.labels = torch.tensor(rows["label"].to_numpy(np.int64))
         self.num_workers = num_workers
 
     def __len__(self) -> int:
