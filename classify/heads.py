@@ -62,7 +62,8 @@ def make_normaliser(norm: str):
 
 
 def make_preprocessor(point: dict, *, n_rows: int, seed: int) -> Pipeline:
-    """Normalisation then optional PCA; PCA is capped at what the training rows allow."""
+    """Normalisation then optional PCA; PCA is capped at the number of training rows (few-shot fits
+    have few), and scikit-learn itself refuses more components than features."""
     steps = [("norm", make_normaliser(point["norm"]))]
     if point["pca"]:
         steps.append(("pca", PCA(n_components=min(point["pca"], n_rows), random_state=seed)))

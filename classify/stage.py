@@ -28,11 +28,12 @@ log = logging.getLogger("study.classify")
 
 
 def run(ctx) -> None:
-    cfg = ctx.config["classify"]
-    manifest = read_manifest(ctx.manifest_path)
-    for entry in read_features_index(ctx.run_dir):
-        from extract.cache import load_features
+    from extract.cache import load_features  # here, so that the classify modules import without torch
 
+    cfg = ctx.config["classify"]
+    entries = read_features_index(ctx.run_dir)
+    manifest = read_manifest(ctx.manifest_path)
+    for entry in entries:
         fs = load_features(entry["path"])
         if fs.key != entry["key"]:
             raise ValueError(f"{ctx.run_dir / 'features.json'} names key {entry['key']} for {entry['path']}, but the "
