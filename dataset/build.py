@@ -116,7 +116,7 @@ def resolve_all(data_cfg: dict, *, data_root: Path, out_dir: Path) -> list[Resol
 
 def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, reuse: bool = True) -> DatasetBuild:
     """Build (or, with ``reuse`` and unchanged inputs, reuse) the manifest and its summary in ``out_dir``."""
-    data_root, out_dir = Path(data_root).absolute(), Path(out_dir).absolute()
+    data_root, out_dir = Path(os.path.abspath(data_root)), Path(os.path.abspath(out_dir))
     splitting.check_split_config(data_cfg["split"])
     resolved = resolve_all(data_cfg, data_root=data_root, out_dir=out_dir)
     files = [f for src, res in zip(data_cfg["sources"], resolved) for f in list_source_files(src, res)]
@@ -141,9 +141,15 @@ def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, 
     dedup = data_cfg["dedup"]
     keep, duplicates = find_duplicates(usable, near_distance=dedup["near_distance"],
                                        confirm_distance=dedup["confirm_distance"])
-    if dedup["policy"] == "report":
+    if dedup["policy"] == "same_split":
         keep[:] = True
+    duplicates["action"] = "dropped" if dedup["policy"] == "drop" else "kept in the same split"
     split_df, too_few_dropped = _split_classes(usable[keep], split_cfg=data_cfg["split"], seed=seed)
+    if dedup["policy"] == "same_split":
+        split_of = splitting.keep_groups_together(
+            dict(zip(split_df["sample_id"], split_df["split"])), copies=list(zip(duplicates["kept"], duplicates["dropped"])),
+            class_of=dict(zip(split_df["sample_id"], split_df["class_name"])))
+        split_df["split"] = split_df["sample_id"].map(split_of)
     names = sorted(split_df["class_name"].unique())
     split_df["label"] = split_df["class_name"].map({n: i for i, n in enumerate(names)}).astype("int64")
     manifest = split_df.sort_values(["label", "sample_id"], ignore_index=True)
@@ -161,6 +167,6 @@ def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, 
     record = {"inputs_key": key, "outputs": ["manifest.csv", *outputs],
               "build": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(build).items() if k != "reused"}}
     write_text_atomic(out_dir / "build.json", json.dumps(record, indent=1))
-    log.info("dataset: %d images, %d classes, %d excluded, %d duplicates dropped -> %s",
-             build.n_images, build.n_classes, build.n_excluded, build.n_duplicates, manifest_path)
+    log.info("dataset: %d images, %d classes, %d excluded, %d duplicates (%s) -> %s", build.n_images,
+             build.n_classes, build.n_excluded, build.n_duplicates, dedup["policy"], manifest_path)
     return build

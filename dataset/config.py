@@ -34,9 +34,10 @@ SCHEMA = {
         # motorbikes on white backgrounds; the 256-bit confirmation at 16 keeps only true re-crops/re-encodes.
         "near_distance": Field(6, int_range(-1, 64)),
         "confirm_distance": Field(16, int_range(-1, 256)),
-        # "drop": keep one copy per group (no copy can reach two splits); "report": find and record only
-        # (for a published protocol that is defined on the raw files).
-        "policy": Field("drop", one_of("drop", "report")),
+        # "drop": keep one copy per group, drop the others before splitting. "same_split": keep every
+        # copy but put each group in one split (for a published protocol defined on the raw files).
+        # Either way no image and its copy land in two splits.
+        "policy": Field("drop", one_of("drop", "same_split")),
     },
     "split": {
         "protocol": Field("per_class", one_of("per_class", "fraction")),

@@ -63,3 +63,30 @@ def assign_splits(sample_ids: list[str], *, class_name: str, split_cfg: dict, se
     n_train, n_val, _ = sizes
     return {sid: ("train" if k < n_train else "val" if k < n_train + n_val else "test")
             for k, sid in enumerate(ordered)}
+
+
+def keep_groups_together(split_of: dict[str, str], *, copies: list[tuple[str, str]],
+                         class_of: dict[str, str]) -> dict[str, str]:
+    """Move each copy into its kept image's split by swapping splits with a non-copy of the copy's class.
+
+    For protocols that keep duplicates (dedup policy "same_split"): per-class split counts stay
+    exactly as drawn, and no image and its copy end up in different splits. ``copies`` holds
+    (kept sample_id, copy sample_id) pairs. A copy with no swap partner left raises ValueError.
+    """
+    split_of = dict(split_of)
+    in_group = {s for pair in copies for s in pair}
+    partners: dict[tuple[str, str], list[str]] = {}
+    for sid in sorted(split_of):
+        if sid not in in_group:
+            partners.setdefault((class_of[sid], split_of[sid]), []).append(sid)
+    for kept, copy in copies:
+        if kept not in split_of or copy not in split_of or split_of[copy] == split_of[kept]:
+            continue
+        pool = partners.get((class_of[copy], split_of[kept]), [])
+        if not pool:
+            raise ValueError(f"cannot put {copy} in the same split as its copy {kept}: no image of class "
+                             f"'{class_of[copy]}' left to swap with; use dedup policy \"drop\"")
+        partner = pool.pop()
+        partners.setdefault((class_of[copy], split_of[copy]), []).append(partner)
+        split_of[partner], split_of[copy] = split_of[copy], split_of[kept]
+    return split_of
