@@ -8,20 +8,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from classify.metrics import evaluate
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from dataset.transforms import policy_spec
+from extract.cache import library_versions
 from finetune.data import split_rows
 from finetune.model import build_split_net, count_params
 from finetune.prefix_cache import build_prefix_cache, load_prefix_cache, prefix_spec
 from finetune.train import CachedSource, ImageSource, Trainer, autocast_dtype
+from study import distributed
 from study.atomic import write_text_atomic
 from study.hashing import spec_hash
 
@@ -40,14 +40,8 @@ def run_spec(*, backbone_spec: dict, policy: str, hp: dict, seed: int, mhash: st
         "seed": seed,
         "manifest_hash": mhash,
         "path": "prefix_cache" if use_cache else "naive",
-        "versions": {p: metadata.version(p) for p in ("torch", "torchvision", "timm")},
+        "versions": library_versions(),
     }
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir, device, rebuild):
@@ -59,14 +53,12 @@ def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir,
         return images("train"), images("val"), images("test"), None
     spec = prefix_spec(net=net, backbone_spec=backbone.spec, augment=hp["augment"], views=hp["views"], seed=seed,
                        manifest_hash=mhash, precision=hp["precision"])
-    rank, world = _rank_world()
-    if rank == 0:
+    if distributed.is_main():
         path = build_prefix_cache(net=net, spec=spec, manifest=manifest, data_root=data_root, cache_dir=prefix_dir,
                                   data_config=backbone.data_config, device=device, batch_size=64,
                                   num_workers=hp["num_workers"], autocast_dtype=autocast_dtype(device, hp["precision"]),
                                   rebuild=rebuild)
-    if world > 1:
-        dist.barrier()
+    distributed.barrier()
     path = Path(prefix_dir) / f"{spec_hash(spec)}.h5"
     cache = load_prefix_cache(path, expected_spec=spec, manifest=manifest)
     s = cache.splits
@@ -88,7 +80,7 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
     rows_path = run_dir / "rows.json"
     if rows_path.is_file() and not rebuild:
         log.info("finetune %s %s: cached result in %s", backbone.name, policy, run_dir)
-        return json.loads(rows_path.read_text()) if _rank_world()[0] == 0 else []
+        return json.loads(rows_path.read_text()) if distributed.is_main() else []
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
     train, val, test, cache = _sources(net=net, backbone=backbone, manifest=manifest, mhash=mhash,
@@ -97,7 +89,7 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
     trainer = Trainer(net=net, hp={**hp, "name": f"{backbone.name} {policy}"}, seed=seed, device=device,
                       ckpt_dir=run_dir, run_key=key)
     fit = trainer.fit(train, val, on_epoch_end=on_epoch_end)
-    if _rank_world()[0] != 0:
+    if not distributed.is_main():
         return []
     t1 = time.perf_counter()
     logits = trainer.predict(test)

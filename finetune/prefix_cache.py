@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import h5py
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from dataset.transforms import policy_spec
+from extract.cache import library_versions, spec_differences
 from finetune.data import ManifestViews, image_loader, split_rows
 from study.hashing import canonical_json, spec_hash
 
@@ -69,7 +69,7 @@ def prefix_spec(*, net, backbone_spec: dict, augment: str, views: int, seed: int
         "manifest_hash": manifest_hash,
         "storage_dtype": STORAGE_DTYPE,
         "precision": precision,
-        "versions": {p: metadata.version(p) for p in ("torch", "torchvision", "timm")},
+        "versions": library_versions(),
     }
 
 
@@ -170,9 +170,9 @@ def load_prefix_cache(path: str | Path, *, expected_spec: dict, manifest: pd.Dat
 def _check_spec(path: Path, stored: dict, expected: dict, key) -> None:
     if key != spec_hash(stored):
         raise PrefixCacheError(f"{path}: stored key {key} is not the hash of its spec; the file is damaged, delete it")
-    if stored != expected:
-        diff = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
-        raise PrefixCacheError(f"{path} was built for another spec; differing fields: {diff}. "
+    if stored != json.loads(canonical_json(expected)):
+        diff = spec_differences(json.loads(canonical_json(expected)), stored)
+        raise PrefixCacheError(f"{path} was built for another spec; differing fields: {'; '.join(diff)}. "
                                "Rerun with --rebuild-cache to rebuild it")
 
 

@@ -10,30 +10,35 @@ import logging
 from extract.backbones import WeightsUnavailable, load_backbone
 from finetune.experiment import run_finetune
 from finetune.model import PolicyNotApplicable
+from study import distributed
 from study.results import append_rows, append_skip
 
 log = logging.getLogger(__name__)
 
 
 def run(ctx) -> None:
+    distributed.init_from_env()  # under torchrun: DDP over the ranks; alone: a no-op
+    device = distributed.device_for_rank(ctx.device)
     hp = ctx.config["finetune"]
     weights = ctx.config["extract"].get("weights", {})
     for name in ctx.config["extract"]["backbones"]:
         try:
             backbone = load_backbone(name, weights_file=weights.get(name))
         except WeightsUnavailable as exc:
-            append_skip(ctx.run_dir, stage="finetune", what=name, reason=exc.reason, fix=exc.fix)
+            if distributed.is_main():
+                append_skip(ctx.run_dir, stage="finetune", what=name, reason=exc.reason, fix=exc.fix)
             log.warning("finetune: skipping %s: %s", name, exc)
             continue
         for policy in hp["policies"]:
             try:
                 rows = run_finetune(backbone=backbone, policy=policy, manifest_path=ctx.manifest_path,
-                                    data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=ctx.device,
+                                    data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=device,
                                     finetune_dir=ctx.finetune_dir, prefix_dir=ctx.prefix_dir,
                                     rebuild=ctx.rebuild_cache)
             except PolicyNotApplicable as exc:
-                append_skip(ctx.run_dir, stage="finetune", what=f"{name} {policy}", reason=str(exc),
-                            fix="change finetune.policies")
+                if distributed.is_main():
+                    append_skip(ctx.run_dir, stage="finetune", what=f"{name} {policy}", reason=str(exc),
+                                fix="change finetune.policies")
                 log.warning("finetune: skipping %s %s: %s", name, policy, exc)
                 continue
             if rows:

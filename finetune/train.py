@@ -18,7 +18,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -26,6 +25,7 @@ from classify.metrics import mean_per_class_accuracy
 from dataset.transforms import view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.data import ManifestViews, image_loader
+from study import distributed
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +34,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return view_seed(seed=seed, sample_id="finetune-epoch", view=epoch)
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def shard(order: torch.Tensor) -> torch.Tensor:
     """This rank's share of ``order``, padded by wrapping so every rank runs the same number of steps."""
-    rank, world = _rank_world()
+    rank, world = distributed.rank(), distributed.world_size()
     if world == 1:
         return order
     per_rank = math.ceil(len(order) / world)
@@ -161,7 +155,7 @@ class Trainer:
 
     def _bind(self, *, from_prefix: bool) -> None:
         module = _SuffixOnly(self.net) if from_prefix else self.net
-        if _rank_world()[1] > 1:
+        if distributed.world_size() > 1:
             ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         self.model = module
@@ -213,8 +207,7 @@ class Trainer:
 
     def fit(self, train, val, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
         hp = self.hp
-        _, world = _rank_world()
-        steps = math.ceil(math.ceil(len(train) / world) / hp["batch_size"])
+        steps = math.ceil(math.ceil(len(train) / distributed.world_size()) / hp["batch_size"])
         optimizer = make_optimizer(self.net, hp)
         scheduler = make_scheduler(optimizer, steps_per_epoch=steps, hp=hp)
         scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
@@ -223,7 +216,7 @@ class Trainer:
         resumed_from = state["epoch"] if state["epoch"] >= 0 else None
         y_val = val.labels.numpy()
         bar = tqdm(range(state["epoch"] + 1, hp["epochs"]), desc=f"finetune {hp.get('name', '')}", unit="epoch",
-                   leave=False, disable=not _is_main())
+                   leave=False, disable=not distributed.is_main())
         for epoch in bar:
             if state["bad_epochs"] >= hp["patience"]:
                 break
@@ -265,10 +258,9 @@ class Trainer:
         return {k: last[k] for k in fresh}
 
     def _save(self, name: str, payload: dict) -> None:
-        if _is_main():
+        if distributed.is_main():
             save_checkpoint(self.ckpt_dir / name, {"run_key": self.run_key, **payload})
-        if _rank_world()[1] > 1:
-            dist.barrier()
+        distributed.barrier()
 
 
 class _SuffixOnly(nn.Module):
@@ -280,7 +272,3 @@ class _SuffixOnly(nn.Module):
 
     def forward(self, a: torch.Tensor):
         return self.net.forward_suffix(a)
-
-
-def _is_main() -> bool:
-    return _rank_world()[0] == 0
