@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataset.images import load_rgb
 from dataset.transforms import augment_transform, apply_view, eval_transform
@@ -29,9 +29,11 @@ class ManifestViews(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        """``i`` -> all of row i's listed views; ``(i, view)`` -> just that view (shape (1, 3, H, W))."""
+        i, views = (item[0], [item[1]]) if isinstance(item, tuple) else (item, self.views[item])
         img = load_rgb(self.paths[i])
-        return torch.stack([self.view(img, i, v) for v in self.views[i]]), i
+        return torch.stack([self.view(img, i, v) for v in views]), i
 
     def view(self, img, i: int, v: int) -> torch.Tensor:
         if v == 0:
@@ -43,6 +45,25 @@ def image_loader(dataset: ManifestViews, *, order: np.ndarray, batch_size: int, 
     """Batches of (views, row index) in ``order``; views of one image stay adjacent."""
     return DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+class EpochItems(Sampler):
+    """A sampler whose items the caller sets before each epoch, so one loader (and its workers) serves them all."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(list(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def persistent_loader(dataset: ManifestViews, sampler: EpochItems, *, batch_size: int,
+                      num_workers: int) -> DataLoader:
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
 def split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:

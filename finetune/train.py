@@ -24,7 +24,7 @@ from tqdm import tqdm
 from classify.metrics import mean_per_class_accuracy
 from dataset.transforms import view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
-from finetune.data import ManifestViews, image_loader
+from finetune.data import EpochItems, ManifestViews, persistent_loader
 from study import distributed
 
 log = logging.getLogger(__name__)
@@ -69,17 +69,30 @@ class CachedSource:
 
 
 class ImageSource:
-    """Images from the manifest: training draws a fresh augmentation view per epoch, eval uses the clean view."""
+    """Images from the manifest: training draws a fresh augmentation view per epoch, eval uses the clean view.
+
+    One DataLoader per batch size, with persistent workers, serves every epoch (the sampler's items change).
+    """
 
     uses_prefix = False
 
     def __init__(self, *, rows, data_root: Path, data_config: dict, policy: str, num_workers: int):
-        self.rows, self.data_root, self.data_config, self.policy = rows, data_root, data_config, policy
         self.labels = torch.tensor(rows["label"].to_numpy(np.int64))
-        self.num_workers = num_workers
+        self.policy, self.num_workers = policy, num_workers
+        self._rows, self._data_root, self._data_config = rows, data_root, data_config
+        self._loaders: dict[tuple[int, int], tuple] = {}
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.labels)
+
+    def _loader(self, batch_size: int, seed: int):
+        if (batch_size, seed) not in self._loaders:
+            data = ManifestViews(rows=self._rows, data_root=self._data_root, data_config=self._data_config,
+                                 policy=self.policy, seed=seed, views=[[0]] * len(self))
+            sampler = EpochItems()
+            self._loaders[(batch_size, seed)] = (
+                persistent_loader(data, sampler, batch_size=batch_size, num_workers=self.num_workers), sampler)
+        return self._loaders[(batch_size, seed)]
 
     def batches(self, *, epoch: int, seed: int, batch_size: int, train: bool) -> Iterator:
         # View ids >= 1 are augmented; a new id per epoch is a fresh augmentation, still reproducible.
@@ -89,9 +102,8 @@ class ImageSource:
             order = shard(torch.randperm(len(self), generator=g))
         else:
             order = torch.arange(len(self))
-        data = ManifestViews(rows=self.rows, data_root=self.data_root, data_config=self.data_config,
-                             policy=self.policy, seed=seed, views=[[view]] * len(self))
-        loader = image_loader(data, order=order.numpy(), batch_size=batch_size, num_workers=self.num_workers)
+        loader, sampler = self._loader(batch_size, seed)
+        sampler.items = [(int(i), view) for i in order]
         for images, index in loader:
             yield images[:, 0], self.labels[index]
 
@@ -220,9 +232,11 @@ class Trainer:
         for epoch in bar:
             if state["bad_epochs"] >= hp["patience"]:
                 break
+            t0 = time.perf_counter()
             stats = self.train_epoch(train, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
             score = mean_per_class_accuracy(y_val, self.predict(val).argmax(1))
-            stats = {"epoch": epoch, "val_mean_per_class": score, "lr": optimizer.param_groups[0]["lr"], **stats}
+            stats = {"epoch": epoch, "val_mean_per_class": score, "lr": optimizer.param_groups[0]["lr"],
+                     "epoch_s": time.perf_counter() - t0, **stats}
             state["history"].append(stats)
             improved = score > state["best_score"]
             if improved:
@@ -242,7 +256,7 @@ class Trainer:
         best = load_checkpoint(self.ckpt_dir / "best.pt", run_key=self.run_key)
         self.net.load_trainable_state(best["model"])
         return FitResult(history=state["history"], best_epoch=state["best_epoch"], best_score=state["best_score"],
-                         epochs_run=len(state["history"]), train_s=sum(h["train_s"] for h in state["history"]),
+                         epochs_run=len(state["history"]), train_s=sum(h["epoch_s"] for h in state["history"]),
                          resumed_from=resumed_from, stopped_early=len(state["history"]) < hp["epochs"])
 
     def _resume(self, optimizer, scheduler, scaler) -> dict:
