@@ -44,12 +44,10 @@ def _download_dir(data_cfg: dict, out_dir: Path) -> Path:
     return Path(data_cfg["download_dir"]) if data_cfg["download_dir"] else out_dir.parent / "downloads"
 
 
-def _manifest_path_of(path: Path, data_root: Path) -> str:
+def _manifest_path_of(path: Path, root_prefix: str) -> str:
     """Relative to the data root when under it (the manifest moves with its data), else absolute."""
-    try:
-        return str(path.relative_to(data_root))
-    except ValueError:
-        return str(path)
+    text = str(path)
+    return text[len(root_prefix):] if text.startswith(root_prefix) else text
 
 
 def _file_table(files: list[SourceFile], index: pd.DataFrame, *, data_root: Path, source_order: dict) -> pd.DataFrame:
@@ -58,7 +56,8 @@ def _file_table(files: list[SourceFile], index: pd.DataFrame, *, data_root: Path
     df["folder"] = [f.folder for f in files]
     df["sample_id"] = [f.sample_id for f in files]
     df["abs_path"] = df["path"]
-    df["path"] = [_manifest_path_of(f.path, data_root) for f in files]
+    root_prefix = str(data_root).rstrip(os.sep) + os.sep
+    df["path"] = [_manifest_path_of(f.path, root_prefix) for f in files]
     df["source_rank"] = df["source"].map(source_order)
     return df.sort_values(["source_rank", "sample_id"], ignore_index=True)
 

@@ -56,13 +56,13 @@ def near_pairs(hashes: np.ndarray, *, max_distance: int) -> tuple[np.ndarray, np
     found_i, found_j, found_d = [], [], []
     for start in range(0, len(hashes), BLOCK_ROWS):
         block = hashes[start:start + BLOCK_ROWS]
-        dist = hamming(block[:, None], hashes[None, :])
+        dist = hamming(block[:, None], hashes[None, start:])  # columns from ``start``: the upper triangle
         rows, cols = np.nonzero(dist <= max_distance)
-        rows += start
         upper = cols > rows
-        found_i.append(rows[upper])
-        found_j.append(cols[upper])
-        found_d.append(dist[rows[upper] - start, cols[upper]])
+        rows, cols = rows[upper], cols[upper]
+        found_i.append(rows + start)
+        found_j.append(cols + start)
+        found_d.append(dist[rows, cols])
     if not found_i:
         return (np.empty(0, np.int64),) * 3
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d).astype(np.int64)

@@ -7,6 +7,7 @@ and a ``.txt`` in a class folder must be reported, not silently skipped).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +117,11 @@ def list_source_files(src: dict, resolved: ResolvedSource) -> list[SourceFile]:
     """Every regular file of every selected class folder, in sorted order (``max_per_class`` keeps the first N)."""
     files = []
     for folder in _class_folders(src, resolved.path):
-        entries = sorted(p for p in folder.iterdir() if p.is_file())
+        with os.scandir(folder) as it:  # scandir: the file-type check needs no extra stat per file
+            names = sorted(e.name for e in it if e.is_file())
         if src["max_per_class"]:
-            entries = entries[: src["max_per_class"]]
-        files += [SourceFile(source=src["name"], folder=folder.name, path=p.absolute(),
-                             sample_id=f"{src['name']}/{folder.name}/{p.name}") for p in entries]
+            names = names[: src["max_per_class"]]
+        base = folder.absolute()
+        files += [SourceFile(source=src["name"], folder=folder.name, path=base / name,
+                             sample_id=f"{src['name']}/{folder.name}/{name}") for name in names]
     return files

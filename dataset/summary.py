@@ -11,8 +11,12 @@ from dataset.manifest import SPLITS
 from dataset.sheets import augmentation_sheet, contact_sheet
 from study.atomic import atomic_path, write_text_atomic
 
-DEDUP_POLICY = ("one copy of each exact (sha256) or near (perceptual hash) duplicate group is kept: the first in "
-                "source order, then sample_id; the others are dropped before splitting")
+DEDUP_POLICY = {
+    "drop": ("one copy of each exact (sha256) or near (perceptual hash) duplicate group is kept: the first in "
+             "source order, then sample_id; the others are dropped before splitting"),
+    "same_split": ("every copy is kept, and each duplicate group is placed in a single split (splits swapped with "
+                   "non-duplicates of the same class, so per-class split counts are unchanged)"),
+}
 MD_LIST_LIMIT = 60
 
 
@@ -42,7 +46,7 @@ def _source_records(*, resolved, table: pd.DataFrame, manifest: pd.DataFrame, du
     return [{"name": r.name, "kind": r.kind, "path": str(r.path), "downloaded": r.downloaded,
              "n_files": int((table["source"] == r.name).sum()),
              "n_excluded": int(((table["source"] == r.name) & (table["status"] != "ok")).sum()),
-             "n_duplicates_dropped": int((dropped_source == r.name).sum()),
+             "n_duplicates": int((dropped_source == r.name).sum()),
              "n_images": int((manifest["source"] == r.name).sum())} for r in resolved]
 
 
@@ -62,8 +66,8 @@ def _markdown(summary: dict, counts: pd.DataFrame) -> str:
              + ", ".join(f"{k} {v}" for k, v in summary["split_counts"].items())
              + f"; seed {summary['seed']}; manifest hash `{summary['manifest_hash'][:16]}`.", "",
              f"Protocol: `{json.dumps(summary['protocol'])}`", "", "## Sources", "",
-             "| source | kind | files | excluded | duplicates dropped | images in manifest |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['name']} | {s['kind']} | {s['n_files']} | {s['n_excluded']} | {s['n_duplicates_dropped']} "
+             "| source | kind | files | excluded | duplicates | images in manifest |", "|---|---|---|---|---|---|"]
+    lines += [f"| {s['name']} | {s['kind']} | {s['n_files']} | {s['n_excluded']} | {s['n_duplicates']} "
               f"| {s['n_images']} |" for s in summary["sources"]]
     small = [c["name"] for c in summary["classes"] if c["small"]]
     lines += ["", f"## Classes under {summary['small_class_threshold']} images ({len(small)})", "",
@@ -76,8 +80,8 @@ def _markdown(summary: dict, counts: pd.DataFrame) -> str:
               for e in summary["excluded"][:MD_LIST_LIMIT]] or ["none"]
     dups = summary["duplicates"]
     lines += ["", f"## Duplicates ({sum(d['kind'] == 'exact' for d in dups)} exact, "
-              f"{sum(d['kind'] == 'near' for d in dups)} near, near = perceptual-hash distance <= "
-              f"{summary['near_distance']})", "", f"Policy: {summary['dedup_policy']}.", ""]
+              f"{sum(d['kind'] == 'near' for d in dups)} near: 64-bit pHash distance <= {summary['near_distance']}"
+              f" confirmed by 256-bit pHash distance <= {summary['confirm_distance']})", "", f"Policy: {summary['dedup_policy']}.", ""]
     lines += [f"- kept `{d['kept']}`, dropped `{d['dropped']}` ({d['kind']}, distance {d['distance']})"
               for d in dups[:MD_LIST_LIMIT]] or ["none"]
     if len(dups) > MD_LIST_LIMIT or len(summary["excluded"]) > MD_LIST_LIMIT:
@@ -101,7 +105,8 @@ def write_summary(*, out_dir: Path, manifest: pd.DataFrame, manifest_hash: str, 
         "n_classes": int(manifest["label"].nunique()), "classes": _class_records(counts),
         "split_counts": {s: int((manifest["split"] == s).sum()) for s in SPLITS},
         "excluded": excluded_table.to_dict("records"), "duplicates": duplicates.to_dict("records"),
-        "dedup_policy": DEDUP_POLICY, "near_distance": data_cfg["dedup"]["near_distance"],
+        "dedup_policy": DEDUP_POLICY[data_cfg["dedup"]["policy"]], "near_distance": data_cfg["dedup"]["near_distance"],
+        "confirm_distance": data_cfg["dedup"]["confirm_distance"],
         "small_class_threshold": data_cfg["small_class_threshold"], "dropped_classes": dropped_classes,
         "unused_mapping": unused_mapping, "protocol": data_cfg["split"], "seed": seed, "manifest_hash": manifest_hash,
         "contact_sheet": "contact_sheet.png", "augmentations": "augmentations.png",
