@@ -199,8 +199,8 @@ def _check_rows(path: Path, f: h5py.File, sample_id, view) -> None:
     bad = np.flatnonzero((cached_ids != np.asarray(sample_id)) | (cached_view != np.asarray(view)))
     if bad.size:
         i = bad[0]
-        raise CacheMismatch(f"feature cache {path}: row {i} is ({cached_ids[i]!r}, view {cached_view[i]}), expected "
-                            f"({sample_id[i]!r}, view {view[i]}); {bad.size} rows differ. Rerun with --rebuild-cache")
+        raise CacheMismatch(f"feature cache {path}: row {i} is ({str(cached_ids[i])!r}, view {int(cached_view[i])}), expected "
+                            f"({str(sample_id[i])!r}, view {int(view[i])}); {bad.size} rows differ. Rerun with --rebuild-cache")
 
 
 def _check_finite(path: Path, feats: h5py.Dataset) -> None:

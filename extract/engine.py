@@ -330,3 +330,40 @@ def _merge(job: Extraction, *, parts: Path, bounds, feature_dim: int | None) -> 
         job.path.unlink(missing_ok=True)
         raise
     shutil.rmtree(parts, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI for one extraction (also the torchrun entry point: ``torchrun --nproc_per_node 2 -m extract.engine ...``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Extract (or reuse) one backbone's feature cache for a manifest.")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--policy", default="light")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--storage-dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--weights", default=None, help="a local weights file")
+    p.add_argument("--rebuild-cache", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    distributed.init_from_env()
+    path = extract_features(manifest_path=args.manifest, backbone=args.backbone, cache_dir=args.cache_dir,
+                            views=args.views, policy=args.policy, seed=args.seed, device=args.device,
+                            batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
+                            storage_dtype=args.storage_dtype, weights_file=args.weights, rebuild=args.rebuild_cache,
+                            data_root=args.data_root, progress=not args.no_progress)
+    if distributed.is_main():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
