@@ -153,3 +153,21 @@ def test_same_split_policy_keeps_copies_together(data_root, tmp_path):
     assert len(dups) >= 2 and all(split[r.kept] == split[r.dropped] for r in dups.itertuples())
     counts = pd.crosstab(df["class_name"], df["split"])
     assert (counts["train"] == 6).all() and (counts["val"] == 2).all()
+
+
+def test_summary_holds_what_the_report_reads_and_the_artefacts_exist(merged):
+    build, cfg, df, summary = merged
+    out = build.manifest_path.parent
+    for key in ("sources", "n_classes", "classes", "split_counts", "excluded", "duplicates", "small_class_threshold",
+                "dropped_classes", "protocol", "seed", "manifest_hash", "contact_sheet", "augmentations"):
+        assert key in summary, key
+    assert summary["manifest_hash"] == build.manifest_hash and summary["protocol"] == cfg["split"]
+    assert [s["name"] for s in summary["sources"]] == ["caltech101", "flowers17"]
+    assert sum(s["n_images"] for s in summary["sources"]) == len(df)
+    assert sum(c["total"] for c in summary["classes"]) == len(df)
+    for name in ("summary.md", "summary.csv", "excluded.csv", "duplicates.csv", summary["contact_sheet"],
+                 summary["augmentations"]):
+        assert (out / name).stat().st_size > 0, name
+    per_class = pd.read_csv(out / "summary.csv")
+    assert per_class.set_index("class_name").loc["sunflower", ["n_caltech101", "n_flowers17"]].min() > 0
+    assert "sunflower" in (out / "summary.md").read_text()
