@@ -93,20 +93,22 @@ def _pool_context():
 def _describe_all(todo: list[str], *, workers: int, on_batch) -> None:
     bar = tqdm(total=len(todo), desc="scan images", unit="img", disable=None)
     batch = []
-    if workers > 1 and len(todo) >= MIN_PARALLEL:
-        with _pool_context().Pool(workers) as pool:
-            for row in pool.imap(describe_file, todo, chunksize=16):
-                batch.append(row)
+    try:
+        if workers > 1 and len(todo) >= MIN_PARALLEL:
+            with _pool_context().Pool(workers) as pool:
+                for row in pool.imap(describe_file, todo, chunksize=16):
+                    batch.append(row)
+                    bar.update()
+                    if len(batch) >= SAVE_EVERY:
+                        on_batch(batch)
+                        batch = []
+        else:
+            for path in todo:
+                batch.append(describe_file(path))
                 bar.update()
-                if len(batch) >= SAVE_EVERY:
-                    on_batch(batch)
-                    batch = []
-    else:
-        for path in todo:
-            batch.append(describe_file(path))
-            bar.update()
-    bar.close()
-    on_batch(batch)
+    finally:  # also on Ctrl-C: what was scanned is saved, and the next build resumes after it
+        bar.close()
+        on_batch(batch)
 
 
 def scan_files(paths: list[Path], *, index_path: Path, workers: int = 2) -> pd.DataFrame:
