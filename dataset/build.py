@@ -82,9 +82,19 @@ def _split_classes(kept: pd.DataFrame, *, split_cfg: dict, seed: int) -> tuple[p
 
 
 def _inputs_key(*, data_cfg: dict, seed: int, data_root: Path, files: list[SourceFile]) -> str:
-    stats = [(f.sample_id, str(f.path), *(lambda s: (s.st_size, s.st_mtime_ns))(os.stat(f.path))) for f in files]
+    """What a build depends on: config, seed, code version and every file's (path, size, mtime)."""
+    stats = []
+    for f in files:
+        st = os.stat(f.path)
+        stats.append((f.sample_id, str(f.path), st.st_size, st.st_mtime_ns))
     return spec_hash({"version": BUILD_VERSION, "data": data_cfg, "seed": seed, "data_root": str(data_root),
                       "files": stats})
+
+
+def _record(out_dir: Path, *, key: str, build: DatasetBuild, outputs: list[str]) -> None:
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(build).items() if k != "reused"}
+    write_text_atomic(out_dir / "build.json", json.dumps({"inputs_key": key, "outputs": outputs, "build": fields},
+                                                         indent=1))
 
 
 def _reuse(out_dir: Path, key: str) -> DatasetBuild | None:
@@ -113,6 +123,36 @@ def resolve_all(data_cfg: dict, *, data_root: Path, out_dir: Path) -> list[Resol
     return [resolve_source(s, data_root=data_root, download_dir=download_dir) for s in data_cfg["sources"]]
 
 
+def _apply_class_map(table: pd.DataFrame, data_cfg: dict) -> tuple[pd.DataFrame, list[dict], list[str]]:
+    """Usable rows with their final class_name (config-dropped classes removed), the drops, unused map keys."""
+    folders = sorted(set(zip(table["source"], table["folder"])))
+    final, dropped, unused = map_classes(folders, rename=data_cfg["rename"], drop=data_cfg["drop"])
+    for k in unused:
+        log.warning("data.rename/drop key %r matches no class folder of the configured sources", k)
+    usable = table[table["status"] == OK]
+    usable = usable.assign(class_name=[final[(s, f)] for s, f in zip(usable["source"], usable["folder"])])
+    return usable[usable["class_name"].notna()].reset_index(drop=True), dropped, unused
+
+
+def _dedup_and_split(usable: pd.DataFrame, *, data_cfg: dict, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """(manifest rows with split and label, duplicates table, classes dropped for too few images)."""
+    dedup = data_cfg["dedup"]
+    keep, duplicates = find_duplicates(usable, near_distance=dedup["near_distance"],
+                                       confirm_distance=dedup["confirm_distance"])
+    same_split = dedup["policy"] == "same_split"
+    duplicates["action"] = "kept in the same split" if same_split else "dropped"
+    split_df, too_few = _split_classes(usable if same_split else usable[keep], split_cfg=data_cfg["split"], seed=seed)
+    if same_split:
+        split_of = splitting.keep_groups_together(
+            dict(zip(split_df["sample_id"], split_df["split"])),
+            copies=list(zip(duplicates["kept"], duplicates["dropped"])),
+            class_of=dict(zip(split_df["sample_id"], split_df["class_name"])))
+        split_df["split"] = split_df["sample_id"].map(split_of)
+    names = sorted(split_df["class_name"].unique())
+    split_df["label"] = split_df["class_name"].map({n: i for i, n in enumerate(names)}).astype("int64")
+    return split_df.sort_values(["label", "sample_id"], ignore_index=True), duplicates, too_few
+
+
 def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, reuse: bool = True) -> DatasetBuild:
     """Build (or, with ``reuse`` and unchanged inputs, reuse) the manifest and its summary in ``out_dir``."""
     data_root, out_dir = Path(os.path.abspath(data_root)), Path(os.path.abspath(out_dir))
@@ -127,45 +167,23 @@ def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, 
     index = scan_files([f.path for f in files], index_path=out_dir / "file_index.csv", workers=data_cfg["workers"])
     table = _file_table(files, index, data_root=data_root,
                         source_order={s["name"]: i for i, s in enumerate(data_cfg["sources"])})
-    excluded = table[table["status"] != OK]
-    usable = table[table["status"] == OK]
+    usable, config_dropped, unused = _apply_class_map(table, data_cfg)
+    manifest, duplicates, too_few_dropped = _dedup_and_split(usable, data_cfg=data_cfg, seed=seed)
 
-    folders = sorted(set(zip(table["source"], table["folder"])))
-    final, config_dropped, unused = map_classes(folders, rename=data_cfg["rename"], drop=data_cfg["drop"])
-    for k in unused:
-        log.warning("data.rename/drop key %r matches no class folder of the configured sources", k)
-    usable = usable.assign(class_name=[final[(s, f)] for s, f in zip(usable["source"], usable["folder"])])
-    usable = usable[usable["class_name"].notna()].reset_index(drop=True)
-
-    dedup = data_cfg["dedup"]
-    keep, duplicates = find_duplicates(usable, near_distance=dedup["near_distance"],
-                                       confirm_distance=dedup["confirm_distance"])
-    if dedup["policy"] == "same_split":
-        keep[:] = True
-    duplicates["action"] = "dropped" if dedup["policy"] == "drop" else "kept in the same split"
-    split_df, too_few_dropped = _split_classes(usable[keep], split_cfg=data_cfg["split"], seed=seed)
-    if dedup["policy"] == "same_split":
-        split_of = splitting.keep_groups_together(
-            dict(zip(split_df["sample_id"], split_df["split"])), copies=list(zip(duplicates["kept"], duplicates["dropped"])),
-            class_of=dict(zip(split_df["sample_id"], split_df["class_name"])))
-        split_df["split"] = split_df["sample_id"].map(split_of)
-    names = sorted(split_df["class_name"].unique())
-    split_df["label"] = split_df["class_name"].map({n: i for i, n in enumerate(names)}).astype("int64")
-    manifest = split_df.sort_values(["label", "sample_id"], ignore_index=True)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # The old record goes first: a build interrupted below must not leave it vouching for new files.
+    (out_dir / "build.json").unlink(missing_ok=True)
     manifest_path = out_dir / "manifest.csv"
     manifest_hash = write_manifest(manifest[list(COLUMNS)], manifest_path)
+    excluded = table[table["status"] != OK]
     outputs = write_summary(
         out_dir=out_dir, manifest=manifest, manifest_hash=manifest_hash, table=table, excluded=excluded,
         duplicates=duplicates, usable=usable, dropped_classes=config_dropped + too_few_dropped,
         unused_mapping=unused, resolved=resolved, data_cfg=data_cfg, seed=seed, data_root=data_root)
     build = DatasetBuild(manifest_path=manifest_path, manifest_hash=manifest_hash,
-                         summary_path=out_dir / "summary.json", n_images=len(manifest), n_classes=len(names),
-                         n_excluded=len(excluded), n_duplicates=len(duplicates))
-    record = {"inputs_key": key, "outputs": ["manifest.csv", *outputs],
-              "build": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(build).items() if k != "reused"}}
-    write_text_atomic(out_dir / "build.json", json.dumps(record, indent=1))
-    log.info("dataset: %d images, %d classes, %d excluded, %d duplicates (%s) -> %s", build.n_images,
-             build.n_classes, build.n_excluded, build.n_duplicates, dedup["policy"], manifest_path)
+                         summary_path=out_dir / "summary.json", n_images=len(manifest),
+                         n_classes=int(manifest["label"].nunique()), n_excluded=len(excluded),
+                         n_duplicates=len(duplicates))
+    _record(out_dir, key=key, build=build, outputs=["manifest.csv", *outputs])
+    log.info("dataset: %d images, %d classes, %d excluded, %d duplicates (policy %s) -> %s", build.n_images,
+             build.n_classes, build.n_excluded, build.n_duplicates, data_cfg["dedup"]["policy"], manifest_path)
     return build
