@@ -68,12 +68,12 @@ def _split_classes(kept: pd.DataFrame, *, split_cfg: dict, seed: int) -> tuple[p
     for name, group in kept.groupby("class_name", sort=True):
         assigned = splitting.assign_splits(group["sample_id"].tolist(), class_name=name, split_cfg=split_cfg, seed=seed)
         if assigned is None:
-            reason = (f"too few images: {len(group)} after exclusions and de-duplication; the {split_cfg['protocol']} "
-                      f"protocol needs {splitting.needed_images(split_cfg)}")
+            count = (f"{len(group)} images after exclusions and de-duplication; the {split_cfg['protocol']} "
+                     f"protocol needs {splitting.needed_images(split_cfg)}")
             if split_cfg["too_few"] == "error":
-                raise splitting.TooFewImages(f"class '{name}' has {reason[len('too few images: '):]}. Set "
-                                             "data.split.too_few = \"drop\" to drop such classes, or change data.split.")
-            dropped.append({"name": name, "reason": reason})
+                raise splitting.TooFewImages(f"class '{name}' has {count}. Set data.split.too_few = \"drop\" "
+                                             "to drop such classes, or change data.split.")
+            dropped.append({"name": name, "reason": f"too few images: {count}"})
             continue
         split_of.update(assigned)
     out = kept[kept["sample_id"].isin(split_of)].copy()

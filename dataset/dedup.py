@@ -79,7 +79,8 @@ def confirmed_near_pairs(df: pd.DataFrame, *, near_distance: int, confirm_distan
     return i, j, dist
 
 
-def find_duplicates(df: pd.DataFrame, *, near_distance: int, confirm_distance: int = -1) -> tuple[np.ndarray, pd.DataFrame]:
+def find_duplicates(df: pd.DataFrame, *, near_distance: int,
+                    confirm_distance: int = -1) -> tuple[np.ndarray, pd.DataFrame]:
     """``df`` (columns sample_id, sha256, phash, phash256, in keep-priority order) -> (keep mask, duplicates table).
 
     The duplicates table has one row per non-kept group member: kept, dropped, kind (exact|near), distance

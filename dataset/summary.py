@@ -81,7 +81,8 @@ def _markdown(summary: dict, counts: pd.DataFrame) -> str:
     dups = summary["duplicates"]
     lines += ["", f"## Duplicates ({sum(d['kind'] == 'exact' for d in dups)} exact, "
               f"{sum(d['kind'] == 'near' for d in dups)} near: 64-bit pHash distance <= {summary['near_distance']}"
-              f" confirmed by 256-bit pHash distance <= {summary['confirm_distance']})", "", f"Policy: {summary['dedup_policy']}.", ""]
+              f" confirmed by 256-bit pHash distance <= {summary['confirm_distance']})", "",
+              f"Policy: {summary['dedup_policy']}.", ""]
     lines += [f"- kept `{d['kept']}`, dropped `{d['dropped']}` ({d['kind']}, distance {d['distance']})"
               for d in dups[:MD_LIST_LIMIT]] or ["none"]
     if len(dups) > MD_LIST_LIMIT or len(summary["excluded"]) > MD_LIST_LIMIT:

@@ -1,7 +1,6 @@
 """Every kind of bad or unusual file gets its recorded outcome: excluded with a reason, or loaded as RGB."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path

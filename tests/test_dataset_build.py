@@ -103,7 +103,8 @@ def test_too_few_images_is_an_error_or_a_recorded_drop(data_root, tmp_path):
     with pytest.raises(TooFewImages, match="tulip.*too_few"):
         build_dataset(data_cfg=data_cfg(sources), data_root=data_root, out_dir=tmp_path / "e", seed=0)
     assert not (tmp_path / "e" / "manifest.csv").exists()
-    build = build_dataset(data_cfg=data_cfg(sources, too_few="drop"), data_root=data_root, out_dir=tmp_path / "d", seed=0)
+    build = build_dataset(data_cfg=data_cfg(sources, too_few="drop"), data_root=data_root, out_dir=tmp_path / "d",
+                          seed=0)
     summary = json.loads(build.summary_path.read_text())
     assert [d["name"] for d in summary["dropped_classes"]] == ["tulip"]
     assert "needs at least 9" in summary["dropped_classes"][0]["reason"]

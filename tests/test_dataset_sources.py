@@ -5,7 +5,6 @@ import functools
 import hashlib
 import http.server
 import io
-import shutil
 import tarfile
 import threading
 import zipfile
