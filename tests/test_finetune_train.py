@@ -132,3 +132,23 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(runs, lite0, hp, di
     assert resumed.best_epoch == straight.best_epoch
     for k, v in net.trainable_state().items():
         assert torch.equal(v, straight_state[k]), k
+
+
+def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs, tiny_manifest, data_root, tmp_path):
+    from finetune import stage
+    from study.context import StudyContext
+    from study.results import read_rows, read_skips
+
+    out_dir = dirs["finetune_dir"].parent  # the layout StudyContext expects: finetune/, prefix/, dataset/
+    (out_dir / "dataset").mkdir(exist_ok=True)
+    (out_dir / "dataset" / "manifest.csv").write_bytes(tiny_manifest.read_bytes())
+    config = load_config(overrides=[
+        'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
+        'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1", "finetune.batch_size=8",
+        "finetune.lr=3e-3", "finetune.n_boot=20", "finetune.num_workers=0"])
+    ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
+    stage.run(ctx)
+    (row,) = read_rows(ctx.results_path)
+    assert row == runs["head"][0]
+    (skip,) = read_skips(ctx.run_dir)
+    assert skip["what"] == "resnet18" and "/nowhere/r18.pth" in skip["fix"]
