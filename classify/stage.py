@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from classify.features import head_data
 from classify.fewshot import fewshot_pool, fit_fewshot, max_k
-from classify.heads import count_parameters, head_grid
+from classify.heads import blas_threads, count_parameters, head_grid
 from classify.metrics import evaluate
 from classify import selection
 from classify.selection import HeadData
@@ -38,8 +38,9 @@ def run(ctx) -> None:
         if fs.key != entry["key"]:
             raise ValueError(f"{ctx.run_dir / 'features.json'} names key {entry['key']} for {entry['path']}, but the "
                              f"cache there has key {fs.key}; rerun the extract stage")
-        rows = classify_features(fs, backbone=entry["backbone"], manifest=manifest, cfg=cfg, seed=ctx.seed,
-                                 heads_dir=ctx.heads_dir, run_dir=ctx.run_dir)
+        with blas_threads(cfg["blas_threads"]):
+            rows = classify_features(fs, backbone=entry["backbone"], manifest=manifest, cfg=cfg, seed=ctx.seed,
+                                     heads_dir=ctx.heads_dir, run_dir=ctx.run_dir)
         log.info("classify %s: %d rows appended to %s", entry["backbone"], len(rows), ctx.results_path)
 
 

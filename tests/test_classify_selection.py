@@ -4,18 +4,17 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.svm import SVC, LinearSVC
 
 from classify.features import head_data
 from classify.fewshot import draw_per_class, fewshot_pool
-from classify.heads import head_grid
+from classify.heads import GramSVC, head_grid
 from classify.selection import HeadData, Rows, select_and_refit
 from dataset.manifest import read_manifest
 from study.schema import ConfigError
 from tests.classify_fixtures import small_classify_config, tiny_lite0_features
 
 pytestmark = pytest.mark.needs_data
-FITTED = (StandardScaler, Normalizer, LogisticRegression, LinearSVC, SVC, KNeighborsClassifier)
+FITTED = (StandardScaler, Normalizer, LogisticRegression, GramSVC, KNeighborsClassifier)
 
 
 @pytest.fixture(scope="module")
