@@ -12,6 +12,12 @@ and rank 0 merges all parts into ``<key>.h5`` after a barrier (written to a temp
 
 Precision ``auto``: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs with native
 bf16 (oneDNN reports AVX-512 BF16 / AMX), else fp32. ``precision="fp32"`` turns it off.
+
+Bit-identity (rerun, resume, sharded vs single process) holds for the same device and intra-op
+thread count: CPU kernels sum in a thread-count-dependent order (differences ~1e-6). torchrun gives
+each rank OMP_NUM_THREADS=1, so a sharded run equals a single process run with OMP_NUM_THREADS=1.
+Batch size and thread count are not in the key (they are speed settings, not study choices);
+a resumed run reuses part files only when they were made with the same batch size.
 """
 from __future__ import annotations
 

@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Extraction throughput on N Caltech images, one backbone, three ways, in one run:
+
+(a) naive: the tutorial loop (PIL decode + transform in the main process, fp32, contiguous, no_grad);
+(b) engine: extract.engine.extract_features (workers, channels-last, autocast policy, HDF5 streaming),
+    timed end to end (model load, workers, merge, validation included);
+(c) forward: the model alone on ready tensors, same precision and memory layout as (b): the ceiling.
+
+Each phase runs in its own process so its peak RSS (ru_maxrss; workers' max reported separately) is
+its own. Last line: key=value pairs incl. speedup_vs_naive (b/a) and fraction_of_forward (b/c).
+If the engine's default precision is reduced (bf16/fp16), it also reports the accuracy effect:
+mean per-class accuracy of a logistic-regression head on fp32 vs reduced-precision features.
+
+    python benchmarks/extract_throughput.py --n 256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
+    p.add_argument("--out", default=str(REPO / "out" / "bench"), help="where the Caltech manifest is built/reused")
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--n", type=int, default=256, help="number of Caltech images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--precision", default="auto", help="engine precision (auto = the engine's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--accuracy-classes", type=int, default=20,
+                   help="Caltech classes for the fp32-vs-reduced accuracy check (only when reduced precision is used)")
+    p.add_argument("--phase", choices=["naive", "engine", "forward", "accuracy"], help=argparse.SUPPRESS)
+    p.add_argument("--manifest", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- data
+
+
+def caltech_manifest(args) -> Path:
+    from dataset.build import build_dataset
+    from study.config import load_config
+
+    build = build_dataset(data_cfg=load_config(REPO / "configs" / "caltech101.toml")["data"],
+                          data_root=Path(args.data_root), out_dir=Path(args.out) / "caltech101", seed=0)
+    return build.manifest_path
+
+
+def subset_manifest(manifest_path: Path, *, n: int, seed: int, out: Path) -> Path:
+    from dataset.manifest import read_manifest, write_manifest
+
+    df = read_manifest(manifest_path)
+    rows = np.sort(np.random.default_rng(seed).choice(len(df), size=min(n, len(df)), replace=False))
+    path = out / f"subset_{n}_{seed}.csv"
+    write_manifest(df.iloc[rows], path)
+    return path
+
+
+def class_subset_manifest(manifest_path: Path, *, n_classes: int, out: Path) -> Path:
+    from dataset.manifest import read_manifest, write_manifest
+
+    df = read_manifest(manifest_path)
+    keep = df[df["label"] < n_classes]
+    path = out / f"classes_{n_classes}.csv"
+    write_manifest(keep, path)
+    return path
+
+
+# ---------------------------------------------------------------- phases (each in its own process)
+
+
+def _peak() -> dict:
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def phase_naive(args) -> dict:
+    import torch
+
+    from dataset.images import load_rgb
+    from dataset.manifest import read_manifest
+    from dataset.transforms import eval_transform
+    from extract.backbones import load_backbone
+
+    bb = load_backbone(args.backbone)
+    tf, model = eval_transform(bb.data_config), bb.model.eval()
+    paths = [Path(args.data_root) / p for p in read_manifest(args.manifest)["path"]]
+    feats = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(paths), args.batch_size):
+            batch = torch.stack([tf(load_rgb(p)) for p in paths[s:s + args.batch_size]])
+            feats.append(model(batch).numpy())
+    seconds = time.perf_counter() - t0
+    return {"images": len(paths), "seconds": seconds, "precision": "fp32", "layout": "contiguous", **_peak()}
+
+
+def phase_engine(args) -> dict:
+    from extract.engine import extract_features, resolve_precision
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        t0 = time.perf_counter()
+        path = extract_features(manifest_path=args.manifest, backbone=args.backbone, cache_dir=cache_dir, views=0,
+                                policy="none", seed=args.seed, batch_size=args.batch_size,
+                                num_workers=args.num_workers, precision=args.precision, data_root=args.data_root,
+                                progress=False)
+        seconds = time.perf_counter() - t0
+        size = path.stat().st_size
+    from dataset.manifest import read_manifest
+
+    return {"images": len(read_manifest(args.manifest)), "seconds": seconds, "cache_mb": size / 2**20,
+            "precision": resolve_precision(args.precision, "cpu"), "layout": "channels_last", **_peak()}
+
+
+def phase_forward(args) -> dict:
+    import torch
+
+    from dataset.images import load_rgb
+    from dataset.manifest import read_manifest
+    from dataset.transforms import eval_transform
+    from extract.backbones import load_backbone
+    from extract.engine import FeatureRunner, resolve_precision
+
+    bb = load_backbone(args.backbone)
+    tf = eval_transform(bb.data_config)
+    images = torch.stack([tf(load_rgb(Path(args.data_root) / p)) for p in read_manifest(args.manifest)["path"]])
+    precision = resolve_precision(args.precision, "cpu")
+    runner = FeatureRunner(bb.model, device="cpu", precision=precision, channels_last=True)
+    batches = [images[s:s + args.batch_size].contiguous(memory_format=torch.channels_last)
+               for s in range(0, len(images), args.batch_size)]
+    t0 = time.perf_counter()
+    for batch in batches:
+        runner(batch)
+    seconds = time.perf_counter() - t0
+    return {"images": len(images), "seconds": seconds, "precision": precision, "layout": "channels_last", **_peak()}
+
+
+def phase_accuracy(args) -> dict:
+    """Mean per-class accuracy of an LR head on fp32 vs the engine's reduced-precision features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from extract.cache import load_features
+    from extract.engine import extract_features, resolve_precision
+
+    scores = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for precision in ("fp32", resolve_precision(args.precision, "cpu")):
+            fs = load_features(extract_features(
+                manifest_path=args.manifest, backbone=args.backbone, cache_dir=cache_dir, views=0, policy="none",
+                seed=args.seed, batch_size=args.batch_size, num_workers=args.num_workers, precision=precision,
+                data_root=args.data_root, progress=False))
+            train, test = fs.split != "test", fs.split == "test"
+            head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=args.seed))
+            head.fit(fs.features[train], fs.labels[train])
+            scores[precision] = balanced_accuracy_score(fs.labels[test], head.predict(fs.features[test]))
+    return {"acc_fp32": scores["fp32"], "acc_reduced": scores[resolve_precision(args.precision, "cpu")]}
+
+
+PHASES = {"naive": phase_naive, "engine": phase_engine, "forward": phase_forward, "accuracy": phase_accuracy}
+
+
+def run_phase(name: str, args, manifest: Path) -> dict:
+    cmd = [sys.executable, __file__, "--phase", name, "--manifest", str(manifest), "--data-root", args.data_root,
+           "--backbone", args.backbone, "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
+           "--precision", args.precision, "--seed", str(args.seed)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"phase {name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args)))
+        return 0
+    from extract.engine import resolve_precision
+
+    out = Path(args.out) / "extract_throughput"
+    out.mkdir(parents=True, exist_ok=True)
+    full = caltech_manifest(args)
+    manifest = subset_manifest(full, n=args.n, seed=args.seed, out=out)
+    results = {name: run_phase(name, args, manifest) for name in ("naive", "engine", "forward")}
+    print(f"{args.backbone}, {results['naive']['images']} Caltech images, batch {args.batch_size}, "
+          f"{args.num_workers} workers")
+    print(f"{'':8} {'img/s':>8} {'seconds':>8} {'precision':>9} {'layout':>13} {'peak RSS MB':>11} {'workers MB':>10}")
+    for name, r in results.items():
+        r["img_s"] = r["images"] / r["seconds"]
+        print(f"{name:8} {r['img_s']:8.1f} {r['seconds']:8.1f} {r['precision']:>9} {r['layout']:>13} "
+              f"{r['peak_rss_mb']:11.0f} {r['workers_peak_rss_mb']:10.0f}")
+    figures = {
+        "naive_img_s": results["naive"]["img_s"], "engine_img_s": results["engine"]["img_s"],
+        "forward_img_s": results["forward"]["img_s"],
+        "speedup_vs_naive": results["engine"]["img_s"] / results["naive"]["img_s"],
+        "fraction_of_forward": results["engine"]["img_s"] / results["forward"]["img_s"],
+        "naive_peak_mb": results["naive"]["peak_rss_mb"], "engine_peak_mb": results["engine"]["peak_rss_mb"],
+        "engine_workers_peak_mb": results["engine"]["workers_peak_rss_mb"],
+    }
+    precision = resolve_precision(args.precision, "cpu")
+    if precision != "fp32":
+        acc = run_phase("accuracy", args, class_subset_manifest(full, n_classes=args.accuracy_classes, out=out))
+        print(f"LR head mean per-class accuracy on {args.accuracy_classes} Caltech classes: "
+              f"fp32 {acc['acc_fp32']:.4f}, {precision} {acc['acc_reduced']:.4f}")
+        figures.update(acc_fp32=acc["acc_fp32"], acc_reduced=acc["acc_reduced"],
+                       acc_delta=acc["acc_reduced"] - acc["acc_fp32"])
+    else:
+        print("engine precision is fp32 here (auto picks bf16 only on CUDA or CPUs with native bf16), "
+              "so there is no reduced-precision accuracy effect to report")
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
+                   {"backbone": args.backbone, "n": results["naive"]["images"], "precision": precision,
+                    **figures}.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
