@@ -4,6 +4,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC
 
 from classify.features import head_data
 from classify.fewshot import draw_per_class, fewshot_pool
@@ -139,3 +140,14 @@ def test_grid_walks_c_upwards_within_each_normalisation(cfg):
     for norm in ("standard", "l2"):
         cs = [p["C"] for p in grid if p["norm"] == norm]
         assert cs == sorted(cs) == [0.01, 0.1, 1.0, 10.0]
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_gram_svc_matches_libsvm_with_its_own_kernel(features, manifest, kernel):
+    data = head_data(features, manifest, feature_set="clean")
+    scaler = StandardScaler().fit(data.train.X)
+    X, X_test = scaler.transform(data.train.X), scaler.transform(data.test.X)
+    ours = GramSVC(C=0.5, kernel=kernel).fit(X, data.train.y)
+    theirs = SVC(C=0.5, kernel=kernel, gamma="scale").fit(X, data.train.y)
+    assert np.array_equal(ours.predict(X_test), theirs.predict(X_test))
+    np.testing.assert_allclose(ours.decision_function(X_test), theirs.decision_function(X_test), rtol=1e-3, atol=1e-3)
