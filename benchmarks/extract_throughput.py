@@ -6,8 +6,8 @@
     timed end to end (model load, workers, merge, validation included);
 (c) forward: the model alone on ready tensors, same precision and memory layout as (b): the ceiling.
 
-Each phase runs in its own process so its peak RSS (ru_maxrss; workers' max reported separately) is
-its own. Last line: key=value pairs incl. speedup_vs_naive (b/a) and fraction_of_forward (b/c).
+Each phase runs in its own process so its peak RSS (ru_maxrss) is its own; "max child" is the
+largest DataLoader worker's (forked, so it counts pages shared with the parent). Last line: key=value pairs incl. speedup_vs_naive (b/a) and fraction_of_forward (b/c).
 If the engine's default precision is reduced (bf16/fp16), it also reports the accuracy effect:
 mean per-class accuracy of a logistic-regression head on fp32 vs reduced-precision features.
 
@@ -199,11 +199,11 @@ def main(argv=None) -> int:
     results = {name: run_phase(name, args, manifest) for name in ("naive", "engine", "forward")}
     print(f"{args.backbone}, {results['naive']['images']} Caltech images, batch {args.batch_size}, "
           f"{args.num_workers} workers")
-    print(f"{'':8} {'img/s':>8} {'seconds':>8} {'precision':>9} {'layout':>13} {'peak RSS MB':>11} {'workers MB':>10}")
+    print(f"{'':8} {'img/s':>8} {'seconds':>8} {'precision':>9} {'layout':>13} {'peak RSS MB':>11} {'max child MB':>12}")
     for name, r in results.items():
         r["img_s"] = r["images"] / r["seconds"]
         print(f"{name:8} {r['img_s']:8.1f} {r['seconds']:8.1f} {r['precision']:>9} {r['layout']:>13} "
-              f"{r['peak_rss_mb']:11.0f} {r['workers_peak_rss_mb']:10.0f}")
+              f"{r['peak_rss_mb']:11.0f} {r['workers_peak_rss_mb']:12.0f}")
     figures = {
         "naive_img_s": results["naive"]["img_s"], "engine_img_s": results["engine"]["img_s"],
         "forward_img_s": results["forward"]["img_s"],

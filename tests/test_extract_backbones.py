@@ -111,3 +111,16 @@ def test_missing_user_file_names_it(tmp_path):
 def test_unknown_backbone_lists_what_is_allowed():
     with pytest.raises(ValueError, match="unknown backbone 'resnet51'.*efficientnet_lite0"):
         backbone_spec("resnet51")
+
+
+def test_timm_models_by_name_with_a_local_weights_file(tmp_path):
+    random = load_backbone("timm:resnet18", pretrained=False)
+    assert random.feature_dim == 512 and random.spec["library"] == "timm"
+    full = build_classifier("timm:resnet18", resolve_weights("timm:resnet18", pretrained=False))
+    path = tmp_path / "resnet18.pth"
+    torch.save(full.state_dict(), path)
+    loaded = load_backbone("timm:resnet18", weights_file=str(path))
+    assert loaded.spec["weights"] == "file:resnet18.pth"
+    assert torch.equal(loaded.model.conv1.weight, full.conv1.weight)
+    with torch.inference_mode():
+        assert loaded.model(torch.randn(2, 3, 224, 224)).shape == (2, 512)
