@@ -19,8 +19,8 @@ from pathlib import Path
 
 from study.config import DEFAULT_CONFIG, REPO_ROOT, STAGES, dump_config, load_config
 from study.context import StudyContext, resolve_device
+from study.errors import StudyError
 from study.provenance import end_provenance, start_provenance, utc_now
-from study.schema import ConfigError
 
 STAGE_MODULES = {"dataset": "dataset.stage", "extract": "extract.stage", "classify": "classify.stage",
                  "finetune": "finetune.stage", "report": "reports.stage"}
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve(args)
         device = resolve_device(config["device"])
-    except (ConfigError, ValueError) as exc:
+    except (StudyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(STAGE_MODULES[stage]).run(ctx)
             log.info("stage %s done in %.1fs", stage, time.perf_counter() - t0)
         status = "ok"
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         status = "interrupted"
         print(f"\ninterrupted; rerun the same command to resume (completed work is cached under {out})",

@@ -12,10 +12,11 @@ import zipfile
 from pathlib import Path
 
 from study.atomic import atomic_path
+from study.errors import StudyError
 from study.hashing import file_sha256
 
 
-class DownloadError(RuntimeError):
+class DownloadError(StudyError, RuntimeError):
     """A download, checksum or extraction that failed; the message says what to do instead."""
 
 

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.download import DownloadError, download_archive, extract_archive, extract_nested
+from study.errors import StudyError
 
 log = logging.getLogger(__name__)
 CALTECH_BACKGROUND = "BACKGROUND_Google"
 
 
-class SourceMissing(FileNotFoundError):
+class SourceMissing(StudyError, FileNotFoundError):
     """A source folder that is absent and could not be downloaded; the message says what to create."""
 
 

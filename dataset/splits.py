@@ -13,8 +13,10 @@ import hashlib
 
 import numpy as np
 
+from study.errors import StudyError
 
-class TooFewImages(ValueError):
+
+class TooFewImages(StudyError, ValueError):
     """A class that cannot fill the protocol's splits (raised when ``too_few = "error"``)."""
 
 

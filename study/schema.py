@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from study.errors import StudyError
 
-class ConfigError(ValueError):
+
+class ConfigError(StudyError, ValueError):
     """A config key or value that the study cannot accept."""
 
 

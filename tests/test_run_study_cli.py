@@ -28,3 +28,12 @@ def test_shipped_configs_are_valid():
     for path in sorted((REPO_ROOT / "configs").glob("*.toml")):
         cfg = load_config(path)
         assert cfg["name"] == tomllib.loads(path.read_text()).get("name", "study"), path
+
+
+def test_a_missing_source_folder_is_a_message_not_a_traceback(tmp_path, capsys):
+    rc = run_study.main(["--config", "configs/quick.toml", "--data-root", str(tmp_path / "nowhere"),
+                         "--out", str(tmp_path / "out"), "--stages", "dataset"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "caltech101" in err
