@@ -18,12 +18,14 @@ val picked) and ``lr_sweep_s`` (its full sweep + refit wall time).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 
 def parse_args() -> argparse.Namespace:
