@@ -154,6 +154,9 @@ def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, test
         "n_train": int(len(np.unique(data.train.sample_id))), "n_val": int(len(data.val)), "n_test": int(len(data.test)),
         "n_fit_rows": int(len(data.train) + len(data.val_fit)), "class_names": context["class_names"],
         "trainable_params": count_parameters(model), "total_params": None,
+        # The one-off cost of the features the head stands on (all splits and views), so the report
+        # compares heads and fine-tuning on total cost, not on the sweep alone.
+        "feature_s": fs.extract_s,
     }
 
 

@@ -43,6 +43,7 @@ class FeatureSet:
     key: str
     path: Path
     split: np.ndarray | None = None  # (N,) str, from the manifest
+    extract_s: float | None = None  # wall seconds the extraction took (all rows, all views)
 
 
 def library_versions() -> dict:
@@ -101,7 +102,7 @@ def _normalised(spec: dict) -> dict:
 
 def write_cache(path: Path, *, spec: dict, n_rows: int, feature_dim: int, labels: np.ndarray,
                 sample_id: np.ndarray, view: np.ndarray, split: np.ndarray,
-                feature_blocks) -> None:
+                feature_blocks, extract_s: float | None = None) -> None:
     """Write a complete cache at ``path`` (callers pass a temporary path and ``os.replace`` it).
 
     ``feature_blocks`` yields (start_row, float32 array) blocks covering all rows, so memory
@@ -127,6 +128,8 @@ def write_cache(path: Path, *, spec: dict, n_rows: int, feature_dim: int, labels
         text = canonical_json(spec)
         f.attrs.update({"spec_json": text, "key": spec_hash(spec), "n_rows": n_rows,
                         "feature_dim": feature_dim, "complete": True})
+        if extract_s is not None:  # cost, not identity: kept out of the spec and the key
+            f.attrs["extract_s"] = float(extract_s)
 
 
 def read_spec(path: str | Path) -> dict:
@@ -226,6 +229,7 @@ def load_features(path: str | Path, *, expected_spec: dict | None = None) -> Fea
             key=str(f.attrs["key"]),
             path=path,
             split=f["split"].asstr()[:].astype(str) if "split" in f else None,
+            extract_s=float(f.attrs["extract_s"]) if "extract_s" in f.attrs else None,
         )
 
 

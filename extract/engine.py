@@ -21,6 +21,7 @@ a resumed run reuses part files only when they were made with the same batch siz
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -303,9 +304,27 @@ def _run_batches(job: Extraction, *, parts: Path, bounds, data_root, device: str
         for images, rows in loader:
             _save_part(parts, int(rows[0]), runner(images))
             bar.update(len(rows))
-    log.info("extracted %d rows of %s in %.1fs (rank %d)", n_todo, bb.name, time.perf_counter() - t0,
-             distributed.rank())
+    elapsed = time.perf_counter() - t0
+    _add_elapsed(parts, elapsed)
+    log.info("extracted %d rows of %s in %.1fs (rank %d)", n_todo, bb.name, elapsed, distributed.rank())
     return bb.feature_dim
+
+
+def _elapsed_path(parts: Path, rank: int) -> Path:
+    return parts / f"elapsed.rank{rank}.json"
+
+
+def _add_elapsed(parts: Path, seconds: float) -> None:
+    """Accumulate this rank's extraction wall time across resumed runs (the cost the report shows)."""
+    path = _elapsed_path(parts, distributed.rank())
+    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    write_text_atomic(path, json.dumps({"seconds": total + seconds}))
+
+
+def _extract_seconds(parts: Path) -> float | None:
+    """Wall time of the extraction: the slowest rank's total (ranks run in parallel)."""
+    totals = [json.loads(p.read_text())["seconds"] for p in parts.glob("elapsed.rank*.json")]
+    return max(totals) if totals else None
 
 
 def _agree_on_dim(feature_dim: int | None) -> int | None:
@@ -329,7 +348,7 @@ def _merge(job: Extraction, *, parts: Path, bounds, feature_dim: int | None) -> 
     with atomic_path(job.path) as tmp:
         write_cache(tmp, spec=job.spec, n_rows=len(job.plan), feature_dim=feature_dim, labels=job.plan.label,
                     sample_id=job.plan.sample_id, view=job.plan.view, split=job.plan.split,
-                    feature_blocks=_part_blocks(parts, bounds, feature_dim))
+                    feature_blocks=_part_blocks(parts, bounds, feature_dim), extract_s=_extract_seconds(parts))
     try:
         _validate(job)
     except CacheMismatch:

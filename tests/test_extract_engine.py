@@ -95,6 +95,7 @@ def test_tiny_features_are_finite_rows_x_1280_in_manifest_order(tiny_cache, tiny
     clean = dict(zip(fs.sample_id[fs.view == 0], fs.features[fs.view == 0]))
     augmented = fs.features[fs.view == 1]
     assert not any(np.array_equal(clean[s], a) for s, a in zip(fs.sample_id[fs.view == 1], augmented))
+    assert fs.extract_s is not None and fs.extract_s > 0  # the cost the report charges to the heads
 
 
 def test_rerun_is_a_cache_hit_that_never_loads_the_model(tiny_cache, tiny_manifest, data_root, monkeypatch):
