@@ -17,11 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from study import distributed
 from study.config import DEFAULT_CONFIG, REPO_ROOT, STAGES, dump_config, load_config
 from study.context import StudyContext, resolve_device
 from study.errors import StudyError
 from study.provenance import end_provenance, start_provenance, utc_now
 
+# Under torchrun these run on rank 0 while the other ranks wait; extract and finetune shard across ranks.
+MAIN_RANK_STAGES = {"dataset", "classify", "report"}
 STAGE_MODULES = {"dataset": "dataset.stage", "extract": "extract.stage", "classify": "classify.stage",
                  "finetune": "finetune.stage", "report": "reports.stage"}
 log = logging.getLogger("study")
@@ -76,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
-    run_dir = make_run_dir(out, config["name"])
-    (run_dir / "config.resolved.toml").write_text(dump_config(config))
-    prov = start_provenance(run_dir=run_dir, repo=REPO_ROOT, argv=[sys.argv[0], *argv], device=device)
+    distributed.init_from_env()
+    run_dir = make_run_dir(out, config["name"]) if distributed.is_main() else None
+    run_dir = distributed.broadcast_object(run_dir)  # one run folder, however many ranks
+    if distributed.is_main():
+        (run_dir / "config.resolved.toml").write_text(dump_config(config))
+    prov = start_provenance(run_dir=run_dir, repo=REPO_ROOT, argv=[sys.argv[0], *argv], device=device,
+                            write=distributed.is_main())
     log.info("run %s: git %s%s, device %s, stages %s", run_dir.name, prov["git"]["sha"],
              " (dirty)" if prov["git"]["dirty"] else "", device, ",".join(config["stages"]))
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out, run_dir=run_dir, device=device,
@@ -87,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stage in config["stages"]:
             t0 = time.perf_counter()
-            log.info("stage %s ...", stage)
-            importlib.import_module(STAGE_MODULES[stage]).run(ctx)
-            log.info("stage %s done in %.1fs", stage, time.perf_counter() - t0)
+            if distributed.is_main() or stage not in MAIN_RANK_STAGES:
+                log.info("stage %s ...", stage)
+                importlib.import_module(STAGE_MODULES[stage]).run(ctx)
+                log.info("stage %s done in %.1fs", stage, time.perf_counter() - t0)
+            distributed.barrier()
         status = "ok"
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -100,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        end_provenance(run_dir=run_dir, prov=prov, status=status)
+        if distributed.is_main():
+            end_provenance(run_dir=run_dir, prov=prov, status=status)
+    if not distributed.is_main():
+        return 0
     report = run_dir / "report.md"
     print(f"run folder: {run_dir}")
     if report.is_file():

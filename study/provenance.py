@@ -37,7 +37,7 @@ def package_versions(names=PACKAGES) -> dict:
     return out
 
 
-def start_provenance(*, run_dir: Path, repo: Path, argv: list[str], device: str) -> dict:
+def start_provenance(*, run_dir: Path, repo: Path, argv: list[str], device: str, write: bool = True) -> dict:
     prov = {
         "git": git_state(repo),
         "argv": list(argv),
@@ -48,7 +48,8 @@ def start_provenance(*, run_dir: Path, repo: Path, argv: list[str], device: str)
         "started": utc_now(),
         "ended": None,
     }
-    write_text_atomic(run_dir / "provenance.json", json.dumps(prov, indent=2))
+    if write:
+        write_text_atomic(run_dir / "provenance.json", json.dumps(prov, indent=2))
     return prov
 
 
