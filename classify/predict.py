@@ -19,6 +19,7 @@ from classify.heads import probabilities
 from classify.store import load_head
 from dataset.images import ImageLoadError, load_rgb
 from dataset.transforms import eval_transform
+from study.hashing import spec_differences
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -36,21 +37,9 @@ class Prediction:
     calibrated: bool
 
 
-def spec_differences(expected: dict, actual: dict, *, prefix: str = "") -> list[str]:
-    """Dotted names of the fields where two specs differ (nested dicts compared field by field)."""
-    diffs = []
-    for key in sorted(set(expected) | set(actual)):
-        name = f"{prefix}{key}"
-        a, b = expected.get(key, "<absent>"), actual.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += spec_differences(a, b, prefix=f"{name}.")
-        elif a != b:
-            diffs.append(f"{name}: head has {a!r}, backbone has {b!r}")
-    return diffs
-
-
 def check_backbone(meta: dict, backbone, *, head_dir: Path) -> None:
-    diffs = spec_differences(meta["backbone_spec"], _json_roundtrip(backbone.spec))
+    diffs = spec_differences(meta["backbone_spec"], _json_roundtrip(backbone.spec),
+                             labels=("head has", "backbone has"))
     if diffs:
         raise HeadMismatch(f"head {head_dir} was trained on features of {meta['backbone']!r}, and the backbone "
                            f"{backbone.name!r} loaded here differs in: " + "; ".join(diffs)

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from study.hashing import canonical_json, spec_hash
+from study.hashing import spec_differences as _spec_differences
 
 FORMAT_VERSION = 1
 READ_CHUNK_ROWS = 8192  # bounds memory of the finiteness scan on huge caches
@@ -82,17 +83,8 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / f"{key}.h5"
 
 
-def spec_differences(expected: dict, actual: dict, *, prefix: str = "") -> list[str]:
-    """One line per differing field, dotted, nested dicts compared field by field."""
-    diffs = []
-    for name in sorted(set(expected) | set(actual)):
-        dotted = f"{prefix}{name}"
-        a, b = expected.get(name, "<absent>"), actual.get(name, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += spec_differences(a, b, prefix=f"{dotted}.")
-        elif a != b:
-            diffs.append(f"{dotted}: expected {a!r}, cache has {b!r}")
-    return diffs
+def spec_differences(expected: dict, actual: dict) -> list[str]:
+    return _spec_differences(expected, actual, labels=("expected", "cache has"))
 
 
 def _normalised(spec: dict) -> dict:

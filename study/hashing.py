@@ -30,3 +30,18 @@ def file_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def spec_differences(expected: dict, actual: dict, *, labels: tuple[str, str] = ("expected", "found"),
+                     prefix: str = "") -> list[str]:
+    """One line per differing field, dotted (nested dicts compared field by field), e.g.
+    ``data_config.crop_size: expected 224, cache has 240`` with ``labels=("expected", "cache has")``."""
+    diffs = []
+    for name in sorted(set(expected) | set(actual)):
+        dotted = f"{prefix}{name}"
+        a, b = expected.get(name, "<absent>"), actual.get(name, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += spec_differences(a, b, labels=labels, prefix=f"{dotted}.")
+        elif a != b:
+            diffs.append(f"{dotted}: {labels[0]} {a!r}, {labels[1]} {b!r}")
+    return diffs
