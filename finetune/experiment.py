@@ -16,10 +16,11 @@ import torch
 from classify.metrics import evaluate
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from dataset.transforms import policy_spec
-from extract.cache import library_versions
+from extract.cache import library_versions, load_features
+from extract.engine import resolve_precision
 from finetune.data import split_rows
 from finetune.model import build_split_net, count_params
-from finetune.prefix_cache import build_prefix_cache, load_prefix_cache, prefix_spec
+from finetune.prefix_cache import build_prefix_cache, load_prefix_cache, prefix_from_features, prefix_spec
 from finetune.train import CachedSource, ImageSource, Trainer, autocast_dtype
 from study import distributed
 from study.atomic import write_text_atomic
@@ -44,7 +45,7 @@ def run_spec(*, backbone_spec: dict, policy: str, hp: dict, seed: int, mhash: st
     }
 
 
-def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir, device, rebuild):
+def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir, device, rebuild, features_path=None):
     """(train, val, test) sources and the prefix cache (None on the naive path)."""
     if not hp["use_cache"]:
         def images(split):
@@ -53,6 +54,11 @@ def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir,
         return images("train"), images("val"), images("test"), None
     spec = prefix_spec(net=net, backbone_spec=backbone.spec, augment=hp["augment"], views=hp["views"], seed=seed,
                        manifest_hash=mhash, precision=hp["precision"])
+    reused = _from_features(features_path, spec=spec, manifest=manifest, hp=hp, device=device)
+    if reused is not None:
+        log.info("finetune %s: the frozen prefix is the cached feature extractor: reusing %s", backbone.name,
+                 features_path)
+        return (*_cached_sources(reused), reused)
     if distributed.is_main():
         path = build_prefix_cache(net=net, spec=spec, manifest=manifest, data_root=data_root, cache_dir=prefix_dir,
                                   data_config=backbone.data_config, device=device, batch_size=64,
@@ -61,14 +67,28 @@ def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir,
     distributed.barrier()
     path = Path(prefix_dir) / f"{spec_hash(spec)}.h5"
     cache = load_prefix_cache(path, expected_spec=spec, manifest=manifest)
-    s = cache.splits
-    return (CachedSource(s["train"].acts, s["train"].labels), CachedSource(s["val"].acts, s["val"].labels),
-            CachedSource(s["test"].acts, s["test"].labels), cache)
+    return (*_cached_sources(cache), cache)
+
+
+def _cached_sources(cache) -> tuple:
+    return tuple(CachedSource(cache.splits[s].acts, cache.splits[s].labels) for s in ("train", "val", "test"))
+
+
+def _from_features(features_path, *, spec, manifest, hp, device):
+    if features_path is None or not spec["pooled"] or not Path(features_path).is_file():
+        return None
+    return prefix_from_features(load_features(features_path), spec=spec, manifest=manifest,
+                                precision=resolve_precision(hp["precision"], device))
 
 
 def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
-                 finetune_dir: Path, prefix_dir: Path, rebuild: bool = False, on_epoch_end=None) -> list[dict]:
-    """Fine-tune ``backbone`` (extract.backbones.Backbone) with ``policy``; return its results rows (rank 0)."""
+                 finetune_dir: Path, prefix_dir: Path, rebuild: bool = False, on_epoch_end=None,
+                 features_path: Path | None = None) -> list[dict]:
+    """Fine-tune ``backbone`` (extract.backbones.Backbone) with ``policy``; return its results rows (rank 0).
+
+    ``features_path``: the extract stage's cache for this backbone; the ``head`` policy trains on it
+    directly when it holds the same images (see prefix_cache.prefix_from_features).
+    """
     manifest = read_manifest(manifest_path)
     mhash, names = manifest_hash(manifest), class_names(manifest)
     net = build_split_net(backbone, policy=policy, n_classes=len(names), dropout=hp["dropout"],
@@ -85,7 +105,8 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
     write_text_atomic(run_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
     train, val, test, cache = _sources(net=net, backbone=backbone, manifest=manifest, mhash=mhash,
                                        hp={**hp, "use_cache": use_cache}, seed=seed, data_root=Path(data_root),
-                                       prefix_dir=prefix_dir, device=device, rebuild=rebuild)
+                                       prefix_dir=prefix_dir, device=device, rebuild=rebuild,
+                                       features_path=features_path)
     trainer = Trainer(net=net, hp={**hp, "name": f"{backbone.name} {policy}"}, seed=seed, device=device,
                       ckpt_dir=run_dir, run_key=key)
     fit = trainer.fit(train, val, on_epoch_end=on_epoch_end)

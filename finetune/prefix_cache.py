@@ -186,3 +186,29 @@ def _read_split(f: h5py.File, split: str, path: Path, manifest: pd.DataFrame) ->
         raise PrefixCacheError(f"{path}: {split} activations have shape {tuple(acts.shape)} for {len(rows)} rows "
                                "or non-finite values; rebuild with --rebuild-cache")
     return PrefixSplit(acts=acts, labels=torch.from_numpy(f[f"{split}/labels"][:]), sample_id=ids)
+
+
+def prefix_from_features(fs, *, spec: dict, manifest: pd.DataFrame, precision: str) -> PrefixCache | None:
+    """The ``head`` policy's prefix output *is* the pooled feature the extract stage cached: reuse it.
+
+    Reused only when the feature cache was made from the same images the prefix cache would hold —
+    same backbone spec, augmentation policy, seed, manifest, resolved ``precision``, and at least as
+    many views — so the activations are the ones a prefix pass would compute. Otherwise None.
+    """
+    f, want = fs.spec, json.loads(canonical_json(spec))
+    same = (spec["pooled"] and f.get("backbone") == want["backbone"] and f.get("policy") == want["augment"]
+            and f.get("seed") == want["seed"] and f.get("manifest_hash") == want["manifest_hash"]
+            and f.get("precision") == precision and f.get("views", -1) >= want["views"])
+    if not same:
+        return None
+    row_of = {(s, int(v)): i for i, (s, v) in enumerate(zip(fs.sample_id, fs.view))}
+    splits = {}
+    for split in SPLITS:
+        ids = split_rows(manifest, split)["sample_id"].tolist()
+        views = range(want["views"] + 1) if split == "train" else [0]
+        idx = np.array([[row_of[(s, v)] for v in views] for s in ids], dtype=np.int64).reshape(len(ids), len(views))
+        acts = torch.from_numpy(fs.features[idx].astype(np.float16))  # the prefix cache's storage dtype
+        labels = torch.from_numpy(fs.labels[idx[:, 0]] if len(ids) else np.zeros(0, np.int64))
+        splits[split] = PrefixSplit(acts=acts, labels=labels, sample_id=ids)
+    # The features' extraction is this run's prefix cost, as a built prefix cache's would be.
+    return PrefixCache(splits=splits, spec=want, key=fs.key, path=fs.path, build_s=fs.extract_s or 0.0)

@@ -5,7 +5,9 @@ cached in ``ctx.finetune_dir/<run key>/`` and their rows re-appended on a rerun.
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from extract.backbones import WeightsUnavailable, load_backbone
 from finetune.experiment import run_finetune
@@ -21,6 +23,7 @@ def run(ctx) -> None:
     device = distributed.device_for_rank(ctx.device)
     hp = ctx.config["finetune"]
     weights = ctx.config["extract"].get("weights", {})
+    features = _features_paths(ctx.run_dir)
     for name in ctx.config["extract"]["backbones"]:
         try:
             backbone = load_backbone(name, weights_file=weights.get(name))
@@ -34,7 +37,7 @@ def run(ctx) -> None:
                 rows = run_finetune(backbone=backbone, policy=policy, manifest_path=ctx.manifest_path,
                                     data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=device,
                                     finetune_dir=ctx.finetune_dir, prefix_dir=ctx.prefix_dir,
-                                    rebuild=ctx.rebuild_cache)
+                                    rebuild=ctx.rebuild_cache, features_path=features.get(name))
             except PolicyNotApplicable as exc:
                 if distributed.is_main():
                     append_skip(ctx.run_dir, stage="finetune", what=f"{name} {policy}", reason=str(exc),
@@ -43,3 +46,11 @@ def run(ctx) -> None:
                 continue
             if rows:
                 append_rows(ctx.results_path, rows)
+
+
+def _features_paths(run_dir: Path) -> dict[str, Path]:
+    """backbone -> feature cache, when this run's extract stage wrote them (the head policy can reuse them)."""
+    path = Path(run_dir) / "features.json"
+    if not path.is_file():
+        return {}
+    return {e["backbone"]: Path(e["path"]) for e in json.loads(path.read_text())}

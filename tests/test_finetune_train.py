@@ -152,3 +152,30 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     assert row == runs["head"][0]
     (skip,) = read_skips(ctx.run_dir)
     assert skip["what"] == "resnet18" and "/nowhere/r18.pth" in skip["fix"]
+
+
+def test_head_policy_reuses_the_feature_cache_as_its_prefix(runs, lite0, hp, dirs, tiny_manifest, data_root,
+                                                            tmp_path):
+    from dataset.manifest import manifest_hash
+    from extract.cache import load_features
+    from extract.engine import extract_features
+    from finetune.prefix_cache import prefix_from_features
+
+    manifest = read_manifest(tiny_manifest)
+    net = build_split_net(lite0, policy="head", n_classes=4)
+    spec = prefix_spec(net=net, backbone_spec=lite0.spec, augment=hp["augment"], views=hp["views"], seed=0,
+                       manifest_hash=manifest_hash(manifest), precision=hp["precision"])
+    built = load_prefix_cache(dirs["prefix_dir"] / f"{spec_hash(spec)}.h5", expected_spec=spec, manifest=manifest)
+    fs = load_features(extract_features(manifest_path=tiny_manifest, backbone="efficientnet_lite0",
+                                        cache_dir=tmp_path, views=hp["views"], policy=hp["augment"], seed=0,
+                                        data_root=data_root, num_workers=0, progress=False))
+    reused = prefix_from_features(fs, spec=spec, manifest=manifest, precision="fp32")
+    assert reused is not None and reused.build_s == fs.extract_s
+    for split in ("train", "val", "test"):
+        a, b = built.splits[split], reused.splits[split]
+        assert a.sample_id == b.sample_id and a.acts.shape == b.acts.shape and torch.equal(a.labels, b.labels)
+        torch.testing.assert_close(b.acts.float(), a.acts.float(), atol=2e-2, rtol=1e-2)  # float16 storage
+    # Other images (another augmentation seed, or more views than were extracted) are never reused.
+    assert prefix_from_features(fs, spec={**spec, "seed": 1}, manifest=manifest, precision="fp32") is None
+    assert prefix_from_features(fs, spec={**spec, "views": hp["views"] + 1}, manifest=manifest,
+                                precision="fp32") is None
