@@ -89,7 +89,8 @@ def section_headline(inp: ReportInputs) -> list[str]:
     return [f"**Best overall:** `{best.backbone}` with `{best.method} ({best.feature_set})` — "
             f"{pct(best.mean_per_class)}% test mean per-class accuracy "
             f"(95% CI {pct(best.mean_per_class_lo)}–{pct(best.mean_per_class_hi)}), "
-            f"{seconds(_cost(best))} s to train (row {int(best.row)}). Per-backbone verdicts are under Findings.", ""]
+            f"{seconds(_cost(best))} s to train including its features (row {int(best.row)}). "
+            "Per-backbone verdicts are under Findings.", ""]
 
 
 def section_answer(inp: ReportInputs) -> list[str]:
@@ -111,7 +112,7 @@ def section_answer(inp: ReportInputs) -> list[str]:
                 f"{pct(winner.mean_per_class)} vs best {_kind_name(loser.kind)} `{loser.method} ({loser.feature_set})` "
                 f"{pct(loser.mean_per_class)} mean per-class accuracy "
                 f"({100 * (winner.mean_per_class - loser.mean_per_class):+.1f} pts; McNemar p = {test.p_value:.3g}, "
-                f"{verdict}); training cost {seconds(_cost(winner))} s vs {seconds(_cost(loser))} s."
+                f"{verdict}); training cost incl. features {seconds(_cost(winner))} s vs {seconds(_cost(loser))} s."
             )
         else:
             only = h if h is not None else f
@@ -166,7 +167,8 @@ def section_dataset(inp: ReportInputs) -> list[str]:
 def section_protocol(inp: ReportInputs) -> list[str]:
     cfg, s = inp.config, inp.summary or {}
     split = cfg.get("data", {}).get("split", {})
-    seeds = sorted(set(inp.results["seed"].tolist())) if not inp.results.empty else []
+    few = inp.results[inp.results.kind == "fewshot"] if not inp.results.empty else inp.results
+    seeds = sorted(set(few["seed"].tolist())) if not few.empty else []
     return [
         "## Protocol", "",
         f"- Splits are made once by the dataset stage (seed {cfg.get('seed')}), stored in the manifest, and shared by "
@@ -181,7 +183,8 @@ def section_protocol(inp: ReportInputs) -> list[str]:
         "- Cost: training wall seconds (heads: hyperparameter sweep + refit on cached features; fine-tuning: "
         "all epochs incl. prefix-cache build) and inference wall seconds on the test set, on the run's device "
         f"(`{inp.provenance.get('device', '?')}`).",
-        f"- Seeds in this run: {', '.join(map(str, seeds)) or '–'}.",
+        f"- Seed {cfg.get('seed')} for the split, the heads and fine-tuning; few-shot draws use seeds "
+        f"{', '.join(map(str, seeds)) or '–'}.",
         "",
     ]
 
@@ -196,11 +199,17 @@ def section_comparison(inp: ReportInputs) -> list[str]:
     main = main_results(inp.results).sort_values(["backbone", "kind", "mean_per_class"], ascending=[True, True, False])
     body = [[str(r.row), r.backbone, r.method, r.feature_set, str(r.seed),
              pct_ci(r.top1, r.top1_lo, r.top1_hi), pct_ci(r.mean_per_class, r.mean_per_class_lo, r.mean_per_class_hi),
-             pct(r.macro_f1), seconds(r.train_s), seconds(r.predict_s), count(r.trainable_params)]
+             pct(r.macro_f1), seconds(r.train_s), seconds(r.feature_s), seconds(r.predict_s),
+             count(r.trainable_params)]
             for r in main.itertuples()]
     header = ["row", "backbone", "method", "features / aug", "seed", "top-1 % [95% CI]",
-              "mean per-class % [95% CI]", "macro-F1 %", "train s", "inference s", "trainable params"]
-    out = ["## Comparison", "", "`row` is the line of `results.jsonl` (0-based) that each figure comes from.", ""]
+              "mean per-class % [95% CI]", "macro-F1 %", "train s", "feature extraction s", "inference s",
+              "trainable params"]
+    out = ["## Comparison", "",
+           "`row` is the line of `results.jsonl` (0-based) that each figure comes from. For heads, *train s* is the "
+           "hyperparameter sweep + refit and *feature extraction s* the one-off cost of the cached features they "
+           "share (all splits and views); for fine-tuning, *train s* already includes building its frozen-prefix "
+           "cache (or, for `ft:head`, the feature cache it reuses).", ""]
     out += md_table(header, body)
     for key, caption in (("accuracy_by_method", "Accuracy by method"), ("accuracy_vs_cost", "Accuracy against cost")):
         if key in inp.figures:

@@ -43,6 +43,8 @@ def assert_comparison_traces(run_dir: Path) -> int:
         assert cell["top-1 % [95% CI]"] == f"{pct(m['top1'])} [{pct(lo)}, {pct(hi)}]"
         assert cell["macro-F1 %"] == pct(m["macro_f1"])
         assert cell["train s"] == f"{r['train_s']:.1f}"
+        feature_s = r.get("feature_s")
+        assert cell["feature extraction s"] == ("–" if feature_s is None else f"{feature_s:.1f}")
         assert cell["inference s"] == f"{r['predict_s']:.1f}"
     traced = {int(c["row"]) for c in table}
     expected = {i for i, r in enumerate(rows) if r["kind"] in ("head", "finetune")}
