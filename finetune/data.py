@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataset.images import load_rgb
-from dataset.transforms import augment_transform, apply_view, eval_transform
+from dataset.transforms import apply_view, augment_transform, eval_transform
 
 
 class ManifestViews(Dataset):

@@ -111,7 +111,8 @@ def section_answer(inp: ReportInputs) -> list[str]:
                 f"- **{backbone}**: best {_kind_name(winner.kind)} `{winner.method} ({winner.feature_set})` "
                 f"{pct(winner.mean_per_class)} vs best {_kind_name(loser.kind)} `{loser.method} ({loser.feature_set})` "
                 f"{pct(loser.mean_per_class)} mean per-class accuracy "
-                f"({100 * (winner.mean_per_class - loser.mean_per_class):+.1f} pts; McNemar p = {test.p_value:.3g}, "
+                f"({100 * (winner.mean_per_class - loser.mean_per_class):+.1f} pts; McNemar test on paired top-1 "
+                f"correctness p = {test.p_value:.3g}, "
                 f"{verdict}); training cost incl. features {seconds(_cost(winner))} s vs {seconds(_cost(loser))} s."
             )
         else:
