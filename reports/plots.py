@@ -57,7 +57,8 @@ def accuracy_vs_cost(main: pd.DataFrame, path: Path) -> Path:
             best = r.mean_per_class
     if front:
         ax.step(*zip(*front), where="post", color="grey", linestyle="--", label="Pareto front")
-    ax.set_xscale("log")
+    if df["cost"].max() > 10 * max(df["cost"].min(), 1e-9):  # log only when costs span orders of magnitude
+        ax.set_xscale("log")
     ax.set_xlabel("training cost, wall seconds (heads: sweep + refit + feature extraction when recorded)")
     ax.set_ylabel("test mean per-class accuracy")
     ax.legend()
