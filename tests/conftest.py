@@ -11,6 +11,9 @@ from dataset.images import probe
 from dataset.manifest import write_manifest
 from study.hashing import file_sha256
 
+# Tests never touch the network: weight resolution must not even probe for a download.
+os.environ.setdefault("STUDY_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("STUDY_DATA_ROOT", REPO.parent / "shared" / "datasets")).resolve()
 CALTECH = DATA_ROOT / "caltech101" / "101_ObjectCategories"
