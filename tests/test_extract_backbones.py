@@ -84,12 +84,18 @@ def test_missing_torchvision_weights_say_where_to_put_them(tmp_path, monkeypatch
     assert str(expected) in err.value.fix and "download.pytorch.org/models/resnet50-11ad3fa6.pth" in err.value.fix
 
 
+def _saved_random_classifier(name: str, path):
+    """A randomly initialised full classifier of ``name``, saved as a weights file at ``path``."""
+    model = build_classifier(name, resolve_weights(name, pretrained=False))
+    torch.save(model.state_dict(), path)
+    return model
+
+
 def test_torchvision_weights_resolve_from_user_file_then_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(backbones.OFFLINE_ENV, "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    reference = build_classifier("resnet18", resolve_weights("resnet18", pretrained=False))
     user_file = tmp_path / "my_resnet18.pth"
-    torch.save(reference.state_dict(), user_file)
+    reference = _saved_random_classifier("resnet18", user_file)
     bb = load_backbone("resnet18", weights_file=str(user_file))
     assert bb.spec["weights"] == "file:my_resnet18.pth"
     assert torch.equal(bb.model.conv1.weight, reference.conv1.weight)
@@ -116,9 +122,8 @@ def test_unknown_backbone_lists_what_is_allowed():
 def test_timm_models_by_name_with_a_local_weights_file(tmp_path):
     random = load_backbone("timm:resnet18", pretrained=False)
     assert random.feature_dim == 512 and random.spec["library"] == "timm"
-    full = build_classifier("timm:resnet18", resolve_weights("timm:resnet18", pretrained=False))
     path = tmp_path / "resnet18.pth"
-    torch.save(full.state_dict(), path)
+    full = _saved_random_classifier("timm:resnet18", path)
     loaded = load_backbone("timm:resnet18", weights_file=str(path))
     assert loaded.spec["weights"] == "file:resnet18.pth"
     assert torch.equal(loaded.model.conv1.weight, full.conv1.weight)
