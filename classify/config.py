@@ -1,9 +1,10 @@
 """Schema of the ``[classify]`` config section (see study/schema.py).
 
 Every head's hyperparameter grid is data here: each list is one axis, and the grid a head sweeps
-is their cartesian product (``classify.heads.head_grid``). ``norm`` is the feature normalisation
-fitted on training rows ("standard" = StandardScaler, "l2" = unit-length rows, "none"); ``pca`` is
-the number of PCA components (0 = no PCA). The defaults are the ones ``benchmarks/heads.py``
+is their cartesian product (``classify.heads.head_grid``). ``power`` is the signed power applied to
+every feature first (1 = unchanged, 0.5 = signed square root; see classify/heads.py). ``norm`` is
+the feature normalisation fitted on training rows ("standard" = StandardScaler, "l2" = unit-length
+rows, "none"); ``pca`` is the number of PCA components (0 = no PCA). The defaults are the ones ``benchmarks/heads.py``
 measured on EfficientNet-Lite0 features of Caltech 101 (see classify/heads.py).
 """
 from study.schema import Field, float_range, int_range, list_of, one_of
@@ -17,6 +18,7 @@ LR_C_GRID = [m * 10.0 ** e for e in range(-4, 1) for m in (1, 2, 5)] + [10.0]
 _C_LIST = list_of(float_range(1e-8, 1e8), min_len=1)
 _NORM_LIST = list_of(one_of(*NORMS), min_len=1)
 _PCA_LIST = list_of(int_range(0), min_len=1)
+_POWER_LIST = list_of(float_range(0.01, 1.0), min_len=1)
 
 SCHEMA = {
     "heads": Field(["lr", "svm", "knn"], list_of(one_of("lr", "svm", "knn"), min_len=1)),
@@ -27,6 +29,7 @@ SCHEMA = {
     "blas_threads": Field(1, int_range(0, 256)),
     "lr": {
         "C": Field(LR_C_GRID, _C_LIST, "inverse regularisation strengths, swept in ascending order with warm starts"),
+        "power": Field([0.5], _POWER_LIST, "signed power per feature, before norm (1 = unchanged)"),
         "norm": Field(["standard", "l2"], _NORM_LIST),
         "pca": Field([0], _PCA_LIST),
         "max_iter": Field(300, int_range(10)),
@@ -36,6 +39,7 @@ SCHEMA = {
     "svm": {
         "kernel": Field(["linear"], list_of(one_of("linear", "rbf"), min_len=1)),
         "C": Field([0.0001, 0.0003, 0.001, 0.003, 0.01, 0.1], _C_LIST),
+        "power": Field([0.5], _POWER_LIST, "signed power per feature, before norm (1 = unchanged)"),
         "norm": Field(["standard", "l2"], _NORM_LIST),
         "pca": Field([0], _PCA_LIST),
     },
@@ -43,6 +47,7 @@ SCHEMA = {
         "k": Field([1, 3, 5, 10, 20], list_of(int_range(1), min_len=1)),
         "metric": Field(["cosine", "euclidean"], list_of(one_of("cosine", "euclidean"), min_len=1)),
         "weights": Field(["uniform", "distance"], list_of(one_of("uniform", "distance"), min_len=1)),
+        "power": Field([0.5], _POWER_LIST, "signed power per feature, before norm (1 = unchanged)"),
         "norm": Field(["standard", "l2"], _NORM_LIST),
         "pca": Field([0], _PCA_LIST),
     },

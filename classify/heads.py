@@ -1,8 +1,14 @@
 """Head pipelines (scikit-learn) and their hyperparameter grids, built from the ``[classify]`` config.
 
-A head is ``Pipeline([("norm", ...), ("pca", ...), ("clf", ...)])``, so normalisation and PCA are
-fitted on the training rows only. A grid point is a flat dict: ``norm`` and ``pca`` (preprocessing)
-plus the classifier's own keys (``C``; ``kernel``; ``k``, ``metric``, ``weights``).
+A head is ``Pipeline([("power", ...), ("norm", ...), ("pca", ...), ("clf", ...)])``, so normalisation
+and PCA are fitted on the training rows only. A grid point is a flat dict: ``power``, ``norm`` and
+``pca`` (preprocessing) plus the classifier's own keys (``C``; ``kernel``; ``k``, ``metric``, ``weights``).
+
+``power`` is signed power normalisation, ``sign(x) * |x| ** power`` per coordinate (Perronnin et al.
+2010, "Improving the Fisher kernel"): pooled CNN features are sparse and heavy-tailed (Lite0 on
+Caltech: 45% zeros, a few coordinates up to 6), and a square root evens out the bursty ones before
+scaling. Measured on Lite0 features of Caltech 101 (benchmarks/heads.py), ``power=0.5`` raised the
+best val mean per-class accuracy of every LR setting (standard: 0.916 -> 0.920; l2: 0.912 -> 0.914).
 
 SVM choice, measured on Lite0 features of Caltech 101 (train/val of 65 classes: 1625 train, 325
 val rows; standardised; one BLAS thread; the 2-core box shared with other jobs), per fit:
@@ -35,11 +41,11 @@ from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
 METHODS = ("lr", "svm", "knn")
-PREP_KEYS = ("norm", "pca")
+PREP_KEYS = ("power", "norm", "pca")
 # The classifier parameter swept along a warm-started path (ascending), per method.
 PATH_KEY = {"lr": "C", "svm": "C", "knn": "k"}
-_GRID_KEYS = {"lr": ("norm", "pca", "C"), "svm": ("norm", "pca", "kernel", "C"),
-              "knn": ("norm", "pca", "k", "metric", "weights")}
+_GRID_KEYS = {"lr": ("power", "norm", "pca", "C"), "svm": ("power", "norm", "pca", "kernel", "C"),
+              "knn": ("power", "norm", "pca", "k", "metric", "weights")}
 
 
 def blas_threads(n: int):
@@ -62,7 +68,7 @@ def _sort_token(value) -> tuple:
 
 
 def prep_params(point: dict) -> dict:
-    return {k: point[k] for k in PREP_KEYS}
+    return {k: point[k] for k in PREP_KEYS if k in point}
 
 
 def clf_params(point: dict) -> dict:
@@ -85,10 +91,23 @@ def make_normaliser(norm: str):
     raise ValueError(f"norm {norm!r}; allowed: standard, l2, none")
 
 
+def signed_power(X: np.ndarray, power: float) -> np.ndarray:
+    return np.sign(X) * np.abs(X) ** np.asarray(power, dtype=X.dtype)
+
+
+def make_power(power: float):
+    if not 0.0 < power <= 1.0:
+        raise ValueError(f"power {power!r}; allowed: 0 < power <= 1 (1 = unchanged, 0.5 = signed square root)")
+    if power == 1.0:
+        return FunctionTransformer()
+    return FunctionTransformer(signed_power, kw_args={"power": float(power)})
+
+
 def make_preprocessor(point: dict, *, n_rows: int, seed: int) -> Pipeline:
-    """Normalisation then optional PCA; PCA is capped at the number of training rows (few-shot fits
-    have few), and scikit-learn itself refuses more components than features."""
-    steps = [("norm", make_normaliser(point["norm"]))]
+    """Signed power, normalisation, then optional PCA; PCA is capped at the number of training rows
+    (few-shot fits have few), and scikit-learn itself refuses more components than features.
+    A point without ``power`` (a head saved before that axis existed) means power 1."""
+    steps = [("power", make_power(point.get("power", 1.0))), ("norm", make_normaliser(point["norm"]))]
     if point["pca"]:
         steps.append(("pca", PCA(n_components=min(point["pca"], n_rows), random_state=seed)))
     return Pipeline(steps)
