@@ -2,7 +2,8 @@
 
 Loads the backbone named in the head's meta.json (or ``--backbone``), refuses it unless its spec
 equals the spec the head was trained on (the error names the differing fields), pre-processes
-each image with the backbone's eval transform, and prints one line per image: path, class,
+each image with the backbone's eval transform (and, when the head's features averaged each image with
+its mirror -- ``extract.tta = "hflip"`` -- does the same), and prints one line per image: path, class,
 probability (for an SVM head: a softmax of its decision values, marked as a score).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from classify.heads import probabilities
 from classify.store import load_head
 from dataset.images import ImageLoadError, load_rgb
-from dataset.transforms import eval_transform
+from dataset.transforms import MIRROR_VIEW, eval_transform, tta_views
 from study.hashing import spec_differences
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -80,6 +81,7 @@ def predict_images(head_dir: str | Path, paths: list[Path], *, backbone=None, de
     check_backbone(meta, backbone, head_dir=head_dir)
     transform = eval_transform(backbone.data_config)
     net = backbone.model.to(device).eval()
+    tta = tta_views(meta.get("features_spec", {}).get("tta", "none"))
     results, failed = [], []
     for start in range(0, len(paths), batch_size):
         batch, tensors = [], []
@@ -91,7 +93,11 @@ def predict_images(head_dir: str | Path, paths: list[Path], *, backbone=None, de
                 failed.append((path, exc.reason))
         if batch:
             with torch.inference_mode():
-                feats = net(torch.stack(tensors).to(device)).float().cpu().numpy()
+                x = torch.stack(tensors).to(device)
+                feats = net(x).float()
+                if MIRROR_VIEW in tta:  # the head was fitted on the mean of each image and its mirror
+                    feats = (feats + net(torch.flip(x, dims=[-1])).float()) / 2
+                feats = feats.cpu().numpy()
             results += _label(model, feats, batch, meta["class_names"])
     return results, failed
 

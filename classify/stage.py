@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from classify import selection
 from classify.features import head_data
 from classify.fewshot import fewshot_pool, fit_fewshot, max_k
 from classify.heads import blas_threads, count_parameters, head_grid
 from classify.metrics import evaluate
-from classify import selection
 from classify.selection import HeadData
 from classify.store import cached_rows, head_key, save_head, save_rows
 from dataset.manifest import class_names, manifest_hash, read_manifest
@@ -147,7 +147,7 @@ def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, test
                        n_boot=context["n_boot"], seed=context["seed"])
     return {
         "kind": kind, "backbone": context["backbone"], "method": method, "feature_set": feature_set,
-        "seed": context["seed"], "k_per_class": None, "metrics": metrics,
+        "seed": context["seed"], "k_per_class": None, "metrics": metrics, "tta": fs.spec.get("tta", "none"),
         "test_sample_id": data.test.sample_id.tolist(), "test_pred": test_pred.tolist(),
         "hyperparams": hyperparams, "selection": None, "train_s": train_s, "predict_s": predict_s,
         "cache_key": fs.key, "manifest_hash": context["manifest_hash"],

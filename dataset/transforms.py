@@ -17,8 +17,7 @@ import hashlib
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 POLICIES: dict[str, dict] = {
     "none": {},
@@ -108,3 +107,29 @@ def apply_view(transform, img: Image.Image, *, seed: int, sample_id: str, view: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(view_seed(seed=seed, sample_id=sample_id, view=view))
         return transform(img)
+
+
+# Test-time augmentation: extra deterministic views of *every* image (all splits), averaged at scoring.
+# View ids: 0 = clean; MIRROR_VIEW = the clean view mirrored left-right; 1..K = augmented training views.
+MIRROR_VIEW = -1
+TTA_VIEWS = {"none": (), "hflip": (MIRROR_VIEW,)}
+
+
+def tta_views(tta: str) -> tuple[int, ...]:
+    """The extra view ids of test-time augmentation ``tta``."""
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"test-time augmentation {tta!r}; allowed: {sorted(TTA_VIEWS)}")
+    return TTA_VIEWS[tta]
+
+
+def make_view(img: Image.Image, *, clean, augment, seed: int, sample_id: str, view: int) -> torch.Tensor:
+    """View ``view`` of ``img``: the clean eval tensor, its mirror, or augmented view ``view`` >= 1."""
+    if view == 0:
+        return clean(img)
+    if view == MIRROR_VIEW:
+        # The mirror of the clean tensor itself (not a re-crop of the mirrored image), so a centre
+        # crop with an odd margin cannot shift it by a pixel.
+        return torch.flip(clean(img), dims=[-1])
+    if view < 0:
+        raise ValueError(f"view {view}; allowed: 0, {MIRROR_VIEW} (mirror) or >= 1 (augmented)")
+    return apply_view(augment, img, seed=seed, sample_id=sample_id, view=view)

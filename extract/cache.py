@@ -5,14 +5,15 @@ Layout of ``<cache_dir>/<key>.h5`` (DESIGN.md)::
     features   (N, D) float32 or float16, chunked by rows
     labels     (N,)   int64
     sample_id  (N,)   utf-8 strings
-    view       (N,)   int16   0 = clean eval view, 1..K = augmented views
+    view       (N,)   int16   0 = clean eval view, -1 = its mirror (tta="hflip"), 1..K = augmented views
     split      (N,)   utf-8 strings (train / val / test, copied from the manifest)
     attrs      spec_json (canonical JSON), key (= sha256 of spec_json), complete, n_rows, feature_dim
 
-Row order is view-major: view 0 of every manifest row (manifest order), then view 1 of the
-non-test rows, ..., then view K. The key is the sha256 of the canonical JSON of everything that
-changes the numbers (``cache_spec``); reading re-derives it and checks completeness, shapes and
-finiteness, and a spec that differs from the expected one is an error naming every differing field.
+Row order is view-major: view 0 of every manifest row (manifest order), then the test-time view -1
+of every row (when ``tta`` is "hflip"), then view 1 of the non-test rows, ..., then view K. The key
+is the sha256 of the canonical JSON of everything that changes the numbers (``cache_spec``); reading
+re-derives it and checks completeness, shapes and finiteness, and a spec that differs from the
+expected one is an error naming every differing field.
 """
 from __future__ import annotations
 
@@ -59,12 +60,13 @@ def library_versions() -> dict:
 
 
 def cache_spec(*, backbone_spec: dict, views: int, policy_spec: dict, seed: int, manifest_hash: str,
-               storage_dtype: str, precision: str, channels_last: bool) -> dict:
+               storage_dtype: str, precision: str, channels_last: bool, tta: str = "none") -> dict:
     """Everything that changes a cache's numbers; its sha256 is the cache key."""
     return {
         "format": FORMAT_VERSION,
         "backbone": backbone_spec,
         "views": views,
+        "tta": tta,
         "policy": policy_spec,
         "seed": seed,
         "manifest_hash": manifest_hash,
@@ -239,7 +241,7 @@ def describe(path: str | Path) -> dict:
         return info
     backbone = spec.get("backbone", {})
     info.update(backbone=backbone.get("name"), weights=backbone.get("weights"), views=spec.get("views"),
-                policy=(spec.get("policy") or {}).get("name"), seed=spec.get("seed"),
+                tta=spec.get("tta", "none"), policy=(spec.get("policy") or {}).get("name"), seed=spec.get("seed"),
                 precision=spec.get("precision"), storage_dtype=spec.get("storage_dtype"),
                 manifest_hash=str(spec.get("manifest_hash", ""))[:12])
     return info

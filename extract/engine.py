@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dataset.images import ImageLoadError, load_rgb
 from dataset.manifest import manifest_hash, read_manifest
-from dataset.transforms import apply_view, augment_transform, eval_transform, policy_spec
+from dataset.transforms import augment_transform, eval_transform, make_view, policy_spec, tta_views
 from extract.backbones import backbone_spec as make_backbone_spec
 from extract.backbones import load_backbone
 from extract.cache import CacheMismatch, cache_key, cache_path, cache_spec, check_cache, write_cache
@@ -57,7 +57,8 @@ class ImageUnreadable(RuntimeError):
 
 @dataclass(frozen=True)
 class RowPlan:
-    """The cache's rows in order: view 0 of every manifest row, then views 1..K of the non-test rows."""
+    """The cache's rows in order: view 0 of every manifest row, then its test-time views (the mirror,
+    of every row), then views 1..K of the non-test rows."""
     manifest_row: np.ndarray
     view: np.ndarray
     sample_id: np.ndarray
@@ -68,12 +69,13 @@ class RowPlan:
         return len(self.view)
 
 
-def plan_rows(manifest, *, views: int) -> RowPlan:
+def plan_rows(manifest, *, views: int, tta: str = "none") -> RowPlan:
     n = len(manifest)
     augmentable = np.flatnonzero(manifest["split"].to_numpy() != "test")
-    rows = np.concatenate([np.arange(n)] + [augmentable] * views).astype(np.int64)
-    view = np.concatenate([np.zeros(n, np.int64)] + [np.full(len(augmentable), v, np.int64)
-                                                      for v in range(1, views + 1)])
+    groups = [(np.arange(n), 0)] + [(np.arange(n), v) for v in tta_views(tta)]
+    groups += [(augmentable, v) for v in range(1, views + 1)]
+    rows = np.concatenate([g for g, _ in groups]).astype(np.int64)
+    view = np.concatenate([np.full(len(g), v, np.int64) for g, v in groups])
     return RowPlan(manifest_row=rows, view=view,
                    sample_id=manifest["sample_id"].to_numpy(dtype=str)[rows],
                    label=manifest["label"].to_numpy(dtype=np.int64)[rows],
@@ -95,9 +97,8 @@ class ViewDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         m, view, sample_id = int(self.plan.manifest_row[i]), int(self.plan.view[i]), str(self.plan.sample_id[i])
         img = self._load(m, sample_id)
-        if view == 0:
-            return self.clean(img), i
-        return apply_view(self.augment, img, seed=self.seed, sample_id=sample_id, view=view), i
+        return make_view(img, clean=self.clean, augment=self.augment, seed=self.seed, sample_id=sample_id,
+                         view=view), i
 
     def _load(self, m: int, sample_id: str):
         path = self.paths[m]
@@ -206,7 +207,7 @@ class Extraction:
     path: Path
 
 
-def plan_extraction(*, manifest_path, backbone: str, cache_dir, views: int, policy: str, seed: int,
+def plan_extraction(*, manifest_path, backbone: str, cache_dir, views: int, policy: str, seed: int, tta: str = "none",
                     device: str = "cpu", precision: str = "auto", storage_dtype: str = "float32",
                     weights_file: str | None = None, channels_last: bool = True,
                     pretrained: bool = True) -> Extraction:
@@ -218,14 +219,14 @@ def plan_extraction(*, manifest_path, backbone: str, cache_dir, views: int, poli
     manifest = read_manifest(manifest_path)
     spec = cache_spec(
         backbone_spec=make_backbone_spec(backbone, weights_file=weights_file, pretrained=pretrained),
-        views=views, policy_spec=policy_spec(policy), seed=seed, manifest_hash=manifest_hash(manifest),
+        views=views, tta=tta, policy_spec=policy_spec(policy), seed=seed, manifest_hash=manifest_hash(manifest),
         storage_dtype=storage_dtype, precision=resolve_precision(precision, device), channels_last=channels_last)
     key = cache_key(spec)
-    return Extraction(manifest=manifest, plan=plan_rows(manifest, views=views), spec=spec, key=key,
+    return Extraction(manifest=manifest, plan=plan_rows(manifest, views=views, tta=tta), spec=spec, key=key,
                       path=cache_path(cache_dir, key))
 
 
-def extract_features(*, manifest_path, backbone: str, cache_dir, views: int, policy: str, seed: int,
+def extract_features(*, manifest_path, backbone: str, cache_dir, views: int, policy: str, seed: int, tta: str = "none",
                      device: str = "cpu", batch_size: int = 64, num_workers: int = 2, precision: str = "auto",
                      storage_dtype: str = "float32", weights_file: str | None = None, rebuild: bool = False,
                      data_root=None, channels_last: bool = True, pretrained: bool = True,
@@ -239,7 +240,7 @@ def extract_features(*, manifest_path, backbone: str, cache_dir, views: int, pol
     """
     device = distributed.device_for_rank(device)
     job = plan_extraction(manifest_path=manifest_path, backbone=backbone, cache_dir=cache_dir, views=views,
-                          policy=policy, seed=seed, device=device, precision=precision,
+                          policy=policy, seed=seed, tta=tta, device=device, precision=precision,
                           storage_dtype=storage_dtype, weights_file=weights_file, channels_last=channels_last,
                           pretrained=pretrained)
     parts = parts_dir(cache_dir, job.key)
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--policy", default="light")
+    p.add_argument("--tta", default="none", choices=("none", "hflip"), help="test-time views of every image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     distributed.init_from_env()
     path = extract_features(manifest_path=args.manifest, backbone=args.backbone, cache_dir=args.cache_dir,
-                            views=args.views, policy=args.policy, seed=args.seed, device=args.device,
+                            views=args.views, policy=args.policy, seed=args.seed, tta=args.tta, device=args.device,
                             batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
                             storage_dtype=args.storage_dtype, weights_file=args.weights, rebuild=args.rebuild_cache,
                             data_root=args.data_root, progress=not args.no_progress)

@@ -15,7 +15,7 @@ import pandas as pd
 from extract.cache import describe
 from study.config import REPO_ROOT
 
-COLUMNS = ("key", "backbone", "weights", "views", "policy", "seed", "precision", "storage_dtype", "rows", "dim",
+COLUMNS = ("key", "backbone", "weights", "views", "tta", "policy", "seed", "precision", "storage_dtype", "rows", "dim",
            "complete", "size_mb", "manifest_hash")
 
 

@@ -28,7 +28,7 @@ def run(ctx) -> None:
         try:
             path = extract_features(
                 manifest_path=ctx.manifest_path, backbone=name, cache_dir=ctx.features_dir, views=cfg["views"],
-                policy=cfg["policy"], seed=ctx.seed, device=ctx.device, batch_size=cfg["batch_size"],
+                policy=cfg["policy"], seed=ctx.seed, tta=cfg["tta"], device=ctx.device, batch_size=cfg["batch_size"],
                 num_workers=cfg["num_workers"], precision=cfg["precision"], storage_dtype=cfg["storage_dtype"],
                 weights_file=cfg["weights"].get(name), rebuild=ctx.rebuild_cache, data_root=ctx.data_root,
                 channels_last=cfg["channels_last"])

@@ -1,5 +1,5 @@
 """Schema of the ``[finetune]`` config section (see study/schema.py)."""
-from dataset.transforms import POLICIES
+from dataset.transforms import POLICIES, TTA_VIEWS
 from study.schema import ConfigError, Field, float_range, int_range, is_bool, is_str, list_of, one_of
 
 
@@ -31,6 +31,9 @@ SCHEMA = {
     "patience": Field(5, int_range(1), "early stopping: epochs without a better val mean per-class accuracy"),
     "augment": Field("light", one_of(*POLICIES), "augmentation policy of the training views"),
     "views": Field(4, int_range(0, 64), "augmented views per training image in the prefix cache"),
+    # Val (early stopping) and test average the logits of each image and its mirror, as the heads
+    # average the two embeddings with extract.tta = "hflip": keep the two equal for a like-for-like comparison.
+    "tta": Field("hflip", one_of(*TTA_VIEWS), "test-time augmentation at val/test ('none' or 'hflip')"),
     "prefix_cache": Field(True, is_bool, "false: the naive loop (full forward, fresh augmentation every step)"),
     "num_workers": Field(2, int_range(0, 64)),
     "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16")),

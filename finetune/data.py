@@ -1,5 +1,5 @@
-"""Manifest images as tensors for fine-tuning: clean view 0 or augmentation view v, reproducible per
-(seed, sample_id, view) through dataset.transforms.apply_view, in any worker and on any rank.
+"""Manifest images as tensors for fine-tuning: clean view 0, its mirror (-1), or augmentation view v,
+reproducible per (seed, sample_id, view) through dataset.transforms.make_view, in any worker and on any rank.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataset.images import load_rgb
-from dataset.transforms import apply_view, augment_transform, eval_transform
+from dataset.transforms import augment_transform, eval_transform, make_view
 
 
 class ManifestViews(Dataset):
@@ -36,9 +36,8 @@ class ManifestViews(Dataset):
         return torch.stack([self.view(img, i, v) for v in views]), i
 
     def view(self, img, i: int, v: int) -> torch.Tensor:
-        if v == 0:
-            return self.clean(img)
-        return apply_view(self.augment, img, seed=self.seed, sample_id=self.sample_ids[i], view=v)
+        return make_view(img, clean=self.clean, augment=self.augment, seed=self.seed, sample_id=self.sample_ids[i],
+                         view=v)
 
 
 def image_loader(dataset: ManifestViews, *, order: np.ndarray, batch_size: int, num_workers: int) -> DataLoader:

@@ -50,10 +50,10 @@ def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir,
     if not hp["use_cache"]:
         def images(split):
             return ImageSource(rows=split_rows(manifest, split), data_root=data_root, data_config=backbone.data_config,
-                               policy=hp["augment"], num_workers=hp["num_workers"])
+                               policy=hp["augment"], num_workers=hp["num_workers"], tta=hp["tta"])
         return images("train"), images("val"), images("test"), None
     spec = prefix_spec(net=net, backbone_spec=backbone.spec, augment=hp["augment"], views=hp["views"], seed=seed,
-                       manifest_hash=mhash, precision=hp["precision"])
+                       manifest_hash=mhash, precision=hp["precision"], tta=hp["tta"])
     reused = _from_features(features_path, spec=spec, manifest=manifest, hp=hp, device=device)
     if reused is not None:
         log.info("finetune %s: the frozen prefix is the cached feature extractor: reusing %s", backbone.name,
@@ -71,7 +71,10 @@ def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir,
 
 
 def _cached_sources(cache) -> tuple:
-    return tuple(CachedSource(cache.splits[s].acts, cache.splits[s].labels) for s in ("train", "val", "test"))
+    """Train draws among all its cached views; val and test average over theirs (view 0 + test-time views)."""
+    def source(split, eval_views):
+        return CachedSource(cache.splits[split].acts, cache.splits[split].labels, eval_views=eval_views)
+    return (source("train", 1), *(source(s, cache.splits[s].acts.shape[1]) for s in ("val", "test")))
 
 
 def _from_features(features_path, *, spec, manifest, hp, device):
@@ -134,6 +137,7 @@ def _row(*, backbone, policy, hp, seed, net, fit, logits, manifest, names, mhash
         "backbone": backbone.name,
         "method": f"ft:{policy}",
         "feature_set": hp["augment"],
+        "tta": hp["tta"],
         "seed": seed,
         "k_per_class": None,
         "metrics": evaluate(y_test, pred, scores, n_classes=len(names), n_boot=hp["n_boot"], seed=seed),

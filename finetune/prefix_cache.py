@@ -2,7 +2,8 @@
 
 For ``last:k`` the frozen prefix is deterministic (eval mode, no grad), so its output for
 (image, view) never changes: computing it once for every training image x view 0..K and for the
-clean val/test images lets every epoch run only the trainable suffix.
+clean val/test images (plus their mirror, view -1, with ``tta = "hflip"``) lets every epoch run only
+the trainable suffix.
 
 File ``<cache_dir>/<key>.h5``; key = sha256 of the canonical JSON of the spec (backbone spec with
 weights hash and pre-processing, prefix units, augmentation policy, views, seed, manifest hash,
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dataset.transforms import policy_spec
+from dataset.transforms import policy_spec, tta_views
 from extract.cache import library_versions, spec_differences
 from finetune.data import ManifestViews, image_loader, split_rows
 from study.hashing import canonical_json, spec_hash
@@ -57,7 +58,7 @@ class PrefixCache:
 
 
 def prefix_spec(*, net, backbone_spec: dict, augment: str, views: int, seed: int, manifest_hash: str,
-                precision: str) -> dict:
+                precision: str, tta: str = "none") -> dict:
     return {
         "kind": "prefix_activations",
         "backbone": backbone_spec,
@@ -65,6 +66,7 @@ def prefix_spec(*, net, backbone_spec: dict, augment: str, views: int, seed: int
         "pooled": len(net.suffix_names) == 0,
         "augment": policy_spec(augment),
         "views": views,
+        "tta": tta,
         "seed": seed,
         "manifest_hash": manifest_hash,
         "storage_dtype": STORAGE_DTYPE,
@@ -73,8 +75,11 @@ def prefix_spec(*, net, backbone_spec: dict, augment: str, views: int, seed: int
     }
 
 
-def _views_for(split: str, n: int, views: int) -> list[list[int]]:
-    return [list(range(views + 1)) if split == "train" else [0] for _ in range(n)]
+def split_views(split: str, spec: dict) -> list[int]:
+    """The view ids cached per image: train 0..K; val and test view 0 and its test-time views."""
+    if split == "train":
+        return list(range(spec["views"] + 1))
+    return [0, *tta_views(spec.get("tta", "none"))]
 
 
 def build_prefix_cache(*, net, spec: dict, manifest: pd.DataFrame, data_root: Path, cache_dir: Path,
@@ -114,7 +119,7 @@ def _init_file(f: h5py.File, *, spec, key, manifest, net, data_config, device) -
         shape = tuple(net.forward_prefix(torch.zeros(1, 3, size, size, device=device)).shape[1:])
     for split in SPLITS:
         rows = split_rows(manifest, split)
-        n_views = spec["views"] + 1 if split == "train" else 1
+        n_views = len(split_views(split, spec))
         f.create_dataset(f"{split}/acts", shape=(len(rows), n_views, *shape), dtype=STORAGE_DTYPE,
                          chunks=(1, n_views, *shape))
         f.create_dataset(f"{split}/sample_id", data=np.array(rows["sample_id"].tolist(), dtype=object),
@@ -131,7 +136,7 @@ def _fill_split(f: h5py.File, *, split, net, spec, manifest, data_root, data_con
     done = int(f[split].attrs["n_done"])
     if done >= len(rows):
         return
-    views = _views_for(split, len(rows), spec["views"])
+    views = [split_views(split, spec)] * len(rows)
     dataset = ManifestViews(rows=rows, data_root=data_root, data_config=data_config, policy=spec["augment"]["name"],
                             seed=spec["seed"], views=views)
     per_batch = max(1, batch_size // len(views[0]))
@@ -198,14 +203,15 @@ def prefix_from_features(fs, *, spec: dict, manifest: pd.DataFrame, precision: s
     f, want = fs.spec, json.loads(canonical_json(spec))
     same = (spec["pooled"] and f.get("backbone") == want["backbone"] and f.get("policy") == want["augment"]
             and f.get("seed") == want["seed"] and f.get("manifest_hash") == want["manifest_hash"]
-            and f.get("precision") == precision and f.get("views", -1) >= want["views"])
+            and f.get("precision") == precision and f.get("views", -1) >= want["views"]
+            and set(tta_views(want.get("tta", "none"))) <= set(tta_views(f.get("tta", "none"))))
     if not same:
         return None
     row_of = {(s, int(v)): i for i, (s, v) in enumerate(zip(fs.sample_id, fs.view))}
     splits = {}
     for split in SPLITS:
         ids = split_rows(manifest, split)["sample_id"].tolist()
-        views = range(want["views"] + 1) if split == "train" else [0]
+        views = split_views(split, want)
         idx = np.array([[row_of[(s, v)] for v in views] for s in ids], dtype=np.int64).reshape(len(ids), len(views))
         acts = torch.from_numpy(fs.features[idx].astype(np.float16))  # the prefix cache's storage dtype
         labels = torch.from_numpy(fs.labels[idx[:, 0]] if len(ids) else np.zeros(0, np.int64))

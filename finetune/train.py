@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from classify.metrics import mean_per_class_accuracy
-from dataset.transforms import view_seed
+from dataset.transforms import tta_views, view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.data import EpochItems, ManifestViews, persistent_loader
 from study import distributed
@@ -45,12 +45,18 @@ def shard(order: torch.Tensor) -> torch.Tensor:
 
 
 class CachedSource:
-    """Prefix activations (N, V, ...) float16; each epoch draws one view per image."""
+    """Prefix activations (N, V, ...) float16; each training epoch draws one view per image.
+
+    Evaluation runs the first ``eval_views`` views of every image (view 0, then its test-time views)
+    and ``Trainer.predict`` averages their logits.
+    """
 
     uses_prefix = True
 
-    def __init__(self, acts: torch.Tensor, labels: torch.Tensor):
-        self.acts, self.labels = acts, labels
+    def __init__(self, acts: torch.Tensor, labels: torch.Tensor, *, eval_views: int = 1):
+        if not 1 <= eval_views <= acts.shape[1]:
+            raise ValueError(f"eval_views={eval_views}; allowed: 1..{acts.shape[1]} (the cached views per image)")
+        self.acts, self.labels, self.eval_views = acts, labels, eval_views
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,7 +64,8 @@ class CachedSource:
     def batches(self, *, epoch: int, seed: int, batch_size: int, train: bool) -> Iterator:
         if not train:
             for lo in range(0, len(self), batch_size):
-                yield self.acts[lo : lo + batch_size, 0].float(), self.labels[lo : lo + batch_size]
+                views = self.acts[lo : lo + batch_size, : self.eval_views]
+                yield views.flatten(0, 1).float(), self.labels[lo : lo + batch_size]
             return
         g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         order = shard(torch.randperm(len(self), generator=g))
@@ -69,16 +76,20 @@ class CachedSource:
 
 
 class ImageSource:
-    """Images from the manifest: training draws a fresh augmentation view per epoch, eval uses the clean view.
+    """Images from the manifest: training draws a fresh augmentation view per epoch; evaluation uses the
+    clean view and its test-time views (``tta``), whose logits ``Trainer.predict`` averages.
 
     One DataLoader per batch size, with persistent workers, serves every epoch (the sampler's items change).
     """
 
     uses_prefix = False
 
-    def __init__(self, *, rows, data_root: Path, data_config: dict, policy: str, num_workers: int):
+    def __init__(self, *, rows, data_root: Path, data_config: dict, policy: str, num_workers: int,
+                 tta: str = "none"):
         self.labels = torch.tensor(rows["label"].to_numpy(np.int64))
         self.policy, self.num_workers = policy, num_workers
+        self.eval_view_ids = [0, *tta_views(tta)]
+        self.eval_views = len(self.eval_view_ids)
         self._rows, self._data_root, self._data_config = rows, data_root, data_config
         self._loaders: dict[tuple[int, int], tuple] = {}
 
@@ -88,22 +99,23 @@ class ImageSource:
     def _loader(self, batch_size: int, seed: int):
         if (batch_size, seed) not in self._loaders:
             data = ManifestViews(rows=self._rows, data_root=self._data_root, data_config=self._data_config,
-                                 policy=self.policy, seed=seed, views=[[0]] * len(self))
+                                 policy=self.policy, seed=seed, views=[self.eval_view_ids] * len(self))
             sampler = EpochItems()
             self._loaders[(batch_size, seed)] = (
                 persistent_loader(data, sampler, batch_size=batch_size, num_workers=self.num_workers), sampler)
         return self._loaders[(batch_size, seed)]
 
     def batches(self, *, epoch: int, seed: int, batch_size: int, train: bool) -> Iterator:
-        # View ids >= 1 are augmented; a new id per epoch is a fresh augmentation, still reproducible.
-        view = epoch + 1 if train and self.policy != "none" else 0
-        if train:
-            g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-            order = shard(torch.randperm(len(self), generator=g))
-        else:
-            order = torch.arange(len(self))
         loader, sampler = self._loader(batch_size, seed)
-        sampler.items = [(int(i), view) for i in order]
+        if not train:
+            sampler.items = list(range(len(self)))  # an int item is all of its eval views, stacked
+            for images, index in loader:
+                yield images.flatten(0, 1), self.labels[index]
+            return
+        # View ids >= 1 are augmented; a new id per epoch is a fresh augmentation, still reproducible.
+        view = epoch + 1 if self.policy != "none" else 0
+        g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        sampler.items = [(int(i), view) for i in shard(torch.randperm(len(self), generator=g))]
         for images, index in loader:
             yield images[:, 0], self.labels[index]
 
@@ -207,14 +219,17 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, source) -> np.ndarray:
-        """Logits (N, C) for every item of ``source`` in order (clean view), float32."""
+        """Logits (N, C) for every item of ``source`` in order: the mean over its eval views (the clean
+        view and any test-time views), float32."""
         self.net.eval()
-        out = []
-        for x, _ in source.batches(epoch=0, seed=self.seed, batch_size=max(self.hp["batch_size"], 64), train=False):
+        out, n_views = [], source.eval_views
+        batch_size = max(1, max(self.hp["batch_size"], 64) // n_views)
+        for x, _ in source.batches(epoch=0, seed=self.seed, batch_size=batch_size, train=False):
             with self._autocast():
                 x = self._to_device(x)
                 logits = self.net.forward_suffix(x) if source.uses_prefix else self.net(x)
-            out.append(logits.float().cpu())
+            logits = logits.float().cpu()
+            out.append(logits.reshape(-1, n_views, logits.shape[-1]).mean(1))
         return torch.cat(out).numpy()
 
     def fit(self, train, val, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 RESULT_COLUMNS = [
-    "row", "kind", "backbone", "method", "feature_set", "seed", "k_per_class",
+    "row", "kind", "backbone", "method", "feature_set", "tta", "seed", "k_per_class",
     "top1", "top1_lo", "top1_hi", "mean_per_class", "mean_per_class_lo", "mean_per_class_hi",
     "top5", "macro_f1", "macro_f1_lo", "macro_f1_hi",
     "train_s", "predict_s", "feature_s", "trainable_params", "total_params", "epochs_run",
@@ -32,8 +32,8 @@ def results_table(rows: list[dict]) -> pd.DataFrame:
         m = r["metrics"]
         rec = {
             "row": i, "kind": r["kind"], "backbone": r["backbone"], "method": r["method"],
-            "feature_set": r["feature_set"], "seed": r["seed"], "k_per_class": r.get("k_per_class"),
-            "top1": m["top1"], "mean_per_class": m["mean_per_class"], "top5": m.get("top5"),
+            "feature_set": r["feature_set"], "tta": r.get("tta", "none"), "seed": r["seed"],
+            "k_per_class": r.get("k_per_class"), "top1": m["top1"], "mean_per_class": m["mean_per_class"], "top5": m.get("top5"),
             "macro_f1": m["macro_f1"],
             "train_s": r["train_s"], "predict_s": r["predict_s"], "feature_s": r.get("feature_s"),
             "trainable_params": r.get("trainable_params"), "total_params": r.get("total_params"),

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports.collect import label
 from reports.stats import mcnemar
 
 PUBLISHED = [
@@ -198,19 +197,20 @@ def _n_boot(rows: list[dict]) -> str:
 
 def section_comparison(inp: ReportInputs) -> list[str]:
     main = main_results(inp.results).sort_values(["backbone", "kind", "mean_per_class"], ascending=[True, True, False])
-    body = [[str(r.row), r.backbone, r.method, r.feature_set, str(r.seed),
+    body = [[str(r.row), r.backbone, r.method, r.feature_set, r.tta, str(r.seed),
              pct_ci(r.top1, r.top1_lo, r.top1_hi), pct_ci(r.mean_per_class, r.mean_per_class_lo, r.mean_per_class_hi),
              pct(r.macro_f1), seconds(r.train_s), seconds(r.feature_s), seconds(r.predict_s),
              count(r.trainable_params)]
             for r in main.itertuples()]
-    header = ["row", "backbone", "method", "features / aug", "seed", "top-1 % [95% CI]",
+    header = ["row", "backbone", "method", "features / aug", "test-time aug", "seed", "top-1 % [95% CI]",
               "mean per-class % [95% CI]", "macro-F1 %", "train s", "feature extraction s", "inference s",
               "trainable params"]
     out = ["## Comparison", "",
            "`row` is the line of `results.jsonl` (0-based) that each figure comes from. For heads, *train s* is the "
            "hyperparameter sweep + refit and *feature extraction s* the one-off cost of the cached features they "
            "share (all splits and views); for fine-tuning, *train s* already includes building its frozen-prefix "
-           "cache (or, for `ft:head`, the feature cache it reuses).", ""]
+           "cache (or, for `ft:head`, the feature cache it reuses). *Test-time aug* `hflip`: heads score the mean "
+           "embedding of each image and its mirror, fine-tuned models the mean of their two logits.", ""]
     out += md_table(header, body)
     for key, caption in (("accuracy_by_method", "Accuracy by method"), ("accuracy_vs_cost", "Accuracy against cost")):
         if key in inp.figures:

@@ -19,8 +19,8 @@ def small_classify_config(**changes) -> dict:
     return validate(raw, SCHEMA, prefix="classify")
 
 
-def tiny_lite0_features(tmp_path_factory, tiny_manifest):
-    """Real EfficientNet-Lite0 features of the tiny manifest (view 0 + 1 light view of train/val).
+def tiny_lite0_features(tmp_path_factory, tiny_manifest, *, tta: str = "none"):
+    """Real EfficientNet-Lite0 features of the tiny manifest (view 0 [+ its mirror] + 1 light view of train/val).
 
     Cached under the session's base temp dir, so every test module that asks gets the same cache hit."""
     from extract.cache import load_features
@@ -28,5 +28,5 @@ def tiny_lite0_features(tmp_path_factory, tiny_manifest):
 
     cache_dir = tmp_path_factory.getbasetemp() / "classify_lite0_features"
     path = extract_features(manifest_path=tiny_manifest, backbone="efficientnet_lite0", cache_dir=cache_dir, views=1,
-                            policy="light", seed=0, batch_size=16, num_workers=0)
+                            policy="light", seed=0, tta=tta, batch_size=16, num_workers=0)
     return load_features(path)

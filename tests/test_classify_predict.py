@@ -5,9 +5,9 @@ import shutil
 import numpy as np
 import pytest
 
+from classify.features import head_data
 from classify.heads import head_grid
 from classify.predict import HeadMismatch, image_paths, main, predict_images
-from classify.features import head_data
 from classify.selection import select_and_refit
 from classify.stage import backbone_spec_of
 from classify.store import save_head
@@ -18,9 +18,10 @@ from tests.classify_fixtures import small_classify_config, tiny_lite0_features
 pytestmark = pytest.mark.needs_data
 
 
-@pytest.fixture(scope="module")
-def saved_head(tmp_path_factory, tiny_manifest, data_root):
-    features = tiny_lite0_features(tmp_path_factory, tiny_manifest)
+@pytest.fixture(scope="module", params=["none", "hflip"])
+def saved_head(request, tmp_path_factory, tiny_manifest, data_root):
+    """A head fitted on the tiny features, without and with mirror averaging (extract.tta)."""
+    features = tiny_lite0_features(tmp_path_factory, tiny_manifest, tta=request.param)
     manifest = read_manifest(tiny_manifest)
     cfg = small_classify_config()
     data = head_data(features, manifest, feature_set="clean")
@@ -29,23 +30,27 @@ def saved_head(tmp_path_factory, tiny_manifest, data_root):
     names = ["accordion", "anchor", "barrel", "crab"]
     save_head(head_dir, model=fit.model, meta={
         "backbone": "efficientnet_lite0", "backbone_spec": backbone_spec_of(features.spec, "efficientnet_lite0"),
-        "class_names": names, "cache_key": features.key, "hyperparams": fit.selection.best})
+        "features_spec": features.spec, "class_names": names, "cache_key": features.key,
+        "hyperparams": fit.selection.best})
     test = manifest[manifest["split"] == "test"].set_index("sample_id").loc[data.test.sample_id]
     paths = [data_root / p for p in test["path"]]
     expected = [names[i] for i in fit.test_pred]
-    return head_dir, paths, expected
+    return head_dir, paths, expected, fit.test_scores.max(axis=1)
 
 
 def test_saved_head_predicts_the_same_classes_from_the_images(saved_head):
-    head_dir, paths, expected = saved_head
+    """Same classes and probabilities as the stage's test scores: predict embeds the images exactly as the
+    cache did (with tta = "hflip", the mean of each image and its mirror)."""
+    head_dir, paths, expected, expected_prob = saved_head
     results, failed = predict_images(head_dir, paths)
     assert not failed
     assert [r.class_name for r in results] == expected
     assert all(r.calibrated and 0.25 < r.probability <= 1.0 for r in results)
+    np.testing.assert_allclose([r.probability for r in results], expected_prob, rtol=0, atol=1e-4)
 
 
 def test_cli_takes_a_folder_and_prints_class_and_probability(saved_head, tmp_path, capsys):
-    head_dir, paths, expected = saved_head
+    head_dir, paths, expected, _ = saved_head
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, p in enumerate(paths[:3]):
@@ -59,14 +64,14 @@ def test_cli_takes_a_folder_and_prints_class_and_probability(saved_head, tmp_pat
 
 
 def test_a_backbone_with_other_weights_is_refused_naming_the_fields(saved_head):
-    head_dir, paths, _ = saved_head
+    head_dir, paths, *_ = saved_head
     random_weights = load_backbone("efficientnet_lite0", pretrained=False)
     with pytest.raises(HeadMismatch, match="weights"):
         predict_images(head_dir, paths[:1], backbone=random_weights)
 
 
 def test_a_head_whose_preprocessing_differs_is_refused(saved_head, tmp_path, capsys):
-    head_dir, paths, _ = saved_head
+    head_dir, paths, *_ = saved_head
     tampered = tmp_path / "tampered"
     shutil.copytree(head_dir, tampered)
     meta = json.loads((tampered / "meta.json").read_text())
@@ -79,7 +84,7 @@ def test_a_head_whose_preprocessing_differs_is_refused(saved_head, tmp_path, cap
 
 
 def test_an_unreadable_image_is_reported_not_fatal(saved_head, tmp_path):
-    head_dir, paths, expected = saved_head
+    head_dir, paths, expected, _ = saved_head
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     results, failed = predict_images(head_dir, [paths[0], broken])

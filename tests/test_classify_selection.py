@@ -1,4 +1,6 @@
 """Model selection on real Lite0 features of 4 Caltech classes: test rows never reach fitting or selection."""
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -8,7 +10,7 @@ from sklearn.svm import SVC
 
 from classify.features import head_data
 from classify.fewshot import draw_per_class, fewshot_pool
-from classify.heads import GramSVC, head_grid
+from classify.heads import GramSVC, head_grid, make_power, make_preprocessor
 from classify.selection import HeadData, Rows, select_and_refit
 from dataset.manifest import read_manifest
 from study.schema import ConfigError
@@ -151,3 +153,56 @@ def test_gram_svc_matches_libsvm_with_its_own_kernel(features, manifest, kernel)
     theirs = SVC(C=0.5, kernel=kernel, gamma="scale").fit(X, data.train.y)
     assert np.array_equal(ours.predict(X_test), theirs.predict(X_test))
     np.testing.assert_allclose(ours.decision_function(X_test), theirs.decision_function(X_test), rtol=1e-3, atol=1e-3)
+
+
+def test_signed_power_keeps_the_sign_and_rejects_out_of_range_powers():
+    X = np.array([[-4.0, 0.0, 9.0]], dtype=np.float32)
+    np.testing.assert_allclose(make_power(0.5).fit_transform(X), [[-2.0, 0.0, 3.0]])
+    assert make_power(1.0).fit_transform(X) is X or np.array_equal(make_power(1.0).fit_transform(X), X)
+    with pytest.raises(ValueError, match=r"power 0\.0; allowed: 0 < power <= 1"):
+        make_power(0.0)
+    with pytest.raises(ConfigError, match=r"classify\.lr\.power\[1\].*1\.5"):
+        small_classify_config(lr={"power": [0.5, 1.5]})
+
+
+def test_power_is_a_preprocessing_axis_of_the_grid_and_the_pipeline(features, manifest, cfg):
+    head_cfg = {**cfg["lr"], "power": [1.0, 0.5]}
+    grid = head_grid("lr", head_cfg)
+    assert len(grid) == 16 and {p["power"] for p in grid} == {0.5, 1.0}
+    data = head_data(features, manifest, feature_set="clean")
+    fit = select_and_refit("lr", grid, data=data, seed=0, head_cfg=head_cfg, n_classes=4)
+    assert len(fit.selection.scores) == 16 and fit.model.named_steps["power"].kw_args == (
+        {"power": 0.5} if fit.selection.best["power"] == 0.5 else None)
+    # A head saved before the power axis existed (no "power" key) still builds: power 1.
+    old = {k: v for k, v in grid[-1].items() if k != "power"}
+    assert make_preprocessor(old, n_rows=10, seed=0).named_steps["power"].kw_args is None
+
+
+def _with_mirror_rows(fs, ids=None):
+    """The cache plus view -1 rows (3x each clean row), as extract.tta = 'hflip' would add."""
+    clean = np.flatnonzero(fs.view == 0)
+    if ids is not None:
+        clean = clean[np.isin(fs.sample_id[clean], ids)]
+    cat = lambda a, b: np.concatenate([a, b])  # noqa: E731
+    return dataclasses.replace(fs, features=cat(fs.features, 3 * fs.features[clean]),
+                               labels=cat(fs.labels, fs.labels[clean]),
+                               sample_id=cat(fs.sample_id, fs.sample_id[clean]),
+                               split=cat(fs.split, fs.split[clean]),
+                               view=cat(fs.view, np.full(len(clean), -1)))
+
+
+def test_mirror_views_are_averaged_into_every_splits_clean_rows(features, manifest):
+    with_tta = _with_mirror_rows(features)
+    plain = head_data(features, manifest, feature_set="clean")
+    for fset in ("clean", "aug"):
+        averaged = head_data(with_tta, manifest, feature_set=fset)
+        for split in ("train", "val", "val_fit", "test"):
+            rows, base = getattr(averaged, split), getattr(head_data(features, manifest, feature_set=fset), split)
+            assert rows.sample_id.tolist() == base.sample_id.tolist()  # no mirror row becomes a row of its own
+            is_clean = np.isin(np.arange(len(rows)), np.arange(len(getattr(plain, split))))
+            np.testing.assert_allclose(rows.X[is_clean], 2 * base.X[is_clean], rtol=1e-6)  # (x + 3x) / 2
+            np.testing.assert_array_equal(rows.X[~is_clean], base.X[~is_clean])  # augmented views untouched
+    ignored = head_data(with_tta, manifest, feature_set="clean", tta=False)
+    np.testing.assert_array_equal(ignored.test.X, plain.test.X)
+    with pytest.raises(ValueError, match="mirror rows for"):
+        head_data(_with_mirror_rows(features, ids=features.sample_id[:3]), manifest, feature_set="clean")

@@ -7,7 +7,15 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.cache import CacheMismatch, cache_key, cache_path, check_cache, load_features, spec_differences, write_cache
+from extract.cache import (
+    CacheMismatch,
+    cache_key,
+    cache_path,
+    check_cache,
+    load_features,
+    spec_differences,
+    write_cache,
+)
 from extract.list import list_caches
 from extract.list import main as list_main
 from study.hashing import canonical_json

@@ -17,18 +17,19 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO, make_tiny_manifest
+from dataset.images import load_rgb
 from dataset.manifest import read_manifest, write_manifest
+from dataset.transforms import eval_transform
 from extract import backbones, cache, engine
 from extract.cache import CacheMismatch, check_cache, load_features
 from extract.config import SCHEMA
 from extract.engine import ImageUnreadable, extract_features, plan_extraction
 from study.context import StudyContext
 from study.schema import validate
+from tests.conftest import REPO, make_tiny_manifest
 
 SMALL = {"classes": ("accordion", "anchor"), "n_train": 2, "n_val": 1, "n_test": 1}  # 8 images -> 14 rows
 SMALL_ARGS = {"backbone": "efficientnet_lite0", "views": 1, "policy": "light", "seed": 0, "batch_size": 2,
@@ -131,6 +132,7 @@ CHANGES = {
     "backbone": ({"backbone": "efficientnet_lite1"}, "backbone.arch"),
     "weights_file": ("copy_weights", "backbone.weights"),
     "views": ({"views": 2}, "views"),
+    "tta": ({"tta": "hflip"}, "tta"),
     "policy": ({"policy": "strong"}, "policy.name"),
     "seed": ({"seed": 1}, "seed"),
     "precision": ({"precision": "fp16"}, "precision"),
@@ -144,7 +146,7 @@ CHANGES = {
 @pytest.mark.parametrize("field", list(CHANGES))
 def test_changing_each_spec_field_invalidates(field, tiny_cache, tiny_manifest, data_root, tmp_path, monkeypatch):
     change, differing = CHANGES[field]
-    args = {k: v for k, v in TINY_ARGS.items() if k in ("backbone", "views", "policy", "seed")}
+    args = {k: v for k, v in TINY_ARGS.items() if k in ("backbone", "views", "policy", "seed", "tta")}
     args["manifest_path"] = tiny_manifest
     if change == "copy_weights":
         args["weights_file"] = str(shutil.copy(backbones._lite_package_file("efficientnet_lite0"),
@@ -160,6 +162,28 @@ def test_changing_each_spec_field_invalidates(field, tiny_cache, tiny_manifest, 
     assert job.key != tiny_cache.stem and not job.path.exists()  # a rerun would not reuse the cache
     with pytest.raises(CacheMismatch, match=rf"differing fields: .*{differing.replace('.', '[.]')}: expected"):
         check_cache(tiny_cache, expected_spec=job.spec)
+
+
+def test_hflip_tta_adds_each_images_mirror_after_its_clean_view(small_reference, small_manifest, data_root, tmp_path):
+    """Rows: view 0 of all 8 images, their mirrors (view -1, test images too), then the augmented views;
+    the clean and augmented rows are the ones a cache without TTA holds, the mirror is the model's output
+    on the left-right flipped clean tensor."""
+    with one_thread():
+        fs = load_features(extract_features(manifest_path=small_manifest, cache_dir=tmp_path, data_root=data_root,
+                                            tta="hflip", **SMALL_ARGS))
+    n, ref = 8, small_reference
+    assert fs.view.tolist() == [0] * n + [-1] * n + [1] * 6 and fs.spec["tta"] == "hflip"
+    assert fs.sample_id[n:2 * n].tolist() == fs.sample_id[:n].tolist()
+    keep = fs.view != -1
+    assert fs.sample_id[keep].tolist() == ref.sample_id.tolist()
+    np.testing.assert_allclose(fs.features[keep], ref.features, rtol=0, atol=1e-5)
+    bb = backbones.load_backbone("efficientnet_lite0")
+    manifest = read_manifest(small_manifest)
+    clean = eval_transform(bb.data_config)(load_rgb(data_root / manifest["path"][0]))
+    with torch.inference_mode():
+        mirrored = bb.model(torch.flip(clean, dims=[-1])[None]).numpy()[0]
+    np.testing.assert_allclose(fs.features[n], mirrored, rtol=0, atol=1e-4)
+    assert not np.allclose(fs.features[n], fs.features[0], atol=1e-2)
 
 
 def _parts(cache_dir: Path) -> list[Path]:

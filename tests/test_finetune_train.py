@@ -2,6 +2,8 @@
 the prefix cache reproduces the full forward, a run resumes, rows are cached."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,7 +17,6 @@ from finetune.train import CachedSource, ImageSource, Trainer
 from study.config import load_config
 from study.hashing import spec_hash
 from study.results import check_row
-
 
 
 @pytest.fixture(scope="module")
@@ -68,22 +69,38 @@ def _last1_cache(lite0, hp, dirs, manifest_path):
     net = build_split_net(lite0, policy="last:1", n_classes=4)
     from dataset.manifest import manifest_hash
     spec = prefix_spec(net=net, backbone_spec=lite0.spec, augment=hp["augment"], views=hp["views"], seed=0,
-                       manifest_hash=manifest_hash(manifest), precision=hp["precision"])
+                       manifest_hash=manifest_hash(manifest), precision=hp["precision"], tta=hp["tta"])
     return net, manifest, load_prefix_cache(dirs["prefix_dir"] / f"{spec_hash(spec)}.h5", expected_spec=spec,
                                             manifest=manifest)
 
 
 def test_prefix_cache_path_gives_the_naive_logits(runs, lite0, hp, dirs, tiny_manifest, data_root, tmp_path):
+    """With tta = "hflip" both paths average each val image's logits with its mirror's."""
+    assert hp["tta"] == "hflip"
     net, manifest, cache = _last1_cache(lite0, hp, dirs, tiny_manifest)
     assert cache.splits["train"].acts.dtype == torch.float16 and cache.splits["train"].acts.shape[1] == 2
+    assert cache.splits["val"].acts.shape[1] == cache.splits["test"].acts.shape[1] == 2  # view 0 + mirror
     trainer = Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="x")
     val = split_rows(manifest, "val")
     naive = trainer.predict(ImageSource(rows=val, data_root=data_root, data_config=lite0.data_config,
-                                        policy="light", num_workers=0))
-    cached = trainer.predict(CachedSource(cache.splits["val"].acts, cache.splits["val"].labels))
+                                        policy="light", num_workers=0, tta="hflip"))
+    cached = trainer.predict(CachedSource(cache.splits["val"].acts, cache.splits["val"].labels, eval_views=2))
     scale = float(abs(naive).max())
     torch.testing.assert_close(torch.from_numpy(cached), torch.from_numpy(naive), rtol=0, atol=5e-3 * scale)
     assert (cached.argmax(1) == naive.argmax(1)).all()
+
+
+def test_test_time_views_average_the_logits_of_each_view(runs, lite0, hp, dirs, tiny_manifest, tmp_path):
+    net, _, cache = _last1_cache(lite0, hp, dirs, tiny_manifest)
+    acts, labels = cache.splits["test"].acts, cache.splits["test"].labels
+    trainer = Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="x")
+    both = trainer.predict(CachedSource(acts, labels, eval_views=2))
+    clean = trainer.predict(CachedSource(acts[:, :1], labels))
+    mirror = trainer.predict(CachedSource(acts[:, 1:], labels))
+    assert not torch.equal(torch.from_numpy(clean), torch.from_numpy(mirror))  # the mirror is another view
+    torch.testing.assert_close(torch.from_numpy(both), torch.from_numpy((clean + mirror) / 2))
+    with pytest.raises(ValueError, match="eval_views=3; allowed: 1..2"):
+        CachedSource(acts, labels, eval_views=3)
 
 
 def test_frozen_parameters_and_bn_buffers_do_not_move(lite0, hp, tiny_manifest, data_root, tmp_path):
@@ -164,11 +181,11 @@ def test_head_policy_reuses_the_feature_cache_as_its_prefix(runs, lite0, hp, dir
     manifest = read_manifest(tiny_manifest)
     net = build_split_net(lite0, policy="head", n_classes=4)
     spec = prefix_spec(net=net, backbone_spec=lite0.spec, augment=hp["augment"], views=hp["views"], seed=0,
-                       manifest_hash=manifest_hash(manifest), precision=hp["precision"])
+                       manifest_hash=manifest_hash(manifest), precision=hp["precision"], tta=hp["tta"])
     built = load_prefix_cache(dirs["prefix_dir"] / f"{spec_hash(spec)}.h5", expected_spec=spec, manifest=manifest)
     fs = load_features(extract_features(manifest_path=tiny_manifest, backbone="efficientnet_lite0",
                                         cache_dir=tmp_path, views=hp["views"], policy=hp["augment"], seed=0,
-                                        data_root=data_root, num_workers=0, progress=False))
+                                        tta=hp["tta"], data_root=data_root, num_workers=0, progress=False))
     reused = prefix_from_features(fs, spec=spec, manifest=manifest, precision="fp32")
     assert reused is not None and reused.build_s == fs.extract_s
     for split in ("train", "val", "test"):
@@ -179,3 +196,5 @@ def test_head_policy_reuses_the_feature_cache_as_its_prefix(runs, lite0, hp, dir
     assert prefix_from_features(fs, spec={**spec, "seed": 1}, manifest=manifest, precision="fp32") is None
     assert prefix_from_features(fs, spec={**spec, "views": hp["views"] + 1}, manifest=manifest,
                                 precision="fp32") is None
+    without_mirror = dataclasses.replace(fs, spec={**fs.spec, "tta": "none"})
+    assert prefix_from_features(without_mirror, spec=spec, manifest=manifest, precision="fp32") is None
