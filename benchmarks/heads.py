@@ -10,8 +10,8 @@ head and feature set, runs the full val sweep + refit with the
 default ``[classify]`` grids and scores test once. Printed beside them, in the same run:
 
 - the SVM kernels measured separately (linear vs RBF: sweep seconds, val and test accuracy);
-- ablations of what the project adds to a plain LR, one at a time on clean features: without the
-  signed square root (``power=1``) and without the mirror averaging (``no-tta``);
+- ablations, one at a time on clean features: each head without the signed square root
+  (``power=1``), and LR without the mirror averaging (``no-tta``);
 - the *tutorial baseline*: one clean view, StandardScaler + LR, fit on train+val, with C picked ON
   TEST. It is optimistic by construction (it peeks at test) and is only the bar to clear.
 
@@ -122,11 +122,11 @@ def report(args, *, cfg, fs, manifest) -> None:
         figures[(label, fset)] = (fit.train_s, val, test)
         print(f"{label:<12}{fset:<10}{len(fit.selection.scores):>6}{fit.train_s:>10.1f}{val:>10.4f}{test:>10.4f}"
               f"  {fit.selection.best}", flush=True)
-    ablations = [("lr:power=1", {**cfg["lr"], "power": [1.0]}, clean)]
+    ablations = [(f"{m}:power=1", m, {**cfg[m], "power": [1.0]}, clean) for m in args.heads.split(",")]
     if (np.asarray(fs.view) < 0).any():
-        ablations.append(("lr:no-tta", cfg["lr"], plain))
-    for label, head_cfg, data in ablations:
-        fit, val, test = run_head("lr", head_cfg, data=data, n_classes=n_classes)
+        ablations.append(("lr:no-tta", "lr", cfg["lr"], plain))
+    for label, method, head_cfg, data in ablations:
+        fit, val, test = run_head(method, head_cfg, data=data, n_classes=n_classes)
         figures[(label, "clean")] = (fit.train_s, val, test)
         print(f"{label:<12}{'clean':<10}{len(fit.selection.scores):>6}{fit.train_s:>10.1f}{val:>10.4f}{test:>10.4f}"
               f"  {fit.selection.best}", flush=True)
