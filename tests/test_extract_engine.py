@@ -259,7 +259,7 @@ def test_stage_writes_features_json_and_skips_unavailable_weights(study_out, tin
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
     (study_out / "dataset").mkdir(exist_ok=True)
     shutil.copy(tiny_manifest, study_out / "dataset" / "manifest.csv")
-    cfg = validate({"backbones": ["efficientnet_lite0", "resnet50"], "views": 1, "batch_size": 16,
+    cfg = validate({"backbones": ["efficientnet_lite0", "resnet50"], "views": 1, "tta": "none", "batch_size": 16,
                     "num_workers": 1}, SCHEMA, prefix="extract")
     ctx = StudyContext(config={"seed": 0, "extract": cfg}, data_root=data_root, out_dir=study_out,
                        run_dir=tmp_path / "run", device="cpu")
