@@ -165,10 +165,14 @@ def section_dataset(inp: ReportInputs) -> list[str]:
 
 
 def section_protocol(inp: ReportInputs) -> list[str]:
-    cfg, s = inp.config, inp.summary or {}
+    cfg = inp.config
     split = cfg.get("data", {}).get("split", {})
     few = inp.results[inp.results.kind == "fewshot"] if not inp.results.empty else inp.results
     seeds = sorted(set(few["seed"].tolist())) if not few.empty else []
+    res = inp.results
+    # From the rows (what the numbers were computed with), not from the config.
+    tta = {arm: ", ".join(sorted(set(res[res.kind.isin(kinds)]["tta"]))) if not res.empty else "–"
+           for arm, kinds in (("extract", ["head", "fewshot"]), ("finetune", ["finetune"]))}
     return [
         "## Protocol", "",
         f"- Splits are made once by the dataset stage (seed {cfg.get('seed')}), stored in the manifest, and shared by "
@@ -177,6 +181,10 @@ def section_protocol(inp: ReportInputs) -> list[str]:
            f"validation; the rest of each class is test)." if split.get("protocol") == "per_class" else "."),
         "- Hyperparameters (head grids, normalisation, fine-tuning epochs by early stopping) are chosen on `val` only, "
         "by mean per-class accuracy; the chosen model is refit on train+val and scores `test` once.",
+        f"- Test-time augmentation: heads `{tta['extract']}`, fine-tuning `{tta['finetune']}` (`hflip`: each "
+        "val/test image is also seen mirrored; heads average the two embeddings, fine-tuned models their two "
+        "logits)." + ("" if tta["extract"] == tta["finetune"] else " **The two arms differ here, so the comparison "
+                      "is not like for like.**"),
         "- Metrics on test: top-1; top-5; **mean per-class accuracy** (the mean of per-class recalls, Caltech's "
         "headline metric); macro-F1. 95% intervals are percentile bootstrap over test samples "
         f"({_n_boot(inp.rows)} resamples).",

@@ -36,7 +36,7 @@ def assert_comparison_traces(run_dir: Path) -> int:
         r = rows[int(cell["row"])]
         m = r["metrics"]
         assert cell["backbone"] == r["backbone"] and cell["method"] == r["method"]
-        assert cell["features / aug"] == r["feature_set"]
+        assert cell["features / aug"] == r["feature_set"] and cell["test-time aug"] == r.get("tta", "none")
         lo, hi = m["ci95"]["mean_per_class"]
         assert cell["mean per-class % [95% CI]"] == f"{pct(m['mean_per_class'])} [{pct(lo)}, {pct(hi)}]"
         lo, hi = m["ci95"]["top1"]

@@ -21,7 +21,7 @@ def _row(*, kind, method, feature_set, y, pred, test_ids, k=None, seed=0, n_clas
             "test_sample_id": test_ids, "test_pred": pred.tolist(), "hyperparams": {"C": 1.0},
             "train_s": float(rng.random() * 50), "predict_s": 0.2, "cache_key": "k", "manifest_hash": "h",
             "n_train": 24, "n_val": 8, "n_test": len(y), "class_names": ["accordion", "anchor", "barrel", "crab"],
-            "trainable_params": 5124}
+            "trainable_params": 5124, **({"tta": "hflip"} if kind == "finetune" else {})}
 
 
 @pytest.fixture
@@ -49,6 +49,11 @@ def run_dir(tmp_path, data_root):
 
 def test_every_table_number_traces_to_a_results_row(run_dir):
     assert assert_comparison_traces(run_dir) == len(METHODS)
+
+
+def test_protocol_warns_when_the_arms_used_different_test_time_augmentation(run_dir):
+    md = (run_dir / "report.md").read_text()
+    assert "heads `none`, fine-tuning `hflip`" in md and "not like for like" in md
 
 
 def test_figures_are_valid_pngs_and_tables_are_written(run_dir):
