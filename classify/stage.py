@@ -58,11 +58,14 @@ def classify_features(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, s
     to ``run_dir/results.jsonl`` as each head finishes, so an interrupted stage loses at most one head."""
     context = {"backbone": backbone, "fs": fs, "manifest": manifest, "seed": seed, "n_boot": cfg["bootstrap"],
                "class_names": class_names(manifest), "manifest_hash": manifest_hash(manifest)}
-    all_rows, chosen_lr = [], {}
+    all_rows, chosen_lr, datasets = [], {}, {}
     tasks = [(fset, method) for fset in cfg["feature_sets"] for method in cfg["heads"]]
     for feature_set, method in tqdm(tasks, desc=f"heads {backbone}", unit="head"):
         try:
-            data = head_data(fs, manifest, feature_set=feature_set)
+            # Built once per feature set: it copies the features (and averages the mirror views in).
+            if feature_set not in datasets:
+                datasets[feature_set] = head_data(fs, manifest, feature_set=feature_set)
+            data = datasets[feature_set]
         except ValueError as exc:
             append_skip(run_dir, stage="classify", what=f"{backbone} {method} {feature_set}", reason=str(exc),
                         fix="set extract.views >= 1, or drop 'aug' from classify.feature_sets")
@@ -75,7 +78,8 @@ def classify_features(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, s
             chosen_lr[feature_set] = rows[0]["hyperparams"]
     if cfg["fewshot"]["k"] and chosen_lr:
         params = chosen_lr.get("clean") or next(iter(chosen_lr.values()))
-        rows = cached_fewshot(params, data=head_data(fs, manifest, feature_set="clean"), fewshot_cfg=cfg["fewshot"],
+        clean = datasets.get("clean") or head_data(fs, manifest, feature_set="clean")
+        rows = cached_fewshot(params, data=clean, fewshot_cfg=cfg["fewshot"],
                               head_cfg=cfg["lr"], heads_dir=heads_dir, run_dir=run_dir, **context)
         append_rows(Path(run_dir) / "results.jsonl", rows)
         all_rows += rows
