@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dataset.images import ImageLoadError, load_rgb
 from dataset.manifest import manifest_hash, read_manifest
-from dataset.transforms import augment_transform, eval_transform, make_view, policy_spec, tta_views
+from dataset.transforms import TTA_VIEWS, augment_transform, eval_transform, make_view, policy_spec, tta_views
 from extract.backbones import backbone_spec as make_backbone_spec
 from extract.backbones import load_backbone
 from extract.cache import CacheMismatch, cache_key, cache_path, cache_spec, check_cache, write_cache
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--policy", default="light")
-    p.add_argument("--tta", default="none", choices=("none", "hflip"), help="test-time views of every image")
+    p.add_argument("--tta", default="none", choices=sorted(TTA_VIEWS), help="test-time views of every image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
