@@ -109,7 +109,8 @@ def phase_naive(args) -> dict:
 
 
 def phase_engine(args) -> dict:
-    from extract.engine import extract_features, resolve_precision
+    from extract.engine import extract_features
+    from study.precision import resolve_precision
 
     with tempfile.TemporaryDirectory() as cache_dir:
         t0 = time.perf_counter()
@@ -132,7 +133,8 @@ def phase_forward(args) -> dict:
     from dataset.manifest import read_manifest
     from dataset.transforms import eval_transform
     from extract.backbones import load_backbone
-    from extract.engine import FeatureRunner, resolve_precision
+    from extract.engine import FeatureRunner
+    from study.precision import resolve_precision
 
     bb = load_backbone(args.backbone)
     tf = eval_transform(bb.data_config)
@@ -156,7 +158,8 @@ def phase_accuracy(args) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     from extract.cache import load_features
-    from extract.engine import extract_features, resolve_precision
+    from extract.engine import extract_features
+    from study.precision import resolve_precision
 
     scores = {}
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
     if args.phase:
         print(json.dumps(PHASES[args.phase](args)))
         return 0
-    from extract.engine import resolve_precision
+    
 
     out = Path(args.out) / "extract_throughput"
     out.mkdir(parents=True, exist_ok=True)

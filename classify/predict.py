@@ -21,6 +21,7 @@ from classify.store import load_head
 from dataset.images import ImageLoadError, load_rgb
 from dataset.transforms import MIRROR_VIEW, eval_transform, tta_views
 from study.hashing import spec_differences
+from study.precision import autocast
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -82,6 +83,8 @@ def predict_images(head_dir: str | Path, paths: list[Path], *, backbone=None, de
     transform = eval_transform(backbone.data_config)
     net = backbone.model.to(device).eval()
     tta = tta_views(meta.get("features_spec", {}).get("tta", "none"))
+    # Embed as the cache did: its resolved precision (a bf16 cache read by an fp32 embedding drifts ~1e-2).
+    precision = meta.get("features_spec", {}).get("precision", "fp32")
     results, failed = [], []
     for start in range(0, len(paths), batch_size):
         batch, tensors = [], []
@@ -92,7 +95,7 @@ def predict_images(head_dir: str | Path, paths: list[Path], *, backbone=None, de
             except ImageLoadError as exc:
                 failed.append((path, exc.reason))
         if batch:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(precision, device):
                 x = torch.stack(tensors).to(device)
                 feats = net(x).float()
                 if MIRROR_VIEW in tta:  # the head was fitted on the mean of each image and its mirror

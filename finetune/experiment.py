@@ -17,14 +17,14 @@ from classify.metrics import evaluate
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from dataset.transforms import policy_spec
 from extract.cache import library_versions, load_features
-from extract.engine import resolve_precision
 from finetune.data import split_rows
 from finetune.model import build_split_net, count_params
 from finetune.prefix_cache import build_prefix_cache, load_prefix_cache, prefix_from_features, prefix_spec
-from finetune.train import CachedSource, ImageSource, Trainer, autocast_dtype
+from finetune.train import CachedSource, ImageSource, Trainer
 from study import distributed
 from study.atomic import write_text_atomic
 from study.hashing import spec_hash
+from study.precision import autocast_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 # Keys of the [finetune] section that do not change the numbers (so they stay out of the run key).
@@ -62,7 +62,7 @@ def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir,
     if distributed.is_main():
         path = build_prefix_cache(net=net, spec=spec, manifest=manifest, data_root=data_root, cache_dir=prefix_dir,
                                   data_config=backbone.data_config, device=device, batch_size=64,
-                                  num_workers=hp["num_workers"], autocast_dtype=autocast_dtype(device, hp["precision"]),
+                                  num_workers=hp["num_workers"], autocast_dtype=autocast_dtype(hp["precision"], device),
                                   rebuild=rebuild)
     distributed.barrier()
     path = Path(prefix_dir) / f"{spec_hash(spec)}.h5"

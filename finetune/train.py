@@ -26,6 +26,7 @@ from dataset.transforms import tta_views, view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.data import EpochItems, ManifestViews, persistent_loader
 from study import distributed
+from study.precision import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +133,6 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
-def autocast_dtype(device: str, precision: str) -> torch.dtype | None:
-    """AMP dtype: 'auto' is bf16 (fp16 if unsupported) on CUDA and fp32 elsewhere."""
-    if precision == "fp32" or (precision == "auto" and not device.startswith("cuda")):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def make_optimizer(net, hp: dict) -> torch.optim.Optimizer:
     groups = net.trainable_parameters()
     param_groups = [{"params": groups["head"], "lr": hp["lr"]}]
@@ -169,7 +161,7 @@ class Trainer:
     def __init__(self, *, net, hp: dict, seed: int, device: str, ckpt_dir: Path, run_key: str):
         self.net, self.hp, self.seed, self.device = net, hp, seed, device
         self.ckpt_dir, self.run_key = Path(ckpt_dir), run_key
-        self.amp = autocast_dtype(device, hp["precision"])
+        self.amp = autocast_dtype(hp["precision"], device)
         self.channels_last = device.startswith("cuda")
         self.net.to(device)
         if self.channels_last:

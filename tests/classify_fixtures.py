@@ -28,5 +28,5 @@ def tiny_lite0_features(tmp_path_factory, tiny_manifest, *, tta: str = "none"):
 
     cache_dir = tmp_path_factory.getbasetemp() / "classify_lite0_features"
     path = extract_features(manifest_path=tiny_manifest, backbone="efficientnet_lite0", cache_dir=cache_dir, views=1,
-                            policy="light", seed=0, tta=tta, batch_size=16, num_workers=0)
+                            policy="light", seed=0, tta=tta, batch_size=16, num_workers=0, precision="fp32")
     return load_features(path)

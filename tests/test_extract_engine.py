@@ -32,10 +32,11 @@ from study.schema import validate
 from tests.conftest import REPO, make_tiny_manifest
 
 SMALL = {"classes": ("accordion", "anchor"), "n_train": 2, "n_val": 1, "n_test": 1}  # 8 images -> 14 rows
+# fp32: these tests compare with fp32 references, which "auto" is not on a CPU with native bf16.
 SMALL_ARGS = {"backbone": "efficientnet_lite0", "views": 1, "policy": "light", "seed": 0, "batch_size": 2,
-              "num_workers": 0, "progress": False}
+              "num_workers": 0, "progress": False, "precision": "fp32"}
 TINY_ARGS = {"backbone": "efficientnet_lite0", "views": 1, "policy": "light", "seed": 0, "batch_size": 16,
-             "num_workers": 1, "progress": False}
+             "num_workers": 1, "progress": False, "precision": "fp32"}
 
 
 class one_thread:
@@ -50,7 +51,7 @@ class one_thread:
 def _cli_args(manifest: Path, cache_dir: Path, data_root: Path) -> list[str]:
     return ["-m", "extract.engine", "--manifest", str(manifest), "--cache-dir", str(cache_dir),
             "--data-root", str(data_root), "--views", "1", "--policy", "light", "--seed", "0",
-            "--batch-size", "2", "--num-workers", "0", "--no-progress"]
+            "--batch-size", "2", "--num-workers", "0", "--no-progress", "--precision", "fp32"]
 
 
 def _env() -> dict:

@@ -27,7 +27,8 @@ def lite0():
 @pytest.fixture(scope="module")
 def hp():
     hp = load_config()["finetune"]
-    hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1)
+    # fp32: cached-vs-naive and feature-cache comparisons need it on CPUs where "auto" is bf16.
+    hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32")
     return hp
 
 
@@ -162,7 +163,7 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     config = load_config(overrides=[
         'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
         'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1", "finetune.batch_size=8",
-        "finetune.lr=3e-3", "finetune.n_boot=20", "finetune.num_workers=0"])
+        "finetune.lr=3e-3", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"'])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
     (row,) = read_rows(ctx.results_path)
@@ -185,7 +186,8 @@ def test_head_policy_reuses_the_feature_cache_as_its_prefix(runs, lite0, hp, dir
     built = load_prefix_cache(dirs["prefix_dir"] / f"{spec_hash(spec)}.h5", expected_spec=spec, manifest=manifest)
     fs = load_features(extract_features(manifest_path=tiny_manifest, backbone="efficientnet_lite0",
                                         cache_dir=tmp_path, views=hp["views"], policy=hp["augment"], seed=0,
-                                        tta=hp["tta"], data_root=data_root, num_workers=0, progress=False))
+                                        tta=hp["tta"], data_root=data_root, num_workers=0, progress=False,
+                                        precision=hp["precision"]))
     reused = prefix_from_features(fs, spec=spec, manifest=manifest, precision="fp32")
     assert reused is not None and reused.build_s == fs.extract_s
     for split in ("train", "val", "test"):
