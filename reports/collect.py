@@ -1,63 +1,200 @@
-"""Turn a run's ``results.jsonl`` rows into tables: one row per result, one row per (result, class).
+"""Turn a run's ``results.jsonl`` rows into tables, and make every choice the report names — on val.
 
-Nothing here computes a metric: every number is copied from a row, so each figure in the report
-traces back to one line of ``results.jsonl`` (its ``row`` index is kept in both tables).
+Nothing here computes a test metric: every test number is copied from a row, so each figure in the
+report traces back to one line of ``results.jsonl`` (its ``row`` index is kept in every table). What
+this module adds is the *choice*: per (backbone, arm) the variant the report calls chosen is the one
+with the best **val** mean per-class accuracy (ties: lower val log-loss, then the earlier row), and
+over several split seeds the one with the best mean val score. Test never takes part in a choice,
+so a McNemar p-value on the chosen pair is a test of a pair fixed before test was looked at.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import numpy as np
 import pandas as pd
 
+from reports.stats import McNemar, mcnemar
+from study.results import ResultRow
+
 RESULT_COLUMNS = [
-    "row", "kind", "backbone", "method", "feature_set", "tta", "seed", "k_per_class",
+    "row", "kind", "arm", "backbone", "method", "feature_set", "tta", "seed", "k_per_class", "fit_on",
+    "n_variants", "views", "val_mean_per_class", "val_log_loss",
     "top1", "top1_lo", "top1_hi", "mean_per_class", "mean_per_class_lo", "mean_per_class_hi",
     "top5", "macro_f1", "macro_f1_lo", "macro_f1_hi",
     "train_s", "predict_s", "feature_s", "trainable_params", "total_params", "epochs_run",
     "n_train", "n_val", "n_test", "hyperparams", "cache_key", "manifest_hash",
 ]
+SUMMARY_COLUMNS = ["backbone", "arm", "method", "feature_set", "n_seeds", "mean", "sd", "val_mean", "chosen", "rows"]
+VARIANT = ["backbone", "arm", "method", "feature_set"]
 
 
-def _ci(metrics: dict, key: str) -> tuple[float | None, float | None]:
-    lo_hi = (metrics.get("ci95") or {}).get(key)
-    return (lo_hi[0], lo_hi[1]) if lo_hi else (None, None)
-
-
-def label(row: dict) -> str:
+def label(row) -> str:
     """How a result is named in tables and plots, e.g. 'lr (aug)' or 'ft:last:1 (light)'."""
-    return f"{row['method']} ({row['feature_set']})"
+    return f"{row.method} ({row.feature_set})"
 
 
-def results_table(rows: list[dict]) -> pd.DataFrame:
+def results_table(rows: list[ResultRow]) -> pd.DataFrame:
     records = []
-    for i, r in enumerate(rows):
-        m = r["metrics"]
+    for r in rows:
+        m = r.metrics
         rec = {
-            "row": i, "kind": r["kind"], "backbone": r["backbone"], "method": r["method"],
-            "feature_set": r["feature_set"], "tta": r.get("tta", "none"), "seed": r["seed"],
-            "k_per_class": r.get("k_per_class"), "top1": m["top1"], "mean_per_class": m["mean_per_class"], "top5": m.get("top5"),
-            "macro_f1": m["macro_f1"],
-            "train_s": r["train_s"], "predict_s": r["predict_s"], "feature_s": r.get("feature_s"),
-            "trainable_params": r.get("trainable_params"), "total_params": r.get("total_params"),
-            "epochs_run": r.get("epochs_run"),
-            "n_train": r["n_train"], "n_val": r.get("n_val"), "n_test": r["n_test"],
-            "hyperparams": _compact(r.get("hyperparams")), "cache_key": r["cache_key"],
-            "manifest_hash": r["manifest_hash"],
+            "row": r.index, "kind": r.kind, "arm": r.arm, "backbone": r.backbone, "method": r.method,
+            "feature_set": r.feature_set, "tta": r.tta, "seed": r.seed, "k_per_class": r.k_per_class,
+            "fit_on": r.fit_on, "n_variants": r.n_variants, "views": r.views,
+            "val_mean_per_class": r.val_mean_per_class, "val_log_loss": r.val_log_loss,
+            "top1": m.top1, "mean_per_class": m.mean_per_class, "top5": m.top5, "macro_f1": m.macro_f1,
+            "train_s": r.train_s, "predict_s": r.predict_s, "feature_s": r.feature_s,
+            "trainable_params": r.trainable_params, "total_params": r.total_params, "epochs_run": r.epochs_run,
+            "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
+            "hyperparams": _compact(r.hyperparams), "cache_key": r.cache_key, "manifest_hash": r.manifest_hash,
         }
         for key in ("top1", "mean_per_class", "macro_f1"):
-            rec[f"{key}_lo"], rec[f"{key}_hi"] = _ci(m, key)
+            rec[f"{key}_lo"], rec[f"{key}_hi"] = m.ci95.get(key, (None, None))
         records.append(rec)
     return pd.DataFrame.from_records(records, columns=RESULT_COLUMNS)
 
 
-def per_class_table(rows: list[dict]) -> pd.DataFrame:
+def per_class_table(rows: list[ResultRow]) -> pd.DataFrame:
     records = []
-    for i, r in enumerate(rows):
-        names = r.get("class_names") or []
-        for c, acc in enumerate(r["metrics"].get("per_class_acc") or []):
-            records.append({"row": i, "kind": r["kind"], "backbone": r["backbone"], "method": r["method"],
-                            "feature_set": r["feature_set"], "seed": r["seed"], "label": c,
-                            "class_name": names[c] if c < len(names) else str(c), "accuracy": acc})
+    for r in rows:
+        for c, acc in enumerate(r.metrics.per_class_acc):
+            records.append({"row": r.index, "kind": r.kind, "backbone": r.backbone, "method": r.method,
+                            "feature_set": r.feature_set, "seed": r.seed, "label": c,
+                            "class_name": r.class_names[c] if c < len(r.class_names) else str(c), "accuracy": acc})
     return pd.DataFrame.from_records(records, columns=["row", "kind", "backbone", "method", "feature_set", "seed",
                                                        "label", "class_name", "accuracy"])
+
+
+def main_results(results: pd.DataFrame) -> pd.DataFrame:
+    return results[results.kind.isin(["head", "finetune"])]
+
+
+def _val_order(df: pd.DataFrame, *, val: str, loss: str) -> pd.DataFrame:
+    """Best first: higher val score, then lower val log-loss (unknown counts as worst), then earlier row."""
+    key = df.assign(_val=df[val].astype(float).fillna(-math.inf), _loss=df[loss].astype(float).fillna(math.inf))
+    return key.sort_values(["_val", "_loss", "row"], ascending=[False, True, True]).drop(columns=["_val", "_loss"])
+
+
+def chosen_per_seed(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (backbone, arm, split seed): the val-chosen row. Each seed is a full replicate of the
+    protocol — choose on that seed's val, score that seed's test once — so the per-seed verdicts
+    are what the over-seeds verdict averages."""
+    ordered = _val_order(main_results(results), val="val_mean_per_class", loss="val_log_loss")
+    return ordered.groupby(["backbone", "arm", "seed"], sort=True).head(1).sort_values(["backbone", "arm", "seed"])
+
+
+def summary_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (backbone, arm, method, features): test mean per-class accuracy mean ± sd over
+    split seeds, the mean val score, and ``chosen`` for the variant with the best mean val score
+    of its (backbone, arm) — the variant the report names."""
+    main = main_results(results)
+    if main.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    g = main.groupby(VARIANT, sort=True)
+    summary = pd.DataFrame({
+        "n_seeds": g["seed"].nunique(),
+        "mean": g["mean_per_class"].mean(),
+        # ddof=1: the spread of a method across split seeds, an estimate from a sample of seeds.
+        "sd": g["mean_per_class"].std(ddof=1),
+        "val_mean": g["val_mean_per_class"].mean(),
+        "_val_loss": g["val_log_loss"].mean(),
+        "row": g["row"].min(),
+        "rows": g["row"].apply(lambda s: ",".join(map(str, sorted(s)))),
+    }).reset_index()
+    ordered = _val_order(summary, val="val_mean", loss="_val_loss")
+    chosen_idx = set(ordered.groupby(["backbone", "arm"]).head(1).index)
+    summary["chosen"] = summary.index.isin(chosen_idx)
+    return summary[SUMMARY_COLUMNS]
+
+
+def chosen_variants(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[summary.chosen]
+
+
+def best_overall(summary: pd.DataFrame) -> pd.Series | None:
+    """The headline: among every backbone's chosen variants, the best mean val score."""
+    chosen = chosen_variants(summary)
+    if chosen.empty:
+        return None
+    return _val_order(chosen.assign(row=chosen.rows.str.split(",").str[0].astype(int), _loss=np.nan),
+                      val="val_mean", loss="_loss").iloc[0]
+
+
+def rows_of(results: pd.DataFrame, variant: pd.Series) -> pd.DataFrame:
+    """The rows of one variant, one per split seed, seed order."""
+    mask = np.logical_and.reduce([results[c] == variant[c] for c in VARIANT])
+    return results[mask & results.kind.isin(["head", "finetune"])].sort_values("seed")
+
+
+@dataclass(frozen=True)
+class SeedVerdict:
+    seed: int
+    head: pd.Series          # the seed's val-chosen head row (a results_table row)
+    finetune: pd.Series
+    test: McNemar
+
+    @property
+    def diff(self) -> float:
+        """Head minus fine-tune, test mean per-class accuracy (fraction)."""
+        return float(self.head.mean_per_class - self.finetune.mean_per_class)
+
+
+@dataclass(frozen=True)
+class BackboneVerdict:
+    backbone: str
+    seeds: list[SeedVerdict]
+
+    @property
+    def mean_diff(self) -> float:
+        return float(np.mean([s.diff for s in self.seeds]))
+
+    @property
+    def sd_diff(self) -> float | None:
+        return float(np.std([s.diff for s in self.seeds], ddof=1)) if len(self.seeds) > 1 else None
+
+    @property
+    def wins(self) -> dict[str, int]:
+        d = [s.diff for s in self.seeds]
+        return {"head": sum(x > 0 for x in d), "finetune": sum(x < 0 for x in d), "tie": sum(x == 0 for x in d)}
+
+
+def verdicts(results: pd.DataFrame, rows: list[ResultRow], *, labels_by_id: dict[str, int]) -> list[BackboneVerdict]:
+    """Head vs fine-tune per backbone: per seed the val-chosen pair and McNemar on its paired test
+    correctness; over seeds the mean paired difference, its sd and the wins per arm."""
+    chosen = chosen_per_seed(results)
+    out = []
+    for backbone, part in chosen.groupby("backbone", sort=True):
+        seeds = []
+        for seed, pair in part.groupby("seed", sort=True):
+            by_arm = {r.arm: r for _, r in pair.iterrows()}
+            if {"head", "finetune"} <= set(by_arm):
+                h, f = by_arm["head"], by_arm["finetune"]
+                seeds.append(SeedVerdict(seed=int(seed), head=h, finetune=f,
+                                         test=mcnemar(rows[int(h.row)], rows[int(f.row)], labels_by_id=labels_by_id)))
+        if seeds:
+            out.append(BackboneVerdict(backbone=backbone, seeds=seeds))
+    return out
+
+
+def fewshot_table(results: pd.DataFrame, rows: list[ResultRow]) -> pd.DataFrame:
+    """Few-shot points: mean and sd over *distinct* draws. Draws with identical test predictions (at
+    k = the pool size every draw takes every image, so the seeds make the same fit) count as one:
+    three copies of one fit are not three seeds with sd 0."""
+    few = results[results.kind == "fewshot"]
+    records = []
+    for (backbone, method, fset, k), part in few.groupby(["backbone", "method", "feature_set", "k_per_class"]):
+        distinct: dict[tuple, float] = {}
+        for i in part["row"]:
+            distinct.setdefault(rows[int(i)].test_pred, rows[int(i)].metrics.mean_per_class)
+        values = list(distinct.values())
+        records.append({"backbone": backbone, "method": method, "feature_set": fset, "k_per_class": int(k),
+                        "n_draws": len(part), "n_distinct": len(values), "mean": float(np.mean(values)),
+                        "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                        "rows": ", ".join(map(str, part["row"]))})
+    return pd.DataFrame.from_records(records, columns=["backbone", "method", "feature_set", "k_per_class", "n_draws",
+                                                       "n_distinct", "mean", "sd", "rows"])
 
 
 def _compact(obj) -> str:

@@ -105,3 +105,23 @@ def fewshot_curves(fewshot: pd.DataFrame, path: Path) -> Path:
     ax.set_title("Few-shot curves")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def training_curves(rows, path: Path) -> Path:
+    """Every fine-tune's per-epoch training loss (left) and val mean per-class accuracy (right), from
+    its row's ``selection.curve``; the epoch kept (best val) is ringed."""
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in rows:
+        curve = r.selection.curve
+        epochs = [p["epoch"] for p in curve]
+        name = f"{r.backbone}: {r.method} ({r.feature_set}) seed {r.seed}"
+        line, = loss_ax.plot(epochs, [p["train_loss"] for p in curve], marker=".", label=name)
+        val_ax.plot(epochs, [p["val_mean_per_class"] for p in curve], marker=".", color=line.get_color(), label=name)
+        best = [p for p in curve if p["epoch"] == r.selection.best_epoch]
+        if best:
+            val_ax.scatter([best[0]["epoch"]], [best[0]["val_mean_per_class"]], s=80, facecolors="none",
+                           edgecolors=line.get_color())
+    loss_ax.set(xlabel="epoch", ylabel="mean training loss", title="Training loss")
+    val_ax.set(xlabel="epoch", ylabel="val mean per-class accuracy", title="Val accuracy (ringed: epoch kept)")
+    val_ax.legend(fontsize=6)
+    return _save(fig, path)

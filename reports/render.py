@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports.stats import mcnemar
+from reports.collect import (best_overall, chosen_per_seed, fewshot_table, main_results, rows_of, summary_table,
+                             verdicts)
+from study.results import ResultRow
 
 PUBLISHED = [
     # (method, figure, protocol, source)
@@ -34,7 +36,7 @@ PUBLISHED = [
 
 @dataclass
 class ReportInputs:
-    rows: list[dict]
+    rows: list[ResultRow]       # study.results.read_results: index i is line i of results.jsonl
     results: pd.DataFrame       # reports.collect.results_table
     per_class: pd.DataFrame     # reports.collect.per_class_table
     summary: dict | None        # dataset summary.json
@@ -45,9 +47,14 @@ class ReportInputs:
     figures: dict[str, str]     # figure name -> file name in the run folder
     worst_n: int = 10
 
+    @property
+    def variants(self) -> pd.DataFrame:
+        """reports.collect.summary_table: mean ± sd over seeds and the val-chosen variant per arm."""
+        return summary_table(self.results)
+
 
 def pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}"
+    return "–" if x is None or pd.isna(x) else f"{100 * x:.1f}"
 
 
 def pct_ci(value, lo, hi) -> str:
@@ -70,55 +77,74 @@ def md_table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
-def main_results(results: pd.DataFrame) -> pd.DataFrame:
-    return results[results.kind.isin(["head", "finetune"])]
-
-
-def best_rows(results: pd.DataFrame) -> pd.DataFrame:
-    """Per backbone: the best head and the best fine-tune by test mean per-class accuracy."""
-    main = main_results(results)
-    idx = main.groupby(["backbone", "kind"])["mean_per_class"].idxmax()
-    return main.loc[idx.values]
+def mean_sd(mean, sd, n: int) -> str:
+    return pct(mean) if n < 2 else f"{pct(mean)} ± {pct(sd)}"
 
 
 def section_headline(inp: ReportInputs) -> list[str]:
-    best = best_overall(inp.results)
+    best = best_overall(inp.variants)
     if best is None:
         return ["No head or fine-tuning result in this run.", ""]
-    return [f"**Best overall:** `{best.backbone}` with `{best.method} ({best.feature_set})` — "
-            f"{pct(best.mean_per_class)}% test mean per-class accuracy "
-            f"(95% CI {pct(best.mean_per_class_lo)}–{pct(best.mean_per_class_hi)}), "
-            f"{seconds(_cost(best))} s to train including its features (row {int(best.row)}). "
-            "Per-backbone verdicts are under Findings.", ""]
+    rows = rows_of(inp.results, best)
+    first = rows.iloc[0]
+    n = int(best.n_seeds)
+    test = (f"{pct_ci(first.mean_per_class, first.mean_per_class_lo, first.mean_per_class_hi)}% test mean "
+            "per-class accuracy (95% CI)" if n == 1 else
+            f"{mean_sd(best['mean'], best.sd, n)}% test mean per-class accuracy (mean ± sd over {n} split seeds)")
+    return [f"**Chosen on val:** `{best.backbone}` with `{best.method} ({best.feature_set})` — "
+            f"{pct(best.val_mean)}% val mean per-class accuracy, the best val score of the run's {len(inp.variants)} "
+            f"head and fine-tune variants; {test}, {seconds(_cost(first))} s to train including its features "
+            f"(rows {best.rows}). Every \"chosen\" in this report is picked by val mean per-class accuracy; test "
+            "takes no part in any choice and is shown for every row. Per-backbone verdicts are under Findings.", ""]
 
 
 def section_answer(inp: ReportInputs) -> list[str]:
-    best = best_rows(inp.results)
-    out = ["## Findings", "", "### Best method per backbone: frozen features + head, or fine-tuning?", ""]
-    if best.empty:
-        return out + ["No head or fine-tuning result in this run.", ""]
-    for backbone, part in best.groupby("backbone"):
-        by_kind = {r.kind: r for r in part.itertuples()}
-        h, f = by_kind.get("head"), by_kind.get("finetune")
-        if h is not None and f is not None:
-            winner, loser = (h, f) if h.mean_per_class >= f.mean_per_class else (f, h)
-            test = mcnemar(inp.rows[h.row], inp.rows[f.row], labels_by_id=inp.labels_by_id)
-            verdict = (f"{'significant' if test.p_value < 0.05 else 'not significant'} at 5%: of "
-                       f"{test.n_common} test images, {test.only_a} only the head got right, "
-                       f"{test.only_b} only the fine-tune")
-            out.append(
-                f"- **{backbone}**: best {_kind_name(winner.kind)} `{winner.method} ({winner.feature_set})` "
-                f"{pct(winner.mean_per_class)} vs best {_kind_name(loser.kind)} `{loser.method} ({loser.feature_set})` "
-                f"{pct(loser.mean_per_class)} mean per-class accuracy "
-                f"({100 * (winner.mean_per_class - loser.mean_per_class):+.1f} pts; McNemar test on paired top-1 "
-                f"correctness p = {test.p_value:.3g}, "
-                f"{verdict}); training cost incl. features {seconds(_cost(winner))} s vs {seconds(_cost(loser))} s."
-            )
-        else:
-            only = h if h is not None else f
-            out.append(f"- **{backbone}**: only {_kind_name(only.kind)} results: best `{only.method} "
-                       f"({only.feature_set})` {pct(only.mean_per_class)}.")
+    out = ["## Findings", "", "### Chosen head vs chosen fine-tune, per backbone", "",
+           "Per split seed, each arm's variant with the best val mean per-class accuracy; McNemar's exact test on "
+           "their paired top-1 test correctness. Over seeds: the mean and sd of the paired difference (head minus "
+           "fine-tune, test mean per-class accuracy) and the seeds each arm wins.", ""]
+    found = verdicts(inp.results, inp.rows, labels_by_id=inp.labels_by_id)
+    for v in found:
+        body = [[str(s.seed), f"`{s.head.method} ({s.head.feature_set})` (row {int(s.head.row)})",
+                 pct(s.head.val_mean_per_class), pct(s.head.mean_per_class),
+                 f"`{s.finetune.method} ({s.finetune.feature_set})` (row {int(s.finetune.row)})",
+                 pct(s.finetune.val_mean_per_class), pct(s.finetune.mean_per_class), f"{100 * s.diff:+.1f}",
+                 f"{s.test.p_value:.3g}", str(s.test.only_a), str(s.test.only_b)] for s in v.seeds]
+        wins = v.wins
+        sd = "" if v.sd_diff is None else f" ± {100 * v.sd_diff:.1f} (sd)"
+        s0 = v.seeds[0]
+        significance = ("" if len(v.seeds) > 1 else
+                        f"; {'significant' if s0.test.p_value < 0.05 else 'not significant'} at 5% (McNemar "
+                        f"p = {s0.test.p_value:.3g}: of {s0.test.n_common} test images {s0.test.only_a} only the head "
+                        f"got right, {s0.test.only_b} only the fine-tune)")
+        out += [f"- **{v.backbone}**: head minus fine-tune {100 * v.mean_diff:+.1f} pts{sd} over {len(v.seeds)} "
+                f"split seed{'s' if len(v.seeds) > 1 else ''}; wins: head {wins['head']}, fine-tune "
+                f"{wins['finetune']}, ties {wins['tie']}{significance}; training cost incl. features (seed "
+                f"{s0.seed}) {seconds(_cost(s0.head))} s vs {seconds(_cost(s0.finetune))} s.", ""]
+        out += md_table(["seed", "chosen head", "val %", "test %", "chosen fine-tune", "val %", "test %",
+                         "Δ pts", "McNemar p", "only head right", "only fine-tune right"], body)
+    paired = {v.backbone for v in found}
+    for backbone, part in chosen_per_seed(inp.results).groupby("backbone"):
+        if backbone not in paired:
+            r = part.iloc[0]
+            out.append(f"- **{backbone}**: only {_kind_name(r.arm)} results: chosen on val `{r.method} "
+                       f"({r.feature_set})`, test {pct(r.mean_per_class)}.")
+    if main_results(inp.results).empty:
+        out.append("No head or fine-tuning result in this run.")
     return out + [""]
+
+
+def section_seeds(inp: ReportInputs) -> list[str]:
+    v = inp.variants
+    out = ["### Every variant: mean ± sd over split seeds", ""]
+    if v.empty:
+        return out + ["No head or fine-tuning result in this run.", ""]
+    body = [[r.backbone, _kind_name(r.arm), r.method, r.feature_set, str(int(r.n_seeds)), pct(r.val_mean),
+             mean_sd(r["mean"], r.sd, int(r.n_seeds)), "**chosen**" if r.chosen else "", r.rows]
+            for _, r in v.iterrows()]
+    out += md_table(["backbone", "arm", "method", "features / aug", "seeds", "val mean per-class % (mean)",
+                     "test mean per-class % (mean ± sd)", "chosen on val", "rows"], body)
+    return out + ["`summary.csv` holds this table; `results.csv` each seed's row with its 95% interval.", ""]
 
 
 def _kind_name(kind: str) -> str:
@@ -167,54 +193,116 @@ def section_dataset(inp: ReportInputs) -> list[str]:
 def section_protocol(inp: ReportInputs) -> list[str]:
     cfg = inp.config
     split = cfg.get("data", {}).get("split", {})
-    few = inp.results[inp.results.kind == "fewshot"] if not inp.results.empty else inp.results
-    seeds = sorted(set(few["seed"].tolist())) if not few.empty else []
+    few = inp.results[inp.results.kind == "fewshot"]
+    draws = sorted(set(few["seed"].tolist()))
     res = inp.results
-    # From the rows (what the numbers were computed with), not from the config.
+    # Everything below about what each arm did is read from the rows (what the numbers were computed
+    # with), not from the config, so the text cannot describe a protocol the run did not follow.
     tta = {arm: ", ".join(sorted(set(res[res.kind.isin(kinds)]["tta"]))) if not res.empty else "–"
            for arm, kinds in (("extract", ["head", "fewshot"]), ("finetune", ["finetune"]))}
-    return [
+    split_seeds = sorted(set(main_results(res)["seed"].tolist()))
+    out = [
         "## Protocol", "",
-        f"- Splits are made once by the dataset stage (seed {cfg.get('seed')}), stored in the manifest, and shared by "
-        f"every head and fine-tune: protocol `{split.get('protocol', '?')}` "
+        f"- Splits are made by the dataset stage, one per split seed ({', '.join(map(str, split_seeds)) or '–'}), "
+        f"stored in the manifest, and shared by every head and fine-tune of that seed: protocol "
+        f"`{split.get('protocol', '?')}` "
         + (f"({split.get('train_per_class')} training images per class, of which {split.get('val_per_class')} are "
            f"validation; the rest of each class is test)." if split.get("protocol") == "per_class" else "."),
-        "- Hyperparameters (head grids, normalisation, fine-tuning epochs by early stopping) are chosen on `val` only, "
-        "by mean per-class accuracy; the chosen model is refit on train+val and scores `test` once.",
+        "- Every choice — a head's grid point, a fine-tune's epoch, each arm's chosen variant and the headline — is "
+        "made by mean per-class accuracy on `val` (ties: lower val log-loss where recorded); `test` scores each "
+        "final model once and takes part in no choice.",
+    ]
+    out += protocol_arm_lines(inp.rows)
+    out += [
         f"- Test-time augmentation: heads `{tta['extract']}`, fine-tuning `{tta['finetune']}` (`hflip`: each "
         "val/test image is also seen mirrored; heads average the two embeddings, fine-tuned models their two "
         "logits)." + ("" if tta["extract"] == tta["finetune"] else " **The two arms differ here, so the comparison "
                       "is not like for like.**"),
         "- Metrics on test: top-1; top-5; **mean per-class accuracy** (the mean of per-class recalls, Caltech's "
         "headline metric); macro-F1. 95% intervals are percentile bootstrap over test samples "
-        f"({_n_boot(inp.rows)} resamples).",
+        f"({_n_boot(inp.rows)} resamples); they cover test sampling only — the spread over split seeds is the "
+        "sd in the over-seeds table.",
         "- Cost: training wall seconds (heads: hyperparameter sweep + refit on cached features; fine-tuning: "
         "all epochs incl. prefix-cache build) and inference wall seconds on the test set, on the run's device "
         f"(`{inp.provenance.get('device', '?')}`).",
-        f"- Seed {cfg.get('seed')} for the split, the heads and fine-tuning; few-shot draws use seeds "
-        f"{', '.join(map(str, seeds)) or '–'}.",
+        f"- Few-shot draws use seeds {', '.join(map(str, draws)) or '–'}.",
         "",
     ]
+    return out
 
 
-def _n_boot(rows: list[dict]) -> str:
-    values = sorted({r["metrics"].get("n_boot") for r in rows
-                     if r["kind"] != "fewshot" and r["metrics"].get("n_boot") is not None})
+def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
+    """One line per arm saying what it did: variants and grid sizes, what the chosen model was fit
+    on, which training views it saw. Built from the rows of one split seed (every seed runs the same
+    protocol), and a warning when the arms were fit on different data."""
+    main = [r for r in rows if r.kind in ("head", "finetune")]
+    if not main:
+        return []
+    seed = min(r.seed for r in main)
+    out, fit_on = [], {}
+    for arm in ("head", "finetune"):
+        part = [r for r in main if r.arm == arm and r.seed == seed]
+        if not part:
+            continue
+        fit_on[arm] = sorted({r.fit_on for r in part})
+        grids = {}
+        for r in part:
+            grids.setdefault(r.method, set()).add(r.n_variants)
+        grid = ", ".join(f"`{m}` {'/'.join(map(str, sorted(n)))}" for m, n in sorted(grids.items()))
+        total = sum(r.n_variants for r in part)
+        views = "; ".join(sorted({_views_text(r) for r in part}))
+        fit = " / ".join(f"`{f}`" for f in fit_on[arm])
+        what = ("each sweeps its grid on val and the chosen point is refit on " if arm == "head" else
+                "each keeps the epoch with the best val score (early stopping) of a model fit on ")
+        out.append(f"- **{_kind_name(arm)}**: {len(part)} variants per seed ({_variant_list(part)}), "
+                   f"{total} settings tried on val in all (grid points per variant: {grid}); {what}{fit}; "
+                   f"training views: {views}.")
+    if len({tuple(v) for v in fit_on.values()}) > 1:
+        out.append("- **The arms' final models were fit on different data ("
+                   + ", ".join(f"{_kind_name(a)}: {' / '.join(v)}" for a, v in fit_on.items())
+                   + "), so the comparison is not like for like.**")
+    return out
+
+
+def _variant_list(part: list[ResultRow]) -> str:
+    return ", ".join(f"`{r.method} ({r.feature_set})`" for r in sorted(part, key=lambda r: (r.method, r.feature_set)))
+
+
+def _views_text(r: ResultRow) -> str:
+    name = f"`{r.method} ({r.feature_set})`" if r.kind == "finetune" else f"`{r.feature_set}`"
+    if r.views_fresh:
+        return f"{name} a fresh augmentation every step"
+    if r.views is None:
+        return f"{name} augmented views (count not recorded)"
+    if r.views == 0:
+        return f"{name} clean images only"
+    reuse = ("cached once and reused every epoch (prefix cache)" if r.kind == "finetune"
+             else "extracted once")
+    return f"{name} clean + {r.views} fixed augmented views per image, {reuse}"
+
+
+def _n_boot(rows: list[ResultRow]) -> str:
+    values = sorted({r.metrics.n_boot for r in rows if r.kind != "fewshot" and r.metrics.n_boot is not None})
     return ", ".join(map(str, values)) or "?"
 
 
 def section_comparison(inp: ReportInputs) -> list[str]:
-    main = main_results(inp.results).sort_values(["backbone", "kind", "mean_per_class"], ascending=[True, True, False])
-    body = [[str(r.row), r.backbone, r.method, r.feature_set, r.tta, str(r.seed),
+    # Ordered by val (the score choices are made on), never by test.
+    main = main_results(inp.results).sort_values(["backbone", "kind", "seed", "val_mean_per_class", "row"],
+                                                 ascending=[True, True, True, False, True])
+    chosen = set(chosen_per_seed(inp.results)["row"])
+    body = [[str(r.row), r.backbone, r.method, r.feature_set, r.tta, str(r.seed), r.fit_on, str(r.n_variants),
+             pct(r.val_mean_per_class), "**chosen**" if r.row in chosen else "",
              pct_ci(r.top1, r.top1_lo, r.top1_hi), pct_ci(r.mean_per_class, r.mean_per_class_lo, r.mean_per_class_hi),
              pct(r.macro_f1), seconds(r.train_s), seconds(r.feature_s), seconds(r.predict_s),
              count(r.trainable_params)]
             for r in main.itertuples()]
-    header = ["row", "backbone", "method", "features / aug", "test-time aug", "seed", "top-1 % [95% CI]",
-              "mean per-class % [95% CI]", "macro-F1 %", "train s", "feature extraction s", "inference s",
-              "trainable params"]
+    header = ["row", "backbone", "method", "features / aug", "test-time aug", "seed", "fit on", "settings tried",
+              "val mean per-class %", "chosen on val", "top-1 % [95% CI]", "mean per-class % [95% CI]", "macro-F1 %",
+              "train s", "feature extraction s", "inference s", "trainable params"]
     out = ["## Comparison", "",
-           "`row` is the line of `results.jsonl` (0-based) that each figure comes from. For heads, *train s* is the "
+           "`row` is the line of `results.jsonl` (0-based) that each figure comes from; rows are ordered by val "
+           "score, and *chosen on val* marks each (backbone, arm, seed)'s val-best row. For heads, *train s* is the "
            "hyperparameter sweep + refit and *feature extraction s* the one-off cost of the cached features they "
            "share (all splits and views); for fine-tuning, *train s* already includes building its frozen-prefix "
            "cache (or, for `ft:head`, the feature cache it reuses). *Test-time aug* `hflip`: heads score the mean "
@@ -243,41 +331,42 @@ def section_augmentation(inp: ReportInputs) -> list[str]:
 
 
 def section_fewshot(inp: ReportInputs) -> list[str]:
-    few = inp.results[inp.results.kind == "fewshot"]
+    table = fewshot_table(inp.results, inp.rows)
     out = ["### Few-shot curves", ""]
-    if few.empty:
+    if table.empty:
         return out + ["No few-shot results in this run.", ""]
-    body = []
-    for (backbone, method, fset, k), part in few.groupby(["backbone", "method", "feature_set", "k_per_class"]):
-        values = part["mean_per_class"]
-        body.append([backbone, method, fset, str(int(k)), str(len(part)), pct(values.mean()),
-                     pct(values.std()) if len(part) > 1 else "–", ", ".join(map(str, part["row"]))])
-    out += md_table(["backbone", "head", "features", "k per class", "seeds", "mean per-class % (mean)",
+    body = [[r.backbone, r.method, r.feature_set, str(r.k_per_class),
+             str(r.n_distinct) + ("" if r.n_distinct == r.n_draws else f" ({r.n_draws} identical draws)"),
+             pct(r["mean"]), pct(r.sd), r.rows] for _, r in table.iterrows()]
+    out += md_table(["backbone", "head", "features", "k per class", "distinct draws", "mean per-class % (mean)",
                      "sd", "rows"], body)
+    out += ["Draws with identical test predictions (every seed took the whole pool) are one fit, counted once.", ""]
     if "fewshot" in inp.figures:
         out += [f"![Few-shot curves]({inp.figures['fewshot']})", ""]
     return out
 
 
-def best_overall(results: pd.DataFrame) -> pd.Series | None:
-    main = main_results(results)
-    return None if main.empty else main.loc[main["mean_per_class"].idxmax()]
+def chosen_model(inp: ReportInputs) -> ResultRow | None:
+    """The row the error analysis and its figures describe: the headline's val-chosen variant, at its
+    first split seed."""
+    best = best_overall(inp.variants)
+    return None if best is None else inp.rows[int(rows_of(inp.results, best).iloc[0].row)]
 
 
 def section_errors(inp: ReportInputs) -> list[str]:
-    best = best_overall(inp.results)
-    out = ["### Where the best model fails", ""]
-    if best is None:
+    row = chosen_model(inp)
+    out = ["### Where the chosen model fails", ""]
+    if row is None:
         return out + ["No result.", ""]
-    row = inp.rows[int(best.row)]
-    names = row.get("class_names") or [str(i) for i in range(len(row["metrics"]["confusion"]))]
-    out.append(f"Best model: `{best.backbone}` `{best.method} ({best.feature_set})`, row {int(best.row)}.")
+    names = list(row.class_names) or [str(i) for i in range(len(row.metrics.confusion))]
+    out.append(f"The model chosen on val: `{row.backbone}` `{row.method} ({row.feature_set})`, split seed {row.seed}, "
+               f"row {row.index}.")
     out.append("")
-    per = inp.per_class[(inp.per_class.row == best.row)].dropna(subset=["accuracy"]).sort_values("accuracy")
+    per = inp.per_class[(inp.per_class.row == row.index)].dropna(subset=["accuracy"]).sort_values("accuracy")
     out += ["Worst classes:", ""]
     out += md_table(["class", "test accuracy %"],
                     [[r.class_name, pct(r.accuracy)] for r in per.head(inp.worst_n).itertuples()])
-    cm = np.asarray(row["metrics"]["confusion"])
+    cm = np.asarray(row.metrics.confusion)
     off = cm.copy()
     np.fill_diagonal(off, 0)
     pairs = [(int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))]
@@ -285,8 +374,8 @@ def section_errors(inp: ReportInputs) -> list[str]:
     out += ["Most-confused pairs (true → predicted, test images):", ""]
     out += md_table(["true", "predicted", "images", "of the class's test images"],
                     [[names[i], names[j], str(n), str(int(cm[i].sum()))] for n, i, j in pairs[: inp.worst_n]])
-    for key, caption in (("confusion", "Confusion matrix of the best model"),
-                         ("per_class", "Per-class accuracy of the best model")):
+    for key, caption in (("confusion", "Confusion matrix of the chosen model"),
+                         ("per_class", "Per-class accuracy of the chosen model")):
         if key in inp.figures:
             out += [f"![{caption}]({inp.figures[key]})", ""]
     return out
@@ -318,15 +407,32 @@ def section_provenance(inp: ReportInputs) -> list[str]:
         f"- command: `{' '.join(p.get('argv', []))}`",
         f"- device: {p.get('device')}; platform: {p.get('platform')}; Python {p.get('python')}",
         f"- packages: {pkgs}",
-        f"- started {p.get('started')}, ended {p.get('ended') or '(running)'}",
+        f"- started {p.get('started')}, " + _ended(p),
         "- the full resolved config is `config.resolved.toml` beside this report; every result is a line of "
-        "`results.jsonl` (also flattened into `results.csv` and `per_class.csv`).",
+        "`results.jsonl` (also flattened into `results.csv`, `summary.csv` and `per_class.csv`).",
         "",
     ]
 
 
-SECTIONS = (section_dataset, section_protocol, section_comparison, section_answer, section_augmentation,
-            section_fewshot, section_errors, section_published, section_skipped, section_provenance)
+def _ended(p: dict) -> str:
+    # The report is the run's last stage, so it is written before the run ends; run_study records the
+    # end in provenance.json and then rewrites this section (reports.stage.record_end).
+    if p.get("ended"):
+        return f"ended {p['ended']} (status {p.get('status', '?')})"
+    return "report written before the run ended (the end time and status are in provenance.json)"
+
+
+def section_training(inp: ReportInputs) -> list[str]:
+    if "training_curves" not in inp.figures:
+        return []
+    return ["### Training curves", "",
+            "Per epoch, every fine-tune's mean training loss and its val mean per-class accuracy; the marked "
+            "epoch is the one kept (best val).", "", f"![Training curves]({inp.figures['training_curves']})", ""]
+
+
+SECTIONS = (section_dataset, section_protocol, section_comparison, section_answer, section_seeds,
+            section_augmentation, section_fewshot, section_training, section_errors, section_published,
+            section_skipped, section_provenance)
 
 
 def render(inp: ReportInputs, *, title: str) -> str:

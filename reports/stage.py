@@ -1,4 +1,4 @@
-"""Report stage: rebuild report.md, results.csv, per_class.csv and the PNG figures of a run folder.
+"""Report stage: rebuild report.md, results.csv, summary.csv, per_class.csv and the PNG figures of a run folder.
 
 Reads only the run's own files (results.jsonl, skipped.jsonl, provenance.json, config.resolved.toml)
 and the dataset stage's summary.json + manifest; computes no metric.
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from dataset.manifest import read_manifest
 from reports import plots
-from reports.collect import per_class_table, results_table
-from reports.render import ReportInputs, best_overall, main_results, read_run_inputs, render
+from reports.collect import main_results, per_class_table, results_table
+from reports.render import ReportInputs, chosen_model, read_run_inputs, render, section_provenance
 from study.atomic import write_text_atomic
-from study.results import read_rows, read_skips
+from study.results import read_results, read_skips
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int = 10) -> Path:
     run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
     results_path = run_dir / "results.jsonl"
-    rows = read_rows(results_path) if results_path.is_file() else []
+    rows = read_results(results_path) if results_path.is_file() else []
     results, per_class = results_table(rows), per_class_table(rows)
     results.to_csv(run_dir / "results.csv", index=False)
     per_class.to_csv(run_dir / "per_class.csv", index=False)
@@ -38,6 +38,7 @@ def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int =
     inputs = ReportInputs(rows=rows, results=results, per_class=per_class, summary=summary,
                           labels_by_id=labels_by_id, skips=read_skips(run_dir), provenance=provenance,
                           config=config, figures={}, worst_n=worst_n)
+    inputs.variants.drop(columns=["rows"]).to_csv(run_dir / "summary.csv", index=False)
     inputs.figures = make_figures(inputs, run_dir=run_dir, dataset_dir=dataset_dir)
     report = run_dir / "report.md"
     write_text_atomic(report, render(inputs, title=title))
@@ -55,19 +56,41 @@ def make_figures(inp: ReportInputs, *, run_dir: Path, dataset_dir: Path) -> dict
     if not main.empty:
         figures["accuracy_by_method"] = plots.accuracy_by_method(main, run_dir / "accuracy_by_method.png").name
         figures["accuracy_vs_cost"] = plots.accuracy_vs_cost(main, run_dir / "accuracy_vs_cost.png").name
-        best = best_overall(inp.results)
-        row = inp.rows[int(best.row)]
-        title = f"{best.backbone} {best.method} ({best.feature_set})"
-        names = row.get("class_names") or [str(i) for i in range(len(row["metrics"]["confusion"]))]
-        figures["confusion"] = plots.confusion(row["metrics"]["confusion"], names, f"Confusion: {title}",
+        row = chosen_model(inp)  # the val-chosen model, the one the error analysis names
+        title = f"{row.backbone} {row.method} ({row.feature_set}), chosen on val"
+        names = list(row.class_names) or [str(i) for i in range(len(row.metrics.confusion))]
+        figures["confusion"] = plots.confusion(row.metrics.confusion, names, f"Confusion: {title}",
                                                run_dir / "confusion_best.png").name
-        figures["per_class"] = plots.per_class_accuracy(inp.per_class[inp.per_class.row == best.row],
+        figures["per_class"] = plots.per_class_accuracy(inp.per_class[inp.per_class.row == row.index],
                                                         f"Per-class accuracy: {title}",
                                                         run_dir / "per_class_best.png").name
+    curves = [r for r in inp.rows if r.kind == "finetune" and r.selection is not None and r.selection.curve]
+    if curves:
+        figures["training_curves"] = plots.training_curves(curves, run_dir / "training_curves.png").name
     few = inp.results[inp.results.kind == "fewshot"]
     if not few.empty:
         figures["fewshot"] = plots.fewshot_curves(few, run_dir / "fewshot.png").name
     return figures
+
+
+def record_end(*, run_dir: Path) -> None:
+    """Rewrite the report's provenance section from provenance.json once the run has recorded its end.
+
+    The report is the run's last stage, so it is written while the run is still going; run_study
+    calls this after ``end_provenance`` so the report says when and how the run ended instead of
+    "running". Only the last section is replaced: no figure is redrawn, no number changes.
+    """
+    report = Path(run_dir) / "report.md"
+    if not report.is_file():
+        return
+    text = report.read_text()
+    head, sep, _ = text.rpartition("## Provenance")
+    if not sep:
+        return
+    provenance, _ = read_run_inputs(Path(run_dir))
+    inputs = ReportInputs(rows=[], results=results_table([]), per_class=per_class_table([]), summary=None,
+                          labels_by_id={}, skips=[], provenance=provenance, config={}, figures={})
+    write_text_atomic(report, head + "\n".join(section_provenance(inputs)).rstrip("\n") + "\n")
 
 
 def run(ctx) -> None:

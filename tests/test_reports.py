@@ -76,11 +76,12 @@ def test_skips_and_augmentation_effect_are_reported(run_dir):
 
 
 def test_mcnemar_counts_discordant_pairs():
+    from types import SimpleNamespace as Row  # McNemar reads only these three fields of a ResultRow
     labels = {"a": 0, "b": 1, "c": 2, "d": 0}
-    row_a = {"method": "x", "test_sample_id": ["a", "b", "c", "d"], "test_pred": [0, 1, 2, 1]}
-    row_b = {"method": "y", "test_sample_id": ["d", "c", "b", "a"], "test_pred": [0, 0, 0, 0]}
+    row_a = Row(method="x", test_sample_id=["a", "b", "c", "d"], test_pred=[0, 1, 2, 1])
+    row_b = Row(method="y", test_sample_id=["d", "c", "b", "a"], test_pred=[0, 0, 0, 0])
     t = mcnemar(row_a, row_b, labels_by_id=labels)
     assert (t.n_common, t.only_a, t.only_b) == (4, 2, 1)
     assert 0 < t.p_value <= 1
     with pytest.raises(ValueError, match="share no test sample"):
-        mcnemar(row_a, {"method": "z", "test_sample_id": ["q"], "test_pred": [0]}, labels_by_id=labels)
+        mcnemar(row_a, Row(method="z", test_sample_id=["q"], test_pred=[0]), labels_by_id=labels)

@@ -1,0 +1,210 @@
+"""The report's choices are made on val, over several split seeds, from a hand-made results file.
+
+The rows are built so that on every count the val-best and the test-best differ: a report that
+picked on test would name other rows than the ones asserted here.
+"""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from classify.metrics import evaluate
+from reports.collect import results_table, summary_table, verdicts
+from reports.render import protocol_arm_lines
+from reports.stage import build_report, record_end
+from study.provenance import end_provenance, start_provenance
+from study.results import ResultRow, append_rows, read_results
+from tests.conftest import make_tiny_manifest
+from tests.report_checks import assert_comparison_traces, assert_pngs_valid, table_after
+
+CLASSES = ["accordion", "anchor", "barrel", "crab"]
+# (kind, method, feature_set) -> per split seed: (val mean per-class, number of wrong test images).
+# Seed 0: val picks lr (clean) and ft:last:1, test would pick lr (aug) and ft:head.
+# Seed 1: val picks lr (aug) (per seed); over both seeds lr (clean) has the better mean val.
+PLAN = {
+    ("head", "lr", "clean"): {0: (0.90, 8), 1: (0.91, 6)},
+    ("head", "lr", "aug"): {0: (0.80, 1), 1: (0.92, 3)},
+    ("finetune", "ft:head", "light"): {0: (0.85, 2), 1: (0.84, 1)},
+    ("finetune", "ft:last:1", "light"): {0: (0.88, 5), 1: (0.89, 7)},
+}
+
+
+def _pred(y: np.ndarray, n_wrong: int, rng) -> np.ndarray:
+    pred = y.copy()
+    wrong = rng.choice(len(y), size=n_wrong, replace=False)
+    pred[wrong] = (y[wrong] + 1) % len(CLASSES)
+    return pred
+
+
+def _base(*, kind, method, feature_set, seed, y, pred, ids) -> dict:
+    scores = np.eye(len(CLASSES))[pred] + 0.01
+    return {"kind": kind, "backbone": "efficientnet_lite0", "method": method, "feature_set": feature_set,
+            "seed": seed, "k_per_class": None, "tta": "hflip",
+            "metrics": evaluate(y, pred, scores, n_classes=len(CLASSES), n_boot=50, seed=seed),
+            "test_sample_id": ids, "test_pred": pred.tolist(), "train_s": 3.0, "predict_s": 0.1,
+            "cache_key": "k", "manifest_hash": "h", "n_train": 24, "n_val": 8, "n_test": len(y),
+            "class_names": CLASSES, "trainable_params": 100}
+
+
+def _head(val: float, **kw) -> dict:
+    # Three grid points; the chosen one (C=1) has the row's val score, the others less.
+    grid = [{"params": {"C": c}, "val_mean_per_class": v, "val_log_loss": 0.5}
+            for c, v in ((0.1, val - 0.05), (1.0, val), (10.0, val - 0.1))]
+    return {**_base(**kw), "hyperparams": {"C": 1.0}, "selection": grid, "val_mean_per_class": val,
+            "fit_on": "train+val", "views": 0 if kw["feature_set"] == "clean" else 2, "feature_s": 10.0}
+
+
+def _finetune(val: float, **kw) -> dict:
+    curve = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_mean_per_class": val - 0.1 * (e != 1)} for e in range(3)]
+    return {**_base(**kw), "hyperparams": {"lr": 0.01, "views": 2, "path": "prefix_cache"}, "epochs_run": 3,
+            "selection": {"metric": "val_mean_per_class", "best_epoch": 1, "best_score": val, "curve": curve,
+                          "stopped_early": False},
+            "val_mean_per_class": val, "fit_on": "train", "views": 2, "views_fresh": False}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("verdict")
+    dataset_dir, run_dir = tmp / "dataset", tmp / "run"
+    run_dir.mkdir()
+    test = make_tiny_manifest(dataset_dir / "manifest.csv").query("split == 'test'")
+    y, ids = test.label.to_numpy(), test.sample_id.tolist()
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1):
+        for (kind, method, fset), by_seed in PLAN.items():
+            val, n_wrong = by_seed[seed]
+            make = _head if kind == "head" else _finetune
+            rows.append(make(val, kind=kind, method=method, feature_set=fset, seed=seed, y=y,
+                             pred=_pred(y, n_wrong, rng), ids=ids))
+    # Few-shot: at k=1 two different draws; at k=3 two draws with the same predictions (one fit).
+    for k, preds in ((1, [_pred(y, 9, rng), _pred(y, 7, rng)]), (3, [_pred(y, 4, rng)] * 2)):
+        for draw, pred in enumerate(preds):
+            rows.append({**_base(kind="fewshot", method="lr", feature_set="clean", seed=draw, y=y, pred=pred, ids=ids),
+                         "k_per_class": k, "hyperparams": {"C": 1.0}, "selection": None, "fit_on": "train+val",
+                         "views": 0})
+    append_rows(run_dir / "results.jsonl", rows)
+    prov = start_provenance(run_dir=run_dir, repo=tmp, argv=["run_study.py"], device="cpu")
+    build_report(run_dir=run_dir, dataset_dir=dataset_dir, title="Verdict")
+    return run_dir, dataset_dir, prov
+
+
+def _results(run_dir):
+    return results_table(read_results(run_dir / "results.jsonl"))
+
+
+def _row_of(results, method, fset, seed):
+    return results[(results.method == method) & (results.feature_set == fset) & (results.seed == seed)].iloc[0]
+
+
+def test_the_fixture_separates_val_best_from_test_best(run):
+    results = _results(run[0])
+    for arm in ("head", "finetune"):
+        part = results[(results.arm == arm) & (results.seed == 0)]
+        assert part.loc[part.val_mean_per_class.idxmax(), "row"] != part.loc[part.mean_per_class.idxmax(), "row"]
+
+
+def test_summary_marks_the_val_chosen_variant_and_aggregates_seeds_by_hand(run):
+    run_dir = run[0]
+    results = _results(run_dir)
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert list(summary.columns[:9]) == ["backbone", "arm", "method", "feature_set", "n_seeds", "mean", "sd",
+                                         "val_mean", "chosen"]
+    chosen = summary[summary.chosen]
+    assert set(zip(chosen.arm, chosen.method, chosen.feature_set)) == {("head", "lr", "clean"),
+                                                                      ("finetune", "ft:last:1", "light")}
+    for s in summary.itertuples():
+        test = [_row_of(results, s.method, s.feature_set, seed).mean_per_class for seed in (0, 1)]
+        vals = [PLAN[(s.arm, s.method, s.feature_set)][seed][0] for seed in (0, 1)]
+        assert s.n_seeds == 2
+        assert s.mean == pytest.approx((test[0] + test[1]) / 2)
+        assert s.sd == pytest.approx(abs(test[0] - test[1]) / np.sqrt(2))  # sample sd of two values
+        assert s.val_mean == pytest.approx((vals[0] + vals[1]) / 2)
+
+
+def test_verdict_per_seed_uses_that_seeds_val_chosen_pair_and_averages_by_hand(run):
+    run_dir, dataset_dir, _ = run
+    rows = read_results(run_dir / "results.jsonl")
+    results = results_table(rows)
+    labels = dict(zip(*pd.read_csv(dataset_dir / "manifest.csv")[["sample_id", "label"]].T.values))
+    (v,) = verdicts(results, rows, labels_by_id=labels)
+    expected_pairs = {0: (("lr", "clean"), ("ft:last:1", "light")), 1: (("lr", "aug"), ("ft:last:1", "light"))}
+    diffs = []
+    for s in v.seeds:
+        (hm, hf), (fm, ff) = expected_pairs[s.seed]
+        assert (s.head.method, s.head.feature_set, s.finetune.method) == (hm, hf, fm)
+        diffs.append(_row_of(results, hm, hf, s.seed).mean_per_class - _row_of(results, fm, ff, s.seed).mean_per_class)
+    assert v.mean_diff == pytest.approx(np.mean(diffs))
+    assert v.sd_diff == pytest.approx(abs(diffs[0] - diffs[1]) / np.sqrt(2))
+    assert v.wins["head"] == sum(d > 0 for d in diffs) and v.wins["finetune"] == sum(d < 0 for d in diffs)
+    md = (run_dir / "report.md").read_text()
+    table = table_after(md, "### Chosen head vs chosen fine-tune")
+    assert [(c["seed"], c["chosen head"].split("`")[1]) for c in table] == [("0", "lr (clean)"), ("1", "lr (aug)")]
+
+
+def test_report_names_the_val_best_not_the_test_best(run):
+    run_dir = run[0]
+    md = (run_dir / "report.md").read_text()
+    headline = md.split("\n## ", 1)[0]
+    assert "`lr (clean)`" in headline and "lr (aug)" not in headline
+    errors = md.split("### Where the chosen model fails", 1)[1].split("\n\n", 2)[1]
+    assert "`lr (clean)`, split seed 0" in errors
+    chosen_cells = [c for c in table_after(md, "## Comparison") if c["chosen on val"]]
+    assert {(c["method"], c["features / aug"], c["seed"]) for c in chosen_cells} == {
+        ("lr", "clean", "0"), ("ft:last:1", "light", "0"), ("lr", "aug", "1"), ("ft:last:1", "light", "1")}
+    assert assert_comparison_traces(run_dir) == 8
+
+
+def test_results_csv_has_the_machine_readable_columns(run):
+    csv = pd.read_csv(run[0] / "results.csv")
+    assert {"seed", "arm", "fit_on", "val_mean_per_class", "mean_per_class"} <= set(csv.columns)
+    main = csv[csv.kind != "fewshot"]
+    assert set(main.arm) == {"head", "finetune"}
+    assert set(zip(main.arm, main.fit_on)) == {("head", "train+val"), ("finetune", "train")}
+    assert main.mean_per_class_lo.notna().all()  # each seed's interval
+
+
+def test_fewshot_draws_that_are_one_fit_count_once(run):
+    md = (run[0] / "report.md").read_text()
+    few = {c["k per class"]: c for c in table_after(md, "### Few-shot curves")}
+    assert few["1"]["distinct draws"] == "2" and few["1"]["sd"] != "–"
+    assert few["3"]["distinct draws"] == "1 (2 identical draws)" and few["3"]["sd"] == "–"
+
+
+def test_protocol_text_matches_the_rows(run):
+    run_dir = run[0]
+    raw = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    md = (run_dir / "report.md").read_text()
+    protocol = md.split("## Protocol", 1)[1].split("\n## ", 1)[0]
+    for arm, name in (("head", "frozen features + head"), ("finetune", "fine-tune")):
+        seed0 = [r for r in raw if r["kind"] == arm and r["seed"] == 0]
+        (line,) = [x for x in protocol.splitlines() if x.startswith(f"- **{name}**")]
+        settings = sum(len(r["selection"]) if arm == "head" else 1 for r in seed0)
+        assert f"{len(seed0)} variants per seed" in line and f"{settings} settings tried on val" in line
+        assert {r["fit_on"] for r in seed0} == {f for f in ("train+val", "train") if f"`{f}`;" in line}
+    assert "clean + 2 fixed augmented views per image, cached once and reused every epoch" in protocol
+    assert "fit on different data" in protocol
+    # The text follows the rows: fine-tunes refit on train+val and fresh views change it.
+    rows = [ResultRow.from_dict({**r, "fit_on": "train+val", "views_fresh": r["kind"] == "finetune"}, index=i)
+            for i, r in enumerate(raw)]
+    text = "\n".join(protocol_arm_lines(rows))
+    assert "fit on different data" not in text and "a fresh augmentation every step" in text
+    assert "refit on `train+val`" in text and "a model fit on `train+val`" in text
+
+
+def test_training_curves_are_drawn_and_linked(run):
+    linked = assert_pngs_valid(run[0])
+    assert "training_curves.png" in linked
+
+
+def test_provenance_ends_after_the_report_is_written(run):
+    run_dir, _, prov = run
+    before = (run_dir / "report.md").read_text()
+    assert "(running)" not in before and "report written before the run ended" in before
+    end_provenance(run_dir=run_dir, prov=prov, status="ok")
+    record_end(run_dir=run_dir)
+    after = (run_dir / "report.md").read_text()
+    ended = json.loads((run_dir / "provenance.json").read_text())["ended"]
+    assert f"ended {ended} (status ok)" in after
+    assert after.split("## Provenance")[0] == before.split("## Provenance")[0]  # nothing else rewritten
