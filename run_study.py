@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if distributed.is_main():
             end_provenance(run_dir=run_dir, prov=prov, status=status)
+            if (run_dir / "report.md").is_file():  # written before the end: now say how the run ended
+                importlib.import_module("reports.stage").record_end(run_dir=run_dir)
     if not distributed.is_main():
         return 0
     report = run_dir / "report.md"

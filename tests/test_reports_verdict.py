@@ -208,3 +208,12 @@ def test_provenance_ends_after_the_report_is_written(run):
     ended = json.loads((run_dir / "provenance.json").read_text())["ended"]
     assert f"ended {ended} (status ok)" in after
     assert after.split("## Provenance")[0] == before.split("## Provenance")[0]  # nothing else rewritten
+
+
+def test_a_run_reports_how_it_ended(tmp_path):
+    import run_study
+    args = ["--config", "configs/quick.toml", "--stages", "report", "--data-root", str(tmp_path), "--out", str(tmp_path)]
+    assert run_study.main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    ended = json.loads((run_dir / "provenance.json").read_text())["ended"]
+    assert f"ended {ended} (status ok)" in (run_dir / "report.md").read_text()
