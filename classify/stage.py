@@ -104,6 +104,11 @@ def cached_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict
                      test_scores=fit.test_scores, hyperparams=fit.selection.best, train_s=fit.train_s,
                      predict_s=fit.predict_s, model=fit.model, **context)
     row["selection"] = fit.selection.scores
+    # The chosen point's val score (what the report chooses variants by) and what the scored model
+    # was fit on: select_and_refit refits the chosen point on train+val.
+    row["val_mean_per_class"] = next(s["val_mean_per_class"] for s in fit.selection.scores
+                                     if s["params"] == fit.selection.best)
+    row["fit_on"] = "train+val"
     row["head_key"] = key
     save_head(head_dir, model=fit.model, meta=head_meta(row, context))
     save_rows(head_dir, [row])
@@ -138,7 +143,7 @@ def cached_fewshot(params: dict, *, data: HeadData, fewshot_cfg: dict, head_cfg:
                              test_scores=fit.test_scores, hyperparams=params, train_s=fit.train_s,
                              predict_s=fit.predict_s, model=fit.model, **{**context, "seed": draw_seed})
             rows.append({**row, "k_per_class": k, "n_train": fit.n_train, "n_val": 0, "n_fit_rows": fit.n_train,
-                         "fewshot_pool": fewshot_cfg["pool"]})
+                         "fewshot_pool": fewshot_cfg["pool"], "fit_on": fewshot_cfg["pool"]})
     save_rows(head_dir, rows)
     return rows
 
@@ -161,6 +166,8 @@ def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, test
         # The one-off cost of the features the head stands on (all splits and views), so the report
         # compares heads and fine-tuning on total cost, not on the sweep alone.
         "feature_s": fs.extract_s,
+        # Augmented views per training image the head was fit on (0: clean only), counted from its rows.
+        "views": int(len(data.train) // max(len(np.unique(data.train.sample_id)), 1)) - 1,
     }
 
 

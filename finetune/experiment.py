@@ -148,6 +148,13 @@ def _row(*, backbone, policy, hp, seed, net, fit, logits, manifest, names, mhash
                         "trainable_units": net.suffix_names, "best_epoch": fit.best_epoch},
         "selection": {"metric": "val_mean_per_class", "best_epoch": fit.best_epoch, "best_score": fit.best_score,
                       "curve": fit.history, "stopped_early": fit.stopped_early},
+        # The kept epoch's val score (what the report chooses variants by); what the scored model was
+        # fit on (the best-epoch checkpoint of a model trained on train); and its training views: the
+        # prefix cache reuses V fixed augmented views every epoch, the naive loop draws fresh ones.
+        "val_mean_per_class": fit.best_score,
+        "fit_on": "train",
+        "views": hp["views"] if cache is not None else 0,
+        "views_fresh": cache is None,
         "train_s": fit.train_s + prefix_s,
         "train_epochs_s": fit.train_s,
         "prefix_cache_s": prefix_s,
