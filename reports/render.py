@@ -249,19 +249,33 @@ def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
         for r in part:
             grids.setdefault(r.method, set()).add(r.n_variants)
         grid = ", ".join(f"`{m}` {'/'.join(map(str, sorted(n)))}" for m, n in sorted(grids.items()))
+        swept = "; ".join(sorted({f"`{r.method}` {_grid_text(r)}" for r in part}))
         total = sum(r.n_variants for r in part)
         views = "; ".join(sorted({_views_text(r) for r in part}))
         fit = " / ".join(f"`{f}`" for f in fit_on[arm])
         what = ("each sweeps its grid on val and the chosen point is refit on " if arm == "head" else
                 "each keeps the epoch with the best val score (early stopping) of a model fit on ")
         out.append(f"- **{_kind_name(arm)}**: {len(part)} variants per seed ({_variant_list(part)}), "
-                   f"{total} settings tried on val in all (grid points per variant: {grid}); {what}{fit}; "
+                   f"{total} settings tried on val in all (grid points per variant: {grid}; grids: {swept}); "
+                   f"{what}{fit}; "
                    f"training views: {views}.")
     if len({tuple(v) for v in fit_on.values()}) > 1:
         out.append("- **The arms' final models were fit on different data ("
                    + ", ".join(f"{_kind_name(a)}: {' / '.join(v)}" for a, v in fit_on.items())
                    + "), so the comparison is not like for like.**")
     return out
+
+
+def _grid_text(r: ResultRow) -> str:
+    """The values a row's selection swept, e.g. 'C ∈ {0.1, 1.0} x norm ∈ {l2}'; 'one fixed recipe' when
+    nothing varied (a fine-tune that only chose its epoch)."""
+    points = r.selection.points if r.selection else ()
+    keys = sorted({k for p in points for k in p.params})
+    values = {k: sorted({json.dumps(p.params.get(k), sort_keys=True) for p in points}) for k in keys}
+    varied = [k for k in keys if len(values[k]) > 1]
+    if not varied:
+        return "one fixed recipe"
+    return " x ".join(f"{k} ∈ {{{', '.join(v.strip(chr(34)) for v in values[k])}}}" for k in varied)
 
 
 def _variant_list(part: list[ResultRow]) -> str:

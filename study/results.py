@@ -41,7 +41,13 @@ def check_row(row: dict) -> dict:
         raise ValueError(f"results row is missing keys {missing}; it has {sorted(row)}")
     if row["kind"] not in KINDS:
         raise ValueError(f"results row kind {row['kind']!r}; allowed: {KINDS}")
-    ResultRow.from_dict(row, index=-1)  # a row the report cannot read is refused when written, not when read
+    typed = ResultRow.from_dict(row, index=-1)  # a row the report cannot read is refused when written, not when read
+    if typed.selection is not None and typed.val_mean_per_class is not None:
+        # The row's val score is its chosen setting's: never above the best setting it tried on val.
+        best = typed.selection.best.val_mean_per_class
+        if not math.isclose(typed.val_mean_per_class, best, rel_tol=0, abs_tol=1e-12):
+            raise ValueError(f"results row {row['method']} says val_mean_per_class {typed.val_mean_per_class}, but "
+                             f"the best setting of its selection scored {best} on val")
     return row
 
 

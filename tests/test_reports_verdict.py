@@ -217,3 +217,14 @@ def test_a_run_reports_how_it_ended(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     ended = json.loads((run_dir / "provenance.json").read_text())["ended"]
     assert f"ended {ended} (status ok)" in (run_dir / "report.md").read_text()
+
+
+def test_a_row_whose_val_score_is_not_its_chosen_settings_is_refused():
+    from study.results import check_row
+    row = {"kind": "head", "backbone": "b", "method": "lr", "feature_set": "clean", "seed": 0, "hyperparams": {},
+           "metrics": {"top1": 0.5, "mean_per_class": 0.5, "macro_f1": 0.5}, "train_s": 1.0, "predict_s": 1.0,
+           "cache_key": "k", "manifest_hash": "h", "n_train": 1, "n_test": 1, "val_mean_per_class": 0.9,
+           "selection": [{"params": {"C": 1}, "val_mean_per_class": 0.9}, {"params": {"C": 2}, "val_mean_per_class": 0.8}]}
+    assert check_row(row) is row
+    with pytest.raises(ValueError, match="best setting of its selection scored 0.9"):
+        check_row({**row, "val_mean_per_class": 0.8})
