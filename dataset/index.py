@@ -1,14 +1,21 @@
 """The file index: what each file is (sha256, perceptual hash, size, mode, or why it is unusable).
 
-Scanning decodes every image once, in parallel worker processes. Results are cached in a CSV keyed
-by (path, size, mtime_ns), so a rebuild only decodes new or changed files; the cache is saved
-every few thousand files, so an interrupted scan resumes where it stopped.
+Scanning decodes every image once, in parallel worker processes. Results are cached in a CSV, and a
+cached row is trusted only while the file's (size, mtime_ns, ctime_ns) are those it was hashed
+with, like git's index: ``os.utime`` can restore a rewritten file's mtime but not its ctime, so an
+image re-encoded in place is re-hashed. A file whose stat changed is re-hashed (cheap) and decoded
+only when its content is new: the description of a content is reused whatever its path, so a moved
+or copied folder costs one read, not a decode. A row hashed within ``RACY_NS`` of the file's last
+change is re-hashed next time (a change in the same clock tick would leave the stat equal). The
+cache is saved every few thousand files, so an interrupted scan resumes where it stopped.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imagehash
@@ -22,8 +29,14 @@ from study.hashing import file_sha256
 log = logging.getLogger(__name__)
 INDEX_COLUMNS = ("path", "size", "mtime_ns", "sha256", "phash", "phash256", "width", "height", "mode", "status",
                  "detail")
+# Stored beside them: the ctime the row was hashed at, and when (ns since the epoch), to decide whether to trust it.
+STORED_COLUMNS = (*INDEX_COLUMNS, "ctime_ns", "hashed_ns")
 _DTYPES = {"path": str, "size": "int64", "mtime_ns": "int64", "sha256": str, "phash": str, "phash256": str,
-           "width": "int64", "height": "int64", "mode": str, "status": str, "detail": str}
+           "width": "int64", "height": "int64", "mode": str, "status": str, "detail": str, "ctime_ns": "int64",
+           "hashed_ns": "int64"}
+# Coarser than any file system's timestamp tick (ext4 ~ms, FAT 2 s for mtime, ctime finer): a file changed
+# less than this before it was hashed may change again with an equal stat, so its row is not trusted.
+RACY_NS = 3_000_000_000
 OK = "ok"
 SAVE_EVERY = 2000
 # Below this many files, starting worker processes costs more than it saves.
@@ -32,9 +45,10 @@ MIN_PARALLEL = 200
 
 def describe_file(path: str) -> dict:
     """One index row: decode the file as the study will, and say what it is or why it is unusable."""
-    st = os.stat(path)
+    st, hashed_ns = os.stat(path), time.time_ns()
     row = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": "", "phash": "", "phash256": "",
-           "width": 0, "height": 0, "mode": "", "status": OK, "detail": ""}
+           "width": 0, "height": 0, "mode": "", "status": OK, "detail": "", "ctime_ns": st.st_ctime_ns,
+           "hashed_ns": hashed_ns}
     try:
         row["sha256"] = file_sha256(path)
         rgb, info = probe(path)
@@ -51,7 +65,7 @@ def describe_file(path: str) -> dict:
 
 
 def _empty_index() -> pd.DataFrame:
-    return pd.DataFrame(columns=list(INDEX_COLUMNS)).astype(_DTYPES)
+    return pd.DataFrame(columns=list(STORED_COLUMNS)).astype(_DTYPES)
 
 
 def read_index(index_path: Path) -> pd.DataFrame:
@@ -66,7 +80,9 @@ def read_index(index_path: Path) -> pd.DataFrame:
     if not set(INDEX_COLUMNS) <= set(df.columns):
         log.warning("file index %s has old columns; rescanning every file", index_path)
         return _empty_index()
-    return df[list(INDEX_COLUMNS)]
+    for col in set(STORED_COLUMNS) - set(df.columns):  # an index from before ctime was kept: re-hash, not decode
+        df[col] = -1
+    return df[list(STORED_COLUMNS)]
 
 
 def _save(index_path: Path, frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -77,11 +93,31 @@ def _save(index_path: Path, frames: list[pd.DataFrame]) -> pd.DataFrame:
     return df
 
 
-def _stale(paths: list[str], cached: pd.DataFrame) -> list[str]:
-    """Paths whose (size, mtime_ns) differ from the cached row, or that have none."""
-    stats = {p: os.stat(p) for p in paths}
-    known = {r.path: (r.size, r.mtime_ns) for r in cached.itertuples(index=False)}
-    return [p for p in paths if known.get(p) != (stats[p].st_size, stats[p].st_mtime_ns)]
+def _trusted(row, st: os.stat_result) -> bool:
+    """Whether a cached row still describes the file: same stat, and hashed well after the file last changed."""
+    return (row is not None and (row.size, row.mtime_ns, row.ctime_ns) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            and row.ctime_ns < row.hashed_ns - RACY_NS)
+
+
+def _rehash(path: str) -> dict | None:
+    st, hashed_ns = os.stat(path), time.time_ns()
+    try:
+        sha = file_sha256(path)
+    except OSError:
+        return None  # unreadable: describe_file records why
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "hashed_ns": hashed_ns, "sha256": sha}
+
+
+def _known_contents(stale: list[str], cached: pd.DataFrame, *, workers: int) -> list[dict]:
+    """Rows for stale files whose content (by sha256) the index already describes; the others need decoding."""
+    described = cached[cached["sha256"] != ""].drop_duplicates("sha256", keep="last").set_index("sha256")
+    if not stale or described.empty:
+        return []
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib releases the GIL on large buffers
+        hashed = [h for h in pool.map(_rehash, stale) if h is not None and h["sha256"] in described.index]
+    content_cols = ["phash", "phash256", "width", "height", "mode", "status", "detail"]
+    return [{**h, **described.loc[h["sha256"], content_cols].to_dict()} for h in hashed]
 
 
 def _pool_context():
@@ -113,15 +149,23 @@ def _describe_all(todo: list[str], *, workers: int, on_batch) -> None:
 
 
 def scan_files(paths: list[Path], *, index_path: Path, workers: int = 2) -> pd.DataFrame:
-    """Index rows for ``paths`` (in that order), decoding only files the cached index does not know."""
+    """Index rows for ``paths`` (in that order), decoding only files whose content the cached index does not know."""
     keys = [str(p) for p in paths]
     frames = [read_index(index_path)]
-    todo = _stale(keys, frames[0])
-    log.info("file index: %d files, %d cached, %d to scan", len(keys), len(keys) - len(todo), len(todo))
+    known = {r.path: r for r in frames[0].itertuples(index=False)}
+    stale = [k for k in keys if not _trusted(known.get(k), os.stat(k))]
+    reused = _known_contents(stale, frames[0], workers=workers)
+    done = {r["path"] for r in reused}
+    todo = [k for k in stale if k not in done]
+    log.info("file index: %d files, %d cached, %d re-hashed with known content, %d to scan", len(keys),
+             len(keys) - len(stale), len(reused), len(todo))
+
+    def save_batch(rows: list[dict]) -> None:
+        frames.append(pd.DataFrame(rows, columns=list(STORED_COLUMNS)).astype(_DTYPES))
+        frames[:] = [_save(index_path, frames)]
+    if reused:
+        save_batch(reused)
     if todo:
-        def save_batch(rows: list[dict]) -> None:
-            frames.append(pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).astype(_DTYPES))
-            frames[:] = [_save(index_path, frames)]
         _describe_all(todo, workers=workers, on_batch=save_batch)
     index = frames[0].set_index("path")
-    return index.loc[keys].reset_index()
+    return index.loc[keys, list(INDEX_COLUMNS[1:])].reset_index()
