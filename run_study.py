@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from study import distributed
-from study.config import DEFAULT_CONFIG, REPO_ROOT, STAGES, dump_config, load_config
+from study.config import DEFAULT_CONFIG, REPO_ROOT, STAGES, check_before_work, dump_config, load_config
 from study.context import StudyContext, resolve_device
 from study.errors import StudyError
 from study.provenance import end_provenance, start_provenance, utc_now
@@ -72,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
     try:
         config = resolve(args)
         device = resolve_device(config["device"])
+        check_before_work(config, data_root=data_root, out=out)  # before any stage and before runs/ exists
     except (StudyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
     distributed.init_from_env()
     run_dir = make_run_dir(out, config["name"]) if distributed.is_main() else None
     run_dir = distributed.broadcast_object(run_dir)  # one run folder, however many ranks

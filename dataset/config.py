@@ -4,7 +4,8 @@ Class names in ``rename`` and ``drop`` are either ``"<source>/<folder>"`` (one s
 or a bare ``"<folder>"`` (that folder in every source). Two folders whose final names are equal
 become one class (e.g. Caltech's and Flowers' ``sunflower``).
 """
-from study.schema import Field, float_range, int_range, is_bool, is_str, list_of, one_of, opt_str, str_map, tables_of
+from study.schema import (ConfigError, Field, float_range, int_range, is_bool, is_str, list_of, one_of, opt_str,
+                          str_map, tables_of)
 
 SOURCE = {
     "name": Field(help="a short source name, e.g. 'caltech101'"),
@@ -48,3 +49,17 @@ SCHEMA = {
         "too_few": Field("error", one_of("error", "drop")),
     },
 }
+
+
+def check_data(data_cfg: dict, *, needs_val: bool) -> None:
+    """Checks that span keys of a validated ``[data]`` section: unique source names, a usable split protocol."""
+    from dataset.splits import check_split_config
+
+    first_of: dict[str, int] = {}
+    for i, src in enumerate(data_cfg["sources"]):
+        if src["name"] in first_of:
+            raise ConfigError(f"config key 'data.sources[{i}].name' has value {src['name']!r}; allowed: a name no "
+                              f"other source has (data.sources[{first_of[src['name']]}] is also named "
+                              f"{src['name']!r}): sample ids and class keys are '<source>/<folder>'")
+        first_of[src["name"]] = i
+    check_split_config(data_cfg["split"], needs_val=needs_val)

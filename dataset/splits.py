@@ -14,6 +14,7 @@ import hashlib
 import numpy as np
 
 from study.errors import StudyError
+from study.schema import ConfigError
 
 
 class TooFewImages(StudyError, ValueError):
@@ -39,13 +40,29 @@ def split_sizes(n: int, split_cfg: dict) -> tuple[int, int, int] | None:
     return sizes if sizes[0] >= 1 and sizes[2] >= 1 and sizes[1] >= 0 else None
 
 
-def check_split_config(split_cfg: dict) -> None:
-    if split_cfg["protocol"] == "per_class" and split_cfg["val_per_class"] >= split_cfg["train_per_class"]:
-        raise ValueError(f"data.split.val_per_class ({split_cfg['val_per_class']}) must be smaller than "
-                         f"train_per_class ({split_cfg['train_per_class']}): val is carved from the training images")
-    if split_cfg["protocol"] == "fraction" and split_cfg["train_fraction"] + split_cfg["val_fraction"] >= 1:
-        raise ValueError(f"data.split.train_fraction + val_fraction = "
-                         f"{split_cfg['train_fraction'] + split_cfg['val_fraction']}; must be < 1 to leave a test part")
+def check_split_config(split_cfg: dict, *, needs_val: bool = False) -> None:
+    """Refuse split settings that cannot give every class a train, (val) and test part, naming key and value.
+
+    ``needs_val``: a stage that selects on val runs (heads and fine-tuning choose their settings on val)."""
+    if split_cfg["protocol"] == "per_class":
+        n_fit, n_val = split_cfg["train_per_class"], split_cfg["val_per_class"]
+        if n_val >= n_fit:
+            raise ConfigError(f"config key 'data.split.val_per_class' has value {n_val}; allowed: an integer smaller "
+                              f"than data.split.train_per_class ({n_fit}), since val is carved from the "
+                              f"{n_fit} training images per class")
+        if needs_val and n_val < 1:
+            raise ConfigError(f"config key 'data.split.val_per_class' has value {n_val}; allowed: at least 1 when "
+                              "the classify or finetune stage runs (heads and fine-tuning choose their settings "
+                              "on val); set it to e.g. 5, or run only --stages dataset")
+    else:
+        total = split_cfg["train_fraction"] + split_cfg["val_fraction"]
+        if total >= 1:
+            raise ConfigError(f"config keys 'data.split.train_fraction' + 'data.split.val_fraction' = {total:g}; "
+                              "allowed: a sum below 1, to leave a test part")
+        if needs_val and split_cfg["val_fraction"] <= 0:
+            raise ConfigError(f"config key 'data.split.val_fraction' has value {split_cfg['val_fraction']!r}; "
+                              "allowed: above 0 when the classify or finetune stage runs (heads and fine-tuning "
+                              "choose their settings on val); set it to e.g. 0.1, or run only --stages dataset")
 
 
 def needed_images(split_cfg: dict) -> str:

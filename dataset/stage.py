@@ -15,7 +15,7 @@ def run(ctx) -> None:
     summary = json.loads(build.summary_path.read_text())
     for dropped in summary["dropped_classes"]:
         append_skip(ctx.run_dir, stage="dataset", what=f"class {dropped['name']}", reason=dropped["reason"],
-                    fix="see data.drop / data.split.too_few in the config")
+                    fix=dropped.get("fix", "see data.drop / data.split.too_few in the config"))
     log.info("dataset: %d images, %d classes (%d excluded files, %d duplicates dropped)%s; manifest %s (hash %s)",
              build.n_images, build.n_classes, build.n_excluded, build.n_duplicates,
              " [reused]" if build.reused else "", build.manifest_path, build.manifest_hash[:12])

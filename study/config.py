@@ -2,7 +2,10 @@
 
 Each stage package owns its section's schema (``<package>/config.py`` exports ``SCHEMA``); this
 module only assembles them, so a stage adds a key in one place. The resolved config (defaults
-filled in) is what a run writes next to its results.
+filled in) is what a run writes next to its results. ``load_config`` also refuses values that are
+wrong only together (val larger than train, one source name twice, weights for an unused backbone);
+``check_before_work`` adds what needs a look beyond the file (backbone names, source folders, --out),
+so ``run_study.py`` refuses all of it before any stage runs and before a run folder exists.
 """
 from __future__ import annotations
 
@@ -81,7 +84,40 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] = ()) ->
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
-    return validate(apply_overrides(raw, list(overrides)), study_schema())
+    config = validate(apply_overrides(raw, list(overrides)), study_schema())
+    check_config(config)
+    return config
+
+
+def check_config(config: dict) -> None:
+    """Checks across keys of a validated config; each error names the key, the value and what is allowed."""
+    from dataset.config import check_data
+
+    # Heads and fine-tuning choose their settings on val, so an empty val is refused only when they run.
+    check_data(config["data"], needs_val=bool({"classify", "finetune"} & set(config["stages"])))
+    backbones = config["extract"]["backbones"]
+    for name in config["extract"]["weights"]:
+        if name not in backbones:
+            raise ConfigError(f"config key 'extract.weights.{name}' names a backbone that is not in "
+                              f"extract.backbones {backbones}; allowed: one of those; fix the name or add "
+                              f"'{name}' to extract.backbones")
+
+
+def check_before_work(config: dict, *, data_root: Path, out: Path) -> None:
+    """Refuse what the config shows is wrong once backbone names, source folders and ``out`` are looked at."""
+    from extract.backbones import backbone_spec  # imports torch: kept out of load_config
+    from study.context import check_out_dir
+
+    for i, name in enumerate(config["extract"]["backbones"]):
+        try:
+            backbone_spec(name, pretrained=False)  # names only: no weights are resolved or read
+        except ValueError as exc:
+            raise ConfigError(f"config key 'extract.backbones[{i}]' has value {name!r}: {exc}") from exc
+    if "dataset" in config["stages"]:
+        from dataset.build import check_sources
+
+        check_sources(config["data"], data_root=data_root, out_dir=out / "dataset")
+    check_out_dir(out)
 
 
 def dump_config(config: dict) -> str:

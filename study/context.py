@@ -11,8 +11,12 @@ Layout under ``--out`` (shared by all runs, so caches are reused across runs)::
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from study.errors import StudyError
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,26 @@ class StudyContext:
     @property
     def seed(self) -> int:
         return self.config["seed"]
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be a folder this process can create and write in; say so before any work otherwise."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--out {out} is a file, not a folder; pass a folder (it is created when absent)")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise StudyError(f"--out {out} cannot be created: {existing} is a file; pass a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StudyError(f"--out {out} is not writable: {existing} does not allow this user to write; pass a "
+                         "folder you can write in, or change its permissions")
+    try:  # access() says yes to root on a read-only mount: a real write is the only sure test
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StudyError(f"--out {out} is not writable ({exc.strerror}); pass a folder you can write in") from exc
 
 
 def resolve_device(requested: str) -> str:
