@@ -109,6 +109,21 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
     return summary[SUMMARY_COLUMNS]
 
 
+def val_ties(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (backbone, arm) whose chosen variant shares its best mean val score with others: how many
+    tie. There the choice rests on val log-loss (then row order), which a saturated val split cannot
+    make meaningful, so the report says so."""
+    chosen = chosen_variants(summary)
+    records = []
+    for c in chosen.itertuples():
+        same = summary[(summary.backbone == c.backbone) & (summary.arm == c.arm) & (summary.val_mean == c.val_mean)]
+        if len(same) > 1:
+            records.append({"backbone": c.backbone, "arm": c.arm, "n_tied": len(same), "val_mean": c.val_mean,
+                            "method": c.method, "feature_set": c.feature_set})
+    return pd.DataFrame.from_records(records, columns=["backbone", "arm", "n_tied", "val_mean", "method",
+                                                       "feature_set"])
+
+
 def chosen_variants(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary.chosen]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from reports.collect import (best_overall, chosen_per_seed, fewshot_table, main_results, rows_of, summary_table,
-                             verdicts)
+                             val_ties, verdicts)
 from study.results import ResultRow
 
 PUBLISHED = [
@@ -144,7 +144,11 @@ def section_seeds(inp: ReportInputs) -> list[str]:
             for _, r in v.iterrows()]
     out += md_table(["backbone", "arm", "method", "features / aug", "seeds", "val mean per-class % (mean)",
                      "test mean per-class % (mean ± sd)", "chosen on val", "rows"], body)
-    return out + ["`summary.csv` holds this table; `results.csv` each seed's row with its 95% interval.", ""]
+    for t in val_ties(v).itertuples():
+        out.append(f"- **Val tie** ({t.backbone}, {_kind_name(t.arm)}): {t.n_tied} variants share the best val score "
+                   f"{pct(t.val_mean)}%; `{t.method} ({t.feature_set})` was chosen by the lower val log-loss (then "
+                   "row order). The val split cannot rank these variants; their test figures are shown above.")
+    return out + ["", "`summary.csv` holds this table; `results.csv` each seed's row with its 95% interval.", ""]
 
 
 def _kind_name(kind: str) -> str:

@@ -228,3 +228,24 @@ def test_a_row_whose_val_score_is_not_its_chosen_settings_is_refused():
     assert check_row(row) is row
     with pytest.raises(ValueError, match="best setting of its selection scored 0.9"):
         check_row({**row, "val_mean_per_class": 0.8})
+
+
+def test_a_val_tie_is_reported_with_how_it_was_broken():
+    from reports.collect import val_ties
+    summary = pd.DataFrame({"backbone": ["b"] * 3, "arm": ["head"] * 3, "method": ["lr", "svm", "knn"],
+                            "feature_set": ["clean"] * 3, "val_mean": [1.0, 1.0, 0.9],
+                            "chosen": [False, True, False]})
+    (t,) = val_ties(summary).itertuples()
+    assert (t.n_tied, t.method) == (2, "svm")
+    assert val_ties(summary.assign(val_mean=[0.9, 1.0, 0.8])).empty
+
+
+def test_the_report_says_when_val_could_not_rank_the_chosen_variant(run):
+    from reports.render import ReportInputs, section_seeds
+    results = _results(run[0])
+    tied = results.assign(val_mean_per_class=np.where(results.method == "lr", 0.95, results.val_mean_per_class))
+    inp = ReportInputs(rows=[], results=tied, per_class=pd.DataFrame(), summary=None, labels_by_id={}, skips=[],
+                       provenance={}, config={}, figures={})
+    (note,) = [x for x in section_seeds(inp) if "Val tie" in x]
+    assert "2 variants share the best val score 95.0%" in note
+    assert not [x for x in section_seeds(ReportInputs(**{**inp.__dict__, "results": results})) if "Val tie" in x]
