@@ -116,8 +116,8 @@ def _known_contents(stale: list[str], cached: pd.DataFrame, *, workers: int) -> 
         return []
     with ThreadPoolExecutor(max(1, workers)) as pool:  # hashlib releases the GIL on large buffers
         hashed = [h for h in pool.map(_rehash, stale) if h is not None and h["sha256"] in described.index]
-    content_cols = ["phash", "phash256", "width", "height", "mode", "status", "detail"]
-    return [{**h, **described.loc[h["sha256"], content_cols].to_dict()} for h in hashed]
+    content = described[["phash", "phash256", "width", "height", "mode", "status", "detail"]].to_dict("index")
+    return [{**h, **content[h["sha256"]]} for h in hashed]
 
 
 def _pool_context():

@@ -262,15 +262,21 @@ def test_an_image_re_encoded_in_place_is_noticed_by_its_content(tmp_path, monkey
     first = build_dataset(data_cfg=cfg, data_root=root.parent, out_dir=out, seed=0)
     assert build_dataset(data_cfg=cfg, data_root=root.parent, out_dir=out, seed=0).reused
 
-    st = target.stat()
-    target.write_bytes(after)  # re-encoded in place: same size, and the old mtime put back
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    damaged = root / "cat" / "1.jpg"
+    for path, content in ((target, after), (damaged, b"\xff\xd8" + b"\0" * (damaged.stat().st_size - 2))):
+        st = path.stat()
+        path.write_bytes(content)  # rewritten in place: same size, and the old mtime put back
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     rebuilt = build_dataset(data_cfg=cfg, data_root=root.parent, out_dir=out, seed=0)
     assert not rebuilt.reused and rebuilt.manifest_hash != first.manifest_hash
-    row = read_manifest(rebuilt.manifest_path).set_index("sample_id").loc["mine/cat/0.jpg"]
-    # What extraction checks before it trusts a manifest row: so its "rebuild the dataset" advice now works.
-    assert row["sha256"] == file_sha256(target)
+    manifest = read_manifest(rebuilt.manifest_path).set_index("sample_id")
+    # What extraction checks before it trusts a manifest row: so its "rebuild the dataset" advice now works,
+    # for an image that changed (new sha256) and for one that no longer decodes (now excluded).
+    assert manifest.loc["mine/cat/0.jpg", "sha256"] == file_sha256(target)
+    assert "mine/cat/1.jpg" not in manifest.index
+    excluded = pd.read_csv(out / "excluded.csv", keep_default_na=False)
+    assert excluded.set_index("path").loc["mine/cat/1.jpg", "reason"] == "not_an_image"
 
 
 # ---------------------------------------------------------------- a moved or copied --out
