@@ -152,7 +152,9 @@ def _features(arch: str):
     def blocks(m) -> BlockList:
         # The tail is the model's own pooling and (stripped) classifier, so the pooled output equals the
         # backbone's pre-logits: ConvNeXt's LayerNorm2d, MobileNet v3's hidden Linear+Hardswish.
-        tail = _FeaturesTail(m.avgpool, m.classifier, flatten_first=arch != "convnext")
+        # MobileNet v2 pools inside its forward (no avgpool module): the same global average pool here.
+        pool = getattr(m, "avgpool", None) or nn.AdaptiveAvgPool2d(1)
+        tail = _FeaturesTail(pool, m.classifier, flatten_first=arch != "convnext")
         return BlockList(arch, [(f"features.{i}", f) for i, f in enumerate(m.features)], tail)
     return blocks
 

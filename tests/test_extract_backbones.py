@@ -68,10 +68,7 @@ FAMILY_EXAMPLES = [
     ("torchvision_resnet", "resnet18", False, 224, 512),
     ("torchvision_resnet", "resnet50", False, 224, 2048),
     ("torchvision_inception_v3", "inception_v3", False, 299, 2048),
-    # finetune/unfreeze.py's mobilenet_v2 block list asks for an ``avgpool`` that MobileNetV2 does not have
-    # (it pools functionally): fine-tuning it fails today; the mark makes the fix visible.
-    pytest.param("torchvision_mobilenet_v2", "mobilenet_v2", False, 224, 1280, marks=pytest.mark.xfail(
-        raises=AttributeError, strict=True, reason="unfreeze: MobileNetV2 has no avgpool")),
+    ("torchvision_mobilenet_v2", "mobilenet_v2", False, 224, 1280),
     ("torchvision_mobilenet_v3", "mobilenet_v3_large", False, 224, 1280),
     ("torchvision_efficientnet", "efficientnet_b0", False, 224, 1280),
     ("torchvision_convnext", "convnext_tiny", False, 224, 768),
