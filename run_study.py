@@ -43,6 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="overrides config 'device'")
     p.add_argument("--rebuild-cache", action="store_true",
                    help="rebuild feature/prefix caches whose spec no longer matches (the only override of a mismatch)")
+    p.add_argument("--plan", action="store_true",
+                   help="build (or reuse) the dataset, print what the study would compute and how long, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -65,6 +67,17 @@ def make_run_dir(out: Path, name: str) -> Path:
         run_dir = out / "runs" / f"{stamp}-{name}-{n}"
     run_dir.mkdir(parents=True)
     return run_dir
+
+
+def _log_plan(ctx: StudyContext, *, show: bool) -> bool:
+    """Log (or, with --plan, print) what the study is about to compute, before it computes anything."""
+    from study.plan import make_plan
+
+    if not distributed.is_main() or not ctx.manifest_path.is_file():
+        return True
+    for line in make_plan(ctx).lines():
+        print(line) if show else log.info(line)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +104,14 @@ def main(argv: list[str] | None = None) -> int:
              " (dirty)" if prov["git"]["dirty"] else "", device, ",".join(config["stages"]))
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out, run_dir=run_dir, device=device,
                        rebuild_cache=args.rebuild_cache)
-    status = "failed"
+    status, planned = "failed", False
     try:
         for stage in config["stages"]:
+            if (stage in ("extract", "finetune") or args.plan and stage != "dataset") and not planned:
+                planned = _log_plan(ctx, show=args.plan)
+                if args.plan:
+                    status = "planned"
+                    return 0
             t0 = time.perf_counter()
             if distributed.is_main() or stage not in MAIN_RANK_STAGES:
                 log.info("stage %s ...", stage)

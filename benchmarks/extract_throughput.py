@@ -2,8 +2,9 @@
 """Extraction throughput on N Caltech images, one backbone, three ways, in one run:
 
 (a) naive: the tutorial loop (PIL decode + transform in the main process, fp32, contiguous, no_grad);
-(b) engine: extract.engine.extract_features (workers, channels-last, autocast policy, HDF5 streaming),
-    timed end to end (model load, workers, merge, validation included);
+(b) engine: the shared pass, extract.engine.ensure_rows (workers, channels-last, the precision resolver's
+    autocast, pooled features + the activations at every --policies cut written to the store), timed end
+    to end (model load, workers, checksummed segments included);
 (c) forward: the model alone on ready tensors, same precision and memory layout as (b): the ceiling.
 
 Each phase runs in its own process so its peak RSS (ru_maxrss) is its own; "max child" is the
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--precision", default="auto", help="engine precision (auto = the engine's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policies", default="last:1,last:2", help="fine-tune cuts the shared pass stores too")
     p.add_argument("--accuracy-classes", type=int, default=20,
                    help="Caltech classes for the fp32-vs-reduced accuracy check (only when reduced precision is used)")
     p.add_argument("--phase", choices=["naive", "engine", "forward", "accuracy"], help=argparse.SUPPRESS)
@@ -108,21 +110,27 @@ def phase_naive(args) -> dict:
     return {"images": len(paths), "seconds": seconds, "precision": "fp32", "layout": "contiguous", **_peak()}
 
 
+def _pass(args, store_dir, *, precision: str, policies: list[str]):
+    from dataset.manifest import read_manifest
+    from extract.engine import PassSettings, ensure_rows, study_requests
+
+    manifest = read_manifest(args.manifest)
+    settings = PassSettings(precision=precision, batch_size=args.batch_size, num_workers=args.num_workers,
+                            progress=False)
+    return manifest, ensure_rows(manifest=manifest, backbone=args.backbone, store_root=store_dir, policy="none",
+                                 view_seed=0, requests=study_requests(manifest, views=0, tta="none"),
+                                 policies=policies, settings=settings, data_root=args.data_root)
+
+
 def phase_engine(args) -> dict:
-    from extract.engine import extract_features
     from study.precision import resolve_precision
 
-    with tempfile.TemporaryDirectory() as cache_dir:
+    with tempfile.TemporaryDirectory() as store_dir:
         t0 = time.perf_counter()
-        path = extract_features(manifest_path=args.manifest, backbone=args.backbone, cache_dir=cache_dir, views=0,
-                                policy="none", seed=args.seed, batch_size=args.batch_size,
-                                num_workers=args.num_workers, precision=args.precision, data_root=args.data_root,
-                                progress=False)
+        manifest, result = _pass(args, store_dir, precision=args.precision, policies=args.policies.split(","))
         seconds = time.perf_counter() - t0
-        size = path.stat().st_size
-    from dataset.manifest import read_manifest
-
-    return {"images": len(read_manifest(args.manifest)), "seconds": seconds, "cache_mb": size / 2**20,
+        size = sum(p.stat().st_size for p in Path(store_dir).rglob("seg-*.h5"))
+    return {"images": len(manifest), "seconds": seconds, "cache_mb": size / 2**20,
             "precision": resolve_precision(args.precision, "cpu"), "layout": "channels_last", **_peak()}
 
 
@@ -133,14 +141,17 @@ def phase_forward(args) -> dict:
     from dataset.manifest import read_manifest
     from dataset.transforms import eval_transform
     from extract.backbones import load_backbone
-    from extract.engine import FeatureRunner
-    from study.precision import resolve_precision
+    from study.precision import autocast, resolve_precision
 
     bb = load_backbone(args.backbone)
     tf = eval_transform(bb.data_config)
     images = torch.stack([tf(load_rgb(Path(args.data_root) / p)) for p in read_manifest(args.manifest)["path"]])
     precision = resolve_precision(args.precision, "cpu")
-    runner = FeatureRunner(bb.model, device="cpu", precision=precision, channels_last=True)
+    model = bb.model.eval().to(memory_format=torch.channels_last)
+
+    def runner(x):
+        with torch.inference_mode(), autocast(precision, "cpu"):
+            return model(x)
     batches = [images[s:s + args.batch_size].contiguous(memory_format=torch.channels_last)
                for s in range(0, len(images), args.batch_size)]
     t0 = time.perf_counter()
@@ -157,17 +168,15 @@ def phase_accuracy(args) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from extract.cache import load_features
-    from extract.engine import extract_features
+    from extract.cache import load_feature_set
     from study.precision import resolve_precision
 
     scores = {}
-    with tempfile.TemporaryDirectory() as cache_dir:
+    with tempfile.TemporaryDirectory() as store_dir:
         for precision in ("fp32", resolve_precision(args.precision, "cpu")):
-            fs = load_features(extract_features(
-                manifest_path=args.manifest, backbone=args.backbone, cache_dir=cache_dir, views=0, policy="none",
-                seed=args.seed, batch_size=args.batch_size, num_workers=args.num_workers, precision=precision,
-                data_root=args.data_root, progress=False))
+            manifest, result = _pass(args, store_dir, precision=precision, policies=[])
+            fs = load_feature_set(result.stores["pooled"], manifest=manifest, views=0, tta="none", policy="none",
+                                  view_seed=0)
             train, test = fs.split != "test", fs.split == "test"
             head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=args.seed))
             head.fit(fs.features[train], fs.labels[train])
@@ -181,7 +190,7 @@ PHASES = {"naive": phase_naive, "engine": phase_engine, "forward": phase_forward
 def run_phase(name: str, args, manifest: Path) -> dict:
     cmd = [sys.executable, __file__, "--phase", name, "--manifest", str(manifest), "--data-root", args.data_root,
            "--backbone", args.backbone, "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
-           "--precision", args.precision, "--seed", str(args.seed)]
+           "--precision", args.precision, "--seed", str(args.seed), "--policies", args.policies]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         raise RuntimeError(f"phase {name} failed:\n{done.stderr[-4000:]}")
@@ -193,7 +202,6 @@ def main(argv=None) -> int:
     if args.phase:
         print(json.dumps(PHASES[args.phase](args)))
         return 0
-    
 
     out = Path(args.out) / "extract_throughput"
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +223,8 @@ def main(argv=None) -> int:
         "naive_peak_mb": results["naive"]["peak_rss_mb"], "engine_peak_mb": results["engine"]["peak_rss_mb"],
         "engine_workers_peak_mb": results["engine"]["workers_peak_rss_mb"],
     }
+    from study.precision import resolve_precision
+
     precision = resolve_precision(args.precision, "cpu")
     if precision != "fp32":
         acc = run_phase("accuracy", args, class_subset_manifest(full, n_classes=args.accuracy_classes, out=out))

@@ -28,16 +28,17 @@ log = logging.getLogger("study.classify")
 
 
 def run(ctx) -> None:
-    from extract.cache import load_features  # here, so that the classify modules import without torch
+    # Here, so that the classify modules import without torch.
+    from extract.cache import load_feature_set
+    from extract.store import Store
 
-    cfg = ctx.config["classify"]
+    cfg, ecfg = ctx.config["classify"], ctx.config["extract"]
     entries = read_features_index(ctx.run_dir)
     manifest = read_manifest(ctx.manifest_path)
     for entry in entries:
-        fs = load_features(entry["path"])
-        if fs.key != entry["key"]:
-            raise ValueError(f"{ctx.run_dir / 'features.json'} names key {entry['key']} for {entry['path']}, but the "
-                             f"cache there has key {fs.key}; rerun the extract stage")
+        # The pooled rows of this manifest, by image content; the set's key is the identity of exactly these bytes.
+        fs = load_feature_set(Store.open(Path(ctx.out_dir) / entry["store"]), manifest=manifest, views=ecfg["views"],
+                              tta=ecfg["tta"], policy=ecfg["policy"], view_seed=ecfg["view_seed"])
         with blas_threads(cfg["blas_threads"]):
             rows = classify_features(fs, backbone=entry["backbone"], manifest=manifest, cfg=cfg, seed=ctx.seed,
                                      heads_dir=ctx.heads_dir, run_dir=ctx.run_dir)

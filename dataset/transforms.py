@@ -8,8 +8,8 @@ A *data config* is the plain dict a backbone's weights were trained with (from t
 
 Eval pre-processing is: resize the shorter side to ``resize``, centre-crop ``crop_size``,
 to float in [0, 1], normalise. An *augmentation policy* is a named dict (``POLICIES``); views
-1..K of a training image apply it with a seed derived from (seed, sample_id, view), so a view
-is the same image on every run, in every worker, on every rank.
+1..K of a training image apply it with a seed derived from (view seed, image sha256, view), so a
+view is the same image on every run, in every worker, on every rank, whatever split it is in.
 """
 from __future__ import annotations
 
@@ -122,8 +122,11 @@ def tta_views(tta: str) -> tuple[int, ...]:
     return TTA_VIEWS[tta]
 
 
-def make_view(img: Image.Image, *, clean, augment, seed: int, sample_id: str, view: int) -> torch.Tensor:
-    """View ``view`` of ``img``: the clean eval tensor, its mirror, or augmented view ``view`` >= 1."""
+def make_view(img: Image.Image, *, clean, augment, seed: int, content_id: str, view: int) -> torch.Tensor:
+    """View ``view`` of ``img``: the clean eval tensor, its mirror, or augmented view ``view`` >= 1.
+
+    Augmented views are seeded by ``content_id`` (the image's sha256), not by its sample id or split, so
+    an image's view k is the same whichever split seed, class set or source list put it in the study."""
     if view == 0:
         return clean(img)
     if view == MIRROR_VIEW:
@@ -132,4 +135,4 @@ def make_view(img: Image.Image, *, clean, augment, seed: int, sample_id: str, vi
         return torch.flip(clean(img), dims=[-1])
     if view < 0:
         raise ValueError(f"view {view}; allowed: 0, {MIRROR_VIEW} (mirror) or >= 1 (augmented)")
-    return apply_view(augment, img, seed=seed, sample_id=sample_id, view=view)
+    return apply_view(augment, img, seed=seed, sample_id=content_id, view=view)

@@ -1,107 +1,135 @@
-"""The extraction engine: manifest rows x views -> pooled pre-logits, streamed into the HDF5 cache.
+"""The shared pass: one forward per (image, view) fills every store entry the study reads.
 
-DataLoader workers decode and transform while the model runs (pinned memory on CUDA);
-the model runs channels-last under ``torch.inference_mode`` and autocast. Work is cut into fixed
-global batches of ``batch_size`` rows; each finished batch is saved as its own part file
-(``<cache_dir>/.<key>.parts/rows-<start>-<stop>.npy``) with an atomic rename, so a process killed
-at any instant (``kill -9`` included) leaves only whole batches behind. A rerun skips the batches
-that exist and runs the others with exactly the same batch composition, so the result is
-bit-identical to an uninterrupted run. Under torchrun each rank takes every world_size-th batch,
-and rank 0 merges all parts into ``<key>.h5`` after a barrier (written to a temporary name, then
-``os.replace``): the same batches, hence the same bytes, as one process.
+A consumer (the heads' feature sets, each fine-tune cut) asks for (image, view) rows of a layer;
+``ensure_rows`` works out, per layer, which of them the store lacks, and computes their union in one
+pass: DataLoader workers decode and transform while the model runs channels-last under
+``inference_mode`` and the one precision resolver's autocast; the backbone's units run in order, the
+activations after each requested cut and the pooled pre-logits at the end are all taken from the same
+forward. Rows go to the store in whole batches (segments, see ``extract.store``), so a process killed
+at any instant resumes by computing exactly the batches it lost, with the same batch composition:
+single-process reruns end bit-identical to an uninterrupted run. Under torchrun each rank computes every
+world_size-th batch and writes its own segments; rank 0 holds the entries' locks for the group.
 
-Precision ``auto``: bf16 autocast on CUDA (fp16 where bf16 is unsupported) and on CPUs with native
-bf16 (oneDNN reports AVX-512 BF16 / AMX), else fp32. ``precision="fp32"`` turns it off.
-
-Bit-identity (rerun, resume, sharded vs single process) holds for the same device and intra-op
-thread count: CPU kernels sum in a thread-count-dependent order (differences ~1e-6). torchrun gives
-each rank OMP_NUM_THREADS=1, so a sharded run equals a single process run with OMP_NUM_THREADS=1.
-Batch size and thread count are not in the key (they are speed settings, not study choices);
-a resumed run reuses part files only when they were made with the same batch size.
+Views: 0 is the clean eval view, -1 its mirror (test-time augmentation), k >= 1 augmented view k of the
+policy; an augmented view is seeded by (view seed, the image's sha256, k), so it is the same image in
+whatever split, run or worker it is drawn.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset.images import ImageLoadError, load_rgb
-from dataset.manifest import manifest_hash, read_manifest
-from dataset.transforms import TTA_VIEWS, augment_transform, eval_transform, make_view, policy_spec, tta_views
+from dataset.transforms import augment_transform, eval_transform, make_view, policy_spec, tta_views
 from extract.backbones import backbone_spec as make_backbone_spec
 from extract.backbones import load_backbone
-from extract.cache import CacheMismatch, cache_key, cache_path, cache_spec, check_cache, write_cache
+from extract.store import Store, entry_spec, view_name
 from study import distributed
-from study.atomic import atomic_path, write_text_atomic
-from study.hashing import canonical_json, file_sha256
+from study.hashing import file_sha256
+from study.precision import PRECISIONS, autocast, resolve_precision  # noqa: F401 (PRECISIONS re-exported)
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SEGMENT_BYTES = 64 << 20  # a segment is flushed once any layer buffers this much...
+SEGMENT_SECONDS = 60.0  # ...or this long after the last one: a kill loses at most about this much work
 
 
 class ImageUnreadable(RuntimeError):
     """An image the manifest lists but extraction cannot use; names the sample."""
 
 
-# ---------------------------------------------------------------- rows and views
+# ---------------------------------------------------------------- layers
 
 
 @dataclass(frozen=True)
-class RowPlan:
-    """The cache's rows in order: view 0 of every manifest row, then its test-time views (the mirror,
-    of every row), then views 1..K of the non-test rows."""
-    manifest_row: np.ndarray
-    view: np.ndarray
-    sample_id: np.ndarray
-    label: np.ndarray
-    split: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.view)
+class Layer:
+    """What a consumer reads: ``pooled`` pre-logits, or the activations after unit ``after`` (a cut)."""
+    name: str  # "pooled" or a fine-tune policy such as "last:2"
+    spec: dict
+    unit: int | None  # index of the last prefix unit; None for pooled
 
 
-def plan_rows(manifest, *, views: int, tta: str = "none") -> RowPlan:
+def plan_layers(backbone: str, policies: list[str] = ()) -> list[Layer]:
+    """``pooled`` plus the cut of every ``last:k`` policy (``head`` reads pooled; ``all`` trains from images)."""
+    from finetune.unfreeze import block_list, parse_policy
+
+    layers = [Layer("pooled", {"kind": "pooled", "name": "pooled"}, None)]
+    cuts = [p for p in policies if parse_policy(p).last not in (None, 0)]
+    if not cuts:
+        return layers
+    names = _unit_names(backbone, block_list)
+    for policy in cuts:
+        k = parse_policy(policy).last
+        if k >= len(names):
+            continue  # every unit trains: the fine-tune reads images (finetune reports it)
+        units = list(names[: len(names) - k])
+        layers.append(Layer(policy, {"kind": "cut", "name": f"after:{units[-1]}", "units": units},
+                            len(units) - 1))
+    return layers
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_names(backbone: str, block_list) -> tuple[str, ...]:
+    """The architecture's unit names: no weights needed (a random-init model has the same blocks), so a
+    store hit never loads the pretrained model."""
+    from extract import backbones
+
+    model = backbones.load_backbone(backbone, pretrained=False).model
+    return tuple(name for name, _ in block_list(model).units)
+
+
+# ---------------------------------------------------------------- requests
+
+
+def study_requests(manifest: pd.DataFrame, *, views: int, tta: str) -> list[tuple[int, int]]:
+    """The (manifest row, view) pairs a study reads: view 0 and the test-time views of every image, and
+    augmented views 1..``views`` of the train and val images (test images are never augmented)."""
     n = len(manifest)
-    augmentable = np.flatnonzero(manifest["split"].to_numpy() != "test")
-    groups = [(np.arange(n), 0)] + [(np.arange(n), v) for v in tta_views(tta)]
-    groups += [(augmentable, v) for v in range(1, views + 1)]
-    rows = np.concatenate([g for g, _ in groups]).astype(np.int64)
-    view = np.concatenate([np.full(len(g), v, np.int64) for g, v in groups])
-    return RowPlan(manifest_row=rows, view=view,
-                   sample_id=manifest["sample_id"].to_numpy(dtype=str)[rows],
-                   label=manifest["label"].to_numpy(dtype=np.int64)[rows],
-                   split=manifest["split"].to_numpy(dtype=str)[rows])
+    rows = [(m, v) for v in (0, *tta_views(tta)) for m in range(n)]
+    trainval = np.flatnonzero(manifest["split"].to_numpy() != "test")
+    return rows + [(int(m), v) for v in range(1, views + 1) for m in trainval]
+
+
+def store_keys(manifest: pd.DataFrame, requests, *, policy: str, view_seed: int) -> list[tuple[str, str]]:
+    """The store's (sha256, view name) key of each (manifest row, view) request."""
+    spec, sha = policy_spec(policy), manifest["sha256"].tolist()
+    return [(sha[m], view_name(v, policy=spec, view_seed=view_seed)) for m, v in requests]
+
+
+# ---------------------------------------------------------------- images -> tensors
 
 
 class ViewDataset(Dataset):
-    """Row i of a RowPlan as a normalised tensor; views >= 1 are reproducible per (seed, sample, view)."""
+    """Item i: request i (a manifest row and a view id) as a normalised tensor."""
 
-    def __init__(self, *, plan: RowPlan, paths: list[Path], sha256: list[str], data_config: dict,
-                 policy: str, seed: int):
-        self.plan, self.paths, self.sha256, self.seed = plan, paths, sha256, seed
+    def __init__(self, *, requests: list[tuple[int, int]], manifest: pd.DataFrame, paths: list[Path],
+                 data_config: dict, policy: str, view_seed: int):
+        self.requests, self.paths, self.view_seed = requests, paths, view_seed
+        self.sha256, self.sample_id = manifest["sha256"].tolist(), manifest["sample_id"].tolist()
         self.clean = eval_transform(data_config)
         self.augment = augment_transform(data_config, policy)
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.requests)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        m, view, sample_id = int(self.plan.manifest_row[i]), int(self.plan.view[i]), str(self.plan.sample_id[i])
-        img = self._load(m, sample_id)
-        return make_view(img, clean=self.clean, augment=self.augment, seed=self.seed, sample_id=sample_id,
-                         view=view), i
+        m, view = self.requests[i]
+        img = self._load(m)
+        return make_view(img, clean=self.clean, augment=self.augment, seed=self.view_seed,
+                         content_id=self.sha256[m], view=view), i
 
-    def _load(self, m: int, sample_id: str):
-        path = self.paths[m]
+    def _load(self, m: int):
+        path, sample_id = self.paths[m], self.sample_id[m]
         try:
             img = load_rgb(path)
         except ImageLoadError as exc:
@@ -114,162 +142,222 @@ class ViewDataset(Dataset):
         return img
 
 
-# ---------------------------------------------------------------- precision and device
+# ---------------------------------------------------------------- the forward
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}; allowed: {PRECISIONS}")
-    if precision != "auto":
-        return precision
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if kind == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bf16"
-    return "fp32"
+class PassRunner:
+    """The backbone's units in order under inference_mode + autocast; images -> {layer: float32 array}.
 
+    Running the units one by one (the same units fine-tuning splits at) is what lets a cut's stored
+    activations stand in for the frozen prefix exactly; the pooled output equals ``backbone.model(x)``.
+    Architectures without a block list run ``model(x)`` and offer pooled features only.
+    """
 
-class FeatureRunner:
-    """The model on its device, channels-last, under inference_mode and autocast: images -> float32 features."""
+    def __init__(self, backbone, *, layers: list[Layer], device: str, precision: str, channels_last: bool):
+        from finetune.unfreeze import block_list
 
-    def __init__(self, model: torch.nn.Module, *, device: str, precision: str, channels_last: bool):
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.eval().to(self.device, memory_format=self.memory_format)
-        self.precision = precision
+        self.model = backbone.model.eval().to(self.device, memory_format=self.memory_format)
+        self.precision, self.layers = precision, layers
+        try:
+            blocks = block_list(self.model)
+            self.units, self.tail = [m for _, m in blocks.units], blocks.tail
+        except ValueError:
+            if any(layer.unit is not None for layer in layers):
+                raise
+            self.units, self.tail = None, None
+        self.cuts = {layer.unit: layer.name for layer in layers if layer.unit is not None}
 
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         x = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPE.get(self.precision),
-                                                    enabled=self.precision != "fp32"):
-            out = self.model(x)
-        return out.float().cpu().numpy()
+        out = {}
+        with torch.inference_mode(), autocast(self.precision, str(self.device)):
+            if self.units is None:
+                out["pooled"] = _numpy(self.model(x))
+                return out
+            for i, unit in enumerate(self.units):
+                x = unit(x)
+                if i in self.cuts:
+                    out[self.cuts[i]] = _numpy(x)
+            out["pooled"] = _numpy(self.tail(x))
+        return out
 
 
-# ---------------------------------------------------------------- part files (resume + sharding)
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    # A copy in NCHW order: channels-last activations and tensors later ops reuse must not leak out.
+    return t.float().contiguous().cpu().numpy().copy()
 
 
-def parts_dir(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / f".{key}.parts"
+# ---------------------------------------------------------------- the pass
 
 
-def _part_path(parts: Path, start: int, stop: int) -> Path:
-    return parts / f"rows-{start:09d}-{stop:09d}.npy"
-
-
-def batch_bounds(n_rows: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + batch_size, n_rows)) for s in range(0, n_rows, batch_size)]
-
-
-def done_batches(parts: Path, bounds: list[tuple[int, int]]) -> set[int]:
-    return {b for b, (s, e) in enumerate(bounds) if _part_path(parts, s, e).is_file()}
-
-
-def _prepare_parts(parts: Path, spec: dict, batch_size: int) -> None:
-    """Create (or check) the parts folder; parts from another spec or batch size are never mixed in."""
-    marker = parts / "spec.json"
-    text = canonical_json({"spec": spec, "batch_size": batch_size})
-    if marker.is_file() and marker.read_text() != text:
-        log.warning("discarding partial extraction in %s: made with another spec or batch size", parts)
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
-        write_text_atomic(marker, text)
-
-
-def _save_part(parts: Path, start: int, feats: np.ndarray) -> None:
-    with atomic_path(_part_path(parts, start, start + len(feats))) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, feats)
-            f.flush()
-
-
-def _part_blocks(parts: Path, bounds: list[tuple[int, int]], feature_dim: int):
-    for s, e in bounds:
-        block = np.load(_part_path(parts, s, e))
-        if block.shape != (e - s, feature_dim) or block.dtype != np.float32:
-            raise RuntimeError(f"part file {_part_path(parts, s, e)} has {block.shape} {block.dtype}, expected "
-                               f"({e - s}, {feature_dim}) float32; delete {parts} and rerun")
-        yield s, block
-
-
-# ---------------------------------------------------------------- the public entry point
+@dataclass
+class PassResult:
+    """The store entries of one backbone and what the pass did."""
+    stores: dict[str, Store]  # layer name -> entry
+    layers: list[Layer]
+    computed: int = 0  # image-views computed (one forward each)
+    stored: dict[str, int] = field(default_factory=dict)  # rows written per layer
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
-class Extraction:
-    """What an extraction is: the manifest, its rows, the spec and the key."""
-    manifest: object
-    plan: RowPlan
-    spec: dict
-    key: str
-    path: Path
+class PassSettings:
+    """How to compute: device and speed settings (none of them changes which rows exist)."""
+    device: str = "cpu"
+    precision: str = "auto"
+    storage_dtype: str = "float32"  # pooled features
+    cut_dtype: str = "float16"  # fine-tune cut activations (large; see benchmarks/reuse.py for the effect)
+    channels_last: bool = True
+    batch_size: int = 64
+    num_workers: int = 2
+    progress: bool = True
+    segment_rows: int = 0  # > 0: write a segment every this many rows (tests); 0: by size and time
 
 
-def plan_extraction(*, manifest_path, backbone: str, cache_dir, views: int, policy: str, seed: int, tta: str = "none",
-                    device: str = "cpu", precision: str = "auto", storage_dtype: str = "float32",
-                    weights_file: str | None = None, channels_last: bool = True,
-                    pretrained: bool = True) -> Extraction:
-    """Everything about an extraction that needs no model: rows, spec, key, cache path."""
-    if views < 0:
-        raise ValueError(f"views must be >= 0, got {views}")
-    if storage_dtype not in ("float32", "float16"):
-        raise ValueError(f"storage_dtype {storage_dtype!r}; allowed: float32, float16")
-    manifest = read_manifest(manifest_path)
-    spec = cache_spec(
-        backbone_spec=make_backbone_spec(backbone, weights_file=weights_file, pretrained=pretrained),
-        views=views, tta=tta, policy_spec=policy_spec(policy), seed=seed, manifest_hash=manifest_hash(manifest),
-        storage_dtype=storage_dtype, precision=resolve_precision(precision, device), channels_last=channels_last)
-    key = cache_key(spec)
-    return Extraction(manifest=manifest, plan=plan_rows(manifest, views=views, tta=tta), spec=spec, key=key,
-                      path=cache_path(cache_dir, key))
+def open_stores(*, backbone: str, layers: list[Layer], store_root, settings: PassSettings,
+                weights_file: str | None = None, pretrained: bool = True) -> dict[str, Store]:
+    """The store entry of each layer (spec and key only: nothing is read or computed)."""
+    bb_spec = make_backbone_spec(backbone, weights_file=weights_file, pretrained=pretrained)
+    precision = resolve_precision(settings.precision, settings.device)
+    return {layer.name: Store(store_root, entry_spec(
+        backbone_spec=bb_spec, layer=layer.spec, precision=precision, channels_last=settings.channels_last,
+        storage_dtype=settings.storage_dtype if layer.unit is None else settings.cut_dtype)) for layer in layers}
 
 
-def extract_features(*, manifest_path, backbone: str, cache_dir, views: int, policy: str, seed: int, tta: str = "none",
-                     device: str = "cpu", batch_size: int = 64, num_workers: int = 2, precision: str = "auto",
-                     storage_dtype: str = "float32", weights_file: str | None = None, rebuild: bool = False,
-                     data_root=None, channels_last: bool = True, pretrained: bool = True,
-                     progress: bool = True) -> Path:
-    """Extract (or reuse) the feature cache for ``backbone`` on the manifest; return the ``.h5`` path.
-
-    A valid cache is returned without loading the model. A cache that fails validation is an error
-    naming what differs, unless ``rebuild`` (``--rebuild-cache``). ``data_root`` is the folder the
-    manifest's relative paths start from (default: ``../shared/datasets`` beside the repo).
-    Under torchrun (study.distributed initialised) every rank must call this with the same arguments.
-    """
-    device = distributed.device_for_rank(device)
-    job = plan_extraction(manifest_path=manifest_path, backbone=backbone, cache_dir=cache_dir, views=views,
-                          policy=policy, seed=seed, tta=tta, device=device, precision=precision,
-                          storage_dtype=storage_dtype, weights_file=weights_file, channels_last=channels_last,
-                          pretrained=pretrained)
-    parts = parts_dir(cache_dir, job.key)
-    if rebuild and distributed.is_main():
-        job.path.unlink(missing_ok=True)
-        shutil.rmtree(parts, ignore_errors=True)
-    distributed.barrier()
-    if job.path.is_file():
-        _validate(job)
-        log.info("feature cache hit: %s (%s)", job.path, backbone)
-        return job.path
-    bounds = batch_bounds(len(job.plan), batch_size)
-    if distributed.is_main():
-        _prepare_parts(parts, job.spec, batch_size)
-    distributed.barrier()
-    feature_dim = _run_batches(job, parts=parts, bounds=bounds, data_root=data_root, device=device,
-                               num_workers=num_workers, progress=progress, weights_file=weights_file,
-                               pretrained=pretrained)
-    feature_dim = _agree_on_dim(feature_dim)
-    distributed.barrier()
-    if distributed.is_main():
-        _merge(job, parts=parts, bounds=bounds, feature_dim=feature_dim)
-    distributed.barrier()
-    return job.path
+def ensure_rows(*, manifest: pd.DataFrame, backbone: str, requests: list[tuple[int, int]], store_root,
+                policy: str, view_seed: int, policies: list[str] = (), settings: PassSettings = PassSettings(),
+                weights_file: str | None = None, pretrained: bool = True, data_root=None,
+                rebuild: bool = False) -> PassResult:
+    """Make the store hold ``requests`` for pooled features and every cut of ``policies``; one pass computes
+    what any layer lacks. A second process on the same store waits for the first and then finds the rows.
+    Under torchrun every rank must call this with the same arguments."""
+    settings = PassSettings(**{**settings.__dict__, "device": distributed.device_for_rank(settings.device)})
+    layers = plan_layers(backbone, list(policies))
+    stores = open_stores(backbone=backbone, layers=layers, store_root=store_root, settings=settings,
+                         weights_file=weights_file, pretrained=pretrained)
+    keys = store_keys(manifest, requests, policy=policy, view_seed=view_seed)
+    result = PassResult(stores=stores, layers=layers)
+    with _locked(stores.values(), rebuild=rebuild):
+        todo, missing = _work(stores, requests, keys)
+        if todo:
+            _compute(result, todo=todo, missing=missing, keys=keys, requests=requests, manifest=manifest,
+                     backbone=backbone, policy=policy, view_seed=view_seed, settings=settings,
+                     weights_file=weights_file, pretrained=pretrained, data_root=data_root)
+        distributed.barrier()
+    return result
 
 
-def _validate(job: Extraction) -> None:
-    check_cache(job.path, expected_spec=job.spec, expected_sample_id=job.plan.sample_id,
-                expected_view=job.plan.view)
+@contextlib.contextmanager
+def _locked(stores, *, rebuild: bool):
+    """Rank 0 takes every entry's lock (sorted, so two studies never deadlock) for the whole group."""
+    stores = sorted(stores, key=lambda s: s.key)
+    with contextlib.ExitStack() as stack:
+        if distributed.is_main():
+            for store in stores:
+                if not store.dir.is_dir():
+                    _explain_new_entry(store)
+                store.create()
+                stack.enter_context(store.lock())
+                if rebuild:
+                    store.remove()
+                    store.create()
+        distributed.barrier()
+        yield
+
+
+def _explain_new_entry(store: Store) -> None:
+    """Say why a new entry is started when one for the same backbone and layer exists: the differing fields."""
+    from study.hashing import spec_differences
+
+    for other in sorted(store.dir.parent.glob("*/spec.json")):
+        try:
+            spec = json.loads(other.read_text())
+        except (OSError, ValueError):
+            continue
+        same_layer = spec.get("layer") == store.spec["layer"]
+        if same_layer and spec.get("backbone", {}).get("name") == store.spec["backbone"]["name"]:
+            diffs = spec_differences(store.spec, spec, labels=("now", "stored"))
+            log.info("new store entry %s for %s: the stored entry %s differs in %s", store.key[:12], store.label,
+                     other.parent.name[:12], "; ".join(diffs))
+
+
+def _work(stores: dict[str, Store], requests, keys) -> tuple[list[int], dict[str, set]]:
+    """Request positions to compute (first occurrence of each missing key) and each layer's missing keys."""
+    missing = {name: set(store.index().missing(keys)) for name, store in stores.items()}
+    union = set().union(*missing.values())
+    seen, todo = set(), []
+    for i, key in enumerate(keys):
+        if key in union and key not in seen:
+            seen.add(key)
+            todo.append(i)
+    return todo, missing
+
+
+def _compute(result: PassResult, *, todo, missing, keys, requests, manifest, backbone, policy, view_seed, settings,
+             weights_file, pretrained, data_root) -> None:
+    batches = [todo[s:s + settings.batch_size] for s in range(0, len(todo), settings.batch_size)]
+    mine = [b for i, b in enumerate(batches) if i % distributed.world_size() == distributed.rank()]
+    if not mine:
+        return
+    bb = load_backbone(backbone, weights_file=weights_file, pretrained=pretrained)
+    runner = PassRunner(bb, layers=result.layers, device=settings.device,
+                        precision=resolve_precision(settings.precision, settings.device),
+                        channels_last=settings.channels_last)
+    dataset = ViewDataset(requests=requests, manifest=manifest, paths=_image_paths(manifest, data_root),
+                          data_config=bb.data_config, policy=policy, view_seed=view_seed)
+    loader = DataLoader(dataset, batch_sampler=mine, num_workers=settings.num_workers,
+                        pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False)
+    writer = _SegmentWriter(result.stores, missing, segment_rows=settings.segment_rows)
+    t0 = time.perf_counter()
+    with tqdm(total=sum(map(len, mine)), unit="img", desc=f"extract {bb.name} ({len(result.layers)} layers)",
+              disable=not settings.progress, position=distributed.rank(), dynamic_ncols=True) as bar:
+        for images, index in loader:
+            outputs = runner(images)
+            writer.add([keys[i] for i in index.tolist()], outputs)
+            result.computed += len(index)
+            bar.update(len(index))
+    writer.flush()
+    result.stored = writer.stored
+    result.seconds = time.perf_counter() - t0
+    log.info("%s: computed %d image-views in %.1fs (%.1f img/s); stored %s", backbone, result.computed,
+             result.seconds, result.computed / max(result.seconds, 1e-9), writer.stored)
+
+
+class _SegmentWriter:
+    """Buffers whole batches and writes them as one segment per layer (only the rows that layer lacks)."""
+
+    def __init__(self, stores: dict[str, Store], missing: dict[str, set], *, segment_rows: int = 0):
+        self.stores, self.missing, self.segment_rows = stores, missing, segment_rows
+        self.keys: list = []
+        self.data: dict[str, list[np.ndarray]] = {name: [] for name in stores}
+        self.nbytes, self.since = 0, time.perf_counter()
+        self.stored = {name: 0 for name in stores}
+
+    def add(self, keys: list, outputs: dict[str, np.ndarray]) -> None:
+        self.keys += keys
+        for name in self.stores:
+            self.data[name].append(outputs[name])
+        self.nbytes += max(o.nbytes for o in outputs.values())
+        if self.segment_rows:
+            if len(self.keys) >= self.segment_rows:
+                self.flush()
+        elif self.nbytes >= SEGMENT_BYTES or time.perf_counter() - self.since >= SEGMENT_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.keys:
+            return
+        seconds = time.perf_counter() - self.since
+        for name, store in self.stores.items():
+            keep = [i for i, k in enumerate(self.keys) if k in self.missing[name]]
+            if keep:
+                data = np.concatenate(self.data[name])[keep]
+                store.write_segment([self.keys[i] for i in keep], data, compute_s=seconds * len(keep) / len(self.keys))
+                self.stored[name] += len(keep)
+        self.keys, self.data = [], {name: [] for name in self.stores}
+        self.nbytes, self.since = 0, time.perf_counter()
 
 
 def _image_paths(manifest, data_root) -> list[Path]:
@@ -279,98 +367,23 @@ def _image_paths(manifest, data_root) -> list[Path]:
     return [Path(p) if Path(p).is_absolute() else root / p for p in manifest["path"]]
 
 
-def _my_batches(bounds: list[tuple[int, int]], done: set[int]) -> list[int]:
-    world, rank = distributed.world_size(), distributed.rank()
-    return [b for b in range(len(bounds)) if b % world == rank and b not in done]
-
-
-def _run_batches(job: Extraction, *, parts: Path, bounds, data_root, device: str, num_workers: int,
-                 progress: bool, weights_file, pretrained: bool) -> int | None:
-    """Extract this rank's missing batches into part files; return the feature dim (None if nothing ran)."""
-    todo = _my_batches(bounds, done_batches(parts, bounds))
-    if not todo:
-        return None
-    bb = load_backbone(job.spec["backbone"]["name"], weights_file=weights_file, pretrained=pretrained)
-    runner = FeatureRunner(bb.model, device=device, precision=job.spec["precision"],
-                           channels_last=job.spec["channels_last"])
-    dataset = ViewDataset(plan=job.plan, paths=_image_paths(job.manifest, data_root),
-                          sha256=list(job.manifest["sha256"]), data_config=bb.data_config,
-                          policy=job.spec["policy"]["name"], seed=job.spec["seed"])
-    loader = DataLoader(dataset, batch_sampler=[list(range(*bounds[b])) for b in todo], num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda", persistent_workers=False)
-    n_todo = sum(bounds[b][1] - bounds[b][0] for b in todo)
-    t0 = time.perf_counter()
-    with tqdm(total=n_todo, unit="img", desc=f"extract {bb.name}", disable=not progress,
-              position=distributed.rank(), dynamic_ncols=True) as bar:
-        for images, rows in loader:
-            _save_part(parts, int(rows[0]), runner(images))
-            bar.update(len(rows))
-    elapsed = time.perf_counter() - t0
-    _add_elapsed(parts, elapsed)
-    log.info("extracted %d rows of %s in %.1fs (rank %d)", n_todo, bb.name, elapsed, distributed.rank())
-    return bb.feature_dim
-
-
-def _elapsed_path(parts: Path, rank: int) -> Path:
-    return parts / f"elapsed.rank{rank}.json"
-
-
-def _add_elapsed(parts: Path, seconds: float) -> None:
-    """Accumulate this rank's extraction wall time across resumed runs (the cost the report shows)."""
-    path = _elapsed_path(parts, distributed.rank())
-    total = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-    write_text_atomic(path, json.dumps({"seconds": total + seconds}))
-
-
-def _extract_seconds(parts: Path) -> float | None:
-    """Wall time of the extraction: the slowest rank's total (ranks run in parallel)."""
-    totals = [json.loads(p.read_text())["seconds"] for p in parts.glob("elapsed.rank*.json")]
-    return max(totals) if totals else None
-
-
-def _agree_on_dim(feature_dim: int | None) -> int | None:
-    """Every rank's feature dim (a rank with no batches left has none); the merge needs one."""
-    if distributed.world_size() == 1:
-        return feature_dim
-    import torch.distributed as dist
-
-    dims = [None] * distributed.world_size()
-    dist.all_gather_object(dims, feature_dim)
-    return next((d for d in dims if d is not None), None)
-
-
-def _merge(job: Extraction, *, parts: Path, bounds, feature_dim: int | None) -> None:
-    missing = sorted(set(range(len(bounds))) - done_batches(parts, bounds))
-    if missing:
-        raise RuntimeError(f"{len(missing)} batches of {job.path.name} are missing from {parts} after extraction "
-                           f"(first rows {bounds[missing[0]]}); rerun to complete them")
-    if feature_dim is None:  # every batch was already on disk (a resumed run killed during the merge)
-        feature_dim = int(np.load(_part_path(parts, *bounds[0]), mmap_mode="r").shape[1]) if bounds else 0
-    with atomic_path(job.path) as tmp:
-        write_cache(tmp, spec=job.spec, n_rows=len(job.plan), feature_dim=feature_dim, labels=job.plan.label,
-                    sample_id=job.plan.sample_id, view=job.plan.view, split=job.plan.split,
-                    feature_blocks=_part_blocks(parts, bounds, feature_dim), extract_s=_extract_seconds(parts))
-    try:
-        _validate(job)
-    except CacheMismatch:
-        job.path.unlink(missing_ok=True)
-        raise
-    shutil.rmtree(parts, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """CLI for one extraction (also the torchrun entry point: ``torchrun --nproc_per_node 2 -m extract.engine ...``)."""
+    """CLI for one backbone's pass over a manifest (also the torchrun entry: ``torchrun -m extract.engine``)."""
     import argparse
 
-    p = argparse.ArgumentParser(description="Extract (or reuse) one backbone's feature cache for a manifest.")
+    from dataset.manifest import read_manifest
+    from dataset.transforms import TTA_VIEWS
+
+    p = argparse.ArgumentParser(description="Fill the activation store with one backbone's rows for a manifest.")
     p.add_argument("--manifest", required=True)
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--store", required=True, help="the store folder (<out>/store)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--policy", default="light")
+    p.add_argument("--policies", default="", help="fine-tune policies whose cuts to store, e.g. last:1,last:2")
     p.add_argument("--tta", default="none", choices=sorted(TTA_VIEWS), help="test-time views of every image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--view-seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=2)
@@ -379,16 +392,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="a local weights file")
     p.add_argument("--rebuild-cache", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--segment-rows", type=int, default=0, help="write a segment every N rows (0: by size and time)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     distributed.init_from_env()
-    path = extract_features(manifest_path=args.manifest, backbone=args.backbone, cache_dir=args.cache_dir,
-                            views=args.views, policy=args.policy, seed=args.seed, tta=args.tta, device=args.device,
-                            batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
-                            storage_dtype=args.storage_dtype, weights_file=args.weights, rebuild=args.rebuild_cache,
-                            data_root=args.data_root, progress=not args.no_progress)
+    manifest = read_manifest(args.manifest)
+    settings = PassSettings(device=args.device, precision=args.precision, storage_dtype=args.storage_dtype,
+                            batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress,
+                            segment_rows=args.segment_rows)
+    result = ensure_rows(manifest=manifest, backbone=args.backbone, store_root=args.store, policy=args.policy,
+                         requests=study_requests(manifest, views=args.views, tta=args.tta), view_seed=args.view_seed,
+                         policies=[p for p in args.policies.split(",") if p], settings=settings,
+                         weights_file=args.weights, data_root=args.data_root, rebuild=args.rebuild_cache)
     if distributed.is_main():
-        print(path)
+        for name, store in result.stores.items():
+            print(f"{name}\t{store.dir}\tcomputed={result.computed}")
     return 0
 
 

@@ -1,7 +1,9 @@
-"""List the feature caches that exist, with their spec and size.
+"""List the activation store's entries (backbone, layer, rows by view kind, bytes per row and on disk), or prune one.
 
-    python -m extract.list                 # caches under out/features
-    python -m extract.list out/quick/features --json
+    python -m extract.list                      # entries under out/store
+    python -m extract.list out/quick/store --json
+    python -m extract.list out/store --prune 3f2a9c   # delete the entry whose key starts with 3f2a9c
+    python -m extract.list out/store --verify   # read every segment through its checksums
 """
 from __future__ import annotations
 
@@ -12,49 +14,82 @@ from pathlib import Path
 
 import pandas as pd
 
-from extract.cache import describe
+from extract.store import Store, StoreDamaged, describe
 from study.config import REPO_ROOT
 
-COLUMNS = ("key", "backbone", "weights", "views", "tta", "policy", "seed", "precision", "storage_dtype", "rows", "dim",
-           "complete", "size_mb", "manifest_hash")
+COLUMNS = ("key", "backbone", "layer", "precision", "storage_dtype", "rows", "clean", "hflip", "aug",
+           "bytes_per_row", "disk_mb")
 
 
-def list_caches(cache_dir: str | Path) -> list[dict]:
-    """One dict per ``*.h5`` in ``cache_dir`` (unreadable files included, with an ``error``), plus partial runs."""
-    cache_dir = Path(cache_dir)
-    rows = [describe(p) for p in sorted(cache_dir.glob("*.h5"))]
-    for parts in sorted(cache_dir.glob(".*.parts")):
-        n_parts = len(list(parts.glob("rows-*.npy")))
-        rows.append({"key": parts.name[1:-len(".parts")], "complete": False, "path": str(parts),
-                     "size_mb": round(sum(p.stat().st_size for p in parts.iterdir()) / 2**20, 2),
-                     "error": f"partial extraction: {n_parts} batches done; rerun the extract stage to finish"})
-    return rows
+def entry_dirs(store_dir: str | Path) -> list[Path]:
+    return sorted(p for p in Path(store_dir).iterdir() if p.is_dir() and (p / "spec.json").exists())
+
+
+def list_entries(store_dir: str | Path) -> list[dict]:
+    return [describe(p) for p in entry_dirs(store_dir)]
+
+
+def verify(entry: Path) -> str:
+    """'ok', or what is damaged: every segment's id columns and data read through their checksums."""
+    try:
+        store = Store.open(entry)
+        index = store.index()
+        store.read(list(index.rows), index)
+    except StoreDamaged as exc:
+        return str(exc)
+    return "ok"
+
+
+def prune(store_dir: str | Path, prefix: str) -> Path:
+    """Delete the one entry whose key starts with ``prefix`` (an ambiguous or unknown prefix is an error)."""
+    matches = [p for p in entry_dirs(store_dir) if p.name.startswith(prefix)]
+    if len(matches) != 1:
+        raise ValueError(f"--prune {prefix!r} matches {len(matches)} entries in {store_dir}; give a longer key prefix "
+                         "(see the listing)")
+    import shutil
+
+    store = Store.open(matches[0])
+    with store.lock():  # not while a study writes to it
+        store.remove()
+    shutil.rmtree(matches[0])
+    return matches[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("cache_dir", nargs="?", default=str(REPO_ROOT / "out" / "features"))
+    p.add_argument("store_dir", nargs="?", default=str(REPO_ROOT / "out" / "store"))
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--prune", metavar="KEY_PREFIX", help="delete the entry whose key starts with this")
+    p.add_argument("--verify", action="store_true", help="read every row through its checksums and digests")
     args = p.parse_args(argv)
-    if not Path(args.cache_dir).is_dir():
-        print(f"error: no cache folder {args.cache_dir}", file=sys.stderr)
+    if not Path(args.store_dir).is_dir():
+        print(f"error: no store folder {args.store_dir}", file=sys.stderr)
         return 2
-    rows = list_caches(args.cache_dir)
+    if args.prune:
+        try:
+            print(f"removed {prune(args.store_dir, args.prune)}")
+        except (ValueError, StoreDamaged) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    rows = list_entries(args.store_dir)
+    if args.verify:
+        for row in rows:
+            row["verified"] = verify(Path(row["path"]))
     if args.json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
         return 0
     if not rows:
-        print(f"no feature caches in {args.cache_dir}")
+        print(f"no store entries in {args.store_dir}")
         return 0
     table = pd.DataFrame(rows)
     table["key"] = table["key"].str[:12]
-    cols = [c for c in COLUMNS if c in table] + (["error"] if "error" in table else [])
-    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 60):
+    cols = [c for c in (*COLUMNS, "verified", "error") if c in table]
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 80):
         print(table[cols].to_string(index=False))
-    total = table["size_mb"].sum()
-    print(f"{len(rows)} cache(s), {total:.1f} MiB in {args.cache_dir}")
-    return 0
+    print(f"{len(rows)} entries, {table['disk_mb'].sum():.1f} MiB in {args.store_dir}")
+    return 1 if args.verify and any(r["verified"] != "ok" for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
-"""The extract stage: every configured backbone's features into ``<out>/features/<key>.h5``.
+"""The extract stage: one shared pass per backbone fills the activation store (``<out>/store/``) with every
+(image, view) row the study reads — pooled features for the heads and ``ft:head``, and the activations
+at the cut of every configured ``last:k`` fine-tune — computing only the rows no earlier run stored.
 
-Backbones whose weights cannot be had here are recorded in ``skipped.jsonl`` with the exact fix
-and skipped; the run goes on. ``<run>/features.json`` lists the caches for the classify stage.
-Under torchrun, every rank extracts its share and rank 0 writes the run's files.
+Backbones whose weights cannot be had here are recorded in ``skipped.jsonl`` with the exact fix and
+skipped; the run goes on. ``<run>/features.json`` lists, per backbone, the pooled store entry (relative
+to ``--out``) and the content identity of the feature set the classify stage will read from it.
+Under torchrun, every rank computes its share and rank 0 writes the run's files.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 from extract.backbones import WeightsUnavailable, backbone_spec
-from extract.engine import extract_features
+from extract.engine import PassSettings, ensure_rows, study_requests
 from study import distributed
 from study.atomic import write_text_atomic
 from study.results import append_skip
@@ -18,28 +23,62 @@ from study.results import append_skip
 log = logging.getLogger(__name__)
 
 
+def store_root(ctx) -> Path:
+    return Path(ctx.out_dir) / "store"
+
+
+def pass_settings(cfg: dict, *, device: str) -> PassSettings:
+    return PassSettings(device=device, precision=cfg["precision"], storage_dtype=cfg["storage_dtype"],
+                        cut_dtype=cfg["cut_dtype"], channels_last=cfg["channels_last"], batch_size=cfg["batch_size"],
+                        num_workers=cfg["num_workers"], progress=True)
+
+
+def finetune_views(config: dict) -> int:
+    """finetune.views resolved: "extract" means the extract stage's count (one views setting for both arms)."""
+    views = config["finetune"]["views"]
+    return config["extract"]["views"] if views == "extract" else int(views)
+
+
+def cut_policies(config: dict) -> list[str]:
+    """The fine-tune policies whose cut activations the pass stores (none when fine-tuning reads images)."""
+    ft = config["finetune"]
+    return list(ft["policies"]) if ft["prefix_cache"] else []
+
+
 def run(ctx) -> None:
     cfg = ctx.config["extract"]
     distributed.init_from_env()
     names = cfg["backbones"]
     _check_names(names, cfg["weights"])
+    manifest = _manifest(ctx)
+    # The rows both arms read: their views and test-time views, so one pass serves heads and fine-tunes.
+    views = max(cfg["views"], finetune_views(ctx.config))
+    tta = "hflip" if "hflip" in (cfg["tta"], ctx.config["finetune"]["tta"]) else cfg["tta"]
+    requests = study_requests(manifest, views=views, tta=tta)
     entries = []
     for name in names:
         try:
-            path = extract_features(
-                manifest_path=ctx.manifest_path, backbone=name, cache_dir=ctx.features_dir, views=cfg["views"],
-                policy=cfg["policy"], seed=ctx.seed, tta=cfg["tta"], device=ctx.device, batch_size=cfg["batch_size"],
-                num_workers=cfg["num_workers"], precision=cfg["precision"], storage_dtype=cfg["storage_dtype"],
-                weights_file=cfg["weights"].get(name), rebuild=ctx.rebuild_cache, data_root=ctx.data_root,
-                channels_last=cfg["channels_last"])
+            result = ensure_rows(manifest=manifest, backbone=name, requests=requests, store_root=store_root(ctx),
+                                 policy=cfg["policy"], view_seed=cfg["view_seed"], policies=cut_policies(ctx.config),
+                                 settings=pass_settings(cfg, device=ctx.device), weights_file=cfg["weights"].get(name),
+                                 rebuild=ctx.rebuild_cache, data_root=ctx.data_root)
         except WeightsUnavailable as exc:
             log.warning("skipping backbone %s: %s", name, exc)
             if distributed.is_main():
                 append_skip(ctx.run_dir, stage="extract", what=f"backbone {name}", reason=exc.reason, fix=exc.fix)
             continue
-        entries.append({"backbone": name, "path": str(path), "key": path.stem})
+        pooled = result.stores["pooled"]
+        entries.append({"backbone": name, "store": os.path.relpath(pooled.dir, ctx.out_dir),
+                        "layers": {n: os.path.relpath(s.dir, ctx.out_dir) for n, s in result.stores.items()},
+                        "computed": result.computed, "seconds": round(result.seconds, 2)})
     if distributed.is_main():
         write_text_atomic(ctx.run_dir / "features.json", json.dumps(entries, indent=2) + "\n")
+
+
+def _manifest(ctx):
+    from dataset.manifest import read_manifest
+
+    return read_manifest(ctx.manifest_path)
 
 
 def _check_names(names: list[str], weights: dict) -> None:

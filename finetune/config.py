@@ -14,6 +14,14 @@ def _unfreeze_policy(key: str, value):
     return value
 
 
+def _views(key: str, value):
+    # One views setting for both arms by default: the store computes each view once for heads and fine-tunes.
+    if value == "extract" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 64):
+        return value
+    raise ConfigError(f"config key '{key}' has value {value!r}; allowed: \"extract\" (the extract.views count) "
+                      "or an integer 0..64")
+
+
 SCHEMA = {
     "policies": Field(["head", "last:1", "last:2"], list_of(_unfreeze_policy, min_len=1),
                       "unfreeze policies: 'head', 'last:k', 'all'"),
@@ -30,7 +38,7 @@ SCHEMA = {
     "batch_size": Field(32, int_range(1, 4096)),
     "patience": Field(5, int_range(1), "early stopping: epochs without a better val mean per-class accuracy"),
     "augment": Field("light", one_of(*POLICIES), "augmentation policy of the training views"),
-    "views": Field(4, int_range(0, 64), "augmented views per training image in the prefix cache"),
+    "views": Field("extract", _views, "augmented views per training image: \"extract\" (extract.views) or 0..64"),
     # Val (early stopping) and test average the logits of each image and its mirror, as the heads
     # average the two embeddings with extract.tta = "hflip": keep the two equal for a like-for-like comparison.
     "tta": Field("hflip", one_of(*TTA_VIEWS), "test-time augmentation at val/test ('none' or 'hflip')"),

@@ -1,5 +1,5 @@
 """Manifest images as tensors for fine-tuning: clean view 0, its mirror (-1), or augmentation view v,
-reproducible per (seed, sample_id, view) through dataset.transforms.make_view, in any worker and on any rank.
+reproducible per (seed, image sha256, view) through dataset.transforms.make_view, in any worker and on any rank.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class ManifestViews(Dataset):
         if len(views) != len(rows):
             raise ValueError(f"{len(views)} view lists for {len(rows)} manifest rows")
         self.paths = [str(Path(data_root) / p) for p in rows["path"]]
-        self.sample_ids = rows["sample_id"].tolist()
+        self.content_ids = rows["sha256"].tolist()
         self.clean, self.augment = eval_transform(data_config), augment_transform(data_config, policy)
         self.seed, self.views = seed, views
 
@@ -36,7 +36,7 @@ class ManifestViews(Dataset):
         return torch.stack([self.view(img, i, v) for v in views]), i
 
     def view(self, img, i: int, v: int) -> torch.Tensor:
-        return make_view(img, clean=self.clean, augment=self.augment, seed=self.seed, sample_id=self.sample_ids[i],
+        return make_view(img, clean=self.clean, augment=self.augment, seed=self.seed, content_id=self.content_ids[i],
                          view=v)
 
 

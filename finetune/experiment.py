@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,58 +17,66 @@ import torch
 from classify.metrics import evaluate
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from dataset.transforms import policy_spec
-from extract.cache import library_versions, load_features
+from extract.engine import PassSettings, ensure_rows, study_requests
+from extract.store import FORMAT_VERSION, library_versions
 from finetune.data import split_rows
 from finetune.model import build_split_net, count_params
-from finetune.prefix_cache import build_prefix_cache, load_prefix_cache, prefix_from_features, prefix_spec
+from finetune.prefix_cache import load_prefix, prefix_identity
 from finetune.train import CachedSource, ImageSource, Trainer
 from study import distributed
 from study.atomic import write_text_atomic
 from study.hashing import spec_hash
-from study.precision import autocast_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 # Keys of the [finetune] section that do not change the numbers (so they stay out of the run key).
 NOT_NUMERIC = ("policies", "num_workers")
 
 
-def run_spec(*, backbone_spec: dict, policy: str, hp: dict, seed: int, mhash: str, use_cache: bool) -> dict:
+def run_spec(*, backbone_spec: dict, policy: str, hp: dict, seed: int, mhash: str, inputs: str | None) -> dict:
+    """What a fine-tune's numbers depend on; ``inputs`` is the content identity of the store rows it reads
+    (None on the naive path, which reads the images), so changed activations retrain exactly what read them."""
     return {
         "kind": "finetune",
+        "format": FORMAT_VERSION,
         "backbone": backbone_spec,
         "policy": policy,
         "hyperparams": {k: v for k, v in hp.items() if k not in NOT_NUMERIC},
         "augment": policy_spec(hp["augment"]),
         "seed": seed,
         "manifest_hash": mhash,
-        "path": "prefix_cache" if use_cache else "naive",
+        "path": "prefix_cache" if inputs is not None else "naive",
+        "inputs": inputs,
         "versions": library_versions(),
     }
 
 
-def _sources(*, net, backbone, manifest, mhash, hp, seed, data_root, prefix_dir, device, rebuild, features_path=None):
-    """(train, val, test) sources and the prefix cache (None on the naive path)."""
-    if not hp["use_cache"]:
-        def images(split):
-            return ImageSource(rows=split_rows(manifest, split), data_root=data_root, data_config=backbone.data_config,
-                               policy=hp["augment"], num_workers=hp["num_workers"], tta=hp["tta"])
-        return images("train"), images("val"), images("test"), None
-    spec = prefix_spec(net=net, backbone_spec=backbone.spec, augment=hp["augment"], views=hp["views"], seed=seed,
-                       manifest_hash=mhash, precision=hp["precision"], tta=hp["tta"])
-    reused = _from_features(features_path, spec=spec, manifest=manifest, hp=hp, device=device)
-    if reused is not None:
-        log.info("finetune %s: the frozen prefix is the cached feature extractor: reusing %s", backbone.name,
-                 features_path)
-        return (*_cached_sources(reused), reused)
-    if distributed.is_main():
-        path = build_prefix_cache(net=net, spec=spec, manifest=manifest, data_root=data_root, cache_dir=prefix_dir,
-                                  data_config=backbone.data_config, device=device, batch_size=64,
-                                  num_workers=hp["num_workers"], autocast_dtype=autocast_dtype(hp["precision"], device),
-                                  rebuild=rebuild)
-    distributed.barrier()
-    path = Path(prefix_dir) / f"{spec_hash(spec)}.h5"
-    cache = load_prefix_cache(path, expected_spec=spec, manifest=manifest)
-    return (*_cached_sources(cache), cache)
+@dataclass(frozen=True)
+class StoreAccess:
+    """Where the activation store is and how its missing rows would be computed (the extract stage's settings)."""
+    root: Path
+    settings: PassSettings
+    view_seed: int = 0
+    weights_file: str | None = None
+
+
+def _store_entry(*, backbone, policy: str, manifest, hp: dict, access: StoreAccess, data_root: Path, rebuild: bool):
+    """The store entry this policy reads (pooled for ``head``, the cut for ``last:k``), holding every row it needs.
+
+    After the extract stage this computes nothing (its shared pass stored every cut the config names);
+    run alone, it computes the missing rows with the same shared pass."""
+    layer = "pooled" if policy == "head" else policy
+    result = ensure_rows(manifest=manifest, backbone=backbone.name, policy=hp["augment"], view_seed=access.view_seed,
+                         requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]), store_root=access.root,
+                         policies=[] if layer == "pooled" else [policy], settings=access.settings,
+                         weights_file=access.weights_file, data_root=data_root, rebuild=rebuild)
+    return result.stores[layer]
+
+
+def _image_sources(*, backbone, manifest, hp, data_root) -> tuple:
+    def images(split):
+        return ImageSource(rows=split_rows(manifest, split), data_root=data_root, data_config=backbone.data_config,
+                           policy=hp["augment"], num_workers=hp["num_workers"], tta=hp["tta"])
+    return images("train"), images("val"), images("test")
 
 
 def _cached_sources(cache) -> tuple:
@@ -77,27 +86,22 @@ def _cached_sources(cache) -> tuple:
     return (source("train", 1), *(source(s, cache.splits[s].acts.shape[1]) for s in ("val", "test")))
 
 
-def _from_features(features_path, *, spec, manifest, hp, device):
-    if features_path is None or not spec["pooled"] or not Path(features_path).is_file():
-        return None
-    return prefix_from_features(load_features(features_path), spec=spec, manifest=manifest,
-                                precision=resolve_precision(hp["precision"], device))
-
-
 def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
-                 finetune_dir: Path, prefix_dir: Path, rebuild: bool = False, on_epoch_end=None,
-                 features_path: Path | None = None) -> list[dict]:
+                 finetune_dir: Path, store: StoreAccess, rebuild: bool = False, on_epoch_end=None) -> list[dict]:
     """Fine-tune ``backbone`` (extract.backbones.Backbone) with ``policy``; return its results rows (rank 0).
 
-    ``features_path``: the extract stage's cache for this backbone; the ``head`` policy trains on it
-    directly when it holds the same images (see prefix_cache.prefix_from_features).
-    """
+    The frozen prefix's activations come from the activation store (``store``); ``hp["views"]`` is an int."""
     manifest = read_manifest(manifest_path)
     mhash, names = manifest_hash(manifest), class_names(manifest)
     net = build_split_net(backbone, policy=policy, n_classes=len(names), dropout=hp["dropout"],
                           seed=seed)
-    use_cache = hp["prefix_cache"] and bool(net.prefix_names)
-    spec = run_spec(backbone_spec=backbone.spec, policy=policy, hp=hp, seed=seed, mhash=mhash, use_cache=use_cache)
+    entry, inputs = None, None
+    if hp["prefix_cache"] and bool(net.prefix_names):
+        entry = _store_entry(backbone=backbone, policy=policy, manifest=manifest, hp=hp, access=store,
+                             data_root=Path(data_root), rebuild=rebuild)
+        inputs, _ = prefix_identity(entry, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
+                                    view_seed=store.view_seed)
+    spec = run_spec(backbone_spec=backbone.spec, policy=policy, hp=hp, seed=seed, mhash=mhash, inputs=inputs)
     key = spec_hash(spec)
     run_dir = Path(finetune_dir) / key
     rows_path = run_dir / "rows.json"
@@ -106,10 +110,13 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
         return json.loads(rows_path.read_text()) if distributed.is_main() else []
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
-    train, val, test, cache = _sources(net=net, backbone=backbone, manifest=manifest, mhash=mhash,
-                                       hp={**hp, "use_cache": use_cache}, seed=seed, data_root=Path(data_root),
-                                       prefix_dir=prefix_dir, device=device, rebuild=rebuild,
-                                       features_path=features_path)
+    cache = None
+    if entry is None:
+        train, val, test = _image_sources(backbone=backbone, manifest=manifest, hp=hp, data_root=Path(data_root))
+    else:
+        cache = load_prefix(entry, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
+                            view_seed=store.view_seed)
+        train, val, test = _cached_sources(cache)
     trainer = Trainer(net=net, hp={**hp, "name": f"{backbone.name} {policy}"}, seed=seed, device=device,
                       ckpt_dir=run_dir, run_key=key)
     fit = trainer.fit(train, val, on_epoch_end=on_epoch_end)

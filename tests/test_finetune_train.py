@@ -9,13 +9,13 @@ import torch
 
 from dataset.manifest import read_manifest
 from extract.backbones import load_backbone
+from extract.engine import PassSettings, ensure_rows, study_requests
 from finetune.data import split_rows
-from finetune.experiment import run_finetune
+from finetune.experiment import StoreAccess, run_finetune
 from finetune.model import build_split_net
-from finetune.prefix_cache import load_prefix_cache, prefix_spec
+from finetune.prefix_cache import load_prefix
 from finetune.train import CachedSource, ImageSource, Trainer
 from study.config import load_config
-from study.hashing import spec_hash
 from study.results import check_row
 
 
@@ -35,7 +35,8 @@ def hp():
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    return {"finetune_dir": root / "finetune", "prefix_dir": root / "prefix"}
+    settings = PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False)
+    return {"finetune_dir": root / "finetune", "store": StoreAccess(root=root / "store", settings=settings)}
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +66,20 @@ def test_rerun_reappends_cached_rows_without_training(runs, lite0, hp, dirs, tin
     assert again == runs["last:1"] and epochs == []
 
 
+def _store_entry(lite0, hp, dirs, manifest, policy):
+    access = dirs["store"]
+    result = ensure_rows(manifest=manifest, backbone=lite0.name, policy=hp["augment"], view_seed=0,
+                         requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]), store_root=access.root,
+                         policies=[] if policy == "head" else [policy], settings=access.settings)
+    return result, result.stores["pooled" if policy == "head" else policy]
+
+
 def _last1_cache(lite0, hp, dirs, manifest_path):
     manifest = read_manifest(manifest_path)
     net = build_split_net(lite0, policy="last:1", n_classes=4)
-    from dataset.manifest import manifest_hash
-    spec = prefix_spec(net=net, backbone_spec=lite0.spec, augment=hp["augment"], views=hp["views"], seed=0,
-                       manifest_hash=manifest_hash(manifest), precision=hp["precision"], tta=hp["tta"])
-    return net, manifest, load_prefix_cache(dirs["prefix_dir"] / f"{spec_hash(spec)}.h5", expected_spec=spec,
-                                            manifest=manifest)
+    _, entry = _store_entry(lite0, hp, dirs, manifest, "last:1")
+    return net, manifest, load_prefix(entry, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
+                                      view_seed=0)
 
 
 def test_prefix_cache_path_gives_the_naive_logits(runs, lite0, hp, dirs, tiny_manifest, data_root, tmp_path):
@@ -157,13 +164,14 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     from study.context import StudyContext
     from study.results import read_rows, read_skips
 
-    out_dir = dirs["finetune_dir"].parent  # the layout StudyContext expects: finetune/, prefix/, dataset/
+    out_dir = dirs["finetune_dir"].parent  # the layout StudyContext expects: finetune/, store/, dataset/
     (out_dir / "dataset").mkdir(exist_ok=True)
     (out_dir / "dataset" / "manifest.csv").write_bytes(tiny_manifest.read_bytes())
     config = load_config(overrides=[
         'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
         'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1", "finetune.batch_size=8",
-        "finetune.lr=3e-3", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"'])
+        "finetune.lr=3e-3", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
+        'extract.precision="fp32"'])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
     (row,) = read_rows(ctx.results_path)
@@ -172,31 +180,33 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     assert skip["what"] == "resnet18" and "/nowhere/r18.pth" in skip["fix"]
 
 
-def test_head_policy_reuses_the_feature_cache_as_its_prefix(runs, lite0, hp, dirs, tiny_manifest, data_root,
-                                                            tmp_path):
-    from dataset.manifest import manifest_hash
-    from extract.cache import load_features
-    from extract.engine import extract_features
-    from finetune.prefix_cache import prefix_from_features
+def test_head_policy_reads_the_rows_the_heads_read_and_makes_no_pass(runs, lite0, hp, dirs, tiny_manifest,
+                                                                      monkeypatch):
+    """ft:head's frozen prefix is the pooled feature: it reads the heads' store entry, and no forward runs again."""
+    from extract import engine
+    from extract.cache import load_feature_set
 
     manifest = read_manifest(tiny_manifest)
-    net = build_split_net(lite0, policy="head", n_classes=4)
-    spec = prefix_spec(net=net, backbone_spec=lite0.spec, augment=hp["augment"], views=hp["views"], seed=0,
-                       manifest_hash=manifest_hash(manifest), precision=hp["precision"], tta=hp["tta"])
-    built = load_prefix_cache(dirs["prefix_dir"] / f"{spec_hash(spec)}.h5", expected_spec=spec, manifest=manifest)
-    fs = load_features(extract_features(manifest_path=tiny_manifest, backbone="efficientnet_lite0",
-                                        cache_dir=tmp_path, views=hp["views"], policy=hp["augment"], seed=0,
-                                        tta=hp["tta"], data_root=data_root, num_workers=0, progress=False,
-                                        precision=hp["precision"]))
-    reused = prefix_from_features(fs, spec=spec, manifest=manifest, precision="fp32")
-    assert reused is not None and reused.build_s == fs.extract_s
-    for split in ("train", "val", "test"):
-        a, b = built.splits[split], reused.splits[split]
-        assert a.sample_id == b.sample_id and a.acts.shape == b.acts.shape and torch.equal(a.labels, b.labels)
-        torch.testing.assert_close(b.acts.float(), a.acts.float(), atol=2e-2, rtol=1e-2)  # float16 storage
-    # Other images (another augmentation seed, or more views than were extracted) are never reused.
-    assert prefix_from_features(fs, spec={**spec, "seed": 1}, manifest=manifest, precision="fp32") is None
-    assert prefix_from_features(fs, spec={**spec, "views": hp["views"] + 1}, manifest=manifest,
-                                precision="fp32") is None
-    without_mirror = dataclasses.replace(fs, spec={**fs.spec, "tta": "none"})
-    assert prefix_from_features(without_mirror, spec=spec, manifest=manifest, precision="fp32") is None
+    calls = []
+    monkeypatch.setattr(engine.PassRunner, "__call__", lambda *a: calls.append(1))
+    result, pooled = _store_entry(lite0, hp, dirs, manifest, "head")
+    assert result.computed == 0 and calls == []
+    fs = load_feature_set(pooled, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
+                          view_seed=0)
+    cache = load_prefix(pooled, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"], view_seed=0)
+    assert runs["head"][0]["cache_key"] == cache.key and cache.path == fs.path
+    test = (fs.split == "test") & (fs.view == 0)
+    assert fs.sample_id[test].tolist() == cache.splits["test"].sample_id
+    torch.testing.assert_close(cache.splits["test"].acts[:, 0].float(), torch.from_numpy(fs.features[test]),
+                               atol=2e-2, rtol=1e-2)  # float16 in memory
+    assert cache.build_s > 0  # the pass's share is charged to the fine-tune's cost
+
+
+def test_changed_store_rows_retrain_what_read_them(runs, lite0, hp, dirs, tiny_manifest, data_root, tmp_path):
+    """The run key holds the content identity of the rows read: other bytes (here another view seed) retrain."""
+    epochs = []
+    other = dataclasses.replace(dirs["store"], view_seed=1)
+    rows = run_finetune(backbone=lite0, policy="head", manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
+                        device="cpu", finetune_dir=dirs["finetune_dir"], store=other,
+                        on_epoch_end=lambda e, s: epochs.append(e))
+    assert epochs and rows[0]["run_key"] != runs["head"][0]["run_key"]

@@ -25,7 +25,8 @@ def two_runs(tmp_path_factory, data_root):
     first_s = time.perf_counter() - t0
     first = _only_run(out)
     with pytest.MonkeyPatch.context() as mp:
-        # A cache hit must not extract, fit a head, build a prefix cache or train: make all impossible.
+        # A cache hit must not load the pretrained model, run a forward, fit a head, read prefix activations
+        # or train: make all impossible.
         import classify.selection
         import extract.engine
         import finetune.experiment
@@ -33,8 +34,9 @@ def two_runs(tmp_path_factory, data_root):
         def refuse(*a, **k):
             raise AssertionError("second run did work that the cache should have saved")
         mp.setattr(extract.engine, "load_backbone", refuse)
+        mp.setattr(extract.engine, "PassRunner", refuse)
         mp.setattr(classify.selection, "select_and_refit", refuse)
-        mp.setattr(finetune.experiment, "build_prefix_cache", refuse)
+        mp.setattr(finetune.experiment, "load_prefix", refuse)
         mp.setattr(finetune.experiment, "Trainer", refuse)
         t0 = time.perf_counter()
         assert run_study.main(args) == 0

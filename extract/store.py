@@ -1,0 +1,328 @@
+"""The per-image activation store: rows keyed by (image content, view), files keyed by what changes their numbers.
+
+An *entry* is one backbone spec x one layer (the pooled pre-logits, or the activations at a fine-tune
+cut) x precision x storage dtype x library versions. Its key is the sha256 of the canonical JSON of
+that spec; nothing about a split, a label, a class set or a manifest is in it, so a new split seed
+or class set reads the rows earlier runs computed and computes only the rest. Layout::
+
+    <store>/<key>/spec.json          the spec (its sha256 is the folder name; checked on open)
+    <store>/<key>/seg-<id>.h5         immutable segments, each written whole then renamed into place
+    <store>/<key>/.lock               one writer at a time (fcntl.flock)
+
+A segment holds ``data`` (n, *shape) in the storage dtype, ``sha256`` (the image's content hash),
+``view`` (e.g. ``clean``, ``hflip``, ``aug:light:1a2b3c4d:s0:2``) and ``digest`` (blake2b of the row's
+bytes), all chunked with HDF5's fletcher32 checksums, so a damaged chunk fails on read instead of
+giving wrong numbers; the row digests are checked again when rows are read and make up the content
+identity (``identity``) that downstream artefacts are keyed by. A segment is fsync'ed before its
+rename: a row counts as stored only once its bytes are on disk, and a process killed at any instant
+leaves whole segments only (the rows of the segment being written are computed again).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from study.errors import StudyError
+from study.hashing import canonical_json, spec_differences, spec_hash
+
+FORMAT_VERSION = 2
+STORAGE_DTYPES = ("float32", "float16")
+log = logging.getLogger(__name__)
+
+
+class StoreDamaged(StudyError):
+    """A store file whose bytes fail their checksums or whose spec does not hash to its key."""
+
+
+class StoreMissingRows(StudyError):
+    """Rows a consumer asked for that the store does not hold."""
+
+
+def library_versions() -> dict:
+    """Versions of the libraries whose numerics shape the activations."""
+    import PIL
+    import timm
+    import torch
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "pillow": PIL.__version__}
+
+
+def entry_spec(*, backbone_spec: dict, layer: dict, precision: str, storage_dtype: str, channels_last: bool) -> dict:
+    """Everything that changes the numbers of every row of an entry; its sha256 is the entry's key."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {storage_dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
+    return json.loads(canonical_json({
+        "format": FORMAT_VERSION, "backbone": backbone_spec, "layer": layer, "precision": precision,
+        "storage_dtype": storage_dtype, "channels_last": channels_last, "versions": library_versions()}))
+
+
+def view_name(view: int, *, policy: dict, view_seed: int) -> str:
+    """The store's name of view id ``view`` (0 clean, -1 mirror, k >= 1 augmented view k of ``policy``)."""
+    if view == 0:
+        return "clean"
+    if view == -1:
+        return "hflip"
+    if view < 0:
+        raise ValueError(f"view {view}; allowed: 0, -1 (mirror) or >= 1 (augmented)")
+    return f"aug:{policy['name']}:{spec_hash(policy)[:8]}:s{view_seed}:{view}"
+
+
+def row_digest(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).hexdigest().encode()
+
+
+@dataclass
+class Index:
+    """Where each stored (sha256, view) row lives: segment file, row, digest; and each segment's cost."""
+    rows: dict[tuple[str, str], tuple[Path, int, bytes]] = field(default_factory=dict)
+    seconds: dict[Path, float] = field(default_factory=dict)  # compute seconds of each segment
+    sizes: dict[Path, int] = field(default_factory=dict)  # rows in each segment
+
+    def missing(self, wanted) -> list[tuple[str, str]]:
+        return [k for k in dict.fromkeys(wanted) if k not in self.rows]
+
+    def cost_s(self, wanted) -> float:
+        """Compute seconds of ``wanted`` rows: each row's share of its segment's pass time."""
+        return float(sum(self.seconds[p] / self.sizes[p] for p, _, _ in (self.rows[k] for k in dict.fromkeys(wanted))))
+
+
+class Store:
+    """One entry of the store (see the module docstring)."""
+
+    def __init__(self, root: str | Path, spec: dict):
+        self.spec = json.loads(canonical_json(spec))
+        self.key = spec_hash(self.spec)
+        self.dir = Path(root) / self.key
+
+    @classmethod
+    def open(cls, entry_dir: str | Path) -> "Store":
+        """The entry in ``entry_dir`` as its spec.json describes it (the folder name must be its hash)."""
+        entry_dir = Path(entry_dir)
+        try:
+            spec = json.loads((entry_dir / "spec.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreDamaged(f"no readable store entry at {entry_dir} ({exc}); run the extract stage "
+                               "(with --rebuild-cache if the folder is damaged)") from exc
+        store = cls(entry_dir.parent, spec)
+        if store.key != entry_dir.name:
+            raise StoreDamaged(f"{entry_dir / 'spec.json'} hashes to {store.key}, not to its folder's name: the file "
+                               "was altered; rerun with --rebuild-cache")
+        return store
+
+    @property
+    def label(self) -> str:
+        layer = self.spec["layer"]
+        return f"{self.spec['backbone'].get('name')}/{layer['kind'] if layer['kind'] == 'pooled' else layer['name']}"
+
+    # -------------------------------------------------------------- the folder and its spec
+
+    def create(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        spec_path = self.dir / "spec.json"
+        if not spec_path.is_file():
+            _write_durably(spec_path, canonical_json(self.spec).encode())
+        self.check_spec()
+
+    def check_spec(self) -> None:
+        path = self.dir / "spec.json"
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreDamaged(f"{path} is unreadable ({exc}); rerun with --rebuild-cache to rebuild this entry") \
+                from exc
+        if spec_hash(stored) != self.key:
+            diffs = spec_differences(self.spec, stored, labels=("expected", "file has"))
+            raise StoreDamaged(f"{path} does not hash to its folder's key {self.key}: the file was altered "
+                               f"({'; '.join(diffs) or 'same fields, other bytes'}); rerun with --rebuild-cache")
+
+    def remove(self) -> None:
+        """Delete the entry's spec and segments (``--rebuild-cache``). The caller holds ``lock()``, so no
+        writer is mid-segment; the lock file itself stays, since other processes may be waiting on it."""
+        import shutil
+
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    @contextlib.contextmanager
+    def lock(self):
+        """One writer per entry: a second study on the same ``--out`` waits here, then finds the rows done."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process writing %s", self.dir)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -------------------------------------------------------------- reading
+
+    def segments(self) -> list[Path]:
+        return sorted(self.dir.glob("seg-*.h5"))
+
+    def index(self) -> Index:
+        """The (sha256, view) -> row map over every segment, its id columns verified by their checksums."""
+        idx = Index()
+        for seg in self.segments():
+            with self._open(seg) as f:
+                sha, view, digest = (self._column(seg, f, name) for name in ("sha256", "view", "digest"))
+                idx.seconds[seg] = float(f.attrs.get("compute_s", 0.0))
+                idx.sizes[seg] = len(sha)
+            for i, key in enumerate(zip(sha.astype(str), view.astype(str))):
+                idx.rows.setdefault(key, (seg, i, digest[i]))
+        return idx
+
+    def identity(self, wanted, index: Index | None = None) -> str:
+        """The content identity of ``wanted`` rows, in order: equal only for the same bytes of the same rows."""
+        index = index or self.index()
+        self.require(wanted, index)
+        h = hashlib.sha256(self.key.encode())
+        for key in wanted:
+            h.update(f"{key[0]}|{key[1]}|".encode() + index.rows[key][2])
+        return h.hexdigest()
+
+    def require(self, wanted, index: Index) -> None:
+        missing = index.missing(wanted)
+        if missing:
+            raise StoreMissingRows(f"the activation store {self.dir} ({self.label}) lacks {len(missing)} of the "
+                                   f"{len(wanted)} rows asked for (first: image {missing[0][0][:12]}..., view "
+                                   f"{missing[0][1]}); run the extract stage to compute them")
+
+    def read(self, wanted, index: Index | None = None, *, dtype=np.float32) -> np.ndarray:
+        """The rows ``wanted`` ((sha256, view) pairs) in that order, as ``dtype``, checksums and digests verified."""
+        index = index or self.index()
+        self.require(wanted, index)
+        out = None
+        by_seg: dict[Path, list[tuple[int, int]]] = {}
+        for pos, key in enumerate(wanted):
+            seg, row, _ = index.rows[key]
+            by_seg.setdefault(seg, []).append((row, pos))
+        for seg, pairs in by_seg.items():
+            rows = np.array(sorted({r for r, _ in pairs}), dtype=np.int64)
+            with self._open(seg) as f:
+                data = self._column(seg, f, "data", rows)
+            if out is None:
+                out = np.empty((len(wanted), *data.shape[1:]), dtype)
+            at = {int(r): i for i, r in enumerate(rows)}
+            for r, pos in pairs:
+                block = data[at[r]]
+                if row_digest(block) != index.rows[wanted[pos]][2]:
+                    raise StoreDamaged(f"{seg}: row {r} does not match its digest (the file was altered); "
+                                       "rerun with --rebuild-cache")
+                out[pos] = block
+        if out is None:
+            return np.empty((0,), dtype)
+        return out
+
+    def _open(self, seg: Path):
+        try:
+            return h5py.File(seg, "r")
+        except OSError as exc:
+            raise StoreDamaged(f"store segment {seg} is not a readable HDF5 file ({exc}); "
+                               "rerun with --rebuild-cache") from exc
+
+    def _column(self, seg: Path, f: h5py.File, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        try:
+            if f.attrs.get("entry") != self.key:
+                raise StoreDamaged(f"store segment {seg} belongs to entry {f.attrs.get('entry')}, not {self.key}; "
+                                   "rerun with --rebuild-cache")
+            ds = f[name]
+            return ds[:] if rows is None else ds[rows]
+        except (OSError, KeyError) as exc:  # h5py reports a fletcher32 mismatch as an OSError
+            raise StoreDamaged(f"store segment {seg} is damaged ({name}: {exc}); rerun with --rebuild-cache "
+                               "to recompute it") from exc
+
+    # -------------------------------------------------------------- writing
+
+    def write_segment(self, keys: list[tuple[str, str]], data: np.ndarray, *, compute_s: float) -> Path | None:
+        """Store rows ``keys`` with ``data`` (float32) as one new segment; durable before it is visible."""
+        if not keys:
+            return None
+        stored = np.ascontiguousarray(data.astype(self.spec["storage_dtype"]))
+        digests = np.array([row_digest(r) for r in stored], dtype="S32")
+        seg_id = hashlib.sha256(b"".join(digests) + "".join(f"{s}|{v}" for s, v in keys).encode()).hexdigest()[:20]
+        path = self.dir / f"seg-{seg_id}.h5"
+        tmp = self.dir / f".{path.name}.{os.getpid()}.tmp"
+        row_bytes = max(1, stored[0].nbytes)
+        chunk = max(1, min(len(keys), (1 << 20) // row_bytes))
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("data", data=stored, chunks=(chunk, *stored.shape[1:]), fletcher32=True)
+                for name, col, width in (("sha256", [k[0] for k in keys], 64), ("view", [k[1] for k in keys], 64)):
+                    f.create_dataset(name, data=np.array(col, dtype=f"S{width}"), chunks=True, fletcher32=True)
+                f.create_dataset("digest", data=digests, chunks=True, fletcher32=True)
+                f.attrs.update({"entry": self.key, "compute_s": float(compute_s), "n_rows": len(keys),
+                                "written": time.time()})
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(self.dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StudyError(f"cannot write the activation store segment {path} ({exc.strerror or exc}); "
+                             "free disk space or fix the folder's permissions, then rerun: rows already stored "
+                             "are kept") from exc
+        return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def describe(entry_dir: Path) -> dict:
+    """One line of the store listing: backbone, layer, rows by view kind, bytes per row and on disk."""
+    info = {"key": entry_dir.name, "path": str(entry_dir)}
+    try:
+        spec = json.loads((entry_dir / "spec.json").read_text())
+    except (OSError, ValueError) as exc:
+        return {**info, "error": f"unreadable spec.json: {exc}"}
+    layer = spec.get("layer", {})
+    info.update(backbone=spec.get("backbone", {}).get("name"),
+                layer=layer.get("kind") if layer.get("kind") == "pooled" else layer.get("name"),
+                precision=spec.get("precision"), storage_dtype=spec.get("storage_dtype"))
+    kinds: dict[str, int] = {}
+    row_bytes, disk, problems = None, 0, []
+    for seg in sorted(entry_dir.glob("seg-*.h5")):
+        disk += seg.stat().st_size
+        try:
+            with h5py.File(seg, "r") as f:
+                for v in f["view"][:].astype(str):
+                    kind = v.split(":")[0]
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                row_bytes = int(np.prod(f["data"].shape[1:])) * f["data"].dtype.itemsize
+        except (OSError, KeyError) as exc:
+            problems.append(f"{seg.name}: {exc}")
+    info.update(rows=sum(kinds.values()), clean=kinds.get("clean", 0), hflip=kinds.get("hflip", 0),
+                aug=kinds.get("aug", 0), bytes_per_row=row_bytes, disk_mb=round(disk / 2**20, 2))
+    if problems:
+        info["error"] = "; ".join(problems)
+    return info
