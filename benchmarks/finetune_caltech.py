@@ -1,14 +1,19 @@
 #!/usr/bin/env python
 """Caltech 101, standard protocol (102 classes, 30 training images per class of which 5 are val, rest test):
-fine-tune EfficientNet-Lite0 with each candidate ``last:k`` through the prefix-activation cache, pick the
-policy with the best val mean per-class accuracy, report its test figures.
+fine-tune EfficientNet-Lite0 with each candidate ``last:k`` on the frozen prefix's stored activations, pick
+the policy with the best val mean per-class accuracy, report its test figures.
 
     python benchmarks/finetune_caltech.py [--data-root ../shared/datasets] [--policies last:1,last:2]
 
-The dataset comes from dataset.build.build_dataset with configs/caltech101.toml into out/bench/caltech101;
-prefix caches and runs persist under out/bench/caltech101_finetune, so an interrupted benchmark resumes.
+The dataset comes from dataset.build.build_dataset with configs/caltech101.toml into out/bench/caltech101.
+The activations at every policy's cut come from the per-image activation store out/bench/store (shared
+with benchmarks/heads.py): one pass computes the rows any cut lacks, for all policies together, before the
+first fine-tune; a fine-tune never makes a pass of its own, and its ``prefix_cache_s`` is the compute share
+of the rows it read. Runs persist under out/bench/caltech101_finetune, so an interrupted benchmark resumes.
 Quality bar of the recipe: ft_mean_per_class >= 0.93 (a frozen-feature LR head reaches about 0.92).
 Last line: key=value pairs incl. ft_mean_per_class= (test, chosen policy) and ft_train_s=.
+
+``--classes N`` keeps the N smallest classes of the manifest (a quick check, not the standard protocol).
 """
 from __future__ import annotations
 
@@ -21,9 +26,22 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dataset.build import build_dataset  # noqa: E402
+from dataset.manifest import read_manifest, write_manifest  # noqa: E402
 from extract.backbones import load_backbone  # noqa: E402
-from finetune.experiment import run_finetune  # noqa: E402
+from extract.engine import PassSettings, ensure_rows, study_requests  # noqa: E402
+from finetune.experiment import StoreAccess, run_finetune  # noqa: E402
 from study.config import load_config  # noqa: E402
+
+
+def smallest_classes(manifest, n: int):
+    """A quick-check subset: the ``n`` classes with the fewest images (ties by label), relabelled 0..n-1."""
+    if not n:
+        return manifest
+    sizes = manifest.groupby("label").size().reset_index(name="n").sort_values(["n", "label"])
+    keep = sorted(sizes["label"].head(n))
+    sub = manifest[manifest["label"].isin(keep)].reset_index(drop=True)
+    sub["label"] = sub["label"].map({old: new for new, old in enumerate(keep)})
+    return sub
 
 
 def main() -> int:
@@ -36,24 +54,45 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--backbone-lr-mult", type=float, default=0.1)
     p.add_argument("--augment", default="light")
-    p.add_argument("--precision", default="auto", help="bf16 speeds a CPU prefix-cache build ~2x (changes numerics)")
+    p.add_argument("--precision", default="auto",
+                   help="training precision and the store pass's (bf16 speeds a CPU pass ~2x; changes numerics)")
+    p.add_argument("--cut-dtype", default="float16", choices=("float16", "float32"),
+                   help="storage dtype of the cut activations (part of the store entry key)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="the store pass's batch size")
+    p.add_argument("--classes", type=int, default=0, help="keep the N smallest classes only (0: all; a quick check)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out)
+    out, data_root = Path(args.out), Path(args.data_root)
     config = load_config(REPO / "configs" / "caltech101.toml")
-    build = build_dataset(data_cfg=config["data"], data_root=Path(args.data_root), out_dir=out / "caltech101", seed=0)
+    build = build_dataset(data_cfg=config["data"], data_root=data_root, out_dir=out / "caltech101", seed=0)
+    manifest_path, runs_dir = build.manifest_path, out / "caltech101_finetune"
+    manifest = read_manifest(manifest_path)
+    if args.classes:
+        manifest = smallest_classes(manifest, args.classes)
+        runs_dir = out / f"caltech101_{args.classes}classes_finetune"
+        manifest_path = runs_dir / "manifest.csv"
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(manifest, manifest_path)
     hp = config["finetune"]
     hp.update(epochs=args.epochs, views=args.views, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
               augment=args.augment, precision=args.precision, num_workers=args.num_workers)
+    policies = args.policies.split(",")
+    settings = PassSettings(device=args.device, precision=args.precision, cut_dtype=args.cut_dtype,
+                            batch_size=args.batch_size, num_workers=args.num_workers)
+    store = StoreAccess(root=out / "store", settings=settings, view_seed=0)
+    # The extract stage's role: one pass stores every cut's missing rows (each run_finetune then finds them).
+    done = ensure_rows(manifest=manifest, backbone="efficientnet_lite0", store_root=store.root, policy=hp["augment"],
+                       requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]), view_seed=store.view_seed,
+                       policies=policies, settings=settings, data_root=data_root)
+    print(f"activation store {store.root}: computed {done.computed} image-views now ({done.seconds:.0f}s) for "
+          f"{', '.join(done.stores)}", flush=True)
     backbone = load_backbone("efficientnet_lite0")
     rows = []
-    for policy in args.policies.split(","):
-        (row,) = run_finetune(backbone=backbone, policy=policy, manifest_path=build.manifest_path,
-                              data_root=Path(args.data_root), hp=hp, seed=0, device=args.device,
-                              finetune_dir=out / "caltech101_finetune" / "finetune",
-                              prefix_dir=out / "caltech101_finetune" / "prefix")
+    for policy in policies:
+        (row,) = run_finetune(backbone=backbone, policy=policy, manifest_path=manifest_path, data_root=data_root,
+                              hp=hp, seed=0, device=args.device, finetune_dir=runs_dir / "finetune", store=store)
         rows.append(row)
         print(f"{policy}: val {row['selection']['best_score']:.4f} (epoch {row['selection']['best_epoch']}) test "
               f"mean/class {row['metrics']['mean_per_class']:.4f} top1 {row['metrics']['top1']:.4f}; train "

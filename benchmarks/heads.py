@@ -4,8 +4,9 @@
     python benchmarks/heads.py [--data-root ../shared/datasets] [--out out/bench]
 
 Builds (or reuses) the Caltech 101 manifest (configs/caltech101.toml: 102 classes with background,
-30 training images per class of which 5 are val, the rest test) and the Lite0 feature cache (2 light
-views of train/val; with ``--tta hflip``, the default, each image's mirror too), then, for each
+30 training images per class of which 5 are val, the rest test) and the Lite0 pooled features in the
+activation store ``<out>/store`` (clean view of every image, 2 light views of train/val; with ``--tta hflip``,
+the default, each image's mirror too: only rows the store lacks are computed), then, for each
 head and feature set, runs the full val sweep + refit with the
 default ``[classify]`` grids and scores test once. Printed beside them, in the same run:
 
@@ -17,6 +18,8 @@ default ``[classify]`` grids and scores test once. Printed beside them, in the s
 
 Last line: ``key=value`` pairs, including ``lr_mean_per_class`` (the LR head whose feature set
 val picked) and ``lr_sweep_s`` (its full sweep + refit wall time).
+
+``--classes N`` keeps the N smallest classes of the manifest (a quick check, not the standard protocol).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
-    p.add_argument("--out", default=str(REPO / "out" / "bench"), help="manifest and feature cache go here")
+    p.add_argument("--out", default=str(REPO / "out" / "bench"), help="manifest and activation store go here")
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--tta", default="hflip", choices=("none", "hflip"),
                    help="extract.tta: also embed each image mirrored; heads use the mean (the study default)")
@@ -42,23 +45,44 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--feature-sets", default="clean,aug")
     p.add_argument("--svm-kernels", default="linear,rbf", help="kernels measured side by side ('' to skip)")
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64, help="the extract pass's batch size")
+    p.add_argument("--precision", default="auto", help="the extract pass's precision (part of the store entry key)")
+    p.add_argument("--classes", type=int, default=0, help="keep the N smallest classes only (0: all; a quick check)")
     return p.parse_args()
+
+
+def smallest_classes(manifest, n: int):
+    """A quick-check subset: the ``n`` classes with the fewest images (ties by label), relabelled 0..n-1."""
+    if not n:
+        return manifest
+    sizes = manifest.groupby("label").size().reset_index(name="n").sort_values(["n", "label"])
+    keep = sorted(sizes["label"].head(n))
+    sub = manifest[manifest["label"].isin(keep)].reset_index(drop=True)
+    sub["label"] = sub["label"].map({old: new for new, old in enumerate(keep)})
+    return sub
 
 
 def load_caltech_features(args):
     from dataset.build import build_dataset
     from dataset.manifest import read_manifest
-    from extract.cache import load_features
-    from extract.engine import extract_features
+    from extract.cache import load_feature_set
+    from extract.engine import PassSettings, ensure_rows, study_requests
     from study.config import load_config
 
     out = Path(args.out)
     build = build_dataset(data_cfg=load_config(REPO / "configs" / "caltech101.toml")["data"],
                           data_root=Path(args.data_root), out_dir=out / "caltech101", seed=0)
-    path = extract_features(manifest_path=build.manifest_path, backbone="efficientnet_lite0",
-                            cache_dir=out / "features", views=args.views, policy="light", seed=0, tta=args.tta,
-                            num_workers=args.num_workers, data_root=Path(args.data_root))
-    return load_features(path), read_manifest(build.manifest_path)
+    manifest = read_manifest(build.manifest_path)
+    manifest = smallest_classes(manifest, args.classes)
+    settings = PassSettings(precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers)
+    result = ensure_rows(manifest=manifest, backbone="efficientnet_lite0", store_root=out / "store", policy="light",
+                         requests=study_requests(manifest, views=args.views, tta=args.tta), view_seed=0,
+                         settings=settings, data_root=Path(args.data_root))
+    fs = load_feature_set(result.stores["pooled"], manifest=manifest, views=args.views, tta=args.tta,
+                          policy="light", view_seed=0)
+    print(f"activation store {result.stores['pooled'].dir}: computed {result.computed} image-views now "
+          f"({result.seconds:.1f}s); the rows read cost {fs.extract_s:.1f}s of compute", flush=True)
+    return fs, manifest
 
 
 def run_head(method, head_cfg, *, data, n_classes):
