@@ -68,12 +68,11 @@ def plan_layers(backbone: str, policies: list[str] = ()) -> list[Layer]:
     if not cuts:
         return layers
     names = _unit_names(backbone, block_list)
-    for policy in cuts:
-        k = parse_policy(policy).last
+    for k in dict.fromkeys(parse_policy(p).last for p in cuts):  # one cut per k: 'probe+last:k' reads last:k's
         if k >= len(names):
             continue  # every unit trains: the fine-tune reads images (finetune reports it)
         units = list(names[: len(names) - k])
-        layers.append(Layer(policy, {"kind": "cut", "name": f"after:{units[-1]}", "units": units},
+        layers.append(Layer(f"last:{k}", {"kind": "cut", "name": f"after:{units[-1]}", "units": units},
                             len(units) - 1))
     return layers
 

@@ -83,6 +83,18 @@ class SplitNet(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The new linear head's tensors (copies): what a ``probe+last:k`` fine-tune carries from phase 1 to 2."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith("head.")}
+
+    def load_head_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the new head to ``state`` (from another split of the same backbone: its head has the same shape)."""
+        mine = self.head_state()
+        if set(state) != set(mine):
+            raise ValueError(f"head state has {sorted(state)}, this net's head {sorted(mine)}")
+        self.load_state_dict(state, strict=False)
+
+
 def _fresh_aux(aux: nn.Module, n_classes: int) -> nn.Module:
     fc = aux.fc
     aux.fc = nn.Linear(fc.in_features, n_classes)

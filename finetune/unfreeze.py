@@ -6,7 +6,9 @@ A policy says how many units, counted from the end, train:
 
 - ``"head"``: none (only the new linear head trains; the tail is frozen too);
 - ``"last:k"``: the last k units (and the tail, whose parameters, if any, belong to the trunk's end);
-- ``"all"``: every unit.
+- ``"all"``: every unit;
+- ``"probe+last:k"``: two phases, freeze then unfreeze: the new head trains alone on the frozen network (the
+  ``head`` policy) until val stops improving, then the last k units train starting from that head (``last:k``).
 
 What a unit is, per architecture (native module names of the library model):
 
@@ -31,11 +33,20 @@ from torch import nn
 
 @dataclass(frozen=True)
 class UnfreezePolicy:
-    name: str  # "head" | "last:k" | "all"
-    last: int | None  # units that train; None means all
+    name: str  # "head" | "last:k" | "all" | "probe+last:k"
+    last: int | None  # units that train (in the last phase); None means all
+    probe: bool = False  # first train the head alone on the frozen network, then unfreeze
 
     def n_trainable(self, n_units: int) -> int:
         return n_units if self.last is None else self.last
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The one-phase policies trained in order: ("head", "last:k") for "probe+last:k", else (name,)."""
+        return ("head", f"last:{self.last}") if self.probe else (self.name,)
+
+
+ALLOWED = "'head', 'last:k' with k >= 1 (e.g. 'last:2'), 'all', 'probe+last:k' (head first, then last:k)"
 
 
 def parse_policy(text: str) -> UnfreezePolicy:
@@ -43,10 +54,10 @@ def parse_policy(text: str) -> UnfreezePolicy:
         return UnfreezePolicy("head", 0)
     if text == "all":
         return UnfreezePolicy("all", None)
-    match = re.fullmatch(r"last:(\d+)", text)
-    if match and int(match.group(1)) >= 1:
-        return UnfreezePolicy(text, int(match.group(1)))
-    raise ValueError(f"unfreeze policy {text!r}; allowed: 'head', 'last:k' with k >= 1 (e.g. 'last:2'), 'all'")
+    match = re.fullmatch(r"(probe\+)?last:(\d+)", text)
+    if match and int(match.group(2)) >= 1:
+        return UnfreezePolicy(text, int(match.group(2)), probe=bool(match.group(1)))
+    raise ValueError(f"unfreeze policy {text!r}; allowed: {ALLOWED}")
 
 
 @dataclass

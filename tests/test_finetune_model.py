@@ -11,12 +11,13 @@ from study.config import load_config
 from study.schema import ConfigError
 
 
-@pytest.mark.parametrize("text,last", [("head", 0), ("last:1", 1), ("last:12", 12), ("all", None)])
+@pytest.mark.parametrize("text,last", [("head", 0), ("last:1", 1), ("last:12", 12), ("all", None),
+                                       ("probe+last:2", 2)])
 def test_policy_parsing(text, last):
     assert parse_policy(text).last == last
 
 
-@pytest.mark.parametrize("bad", ["last:0", "last", "tail:2", "ALL", "last:-1"])
+@pytest.mark.parametrize("bad", ["last:0", "last", "tail:2", "ALL", "last:-1", "probe+head", "probe+last:0"])
 def test_bad_policy_is_named(bad):
     with pytest.raises(ValueError, match="allowed"):
         parse_policy(bad)
