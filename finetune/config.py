@@ -10,8 +10,34 @@ def _unfreeze_policy(key: str, value):
     try:
         parse_policy(value)
     except ValueError as exc:
-        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: 'head', 'last:k' (k >= 1), 'all'") from exc
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: 'head', 'last:k' (k >= 1), 'all', "
+                          "'probe+last:k'") from exc
     return value
+
+
+# The hyperparameters a fine-tune's grid may sweep: each axis is a list of values of that [finetune] key.
+GRID_AXES = {
+    "lr": float_range(1e-7, 10.0),
+    "backbone_lr_mult": float_range(0.0, 10.0),
+    "weight_decay": float_range(0.0, 1.0),
+    "label_smoothing": float_range(0.0, 0.99),
+    "dropout": float_range(0.0, 0.99),
+}
+
+
+def _grid(key: str, value):
+    """A table of axes (``lr = [...]``, ``backbone_lr_mult = [...]``...); the grid is their cartesian product."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a table of lists, e.g. "
+                          "{ lr = [1e-3, 3e-3], backbone_lr_mult = [0.1, 0.3] }")
+    out = {}
+    for axis, values in value.items():
+        if axis not in GRID_AXES:
+            raise ConfigError(f"unknown config key '{key}.{axis}'; a fine-tune grid sweeps: {', '.join(GRID_AXES)}")
+        out[axis] = list_of(GRID_AXES[axis], min_len=1)(f"{key}.{axis}", values)
+        if len(set(out[axis])) != len(out[axis]):
+            raise ConfigError(f"config key '{key}.{axis}' has value {values!r}; allowed: distinct values")
+    return out
 
 
 def _views(key: str, value):
@@ -27,8 +53,14 @@ SCHEMA = {
                       "unfreeze policies: 'head', 'last:k', 'all'"),
     "epochs": Field(15, int_range(1)),
     "optimizer": Field("adamw", one_of("adamw", "sgd")),
-    "lr": Field(1e-3, float_range(1e-7, 10.0), "head learning rate (peak, after warm-up)"),
-    "backbone_lr_mult": Field(0.1, float_range(0.0, 10.0), "unfrozen blocks train at lr * this"),
+    "lr": Field(1e-3, float_range(1e-7, 10.0), "head learning rate (peak, after warm-up); a grid axis overrides it"),
+    "backbone_lr_mult": Field(0.1, float_range(0.0, 10.0), "unfrozen blocks train at lr * this; a grid axis overrides it"),
+    # Every grid point trains on train and is scored on val (its best epoch); the best val score is chosen
+    # (ties: lower val log-loss, then the earlier point) and refit on train+val for its epoch count.
+    # The default is the former single recipe (lr 1e-3, mult 0.1) and one step up on each axis; axes a
+    # policy does not use (backbone_lr_mult for 'head') are not swept for it. {} = the one recipe above.
+    "grid": Field({"lr": [1e-3, 3e-3], "backbone_lr_mult": [0.1, 0.3]}, _grid,
+                  "hyperparameter grid chosen on val: a table of lists over " + ", ".join(GRID_AXES)),
     "weight_decay": Field(0.01, float_range(0.0, 1.0)),
     "momentum": Field(0.9, float_range(0.0, 1.0), "SGD only"),
     "warmup_epochs": Field(1, int_range(0)),

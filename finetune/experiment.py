@@ -1,12 +1,34 @@
-"""One fine-tuning experiment (backbone x unfreeze policy) from manifest to results rows, cached by spec hash.
+"""One fine-tuning experiment (backbone x unfreeze policy) from manifest to results rows: chosen on val and
+refit on train+val like the heads (classify/selection.py), cached by spec hash.
 
-``ctx.finetune_dir/<run key>/`` holds ``last.pt`` (resume), ``best.pt`` (the kept model) and ``rows.json``
-(the finished run's results rows): a rerun of the same spec re-appends those rows without training.
+The protocol:
+
+1. every point of the policy's grid (``finetune.grid``: lr x backbone_lr_mult x ...) trains on train and is
+   scored on val after every epoch; its val score is its best epoch's (early stopping after ``patience``
+   epochs without a better one);
+2. the chosen point has the best val score (ties: lower val log-loss at that epoch, then the earlier point);
+3. the chosen point is refit on train+val with its hyperparameters for its best epoch count (nothing is
+   evaluated, no early stopping; the cached path reads val images' views 0..V like train's);
+4. that model scores test once. No test row is read (no test image decoded) before it is trained.
+
+``probe+last:k`` (freeze, then unfreeze) runs two phases per grid point: phase 1 trains the new head alone
+on the frozen network (the ``head`` policy: pooled features) until val stops improving; phase 2 starts from
+phase 1's best head and trains the last k units (``last:k``: the cut activations). The point's val score is
+phase 2's; its refit repeats both phases on train+val for their chosen epoch counts.
+
+Layout: every training run ("fit": one one-phase policy, one setting, one fit set, one starting head)
+lives in ``finetune_dir/fits/<fit key>/`` (``last.pt`` to resume, ``best.pt`` the kept epoch), so a fit
+that two policies or two grids share (``head``'s points are ``probe+last:k``'s phase 1) trains once.
+``finetune_dir/<run key>/`` holds ``spec.json`` and ``rows.json`` (the finished run's results rows): a rerun
+of the same spec, grid included, re-appends those rows without reading activations or training.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,38 +38,53 @@ import torch
 
 from classify.metrics import evaluate
 from dataset.manifest import class_names, manifest_hash, read_manifest
-from dataset.transforms import policy_spec
-from extract.engine import PassSettings, ensure_rows, study_requests
+from dataset.transforms import policy_spec, tta_views
+from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
 from extract.store import FORMAT_VERSION, library_versions
-from finetune.data import split_rows
+from finetune.config import GRID_AXES
 from finetune.model import build_split_net, count_params
-from finetune.prefix_cache import load_prefix, prefix_identity
-from finetune.train import CachedSource, ImageSource, Trainer
+from finetune.train import CachedSource, FitResult, ImageSource, Trainer
+from finetune.unfreeze import parse_policy
 from study import distributed
 from study.atomic import write_text_atomic
 from study.hashing import spec_hash
 
 log = logging.getLogger(__name__)
-# Keys of the [finetune] section that do not change the numbers (so they stay out of the run key).
-NOT_NUMERIC = ("policies", "num_workers")
+# The layout and key format of finetune/ (2: a grid chosen on val, refit on train+val, fits/<key>/).
+FIT_FORMAT = 2
+# Keys of the [finetune] section that do not change a fit's numbers (so they stay out of its key).
+NOT_NUMERIC = ("policies", "num_workers", "grid")
+SPLITS = ("train", "val", "test")
 
 
-def run_spec(*, backbone_spec: dict, policy: str, hp: dict, seed: int, mhash: str, inputs: str | None) -> dict:
-    """What a fine-tune's numbers depend on; ``inputs`` is the content identity of the store rows it reads
-    (None on the naive path, which reads the images), so changed activations retrain exactly what read them."""
-    return {
-        "kind": "finetune",
-        "format": FORMAT_VERSION,
-        "backbone": backbone_spec,
-        "policy": policy,
-        "hyperparams": {k: v for k, v in hp.items() if k not in NOT_NUMERIC},
-        "augment": policy_spec(hp["augment"]),
-        "seed": seed,
-        "manifest_hash": mhash,
-        "path": "prefix_cache" if inputs is not None else "naive",
-        "inputs": inputs,
-        "versions": library_versions(),
-    }
+# ---------------------------------------------------------------------------------------------- the grid
+
+
+def grid_points(hp: dict, policy: str) -> list[dict]:
+    """The settings ``policy`` tries on val: the cartesian product of ``hp["grid"]``'s axes (in GRID_AXES
+    order, each axis in its declared order), each point naming its lr (and backbone_lr_mult) even when the
+    grid does not sweep them. ``backbone_lr_mult`` is not swept for ``head``: no trunk parameter trains."""
+    trunk_trains = parse_policy(policy).last != 0
+    axes = {"lr": [hp["lr"]], **({"backbone_lr_mult": [hp["backbone_lr_mult"]]} if trunk_trains else {})}
+    for axis in GRID_AXES:
+        if axis in hp["grid"] and (trunk_trains or axis != "backbone_lr_mult"):
+            axes[axis] = list(hp["grid"][axis])
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def phase_params(point: dict, train_policy: str) -> dict:
+    """A grid point's settings that change ``train_policy``'s training (phase 1 of a probe: no trunk mult)."""
+    return {k: v for k, v in point.items() if not (train_policy == "head" and k == "backbone_lr_mult")}
+
+
+def choose(scores: list[tuple[float, float | None]]) -> int:
+    """The chosen point: best val score, ties by lower val log-loss, then the earlier point (study/results.py's rule)."""
+    def loss(x):
+        return math.inf if x is None or math.isnan(x) else x
+    return max(range(len(scores)), key=lambda i: (scores[i][0], -loss(scores[i][1])))
+
+
+# ---------------------------------------------------------------------------------------------- data
 
 
 @dataclass(frozen=True)
@@ -59,86 +96,284 @@ class StoreAccess:
     weights_file: str | None = None
 
 
-def _store_entry(*, backbone, policy: str, manifest, hp: dict, access: StoreAccess, data_root: Path, rebuild: bool):
-    """The store entry this policy reads (pooled for ``head``, the cut for ``last:k``), holding every row it needs.
+def load_prefix(store, keys: list[tuple[str, str]], *, n_views: int, index=None) -> torch.Tensor:
+    """(N, n_views, ...) float16 activations of ``keys`` (image-major) from the store: every activation a
+    fine-tune reads comes through here (a cached rerun never calls it)."""
+    acts = store.read(keys, index or store.index(), dtype=np.float16)
+    return torch.from_numpy(acts.reshape(len(keys) // n_views, n_views, *acts.shape[1:]))
 
-    After the extract stage this computes nothing (its shared pass stored every cut the config names);
-    run alone, it computes the missing rows with the same shared pass."""
-    layer = "pooled" if policy == "head" else policy
+
+class _Rows:
+    """What fits read, per one-phase policy and part: ``train`` (views 0..V), ``val`` (view 0 + test-time
+    views), ``train+val`` (views 0..V of both: the refit) and ``test`` (view 0 + test-time views), from the
+    store (cached path) or the images (naive path: fresh augmentation every epoch)."""
+
+    def __init__(self, *, backbone, manifest, hp: dict, data_root: Path, stores: dict, view_seed: int):
+        self.backbone, self.manifest, self.hp, self.data_root = backbone, manifest, hp, data_root
+        self.stores, self.view_seed = stores, view_seed  # one-phase policy -> store entry (absent: naive)
+        split = manifest["split"].to_numpy()
+        self.positions = {s: np.flatnonzero(split == s) for s in SPLITS}
+        for s, pos in self.positions.items():
+            if len(pos) == 0:
+                raise ValueError(f"the manifest has no '{s}' rows; fine-tuning needs train, val and test splits")
+        self.positions["train+val"] = np.concatenate([self.positions["train"], self.positions["val"]])
+        self._memo: dict = {}
+
+    def cached(self, policy: str) -> bool:
+        return policy in self.stores
+
+    def views(self, part: str) -> list[int]:
+        if part in ("train", "train+val"):
+            return list(range(self.hp["views"] + 1))
+        return [0, *tta_views(self.hp["tta"])]
+
+    def keys(self, part: str) -> list[tuple[str, str]]:
+        requests = [(int(m), v) for m in self.positions[part] for v in self.views(part)]
+        return store_keys(self.manifest, requests, policy=self.hp["augment"], view_seed=self.view_seed)
+
+    @functools.cache
+    def _index(self, policy: str):
+        return self.stores[policy].index()
+
+    def identity(self, policy: str, parts: tuple[str, ...]) -> str | None:
+        """The content identity of the rows ``parts`` read (no data read); None on the naive path."""
+        if not self.cached(policy):
+            return None
+        return self.stores[policy].identity([k for p in parts for k in self.keys(p)], self._index(policy))
+
+    def cost_s(self, policy: str) -> float:
+        """Compute seconds of every store row this policy reads (their share of the passes that made them)."""
+        if not self.cached(policy):
+            return 0.0
+        return self._index(policy).cost_s([k for p in ("train+val", "val", "test") for k in self.keys(p)])
+
+    def source(self, policy: str, part: str):
+        if (policy, part) in self._memo:
+            return self._memo[(policy, part)]
+        labels = torch.tensor(self.manifest["label"].to_numpy(np.int64)[self.positions[part]])
+        train = part in ("train", "train+val")
+        if self.cached(policy):
+            acts = load_prefix(self.stores[policy], self.keys(part), n_views=len(self.views(part)),
+                               index=self._index(policy))
+            src = CachedSource(acts, labels, eval_views=1 if train else acts.shape[1])
+        else:
+            rows = self.manifest.iloc[self.positions[part]].reset_index(drop=True)
+            src = ImageSource(rows=rows, data_root=self.data_root, data_config=self.backbone.data_config,
+                              policy=self.hp["augment"], num_workers=self.hp["num_workers"],
+                              tta="none" if train else self.hp["tta"])
+        if part != "test":  # test is read once
+            self._memo[(policy, part)] = src
+        return src
+
+
+def _stores(*, backbone, policies: list[str], manifest, hp: dict, access: StoreAccess, data_root: Path,
+            rebuild: bool) -> dict:
+    """The store entry each one-phase policy reads (pooled for ``head``, the cut for ``last:k``), holding every
+    row it needs. After the extract stage this computes nothing (its shared pass stored every cut the config
+    names); run alone, it computes the missing rows with the same shared pass."""
+    if not policies:
+        return {}
     result = ensure_rows(manifest=manifest, backbone=backbone.name, policy=hp["augment"], view_seed=access.view_seed,
                          requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]), store_root=access.root,
-                         policies=[] if layer == "pooled" else [policy], settings=access.settings,
+                         policies=[p for p in policies if p != "head"], settings=access.settings,
                          weights_file=access.weights_file, data_root=data_root, rebuild=rebuild)
-    return result.stores[layer]
+    return {p: result.stores["pooled" if p == "head" else p] for p in policies}
 
 
-def _image_sources(*, backbone, manifest, hp, data_root) -> tuple:
-    def images(split):
-        return ImageSource(rows=split_rows(manifest, split), data_root=data_root, data_config=backbone.data_config,
-                           policy=hp["augment"], num_workers=hp["num_workers"], tta=hp["tta"])
-    return images("train"), images("val"), images("test")
+# ---------------------------------------------------------------------------------------------- fits
 
 
-def _cached_sources(cache) -> tuple:
-    """Train draws among all its cached views; val and test average over theirs (view 0 + test-time views)."""
-    def source(split, eval_views):
-        return CachedSource(cache.splits[split].acts, cache.splits[split].labels, eval_views=eval_views)
-    return (source("train", 1), *(source(s, cache.splits[s].acts.shape[1]) for s in ("val", "test")))
+@dataclass
+class _Fit:
+    key: str
+    policy: str  # one-phase policy
+    params: dict
+    result: FitResult
+    trainer: Trainer
+
+    @property
+    def head(self) -> dict:
+        return self.trainer.net.head_state()
+
+
+def _numeric(hp: dict) -> dict:
+    return {k: v for k, v in hp.items() if k not in NOT_NUMERIC}
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    """HEAD's sha, with ``-dirty`` when tracked files differ from it (study.provenance.git_state); once a process."""
+    from study.config import REPO_ROOT
+    from study.provenance import git_state
+
+    state = git_state(REPO_ROOT)
+    return None if not state["sha"] else state["sha"] + ("-dirty" if state["dirty"] else "")
+
+
+class _Experiment:
+    def __init__(self, *, backbone, manifest, hp, seed, device, finetune_dir: Path, rows: _Rows, base: dict,
+                 on_epoch_end):
+        self.backbone, self.manifest, self.hp, self.seed, self.device = backbone, manifest, hp, seed, device
+        self.finetune_dir, self.rows, self.base, self.on_epoch_end = Path(finetune_dir), rows, base, on_epoch_end
+        self.n_classes = len(class_names(manifest))
+        self._fits: dict[str, _Fit] = {}
+
+    def fit_spec(self, *, policy: str, params: dict, fit_on: str, epochs: int | None, init: str | None) -> dict:
+        hp = _numeric({**self.hp, **params})
+        hp.pop("n_boot")  # test bootstrap only
+        if policy == "head":
+            hp.pop("backbone_lr_mult")  # no trunk trains
+        parts = ("train", "val") if fit_on == "train" else ("train+val",)
+        return {**self.base, "unit": "fit", "policy": policy, "hyperparams": hp, "fit_on": fit_on, "epochs": epochs,
+                "init": init, "path": "prefix_cache" if self.rows.cached(policy) else "naive",
+                "inputs": self.rows.identity(policy, parts)}
+
+    def fit(self, *, policy: str, params: dict, fit_on: str = "train", epochs: int | None = None,
+            init: _Fit | None = None) -> _Fit:
+        """One training run, resumable (``last.pt``) and reused when already done (here or by another policy)."""
+        spec = self.fit_spec(policy=policy, params=params, fit_on=fit_on, epochs=epochs,
+                             init=init.key if init else None)
+        key = spec_hash(spec)
+        if key in self._fits:
+            return self._fits[key]
+        hp = {**self.hp, **params}
+        net = build_split_net(self.backbone, policy=policy, n_classes=self.n_classes, dropout=hp["dropout"],
+                              seed=self.seed)
+        if init is not None:
+            net.load_head_state(init.head)  # phase 2 starts from phase 1's kept head
+        fit_dir = self.finetune_dir / "fits" / key
+        if distributed.is_main():
+            fit_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(fit_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
+        distributed.barrier()
+        name = f"{self.backbone.name} {policy} {params}" + (" refit" if fit_on != "train" else "")
+        trainer = Trainer(net=net, hp={**hp, "name": name}, seed=self.seed, device=self.device, ckpt_dir=fit_dir,
+                          run_key=key)
+        if fit_on == "train":
+            result = trainer.fit(self.rows.source(policy, "train"), self.rows.source(policy, "val"),
+                                 on_epoch_end=self.on_epoch_end)
+        else:
+            result = trainer.fit_fixed(self.rows.source(policy, "train+val"), epochs=epochs,
+                                       on_epoch_end=self.on_epoch_end)
+        self._fits[key] = fit = _Fit(key=key, policy=policy, params=params, result=result, trainer=trainer)
+        return fit
+
+    def select(self, policy: str, point: dict) -> list[_Fit]:
+        """A grid point trained on train, scored on val: its fits in phase order (the last one is scored)."""
+        phases, fits = parse_policy(policy).phases, []
+        for phase in phases:
+            fits.append(self.fit(policy=phase, params=phase_params(point, phase), init=fits[-1] if fits else None))
+        return fits
+
+    def refit(self, policy: str, point: dict, chosen: list[_Fit]) -> list[_Fit]:
+        """The chosen point's phases again on train+val, each for the epoch count val chose for it."""
+        fits = []
+        for phase, fit in zip(parse_policy(policy).phases, chosen):
+            fits.append(self.fit(policy=phase, params=phase_params(point, phase), fit_on="train+val",
+                                 epochs=fit.result.best_epoch + 1, init=fits[-1] if fits else None))
+        return fits
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def run_spec(*, base: dict, policy: str, hp: dict, points: list[dict], inputs: dict) -> dict:
+    """What a fine-tune's row depends on: the recipe, the grid it chose among, the content identity of every
+    store row it reads (test included; None on the naive path), so changed activations redo what read them."""
+    swept = {k for p in points for k in p}
+    return {**base, "unit": "run", "policy": policy,
+            "hyperparams": {k: v for k, v in _numeric(hp).items() if k not in swept}, "grid": points,
+            "inputs": inputs}
 
 
 def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
                  finetune_dir: Path, store: StoreAccess, rebuild: bool = False, on_epoch_end=None) -> list[dict]:
-    """Fine-tune ``backbone`` (extract.backbones.Backbone) with ``policy``; return its results rows (rank 0).
+    """Fine-tune ``backbone`` (extract.backbones.Backbone) with ``policy``: choose among its grid on val, refit
+    on train+val, score test once; return its results rows (rank 0).
 
     The frozen prefix's activations come from the activation store (``store``); ``hp["views"]`` is an int."""
     manifest = read_manifest(manifest_path)
     mhash, names = manifest_hash(manifest), class_names(manifest)
-    net = build_split_net(backbone, policy=policy, n_classes=len(names), dropout=hp["dropout"],
-                          seed=seed)
-    entry, inputs = None, None
-    if hp["prefix_cache"] and bool(net.prefix_names):
-        entry = _store_entry(backbone=backbone, policy=policy, manifest=manifest, hp=hp, access=store,
-                             data_root=Path(data_root), rebuild=rebuild)
-        inputs, _ = prefix_identity(entry, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
-                                    view_seed=store.view_seed)
-    spec = run_spec(backbone_spec=backbone.spec, policy=policy, hp=hp, seed=seed, mhash=mhash, inputs=inputs)
+    phases = parse_policy(policy).phases
+    # The cached path wherever the policy has a frozen prefix (``all`` and last:k >= n_units read images).
+    with_prefix = [p for p in phases if hp["prefix_cache"]
+                   and build_split_net(backbone, policy=p, n_classes=len(names)).prefix_names]
+    stores = _stores(backbone=backbone, policies=with_prefix, manifest=manifest, hp=hp, access=store,
+                     data_root=Path(data_root), rebuild=rebuild)
+    rows = _Rows(backbone=backbone, manifest=manifest, hp=hp, data_root=Path(data_root), stores=stores,
+                 view_seed=store.view_seed)
+    base = {"kind": "finetune", "format": FORMAT_VERSION, "fit_format": FIT_FORMAT, "backbone": backbone.spec,
+            "augment": policy_spec(hp["augment"]), "seed": seed, "manifest_hash": mhash,
+            "versions": library_versions()}
+    points = grid_points(hp, policy)
+    inputs = {p: rows.identity(p, ("train+val", "val", "test")) for p in phases}
+    spec = run_spec(base=base, policy=policy, hp=hp, points=points, inputs=inputs)
     key = spec_hash(spec)
     run_dir = Path(finetune_dir) / key
     rows_path = run_dir / "rows.json"
     if rows_path.is_file() and not rebuild:
         log.info("finetune %s %s: cached result in %s", backbone.name, policy, run_dir)
         return json.loads(rows_path.read_text()) if distributed.is_main() else []
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
-    cache = None
-    if entry is None:
-        train, val, test = _image_sources(backbone=backbone, manifest=manifest, hp=hp, data_root=Path(data_root))
-    else:
-        cache = load_prefix(entry, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
-                            view_seed=store.view_seed)
-        train, val, test = _cached_sources(cache)
-    trainer = Trainer(net=net, hp={**hp, "name": f"{backbone.name} {policy}"}, seed=seed, device=device,
-                      ckpt_dir=run_dir, run_key=key)
-    fit = trainer.fit(train, val, on_epoch_end=on_epoch_end)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
+    exp = _Experiment(backbone=backbone, manifest=manifest, hp=hp, seed=seed, device=device,
+                      finetune_dir=Path(finetune_dir), rows=rows, base=base, on_epoch_end=on_epoch_end)
+    # 1-2: every grid point on train, scored on val; the best val score is chosen.
+    tried = [exp.select(policy, point) for point in points]
+    scores = [(fits[-1].result.best_score, fits[-1].result.best_log_loss) for fits in tried]
+    best = choose(scores)
+    log.info("finetune %s %s: val %s -> chose %s", backbone.name, policy,
+             [round(s, 4) for s, _ in scores], points[best])
+    # 3: the chosen point refit on train+val for its epoch counts; 4: test, once.
+    final = exp.refit(policy, points[best], tried[best])
     if not distributed.is_main():
         return []
     t1 = time.perf_counter()
-    logits = trainer.predict(test)
+    logits = final[-1].trainer.predict(rows.source(final[-1].policy, "test"))
     predict_s = time.perf_counter() - t1
-    row = _row(backbone=backbone, policy=policy, hp=hp, seed=seed, net=net, fit=fit, logits=logits,
-               manifest=manifest, names=names, mhash=mhash, key=key, cache=cache, predict_s=predict_s)
+    row = _row(backbone=backbone, policy=policy, hp=hp, seed=seed, points=points, tried=tried, best=best,
+               final=final, rows=rows, logits=logits, manifest=manifest, names=names, mhash=mhash, key=key,
+               inputs=inputs, predict_s=predict_s)
     write_text_atomic(rows_path, json.dumps([row]))
     return [row]
 
 
-def _row(*, backbone, policy, hp, seed, net, fit, logits, manifest, names, mhash, key, cache, predict_s) -> dict:
-    test = split_rows(manifest, "test")
+def _curve(fits: list[_Fit]) -> tuple[list[dict], int]:
+    """The per-epoch history of a point's phases, numbered on (phase 2 after phase 1), and its kept epoch."""
+    curve, offset = [], 0
+    for n, fit in enumerate(fits, 1):
+        extra = {"phase": n} if len(fits) > 1 else {}
+        curve += [{**h, **extra, "epoch": h["epoch"] + offset} for h in fit.result.history]
+        best = fit.result.best_epoch + offset
+        offset += fit.result.epochs_run
+    return curve, best
+
+
+def _row(*, backbone, policy, hp, seed, points, tried, best, final, rows, logits, manifest, names, mhash, key,
+         inputs, predict_s) -> dict:
+    test = manifest.iloc[rows.positions["test"]].reset_index(drop=True)
     y_test = test["label"].to_numpy(np.int64)
     pred = logits.argmax(1)
     scores = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    net = final[-1].trainer.net
     trainable, total = count_params(net)
-    # A cache hit costs nothing now but the build was part of this result: charge its recorded build time.
-    prefix_s = cache.build_s if cache is not None else 0.0
+    phases = parse_policy(policy).phases
+    # A store hit costs nothing now but the pass was part of this result: charge its rows' recorded compute time.
+    prefix_s = sum(rows.cost_s(p) for p in phases)
+    chosen = tried[best]
+    grid = []
+    for point, fits in zip(points, tried):
+        r = fits[-1].result
+        grid.append({"params": point, "val_mean_per_class": r.best_score, "val_log_loss": r.best_log_loss,
+                     "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "stopped_early": r.stopped_early,
+                     **({"probe_best_epoch": fits[0].result.best_epoch} if len(fits) > 1 else {})})
+    # Training cost: every distinct fit made on train (probe points share their phase 1) and the refit.
+    select_s = sum({f.key: f.result.train_s for fits in tried for f in fits}.values())
+    refit_s = sum(f.result.train_s for f in final)
+    curve, best_epoch = _curve(chosen)
+    refit_epochs = [f.result.best_epoch + 1 for f in chosen]
+    cached = all(rows.cached(p) for p in phases)
     return {
         "kind": "finetune",
         "backbone": backbone.name,
@@ -150,30 +385,37 @@ def _row(*, backbone, policy, hp, seed, net, fit, logits, manifest, names, mhash
         "metrics": evaluate(y_test, pred, scores, n_classes=len(names), n_boot=hp["n_boot"], seed=seed),
         "test_sample_id": test["sample_id"].tolist(),
         "test_pred": pred.tolist(),
-        "hyperparams": {**{k: v for k, v in hp.items() if k not in NOT_NUMERIC}, "policy": policy,
-                        "path": "prefix_cache" if cache is not None else "naive",
-                        "trainable_units": net.suffix_names, "best_epoch": fit.best_epoch},
-        "selection": {"metric": "val_mean_per_class", "best_epoch": fit.best_epoch, "best_score": fit.best_score,
-                      "curve": fit.history, "stopped_early": fit.stopped_early},
-        # The kept epoch's val score (what the report chooses variants by); what the scored model was
-        # fit on (the best-epoch checkpoint of a model trained on train); and its training views: the
-        # prefix cache reuses V fixed augmented views every epoch, the naive loop draws fresh ones.
-        "val_mean_per_class": fit.best_score,
-        "fit_on": "train",
-        "views": hp["views"] if cache is not None else 0,
-        "views_fresh": cache is None,
-        "train_s": fit.train_s + prefix_s,
-        "train_epochs_s": fit.train_s,
+        "hyperparams": {**_numeric(hp), **points[best], "policy": policy,
+                        "path": "prefix_cache" if cached else "naive", "trainable_units": net.suffix_names,
+                        "best_epoch": chosen[-1].result.best_epoch,
+                        "refit_epochs": refit_epochs if len(refit_epochs) > 1 else refit_epochs[0]},
+        "selection": {"metric": "val_mean_per_class", "grid": grid, "best_epoch": best_epoch,
+                      "best_score": chosen[-1].result.best_score, "best_log_loss": chosen[-1].result.best_log_loss,
+                      "curve": curve, "stopped_early": chosen[-1].result.stopped_early},
+        # The chosen point's val score (what the report chooses variants by); the scored model is the
+        # chosen point refit on train+val for its chosen epoch count(s); its training views: the prefix
+        # cache reuses V fixed augmented views every epoch, the naive loop draws fresh ones.
+        "val_mean_per_class": chosen[-1].result.best_score,
+        "fit_on": "train+val",
+        "views": hp["views"] if cached else 0,
+        "views_fresh": not cached,
+        "train_s": select_s + refit_s + prefix_s,
+        "train_epochs_s": select_s + refit_s,
+        "select_s": select_s,
+        "refit_s": refit_s,
         "prefix_cache_s": prefix_s,
         "predict_s": predict_s,
         "trainable_params": trainable,
         "total_params": total,
-        "epochs_run": fit.epochs_run,
-        "cache_key": cache.key if cache is not None else key,
+        "epochs_run": sum(f.result.epochs_run for f in chosen),
+        "cache_key": spec_hash(inputs) if cached else key,
         "run_key": key,
+        "fit_keys": [f.key for f in final],
         "manifest_hash": mhash,
-        "n_train": int((manifest["split"] == "train").sum()),
-        "n_val": int((manifest["split"] == "val").sum()),
+        "n_train": len(rows.positions["train"]),
+        "n_val": len(rows.positions["val"]),
+        "n_fit": len(rows.positions["train+val"]),
         "n_test": len(test),
         "class_names": names,
+        "git_sha": git_sha(),
     }

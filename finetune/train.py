@@ -6,6 +6,9 @@ Training data comes from a *source*: ``CachedSource`` (prefix activations, one c
 epoch, only the suffix runs) or ``ImageSource`` (the naive path: decode, fresh augmentation, full forward).
 Every epoch's randomness (order, view draws, dropout) comes from a seed derived from (seed, epoch), so a
 resumed run repeats exactly what an uninterrupted one would have done.
+
+``Trainer.fit`` trains on train and keeps the best val epoch (a grid point's run); ``Trainer.fit_fixed``
+trains a fixed number of epochs and evaluates nothing (the chosen point's refit on train+val).
 """
 from __future__ import annotations
 
@@ -130,6 +133,7 @@ class FitResult:
     train_s: float
     resumed_from: int | None = None
     stopped_early: bool = False
+    best_log_loss: float | None = None  # val log-loss at the best epoch (ties between grid points)
     extra: dict = field(default_factory=dict)
 
 
@@ -224,7 +228,7 @@ class Trainer:
             out.append(logits.reshape(-1, n_views, logits.shape[-1]).mean(1))
         return torch.cat(out).numpy()
 
-    def fit(self, train, val, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+    def _setup(self, train):
         hp = self.hp
         steps = math.ceil(math.ceil(len(train) / distributed.world_size()) / hp["batch_size"])
         optimizer = make_optimizer(self.net, hp)
@@ -232,8 +236,24 @@ class Trainer:
         scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
         state = self._resume(optimizer, scheduler, scaler)
         self._bind(from_prefix=train.uses_prefix)
+        return optimizer, scheduler, scaler, state
+
+    def _save_last(self, state: dict, optimizer, scheduler, scaler) -> None:
+        self._save("last.pt", {**state, "model": self.net.trainable_state(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "hp": self.hp})
+
+    def evaluate(self, source) -> tuple[float, float]:
+        """(mean per-class accuracy, log-loss) of the averaged eval-view logits on ``source``."""
+        logits = torch.from_numpy(self.predict(source))
+        score = mean_per_class_accuracy(source.labels.numpy(), logits.argmax(1).numpy())
+        return score, float(nn.functional.cross_entropy(logits, source.labels))
+
+    def fit(self, train, val, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+        """Train on ``train``, score every epoch on ``val``; stop after ``patience`` epochs without a better val
+        mean per-class accuracy; the model kept (and loaded at the end) is the best epoch's."""
+        hp = self.hp
+        optimizer, scheduler, scaler, state = self._setup(train)
         resumed_from = state["epoch"] if state["epoch"] >= 0 else None
-        y_val = val.labels.numpy()
         bar = tqdm(range(state["epoch"] + 1, hp["epochs"]), desc=f"finetune {hp.get('name', '')}", unit="epoch",
                    leave=False, disable=not distributed.is_main())
         for epoch in bar:
@@ -241,19 +261,18 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             stats = self.train_epoch(train, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-            score = mean_per_class_accuracy(y_val, self.predict(val).argmax(1))
-            stats = {"epoch": epoch, "val_mean_per_class": score, "lr": optimizer.param_groups[0]["lr"],
-                     "epoch_s": time.perf_counter() - t0, **stats}
+            score, log_loss = self.evaluate(val)
+            stats = {"epoch": epoch, "val_mean_per_class": score, "val_log_loss": log_loss,
+                     "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0, **stats}
             state["history"].append(stats)
             improved = score > state["best_score"]
             if improved:
-                state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+                state.update(best_score=score, best_log_loss=log_loss, best_epoch=epoch, bad_epochs=0)
                 self._save("best.pt", {"epoch": epoch, "score": score, "model": self.net.trainable_state()})
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch
-            self._save("last.pt", {**state, "model": self.net.trainable_state(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "hp": hp})
+            self._save_last(state, optimizer, scheduler, scaler)
             bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val=f"{score:.3f}", img_s=f"{stats['img_per_s']:.0f}")
             log.info("epoch %d: loss %.4f val mean/class %.4f (%.0f img/s)", epoch, stats["train_loss"], score,
                      stats["img_per_s"])
@@ -264,10 +283,37 @@ class Trainer:
         self.net.load_trainable_state(best["model"])
         return FitResult(history=state["history"], best_epoch=state["best_epoch"], best_score=state["best_score"],
                          epochs_run=len(state["history"]), train_s=sum(h["epoch_s"] for h in state["history"]),
-                         resumed_from=resumed_from, stopped_early=len(state["history"]) < hp["epochs"])
+                         resumed_from=resumed_from, stopped_early=len(state["history"]) < hp["epochs"],
+                         best_log_loss=state["best_log_loss"])
+
+    def fit_fixed(self, train, *, epochs: int, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+        """Train exactly ``epochs`` epochs on ``train``, nothing evaluated, no early stopping: the refit (on
+        train+val) of a setting chosen on val, for the epoch count val chose. The learning-rate schedule is the
+        recipe's (warm-up + cosine over ``hp["epochs"]``), so the refit follows the chosen run's schedule up to
+        that epoch. Resumes from ``last.pt``; the model kept is the last epoch's."""
+        hp = self.hp
+        if not 1 <= epochs <= hp["epochs"]:
+            raise ValueError(f"a refit of {epochs} epochs; allowed: 1..{hp['epochs']} (finetune.epochs)")
+        optimizer, scheduler, scaler, state = self._setup(train)
+        resumed_from = state["epoch"] if state["epoch"] >= 0 else None
+        for epoch in range(state["epoch"] + 1, epochs):
+            t0 = time.perf_counter()
+            stats = self.train_epoch(train, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            stats = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0,
+                     **stats}
+            state["history"].append(stats)
+            state["epoch"] = epoch
+            self._save_last(state, optimizer, scheduler, scaler)
+            log.info("refit epoch %d: loss %.4f (%.0f img/s)", epoch, stats["train_loss"], stats["img_per_s"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, stats)
+        return FitResult(history=state["history"], best_epoch=epochs - 1, best_score=math.nan,
+                         epochs_run=len(state["history"]), train_s=sum(h["epoch_s"] for h in state["history"]),
+                         resumed_from=resumed_from, stopped_early=False)
 
     def _resume(self, optimizer, scheduler, scaler) -> dict:
-        fresh = {"epoch": -1, "history": [], "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0}
+        fresh = {"epoch": -1, "history": [], "best_score": -1.0, "best_log_loss": math.inf, "best_epoch": -1,
+                 "bad_epochs": 0}
         last = load_checkpoint(self.ckpt_dir / "last.pt", run_key=self.run_key)
         if last is None:
             return fresh
@@ -276,7 +322,7 @@ class Trainer:
         scheduler.load_state_dict(last["scheduler"])
         scaler.load_state_dict(last["scaler"])
         log.info("resuming %s after epoch %d", self.ckpt_dir, last["epoch"])
-        return {k: last[k] for k in fresh}
+        return {k: last.get(k, v) for k, v in fresh.items()}
 
     def _save(self, name: str, payload: dict) -> None:
         if distributed.is_main():

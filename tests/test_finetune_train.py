@@ -3,13 +3,15 @@ the prefix cache reproduces the full forward, a run resumes, rows are cached."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 import torch
 
 from dataset.manifest import read_manifest
 from extract.backbones import load_backbone
-from extract.engine import PassSettings, ensure_rows, study_requests
+from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
 from finetune.data import split_rows
 from finetune.experiment import StoreAccess, run_finetune
 from finetune.model import build_split_net
@@ -28,7 +30,8 @@ def lite0():
 def hp():
     hp = load_config()["finetune"]
     # fp32: cached-vs-naive and feature-cache comparisons need it on CPUs where "auto" is bf16.
-    hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32")
+    hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
+              grid={})  # one point (lr 3e-3): the grid and the refit are tested in test_finetune_protocol.py
     return hp
 
 
@@ -170,7 +173,7 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     config = load_config(overrides=[
         'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
         'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1", "finetune.batch_size=8",
-        "finetune.lr=3e-3", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
+        "finetune.lr=3e-3", "finetune.grid={}", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
         'extract.precision="fp32"'])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
@@ -194,7 +197,14 @@ def test_head_policy_reads_the_rows_the_heads_read_and_makes_no_pass(runs, lite0
     fs = load_feature_set(pooled, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
                           view_seed=0)
     cache = load_prefix(pooled, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"], view_seed=0)
-    assert runs["head"][0]["cache_key"] == cache.key and cache.path == fs.path
+    assert cache.path == fs.path
+    # The run's inputs are exactly the pooled rows: train and val images' views 0..V, val and test's view 0 + mirror.
+    spec = json.loads((dirs["finetune_dir"] / runs["head"][0]["run_key"] / "spec.json").read_text())
+    split = manifest["split"]
+    order = [(m, v) for s in ("train", "val") for m in np.flatnonzero(split == s) for v in (0, 1)]
+    order += [(m, v) for s in ("val", "test") for m in np.flatnonzero(split == s) for v in (0, -1)]
+    keys = store_keys(manifest, order, policy=hp["augment"], view_seed=0)
+    assert spec["inputs"] == {"head": pooled.identity(keys)}
     test = (fs.split == "test") & (fs.view == 0)
     assert fs.sample_id[test].tolist() == cache.splits["test"].sample_id
     torch.testing.assert_close(cache.splits["test"].acts[:, 0].float(), torch.from_numpy(fs.features[test]),

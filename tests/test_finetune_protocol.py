@@ -1,0 +1,235 @@
+"""Fine-tuning's protocol, alike the heads': a declared grid chosen on val, the chosen point refit on
+train+val, test read once at the end; the two-phase ``probe+last:k`` policy; the git sha on every row.
+
+Small and real: the tiny 4-class Caltech manifest, EfficientNet-Lite0's real weights, 3 epochs, fp32."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from dataset.manifest import read_manifest
+from extract.backbones import load_backbone
+from extract.engine import PassSettings, plan_layers
+from finetune import train as train_mod
+from finetune.config import GRID_AXES
+from finetune.experiment import StoreAccess, choose, grid_points, run_finetune
+from finetune.model import build_split_net
+from finetune.unfreeze import parse_policy
+from study.config import REPO_ROOT, load_config
+from study.results import ResultRow, check_row
+from study.schema import ConfigError
+
+# ------------------------------------------------------------------------------------ no training
+
+
+def test_probe_policy_parses_and_the_config_accepts_it():
+    p = parse_policy("probe+last:2")
+    assert (p.last, p.probe, p.phases) == (2, True, ("head", "last:2"))
+    assert parse_policy("last:2").phases == ("last:2",) and not parse_policy("last:2").probe
+    assert load_config(overrides=['finetune.policies=["last:2", "probe+last:2"]'])["finetune"]["policies"] == [
+        "last:2", "probe+last:2"]
+    for bad in ("probe+head", "probe+all", "probe+last:0", "probe+"):
+        with pytest.raises(ValueError, match="probe"):
+            parse_policy(bad)
+
+
+def test_probe_policy_stores_its_cut_once():
+    """plan_layers stores last:k's cut for probe+last:k, and one cut when both policies ask for it."""
+    assert [layer.name for layer in plan_layers("efficientnet_lite0", ["probe+last:2"])] == ["pooled", "last:2"]
+    both = plan_layers("efficientnet_lite0", ["last:2", "probe+last:2", "head", "last:1"])
+    assert [layer.name for layer in both] == ["pooled", "last:2", "last:1"]
+    assert both[1].spec == plan_layers("efficientnet_lite0", ["last:2"])[1].spec
+
+
+def test_grid_config_and_points():
+    cfg = load_config()["finetune"]
+    assert len(cfg["grid"]["lr"]) >= 2 and len(cfg["grid"]["backbone_lr_mult"]) >= 2
+    hp = {**cfg, "grid": {"backbone_lr_mult": [0.1, 0.3], "lr": [1e-3, 3e-3]}}
+    # lr is the outer axis whatever the table's order; each point names both learning rates.
+    assert grid_points(hp, "last:1") == [{"lr": 1e-3, "backbone_lr_mult": 0.1}, {"lr": 1e-3, "backbone_lr_mult": 0.3},
+                                         {"lr": 3e-3, "backbone_lr_mult": 0.1}, {"lr": 3e-3, "backbone_lr_mult": 0.3}]
+    assert grid_points(hp, "head") == [{"lr": 1e-3}, {"lr": 3e-3}]  # no trunk trains: the mult is not swept
+    assert grid_points({**cfg, "grid": {}}, "probe+last:2") == [{"lr": cfg["lr"], "backbone_lr_mult": cfg["backbone_lr_mult"]}]
+    for bad, match in [("finetune.grid={momentum=[0.9]}", "finetune.grid.momentum"),
+                       ("finetune.grid={lr=[]}", "finetune.grid.lr"),
+                       ("finetune.grid={lr=[0.1, 0.1]}", "distinct"), ("finetune.grid=3", "table of lists")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(overrides=[bad])
+    assert set(GRID_AXES) >= {"lr", "backbone_lr_mult"}
+
+
+def test_choice_ties_break_on_val_loss_then_the_earlier_point():
+    assert choose([(0.8, 0.5), (0.9, 0.9), (0.9, 0.4), (0.9, 0.4)]) == 2
+    assert choose([(0.9, None), (0.9, float("nan")), (0.5, 0.1)]) == 0
+
+
+# ------------------------------------------------------------------------------------ real fine-tunes
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def hp():
+    hp = load_config()["finetune"]
+    hp.update(epochs=3, views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
+              grid={"lr": [3e-3, 1e-2]})
+    return hp
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    settings = PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False)
+    return StoreAccess(root=tmp_path_factory.mktemp("store"), settings=settings)
+
+
+def _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, policy, on_epoch_end=None):
+    (row,) = run_finetune(backbone=lite0, policy=policy, manifest_path=tiny_manifest, data_root=data_root, hp=hp,
+                          seed=0, device="cpu", finetune_dir=finetune_dir, store=store, on_epoch_end=on_epoch_end)
+    return row
+
+
+class Spy:
+    """Records, in order, every fit on train, every refit, and every store read (split of its images)."""
+
+    def __init__(self, manifest):
+        self.events = []
+        self.split_of = dict(zip(manifest["sha256"], manifest["split"]))
+
+    def install(self, mp):
+        from extract.store import Store
+
+        spy, read, fit, fit_fixed = self, Store.read, train_mod.Trainer.fit, train_mod.Trainer.fit_fixed
+
+        def spy_read(store, wanted, *a, **k):
+            out = read(store, wanted, *a, **k)
+            spy.events.append(("read", {(spy.split_of[sha], view.startswith("aug:")) for sha, view in wanted}))
+            return out
+
+        def spy_fit(trainer, *a, **k):
+            start = trainer.net.head_state()
+            result = fit(trainer, *a, **k)
+            spy.events.append(("fit", tuple(trainer.net.suffix_names), start, trainer.net.head_state(),
+                               trainer.ckpt_dir))
+            return result
+
+        def spy_fit_fixed(trainer, *a, **k):
+            start = trainer.net.head_state()
+            result = fit_fixed(trainer, *a, **k)
+            spy.events.append(("refit", tuple(trainer.net.suffix_names), start, trainer.net.head_state(),
+                               trainer.ckpt_dir))
+            return result
+        mp.setattr(Store, "read", spy_read)
+        mp.setattr(train_mod.Trainer, "fit", spy_fit)
+        mp.setattr(train_mod.Trainer, "fit_fixed", spy_fit_fixed)
+
+
+@pytest.fixture(scope="module")
+def head_run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory):
+    finetune_dir = tmp_path_factory.mktemp("ft-head")
+    return finetune_dir, _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head")
+
+
+@pytest.fixture(scope="module")
+def probe_run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory):
+    """probe+last:1 with one grid point, in a fresh folder, every fit and store read recorded."""
+    spy = Spy(read_manifest(tiny_manifest))
+    with pytest.MonkeyPatch.context() as mp:
+        spy.install(mp)
+        row = _run(lite0, {**hp, "grid": {}, "lr": 1e-2}, store, tiny_manifest, data_root,
+                   tmp_path_factory.mktemp("ft-probe"), "probe+last:1")
+    return row, spy.events
+
+
+def test_grid_is_chosen_on_val_and_the_choice_refit_on_train_val(head_run, hp):
+    finetune_dir, row = head_run
+    check_row(row)  # its val score is its best grid point's
+    sel = row["selection"]
+    assert [g["params"] for g in sel["grid"]] == [{"lr": 3e-3}, {"lr": 1e-2}]
+    best = choose([(g["val_mean_per_class"], g["val_log_loss"]) for g in sel["grid"]])
+    chosen = sel["grid"][best]
+    assert row["val_mean_per_class"] == chosen["val_mean_per_class"] == sel["best_score"]
+    assert row["hyperparams"]["lr"] == chosen["params"]["lr"] and row["hyperparams"]["best_epoch"] == chosen["best_epoch"]
+    assert row["fit_on"] == "train+val" and row["n_fit"] == row["n_train"] + row["n_val"] == 32
+    typed = ResultRow.from_dict(row, index=0)
+    assert typed.n_variants == 2 and typed.selection.best.params == chosen["params"] and typed.fit_on == "train+val"
+    # The scored model: the chosen lr, refit on train+val for exactly the chosen epoch count, and no more.
+    (refit_key,) = row["fit_keys"]
+    last = torch.load(finetune_dir / "fits" / refit_key / "last.pt", weights_only=False)
+    assert last["hp"]["lr"] == chosen["params"]["lr"]
+    assert row["hyperparams"]["refit_epochs"] == chosen["best_epoch"] + 1 == last["epoch"] + 1 == len(last["history"])
+    assert all("val_mean_per_class" not in h for h in last["history"])  # val is not looked at in the refit
+
+
+def test_test_is_read_once_after_the_final_refit_and_the_refit_reads_val_views(probe_run):
+    row, events = probe_run
+    kinds = [e[0] for e in events]
+    reads_test = [i for i, e in enumerate(events) if e[0] == "read" and any(s == "test" for s, _ in e[1])]
+    assert len(reads_test) == 1 and reads_test[0] > max(i for i, k in enumerate(kinds) if k in ("fit", "refit"))
+    assert kinds.count("refit") == 2  # both phases refit
+    assert row["fit_on"] == "train+val"
+    # The refit reads val images' augmented views (views 0..V of train+val); selection reads val's clean views only.
+    last_fit = max(i for i, k in enumerate(kinds) if k == "fit")
+    val_aug = [i for i, e in enumerate(events) if e[0] == "read" and ("val", True) in e[1]]
+    assert len(val_aug) == 2 and min(val_aug) > last_fit  # pooled (phase 1) and the cut (phase 2)
+
+
+def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, lite0):
+    row, events = probe_run
+    fits = [e for e in events if e[0] == "fit"]
+    (p1,) = [e for e in fits if e[1] == ()]  # head: no unit trains
+    (p2,) = [e for e in fits if e[1] != ()]
+    best = torch.load(p1[4] / "best.pt", weights_only=False)["model"]
+    for k, v in p2[2].items():
+        assert torch.equal(v, p1[3][k]) and torch.equal(v, best[k]), k
+    fresh = build_split_net(lite0, policy="last:1", n_classes=4, seed=0).head_state()
+    assert not all(torch.equal(fresh[k], v) for k, v in p2[2].items())  # phase 1 trained: the start is not a fresh head
+    # The refit carries its phase 1's final head the same way.
+    r1, r2 = [e for e in events if e[0] == "refit"]
+    assert r1[1] == () and r2[1] != ()
+    for k, v in r2[2].items():
+        assert torch.equal(v, r1[3][k]), k
+    assert row["method"] == "ft:probe+last:1" and row["hyperparams"]["trainable_units"] == list(p2[1])
+    assert isinstance(row["hyperparams"]["refit_epochs"], list) and len(row["hyperparams"]["refit_epochs"]) == 2
+    assert [c["phase"] for c in row["selection"]["curve"]] == sorted(c["phase"] for c in row["selection"]["curve"])
+    check_row(row)
+
+
+def test_rerun_is_cached_and_a_larger_grid_trains_only_what_is_new(head_run, lite0, hp, store, tiny_manifest,
+                                                                    data_root, monkeypatch):
+    finetune_dir, row = head_run
+    trained = []
+    epoch = train_mod.Trainer.train_epoch
+
+    def spy(trainer, source, **k):
+        trained.append((trainer.hp["lr"], len(source)))
+        return epoch(trainer, source, **k)
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", spy)
+    again = _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head")
+    assert again == row and trained == []
+    bigger = _run(lite0, {**hp, "grid": {"lr": [3e-3, 1e-2, 3e-2]}}, store, tiny_manifest, data_root, finetune_dir,
+                  "head")
+    assert bigger["run_key"] != row["run_key"] and len(bigger["selection"]["grid"]) == 3
+    assert bigger["selection"]["grid"][:2] == row["selection"]["grid"]  # the two old points: reused, not retrained
+    assert {lr for lr, n in trained if n == 24} == {3e-2}  # on train (24 images): only the new point trains
+
+
+def test_rows_carry_the_git_sha(head_run, probe_run, monkeypatch):
+    import re
+
+    from finetune import experiment
+
+    for row in (head_run[1], probe_run[0]):
+        assert row["git_sha"] == experiment.git_sha() and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", row["git_sha"])
+        sha = row["git_sha"].split("-")[0]
+        assert subprocess.run(["git", "-C", str(REPO_ROOT), "cat-file", "-e", f"{sha}^{{commit}}"]).returncode == 0
+    uncached = experiment.git_sha.__wrapped__
+    for dirty, want in [(True, "abc-dirty"), (False, "abc")]:
+        monkeypatch.setattr("study.provenance.git_state", lambda repo, d=dirty: {"sha": "abc", "dirty": d})
+        assert uncached() == want
+    monkeypatch.setattr("study.provenance.git_state", lambda repo: {"sha": None, "dirty": None})
+    assert uncached() is None
