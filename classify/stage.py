@@ -6,6 +6,7 @@ head, the head is selected on val, refit on train+val, scored once on test, save
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -169,7 +170,18 @@ def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, test
         "feature_s": fs.extract_s,
         # Augmented views per training image the head was fit on (0: clean only), counted from its rows.
         "views": int(len(data.train) // max(len(np.unique(data.train.sample_id)), 1)) - 1,
+        "git_sha": git_sha(),  # the code that computed this row
     }
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    """HEAD's sha, with ``-dirty`` when tracked files differ from it (study.provenance.git_state); once a process."""
+    from study.config import REPO_ROOT
+    from study.provenance import git_state
+
+    state = git_state(REPO_ROOT)
+    return None if not state["sha"] else state["sha"] + ("-dirty" if state["dirty"] else "")
 
 
 def head_meta(row: dict, context: dict) -> dict:
