@@ -11,6 +11,7 @@ loads and validates the config, makes the run folder, records provenance and cal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -20,7 +21,8 @@ from pathlib import Path
 from study import distributed
 from study.config import DEFAULT_CONFIG, REPO_ROOT, STAGES, check_before_work, dump_config, load_config
 from study.context import StudyContext, resolve_device
-from study.errors import StudyError
+from study.atomic import file_lock, write_text_atomic
+from study.errors import StudyError, WriteFailed, is_write_fault
 from study.provenance import end_provenance, start_provenance, utc_now
 
 # Under torchrun these run on rank 0 while the other ranks wait; extract and finetune shard across ranks.
@@ -59,14 +61,35 @@ def resolve(args: argparse.Namespace) -> dict:
 
 
 def make_run_dir(out: Path, name: str) -> Path:
+    """A new folder ``runs/<UTC time>-<name>[-n]``; ``mkdir`` without ``exist_ok`` is atomic, so two runs started
+    in the same second (two processes on one ``--out``) never share one."""
     stamp = utc_now().replace(":", "").replace("-", "")
-    run_dir = out / "runs" / f"{stamp}-{name}"
-    n = 1
-    while run_dir.exists():  # two runs started within one second
-        n += 1
-        run_dir = out / "runs" / f"{stamp}-{name}-{n}"
-    run_dir.mkdir(parents=True)
-    return run_dir
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            run_dir = out / "runs" / (f"{stamp}-{name}" if n == 1 else f"{stamp}-{name}-{n}")
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:  # another run started within this second: take the next name
+                continue
+    except OSError as exc:
+        if is_write_fault(exc):
+            raise WriteFailed(exc.filename or out / "runs", exc) from exc
+        raise
+    raise StudyError(f"{out / 'runs'} already holds 9999 runs named {stamp}-{name}*; pass another --out")
+
+
+@contextlib.contextmanager
+def stage_lock(ctx: StudyContext, stage: str):
+    """The dataset stage rewrites files under ``<out>/dataset/`` that every study on this ``--out`` reads: one
+    study at a time builds it, a second waits and then reuses the finished build. (The store and the heads
+    lock or write atomically themselves.)"""
+    if stage != "dataset":
+        yield
+        return
+    with file_lock(Path(ctx.out_dir) / "dataset" / ".lock", what="building the dataset"):
+        yield
 
 
 def _log_plan(ctx: StudyContext, *, show: bool) -> bool:
@@ -94,10 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     distributed.init_from_env()
-    run_dir = make_run_dir(out, config["name"]) if distributed.is_main() else None
+    try:
+        run_dir = make_run_dir(out, config["name"]) if distributed.is_main() else None
+        if distributed.is_main():
+            write_text_atomic(run_dir / "config.resolved.toml", dump_config(config))
+    except StudyError as exc:  # a full disk or a folder turned read-only since the check
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     run_dir = distributed.broadcast_object(run_dir)  # one run folder, however many ranks
-    if distributed.is_main():
-        (run_dir / "config.resolved.toml").write_text(dump_config(config))
     prov = start_provenance(run_dir=run_dir, repo=REPO_ROOT, argv=[sys.argv[0], *argv], device=device,
                             write=distributed.is_main())
     log.info("run %s: git %s%s, device %s, stages %s", run_dir.name, prov["git"]["sha"],
@@ -115,12 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             if distributed.is_main() or stage not in MAIN_RANK_STAGES:
                 log.info("stage %s ...", stage)
-                importlib.import_module(STAGE_MODULES[stage]).run(ctx)
+                with stage_lock(ctx, stage):
+                    importlib.import_module(STAGE_MODULES[stage]).run(ctx)
                 log.info("stage %s done in %.1fs", stage, time.perf_counter() - t0)
             distributed.barrier()
         status = "ok"
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write no stage wrapped (e.g. a results.jsonl append) on a full disk
+        if not is_write_fault(exc):
+            raise
+        print(f"error: {WriteFailed(exc.filename, exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         status = "interrupted"
@@ -129,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if distributed.is_main():
-            end_provenance(run_dir=run_dir, prov=prov, status=status)
-            if (run_dir / "report.md").is_file():  # written before the end: now say how the run ended
-                importlib.import_module("reports.stage").record_end(run_dir=run_dir)
+            try:
+                end_provenance(run_dir=run_dir, prov=prov, status=status)
+                if (run_dir / "report.md").is_file():  # written before the end: now say how the run ended
+                    importlib.import_module("reports.stage").record_end(run_dir=run_dir)
+            except StudyError as exc:  # a full disk: the run's own error (if any) was already printed
+                log.warning("could not record the end of the run: %s", exc)
     if not distributed.is_main():
         return 0
     report = run_dir / "report.md"

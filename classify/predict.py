@@ -20,6 +20,7 @@ from classify.heads import probabilities
 from classify.store import load_head
 from dataset.images import ImageLoadError, load_rgb
 from dataset.transforms import MIRROR_VIEW, eval_transform, tta_views
+from study.errors import StudyError
 from study.hashing import spec_differences
 from study.precision import autocast
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsUnavailable as exc:
         print(f"error: {exc}\nfix: {exc.fix}", file=sys.stderr)
         return 2
-    except (HeadMismatch, FileNotFoundError) as exc:
+    except (HeadMismatch, FileNotFoundError, StudyError) as exc:  # a damaged head dir: HeadDamaged, a StudyError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for r in results:

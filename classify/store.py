@@ -1,28 +1,37 @@
 """Fitted heads and their result rows on disk, keyed by a spec hash.
 
 ``heads/<key>/`` holds ``head.joblib`` (the fitted Pipeline), ``meta.json`` (backbone name and spec,
-class names, features cache key, chosen hyperparameters) and ``rows.jsonl`` (the result rows the
-fit produced). The key hashes everything that changes the numbers: the features cache key, the
-head's method, feature set and its own config table, the seed, the bootstrap count and the
-scikit-learn version -- so changing one head's settings re-fits that head only, and a rerun
-re-appends the stored rows without fitting. ``rows.jsonl`` is written last: a head dir without it
-is an interrupted fit and is redone.
+class names, features cache key, chosen hyperparameters, and the sha256 of ``head.joblib``) and
+``rows.jsonl`` (the result rows the fit produced). The key hashes everything that changes the numbers:
+the features' content identity, the head's method, feature set and its own config table, the seed, the
+bootstrap count and the scikit-learn version -- so changing one head's settings re-fits that head only,
+and a rerun re-appends the stored rows without fitting. ``rows.jsonl`` is written last: a head dir
+without it is an interrupted fit and is redone; so is one whose model or meta.json is missing, truncated
+or altered (a warning says so) -- a rerun restores the head instead of reusing it half-present.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import joblib
 import sklearn
 
 from study.atomic import atomic_path, write_text_atomic
+from study.errors import StudyError
 from study.hashing import canonical_json, spec_hash
 from study.results import check_row, read_rows
 
 MODEL_FILE, META_FILE, ROWS_FILE = "head.joblib", "meta.json", "rows.jsonl"
 # Bump when the rows or the fitting code change in a way that changes the numbers.
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+class HeadDamaged(StudyError):
+    """A saved head folder whose model or meta.json is missing, truncated or altered."""
 
 
 def head_key(*, features_key: str, kind: str, method: str, feature_set: str, settings: dict, seed: int,
@@ -33,9 +42,22 @@ def head_key(*, features_key: str, kind: str, method: str, feature_set: str, set
 
 
 def cached_rows(head_dir: Path) -> list[dict] | None:
-    """The stored rows of a completed fit, or None if there is none (or it was interrupted)."""
-    path = Path(head_dir) / ROWS_FILE
-    return read_rows(path) if path.is_file() else None
+    """The stored rows of a completed fit, or None if there is none (interrupted, or the head is damaged)."""
+    head_dir = Path(head_dir)
+    path = head_dir / ROWS_FILE
+    if not path.is_file():
+        return None
+    try:
+        rows = [check_row(r) for r in read_rows(path)]
+    except (OSError, ValueError) as exc:
+        problems = [f"{ROWS_FILE} is unreadable ({exc})"]
+    else:
+        problems = head_problems(head_dir) if any(r.get("kind") == "head" for r in rows) else []
+    if not problems:
+        return rows
+    log.warning("head %s is damaged (%s): fitting it again", head_dir, "; ".join(problems))
+    path.unlink(missing_ok=True)  # the rows are written last: without them the folder is an unfinished fit
+    return None
 
 
 def save_rows(head_dir: Path, rows: list[dict]) -> None:
@@ -45,17 +67,58 @@ def save_rows(head_dir: Path, rows: list[dict]) -> None:
 
 def save_head(head_dir: Path, *, model, meta: dict) -> None:
     head_dir = Path(head_dir)
-    head_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(head_dir / MODEL_FILE) as tmp:
         joblib.dump(model, tmp)
-    write_text_atomic(head_dir / META_FILE, json.dumps(json.loads(canonical_json(meta)), indent=2, sort_keys=True))
+        digest = _sha256(tmp)
+    meta = {**json.loads(canonical_json(meta)), "model_sha256": digest}
+    write_text_atomic(head_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+
+
+def head_problems(head_dir: str | Path) -> list[str]:
+    """What makes ``head_dir`` unusable as a saved head (empty when its model and meta.json are whole)."""
+    head_dir = Path(head_dir)
+    missing = [f for f in (MODEL_FILE, META_FILE) if not (head_dir / f).is_file()]
+    if missing:
+        return [f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"]
+    try:
+        meta = json.loads((head_dir / META_FILE).read_text())
+        if not isinstance(meta, dict) or "class_names" not in meta:
+            raise ValueError("it has no class_names")
+    except (OSError, ValueError) as exc:
+        return [f"{META_FILE} is unreadable ({exc})"]
+    expected = meta.get("model_sha256")
+    if expected is None:  # written before heads were sealed: the model must at least load
+        try:
+            joblib.load(head_dir / MODEL_FILE)
+        except Exception as exc:  # noqa: BLE001 -- unpickling a damaged file can raise almost anything
+            return [f"{MODEL_FILE} does not load ({type(exc).__name__}: {exc})"]
+    elif _sha256(head_dir / MODEL_FILE) != expected:
+        return [f"{MODEL_FILE} does not match the sha256 in {META_FILE} (truncated or altered)"]
+    return []
 
 
 def load_head(head_dir: str | Path) -> tuple[object, dict]:
     head_dir = Path(head_dir)
-    missing = [f for f in (MODEL_FILE, META_FILE) if not (head_dir / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{head_dir} is not a saved head: it lacks {missing}; heads live in <out>/heads/<key>/ "
-                                "after the classify stage")
+    if not head_dir.is_dir():
+        raise FileNotFoundError(f"{head_dir} is not a folder; heads live in <out>/heads/<key>/ after the classify "
+                                "stage")
+    problems = head_problems(head_dir)
+    if problems:
+        raise HeadDamaged(f"{head_dir} is not a usable saved head: {'; '.join(problems)}. Rerun the classify stage "
+                          "with the same config and --out to fit it again (a damaged head is refit), or pass "
+                          "another <out>/heads/<key>/ folder")
     meta = json.loads((head_dir / META_FILE).read_text())
-    return joblib.load(head_dir / MODEL_FILE), meta
+    try:
+        model = joblib.load(head_dir / MODEL_FILE)
+    except Exception as exc:  # noqa: BLE001
+        raise HeadDamaged(f"{head_dir / MODEL_FILE} does not load ({type(exc).__name__}: {exc}); rerun the "
+                          "classify stage with the same config and --out to fit it again") from exc
+    return model, meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -129,10 +130,14 @@ class Store:
     # -------------------------------------------------------------- the folder and its spec
 
     def create(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.dir / "spec.json"
-        if not spec_path.is_file():
-            _write_durably(spec_path, canonical_json(self.spec).encode())
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not spec_path.is_file():
+                _write_durably(spec_path, canonical_json(self.spec).encode())
+        except OSError as exc:
+            raise StudyError(f"cannot write the activation store entry {spec_path} ({exc.strerror or exc}); "
+                             "free disk space or fix the folder's permissions, then rerun") from exc
         self.check_spec()
 
     def check_spec(self) -> None:
@@ -160,8 +165,13 @@ class Store:
     @contextlib.contextmanager
     def lock(self):
         """One writer per entry: a second study on the same ``--out`` waits here, then finds the rows done."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a+") as fh:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fh = open(self.dir / ".lock", "a+")
+        except OSError as exc:
+            raise StudyError(f"cannot create the lock file {self.dir / '.lock'} of the activation store "
+                             f"({exc.strerror or exc}); free disk space or fix the folder's permissions") from exc
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -259,22 +269,21 @@ class Store:
         digests = np.array([row_digest(r) for r in stored], dtype="S32")
         seg_id = hashlib.sha256(b"".join(digests) + "".join(f"{s}|{v}" for s, v in keys).encode()).hexdigest()[:20]
         path = self.dir / f"seg-{seg_id}.h5"
-        tmp = self.dir / f".{path.name}.{os.getpid()}.tmp"
         row_bytes = max(1, stored[0].nbytes)
         chunk = max(1, min(len(keys), (1 << 20) // row_bytes))
         try:
-            with h5py.File(tmp, "w") as f:
+            # Built in memory, then written by plain file I/O: on a full disk HDF5 itself fails with a
+            # RuntimeError, leaves its half-written file open and crashes the interpreter when it exits.
+            image = io.BytesIO()
+            with h5py.File(image, "w") as f:
                 f.create_dataset("data", data=stored, chunks=(chunk, *stored.shape[1:]), fletcher32=True)
                 for name, col, width in (("sha256", [k[0] for k in keys], 64), ("view", [k[1] for k in keys], 64)):
                     f.create_dataset(name, data=np.array(col, dtype=f"S{width}"), chunks=True, fletcher32=True)
                 f.create_dataset("digest", data=digests, chunks=True, fletcher32=True)
                 f.attrs.update({"entry": self.key, "compute_s": float(compute_s), "n_rows": len(keys),
                                 "written": time.time()})
-            _fsync(tmp)
-            os.replace(tmp, path)
-            _fsync(self.dir)
+            _write_durably(path, image.getbuffer())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StudyError(f"cannot write the activation store segment {path} ({exc.strerror or exc}); "
                              "free disk space or fix the folder's permissions, then rerun: rows already stored "
                              "are kept") from exc
@@ -289,13 +298,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_durably(path: Path, data) -> None:
+    """``data`` at ``path``, on disk before it is visible there; on any error no temporary file is left."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
 
 
 def describe(entry_dir: Path) -> dict:
