@@ -92,6 +92,16 @@ def stage_lock(ctx: StudyContext, stage: str):
         yield
 
 
+def _run_stage(ctx: StudyContext, stage: str) -> None:
+    t0 = time.perf_counter()
+    if distributed.is_main() or stage not in MAIN_RANK_STAGES:
+        log.info("stage %s (split seed %d) ...", stage, ctx.seed)
+        with stage_lock(ctx, stage):
+            importlib.import_module(STAGE_MODULES[stage]).run(ctx)
+        log.info("stage %s done in %.1fs", stage, time.perf_counter() - t0)
+    distributed.barrier()
+
+
 def _log_plan(ctx: StudyContext, *, show: bool) -> bool:
     """Log (or, with --plan, print) what the study is about to compute, before it computes anything."""
     from study.plan import make_plan
@@ -133,19 +143,18 @@ def main(argv: list[str] | None = None) -> int:
                        rebuild_cache=args.rebuild_cache)
     status, planned = "failed", False
     try:
-        for stage in config["stages"]:
-            if (stage in ("extract", "finetune") or args.plan and stage != "dataset") and not planned:
-                planned = _log_plan(ctx, show=args.plan)
-                if args.plan:
-                    status = "planned"
-                    return 0
-            t0 = time.perf_counter()
-            if distributed.is_main() or stage not in MAIN_RANK_STAGES:
-                log.info("stage %s ...", stage)
-                with stage_lock(ctx, stage):
-                    importlib.import_module(STAGE_MODULES[stage]).run(ctx)
-                log.info("stage %s done in %.1fs", stage, time.perf_counter() - t0)
-            distributed.barrier()
+        # Every stage but the report runs once per split seed (the store is shared, so a later seed
+        # computes only the views no earlier one did); the report reads all seeds' rows at once.
+        for seed_ctx in ctx.for_seeds():
+            for stage in [s for s in config["stages"] if s != "report"]:
+                if (stage in ("extract", "finetune") or args.plan and stage != "dataset") and not planned:
+                    planned = _log_plan(seed_ctx, show=args.plan)
+                    if args.plan:
+                        status = "planned"
+                        return 0
+                _run_stage(seed_ctx, stage)
+        if "report" in config["stages"]:  # the dataset summary shown is the first seed's (same images)
+            _run_stage(ctx.for_seeds()[0], "report")
         status = "ok"
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -57,7 +57,7 @@ def run_seed(*, args, seed: int, counter: Counter) -> dict:
     before = (counter.pass_images, counter.prefix_images)
     t0 = time.perf_counter()
     argv = ["--config", args.config, "--data-root", args.data_root, "--out", str(args.out),
-            "--stages", "dataset,extract,finetune", "--set", f"seed={seed}",
+            "--stages", "dataset,extract,finetune", "--set", f"seed={seed}", "--set", f"seeds=[{seed}]",
             "--set", f'extract.backbones=["{args.backbone}"]', "--set", f"finetune.epochs={args.epochs}",
             "--set", f"finetune.policies={json.dumps(args.policies)}"]
     assert run_study.main(argv) == 0

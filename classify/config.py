@@ -7,7 +7,7 @@ the feature normalisation fitted on training rows ("standard" = StandardScaler, 
 rows, "none"); ``pca`` is the number of PCA components (0 = no PCA). The defaults are the ones ``benchmarks/heads.py``
 measured on EfficientNet-Lite0 features of Caltech 101 (see classify/heads.py).
 """
-from study.schema import Field, float_range, int_range, list_of, one_of
+from study.schema import Field, float_range, int_range, is_str, list_of, one_of
 
 NORMS = ("standard", "l2", "none")
 # A 1-2-5 log grid of C over five decades. Both normalisations put features on a unit per-coordinate
@@ -23,6 +23,9 @@ _POWER_LIST = list_of(float_range(0.01, 1.0), min_len=1)
 SCHEMA = {
     "heads": Field(["lr", "svm", "knn"], list_of(one_of("lr", "svm", "knn"), min_len=1)),
     "feature_sets": Field(["clean", "aug"], list_of(one_of("clean", "aug"), min_len=1)),
+    # Fused feature sets: each entry names backbones (of extract.backbones) whose pooled features are
+    # concatenated into one more feature set, "fused:a+b", offered to every head and chosen on val.
+    "fusions": Field([], list_of(list_of(is_str, min_len=2)), "e.g. [[\"efficientnet_lite0\", \"efficientnet_lite2\"]]"),
     "bootstrap": Field(1000, int_range(0)),
     # OpenBLAS threads while fitting heads (0 = the library default). On the shared 2-core box one
     # thread fits a Caltech LR ~20x faster than two (0.6 s vs 13 s): spinning BLAS threads starve.

@@ -36,14 +36,32 @@ def run(ctx) -> None:
     cfg, ecfg = ctx.config["classify"], ctx.config["extract"]
     entries = read_features_index(ctx.run_dir)
     manifest = read_manifest(ctx.manifest_path)
+    loaded = {}
     for entry in entries:
         # The pooled rows of this manifest, by image content; the set's key is the identity of exactly these bytes.
-        fs = load_feature_set(Store.open(Path(ctx.out_dir) / entry["store"]), manifest=manifest, views=ecfg["views"],
-                              tta=ecfg["tta"], policy=ecfg["policy"], view_seed=ecfg["view_seed"])
+        loaded[entry["backbone"]] = load_feature_set(
+            Store.open(Path(ctx.out_dir) / entry["store"]), manifest=manifest, views=ecfg["views"], tta=ecfg["tta"],
+            policy=ecfg["policy"], view_seed=ecfg["view_seed"])
+    for backbone, fs in [*loaded.items(), *_fused_sets(cfg["fusions"], loaded, run_dir=ctx.run_dir)]:
         with blas_threads(cfg["blas_threads"]):
-            rows = classify_features(fs, backbone=entry["backbone"], manifest=manifest, cfg=cfg, seed=ctx.seed,
+            rows = classify_features(fs, backbone=backbone, manifest=manifest, cfg=cfg, seed=ctx.seed,
                                      heads_dir=ctx.heads_dir, run_dir=ctx.run_dir)
-        log.info("classify %s: %d rows appended to %s", entry["backbone"], len(rows), ctx.results_path)
+        log.info("classify %s: %d rows appended to %s", backbone, len(rows), ctx.results_path)
+
+
+def _fused_sets(fusions: list[list[str]], loaded: dict, *, run_dir: Path) -> list[tuple]:
+    """(name, fused feature set) for each configured fusion whose backbones were all extracted."""
+    from classify.fusion import fuse, fused_name
+
+    out = []
+    for parts in fusions:
+        missing = [b for b in parts if b not in loaded]
+        if missing:
+            append_skip(run_dir, stage="classify", what=fused_name(parts), reason=f"no features of {missing}",
+                        fix="make their weights available (see the extract skips), or drop this fusion")
+            continue
+        out.append((fused_name(parts), fuse({b: loaded[b] for b in parts})))
+    return out
 
 
 def read_features_index(run_dir: Path) -> list[dict]:
@@ -144,6 +162,7 @@ def cached_fewshot(params: dict, *, data: HeadData, fewshot_cfg: dict, head_cfg:
             row = result_row(kind="fewshot", method="lr", feature_set="clean", data=data, test_pred=fit.test_pred,
                              test_scores=fit.test_scores, hyperparams=params, train_s=fit.train_s,
                              predict_s=fit.predict_s, model=fit.model, **{**context, "seed": draw_seed})
+            row["split_seed"] = seed  # `seed` is the draw's; the split it drew from is this one
             rows.append({**row, "k_per_class": k, "n_train": fit.n_train, "n_val": 0, "n_fit_rows": fit.n_train,
                          "fewshot_pool": fewshot_cfg["pool"], "fit_on": fewshot_cfg["pool"]})
     save_rows(head_dir, rows)
@@ -187,7 +206,9 @@ def git_sha() -> str | None:
 def head_meta(row: dict, context: dict) -> dict:
     """What predict needs beside the fitted pipeline: which backbone made its features, and its classes."""
     fs = context["fs"]
-    return {"backbone": context["backbone"], "backbone_spec": backbone_spec_of(fs.spec, context["backbone"]),
+    fused = "fused" in fs.spec  # no one backbone made these features: predict refuses such a head
+    return {"backbone": context["backbone"],
+            "backbone_spec": None if fused else backbone_spec_of(fs.spec, context["backbone"]),
             "features_spec": fs.spec, "cache_key": fs.key, "class_names": context["class_names"],
             "method": row["method"], "feature_set": row["feature_set"], "hyperparams": row["hyperparams"],
             "manifest_hash": context["manifest_hash"], "seed": row["seed"]}

@@ -210,8 +210,12 @@ def _dedup_and_split(usable: pd.DataFrame, *, data_cfg: dict, seed: int) -> tupl
     return split_df.sort_values(["label", "sample_id"], ignore_index=True), duplicates, too_few
 
 
-def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, reuse: bool = True) -> DatasetBuild:
-    """Build (or, with ``reuse`` and unchanged inputs, reuse) the manifest and its summary in ``out_dir``."""
+def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, reuse: bool = True,
+                  index_path: Path | None = None) -> DatasetBuild:
+    """Build (or, with ``reuse`` and unchanged inputs, reuse) the manifest and its summary in ``out_dir``.
+
+    ``index_path``: the file-scan cache (default ``out_dir/file_index.csv``); the builds of several split
+    seeds share one, so each seed's build re-reads no image that an earlier one hashed."""
     data_root, out_dir = Path(os.path.abspath(data_root)), Path(os.path.abspath(out_dir))
     check_data(data_cfg, needs_val=False)
     resolved = resolve_all(data_cfg, data_root=data_root, out_dir=out_dir)
@@ -223,7 +227,7 @@ def build_dataset(*, data_cfg: dict, data_root: Path, out_dir: Path, seed: int, 
         log.info("dataset: reusing the build in %s (same config, seed and files)", out_dir)
         return previous
 
-    table = _file_table(files, index_path=out_dir / "file_index.csv", workers=data_cfg["workers"],
+    table = _file_table(files, index_path=index_path or out_dir / "file_index.csv", workers=data_cfg["workers"],
                         data_root=data_root, source_order={s["name"]: i for i, s in enumerate(data_cfg["sources"])})
     usable, config_dropped, unused = _apply_class_map(table, data_cfg)
     unusable = _unusable_folders(listings, table, usable, config_dropped)

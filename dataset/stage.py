@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 
 
 def run(ctx) -> None:
-    build = build_dataset(data_cfg=ctx.config["data"], data_root=ctx.data_root, out_dir=ctx.dataset_dir, seed=ctx.seed)
+    build = build_dataset(data_cfg=ctx.config["data"], data_root=ctx.data_root, out_dir=ctx.dataset_dir, seed=ctx.seed,
+                          index_path=ctx.out_dir / "dataset" / "file_index.csv")
     summary = json.loads(build.summary_path.read_text())
     for dropped in summary["dropped_classes"]:
         append_skip(ctx.run_dir, stage="dataset", what=f"class {dropped['name']}", reason=dropped["reason"],

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def store_root(ctx) -> Path:
-    return Path(ctx.out_dir) / "store"
+    return ctx.store_dir
 
 
 def pass_settings(cfg: dict, *, device: str) -> PassSettings:

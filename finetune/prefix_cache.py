@@ -24,7 +24,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class PrefixSplit:
-    acts: torch.Tensor  # (N, V, ...) float16
+    acts: torch.Tensor  # (N, V, ...) in the store entry's dtype (float16 by default)
     labels: torch.Tensor  # (N,) int64
     sample_id: list[str]
 
@@ -66,7 +66,7 @@ def prefix_identity(store, *, manifest: pd.DataFrame, views: int, tta: str, poli
 
 
 def load_prefix(store, *, manifest: pd.DataFrame, views: int, tta: str, policy: str, view_seed: int) -> PrefixCache:
-    """The split-wise (N, V, ...) float16 activations of ``manifest``'s images from ``store``."""
+    """The split-wise (N, V, ...) activations of ``manifest``'s images from ``store``."""
     index = store.index()
     key, keys = prefix_identity(store, manifest=manifest, views=views, tta=tta, policy=policy, view_seed=view_seed,
                                 index=index)
@@ -74,7 +74,8 @@ def load_prefix(store, *, manifest: pd.DataFrame, views: int, tta: str, policy: 
     for split in SPLITS:
         rows = split_rows(manifest, split)
         n_views = len(split_views(split, views=views, tta=tta))
-        acts = store.read(keys[split], index, dtype=np.float16)
+        # In memory at the entry's own dtype: float16 halves it, float32 keeps what a float32 entry stored.
+        acts = store.read(keys[split], index, dtype=np.dtype(store.spec["storage_dtype"]))
         acts = acts.reshape(len(rows), n_views, *acts.shape[1:])
         splits[split] = PrefixSplit(acts=torch.from_numpy(acts), labels=torch.tensor(rows["label"].to_numpy(np.int64)),
                                     sample_id=rows["sample_id"].tolist())

@@ -15,7 +15,7 @@ from typing import Any
 
 import tomli_w
 
-from study.schema import ConfigError, Field, int_range, is_str, one_of, validate
+from study.schema import ConfigError, Field, int_range, is_str, list_of, one_of, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.toml"
@@ -33,6 +33,9 @@ def study_schema() -> dict:
     return {
         "name": Field("study", is_str, "a short name used in the run folder"),
         "seed": Field(0, int_range(0, 2**31 - 1)),
+        # Several split seeds: one split per seed over the same images, every head and fine-tune per seed;
+        # the report gives mean +- sd over seeds. Empty: just `seed`.
+        "seeds": Field([], list_of(int_range(0, 2**31 - 1))),
         "device": Field("auto", one_of("auto", "cpu", "cuda", "mps")),
         "stages": Field(list(STAGES), _stages_check),
         "data": data_schema,
@@ -96,6 +99,11 @@ def check_config(config: dict) -> None:
     # Heads and fine-tuning choose their settings on val, so an empty val is refused only when they run.
     check_data(config["data"], needs_val=bool({"classify", "finetune"} & set(config["stages"])))
     backbones = config["extract"]["backbones"]
+    for i, parts in enumerate(config["classify"]["fusions"]):
+        unknown = [b for b in parts if b not in backbones]
+        if unknown or len(set(parts)) != len(parts):
+            raise ConfigError(f"config key 'classify.fusions[{i}]' has value {parts!r}; allowed: two or more "
+                              f"different backbones of extract.backbones {backbones}")
     for name in config["extract"]["weights"]:
         if name not in backbones:
             raise ConfigError(f"config key 'extract.weights.{name}' names a backbone that is not in "

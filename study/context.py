@@ -3,8 +3,8 @@
 Layout under ``--out`` (shared by all runs, so caches are reused across runs)::
 
     dataset/            manifest.csv, summary.{md,csv}, excluded.csv, duplicates.csv, *.png, file_index.csv
-    features/<key>.h5   frozen-backbone feature caches
-    prefix/<key>.h5     fine-tuning frozen-prefix activation caches
+                        (several split seeds: dataset/seed-<s>/ each, one shared file_index.csv)
+    store/<key>/        the per-image activation store (extract/store.py)
     heads/<key>/        fitted heads (joblib + meta.json + result rows)
     finetune/<key>/     checkpoints (+ result rows)
     runs/<UTC>-<name>/  config.resolved.toml, provenance.json, results.jsonl, report.md, *.csv, *.png
@@ -27,22 +27,19 @@ class StudyContext:
     run_dir: Path
     device: str
     rebuild_cache: bool = False
+    split_seed_dir: str = ""  # with several split seeds, each seed's dataset lives in dataset/seed-<s>/
 
     @property
     def dataset_dir(self) -> Path:
-        return self.out_dir / "dataset"
+        return self.out_dir / "dataset" / self.split_seed_dir if self.split_seed_dir else self.out_dir / "dataset"
 
     @property
     def manifest_path(self) -> Path:
         return self.dataset_dir / "manifest.csv"
 
     @property
-    def features_dir(self) -> Path:
-        return self.out_dir / "features"
-
-    @property
-    def prefix_dir(self) -> Path:
-        return self.out_dir / "prefix"
+    def store_dir(self) -> Path:
+        return self.out_dir / "store"
 
     @property
     def heads_dir(self) -> Path:
@@ -59,6 +56,15 @@ class StudyContext:
     @property
     def seed(self) -> int:
         return self.config["seed"]
+
+    def for_seeds(self) -> list["StudyContext"]:
+        """One context per split seed (config ``seeds``, else ``seed``): the config's ``seed`` set to it."""
+        import dataclasses
+
+        seeds = list(self.config.get("seeds") or [self.config["seed"]])
+        many = len(seeds) > 1
+        return [dataclasses.replace(self, config={**self.config, "seed": s},
+                                    split_seed_dir=f"seed-{s}" if many else "") for s in seeds]
 
 
 def check_out_dir(out: Path) -> None:

@@ -22,11 +22,18 @@ def small_classify_config(**changes) -> dict:
 def tiny_lite0_features(tmp_path_factory, tiny_manifest, *, tta: str = "none"):
     """Real EfficientNet-Lite0 features of the tiny manifest (view 0 [+ its mirror] + 1 light view of train/val).
 
-    Cached under the session's base temp dir, so every test module that asks gets the same cache hit."""
-    from extract.cache import load_features
-    from extract.engine import extract_features
+    The store lives under the session's base temp dir, so every test module that asks reads the same rows."""
+    from dataset.manifest import read_manifest
+    from extract.cache import load_feature_set
+    from extract.engine import PassSettings, ensure_rows, study_requests
 
-    cache_dir = tmp_path_factory.getbasetemp() / "classify_lite0_features"
-    path = extract_features(manifest_path=tiny_manifest, backbone="efficientnet_lite0", cache_dir=cache_dir, views=1,
-                            policy="light", seed=0, tta=tta, batch_size=16, num_workers=0, precision="fp32")
-    return load_features(path)
+    manifest = read_manifest(tiny_manifest)
+    result = ensure_rows(manifest=manifest, backbone="efficientnet_lite0", policy="light", view_seed=0,
+                         requests=study_requests(manifest, views=1, tta=tta),
+                         store_root=tmp_path_factory.getbasetemp() / "classify_lite0_store",
+                         settings=PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False))
+    return load_feature_set(result.stores["pooled"], manifest=manifest, views=1, tta=tta, policy="light",
+                            view_seed=0)
+
+
+EXTRACT_CONFIG = {"views": 1, "tta": "none", "policy": "light", "view_seed": 0}  # what tiny_lite0_features read

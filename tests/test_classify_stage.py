@@ -1,5 +1,6 @@
 """The classify stage on real Lite0 features of 4 Caltech classes: rows, head cache, few-shot, reruns."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import classify.stage
 from classify.store import load_head
 from study.context import StudyContext
 from study.results import REQUIRED_KEYS, read_rows, read_skips
-from tests.classify_fixtures import small_classify_config, tiny_lite0_features
+from tests.classify_fixtures import EXTRACT_CONFIG, small_classify_config, tiny_lite0_features
 
 pytestmark = pytest.mark.needs_data
 
@@ -23,12 +24,12 @@ def features(tmp_path_factory, tiny_manifest):
 def make_ctx(out, name, *, tiny_manifest, features, classify_cfg):
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True)
-    ctx = StudyContext(config={"seed": 0, "classify": classify_cfg}, data_root=out, out_dir=out, run_dir=run_dir,
-                       device="cpu")
+    ctx = StudyContext(config={"seed": 0, "classify": classify_cfg, "extract": EXTRACT_CONFIG}, data_root=out,
+                       out_dir=out, run_dir=run_dir, device="cpu")
     if not ctx.manifest_path.is_file():
         ctx.dataset_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_manifest, ctx.manifest_path)
-    entry = {"backbone": "efficientnet_lite0", "path": str(features.path), "key": features.key}
+    entry = {"backbone": "efficientnet_lite0", "store": os.path.relpath(features.path, out)}
     (run_dir / "features.json").write_text(json.dumps([entry]))
     return ctx
 
@@ -41,7 +42,7 @@ def first_run(tmp_path_factory, tiny_manifest, features):
     return ctx, read_rows(ctx.results_path)
 
 
-def test_head_rows_follow_the_results_schema(first_run):
+def test_head_rows_follow_the_results_schema(first_run, features):
     ctx, rows = first_run
     heads = [r for r in rows if r["kind"] == "head"]
     assert sorted((r["method"], r["feature_set"]) for r in heads) == sorted(
@@ -54,7 +55,7 @@ def test_head_rows_follow_the_results_schema(first_run):
         assert r["class_names"] == ["accordion", "anchor", "barrel", "crab"]
         assert r["metrics"]["ci95"]["mean_per_class"] and len(r["metrics"]["confusion"]) == 4
         assert r["hyperparams"] in [s["params"] for s in r["selection"]]
-        assert r["cache_key"] == json.loads((ctx.run_dir / "features.json").read_text())[0]["key"]
+        assert r["cache_key"] == features.key
         assert r["total_params"] is None and r["train_s"] > 0 and r["predict_s"] > 0
     lr = next(r for r in heads if r["method"] == "lr")
     assert lr["trainable_params"] == 4 * 1280 + 4
@@ -124,8 +125,8 @@ def test_rows_are_deterministic_apart_from_wall_time(first_run, tiny_manifest, f
 
 
 def test_missing_features_index_says_to_run_extract(tmp_path):
-    ctx = StudyContext(config={"seed": 0, "classify": small_classify_config()}, data_root=tmp_path, out_dir=tmp_path,
-                       run_dir=tmp_path / "run", device="cpu")
+    ctx = StudyContext(config={"seed": 0, "classify": small_classify_config(), "extract": EXTRACT_CONFIG},
+                       data_root=tmp_path, out_dir=tmp_path, run_dir=tmp_path / "run", device="cpu")
     with pytest.raises(FileNotFoundError, match="run the extract stage"):
         classify.stage.run(ctx)
 
