@@ -359,8 +359,9 @@ def _row(*, backbone, policy, hp, seed, points, tried, best, final, rows, logits
     net = final[-1].trainer.net
     trainable, total = count_params(net)
     phases = parse_policy(policy).phases
-    # A store hit costs nothing now but the pass was part of this result: charge its rows' recorded compute time.
-    prefix_s = sum(rows.cost_s(p) for p in phases)
+    # A store hit costs nothing now but the pass was part of this result: charge its rows' recorded compute time
+    # (probe+last:k reads two entries one shared pass filled, each charged the whole pass: count it once).
+    prefix_s = max(rows.cost_s(p) for p in phases)
     chosen = tried[best]
     grid = []
     for point, fits in zip(points, tried):
