@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from study import distributed
+from study.atomic import file_lock, write_text_atomic
 from study.config import DEFAULT_CONFIG, REPO_ROOT, STAGES, check_before_work, dump_config, load_config
 from study.context import StudyContext, resolve_device
-from study.atomic import file_lock, write_text_atomic
 from study.errors import StudyError, WriteFailed, is_write_fault
 from study.provenance import end_provenance, start_provenance, utc_now
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO_ROOT / "out"), help="artefacts and runs go here; default: %(default)s")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="overrides config 'device'")
     p.add_argument("--rebuild-cache", action="store_true",
-                   help="rebuild feature/prefix caches whose spec no longer matches (the only override of a mismatch)")
+                   help="recompute every store entry this run reads (once per run) and refit what read it")
     p.add_argument("--plan", action="store_true",
                    help="build (or reuse) the dataset, print what the study would compute and how long, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -102,15 +102,14 @@ def _run_stage(ctx: StudyContext, stage: str) -> None:
     distributed.barrier()
 
 
-def _log_plan(ctx: StudyContext, *, show: bool) -> bool:
+def _log_plan(seeds: list[StudyContext], *, show: bool) -> None:
     """Log (or, with --plan, print) what the study is about to compute, before it computes anything."""
     from study.plan import make_plan
 
-    if not distributed.is_main() or not ctx.manifest_path.is_file():
-        return True
-    for line in make_plan(ctx).lines():
+    if not distributed.is_main() or not all(c.manifest_path.is_file() for c in seeds):
+        return
+    for line in make_plan(seeds).lines():
         print(line) if show else log.info(line)
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,20 +140,27 @@ def main(argv: list[str] | None = None) -> int:
              " (dirty)" if prov["git"]["dirty"] else "", device, ",".join(config["stages"]))
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out, run_dir=run_dir, device=device,
                        rebuild_cache=args.rebuild_cache)
-    status, planned = "failed", False
+    status = "failed"
     try:
         # Every stage but the report runs once per split seed (the store is shared, so a later seed
-        # computes only the views no earlier one did); the report reads all seeds' rows at once.
-        for seed_ctx in ctx.for_seeds():
-            for stage in [s for s in config["stages"] if s != "report"]:
-                if (stage in ("extract", "finetune") or args.plan and stage != "dataset") and not planned:
-                    planned = _log_plan(seed_ctx, show=args.plan)
-                    if args.plan:
-                        status = "planned"
-                        return 0
-                _run_stage(seed_ctx, stage)
+        # computes only the views no earlier one did); the report reads all seeds' rows at once. The
+        # datasets come first, so that the plan covers every seed's images.
+        seeds = ctx.for_seeds()
+        stages = [s for s in config["stages"] if s != "report"]
+        if "dataset" in stages:
+            for seed_ctx in seeds:
+                _run_stage(seed_ctx, "dataset")
+        if args.plan or {"extract", "finetune"} & set(stages):
+            _log_plan(seeds, show=args.plan)
+            if args.plan:
+                status = "planned"
+                return 0
+        for seed_ctx in seeds:
+            for stage in stages:
+                if stage != "dataset":
+                    _run_stage(seed_ctx, stage)
         if "report" in config["stages"]:  # the dataset summary shown is the first seed's (same images)
-            _run_stage(ctx.for_seeds()[0], "report")
+            _run_stage(seeds[0], "report")
         status = "ok"
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)

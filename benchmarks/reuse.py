@@ -51,6 +51,15 @@ class Counter:
         mp.setattr(model.SplitNet, "forward_prefix", counted_prefix)
 
 
+def finished_run(run_dir: Path, seed: int) -> dict:
+    """A seed's figures from its run folder (``--run1``): the pass's own count and seconds; forwards not counted."""
+    (entry,) = json.loads((run_dir / "features.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    return {"seed": seed, "computed": entry["computed"], "pass_s": entry["seconds"], "wall_s": float("nan"),
+            "pass_images": None, "prefix_images": None,
+            "finetune": {r["method"]: r["train_epochs_s"] for r in rows if r["kind"] == "finetune"}}
+
+
 def run_seed(*, args, seed: int, counter: Counter) -> dict:
     import run_study
 
@@ -104,14 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default="head,last:1,last:2", type=lambda s: s.split(","))
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--keep", action="store_true", help="keep --out (default: start from an empty folder)")
+    p.add_argument("--run1", type=Path, default=None,
+                   help="the seed-0 run folder of an earlier, interrupted benchmark in --out: only seed 1 runs "
+                        "(its forwards counted), seed 0's figures are read from the folder (implies --keep)")
     args = p.parse_args(argv)
-    if not args.keep:
+    # Every stage's code now, once: a file edited while the benchmark runs must not mix into a later stage.
+    for module in ("run_study", "dataset.stage", "extract.stage", "finetune.stage"):
+        __import__(module)
+    if not args.keep and args.run1 is None:
         shutil.rmtree(args.out, ignore_errors=True)
     counter = Counter()
     mp = pytest.MonkeyPatch()
     counter.install(mp)
     try:
-        runs = [run_seed(args=args, seed=s, counter=counter) for s in (0, 1)]
+        first = finished_run(args.run1, 0) if args.run1 else run_seed(args=args, seed=0, counter=counter)
+        runs = [first, run_seed(args=args, seed=1, counter=counter)]
     finally:
         mp.undo()
     forward = bare_forward(args=args)
@@ -119,10 +135,14 @@ def main(argv: list[str] | None = None) -> int:
           "  fine-tune epochs s")
     for r in runs:
         rate = r["computed"] / r["pass_s"] if r["pass_s"] else float("nan")
-        print(f"seed {r['seed']:<3}{r['computed']:>12}{r['pass_images']:>13}{r['prefix_images']:>12}{r['pass_s']:>9.1f}"
+        counted = [("-" if r[k] is None else r[k]) for k in ("pass_images", "prefix_images")]
+        print(f"seed {r['seed']:<3}{r['computed']:>12}{counted[0]:>13}{counted[1]:>12}{r['pass_s']:>9.1f}"
               f"{rate:>8.1f}  " + ", ".join(f"{m} {s:.1f}" for m, s in r["finetune"].items()))
     first, second = runs
-    passes = (first["pass_images"] + first["prefix_images"]) / max(first["computed"], 1)
+    counted = first if first["pass_images"] is not None else second  # --run1: the forwards of run 2
+    passes = (counted["pass_images"] + counted["prefix_images"]) / max(counted["computed"], 1)
+    if counted is second:
+        print("passes_per_image counts run 2's forwards (run 1's were not counted: --run1)")
     pass_rate = first["computed"] / first["pass_s"]
     print(f"bare forward ({args.backbone}, preloaded tensors): {forward:.1f} img/s; shared pass {pass_rate:.1f} img/s")
     store = args.out / "store"

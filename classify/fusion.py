@@ -36,7 +36,9 @@ def fuse(parts: dict[str, FeatureSet]) -> FeatureSet:
     spec = {"fused": {n: fs.spec for n, fs in zip(names, sets)}, "tta": first.spec.get("tta", "none"),
             "views": first.spec.get("views"), "manifest_hash": first.spec.get("manifest_hash")}
     costs = [fs.extract_s for fs in sets]
+    rows = [fs.row_cost_s for fs in sets]
     return FeatureSet(features=np.concatenate([fs.features for fs in sets], axis=1), labels=first.labels,
                       sample_id=first.sample_id, view=first.view, spec=spec,
                       key=spec_hash({"fused": [fs.key for fs in sets]}), path=first.path, split=first.split,
-                      extract_s=None if any(c is None for c in costs) else float(sum(costs)))
+                      extract_s=None if any(c is None for c in costs) else float(sum(costs)),
+                      row_cost_s=None if any(r is None for r in rows) else np.sum(rows, axis=0))

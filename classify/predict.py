@@ -40,7 +40,15 @@ class Prediction:
     calibrated: bool
 
 
+def refuse_fused(meta: dict, *, head_dir: Path) -> None:
+    """A head on fused features needs every part's backbone; predict embeds with one."""
+    if meta.get("backbone_spec") is None:
+        raise HeadMismatch(f"head {head_dir} was trained on fused features ({meta['backbone']}): predict embeds "
+                           "images with one backbone; use a head of a single backbone from the same run")
+
+
 def check_backbone(meta: dict, backbone, *, head_dir: Path) -> None:
+    refuse_fused(meta, head_dir=head_dir)
     diffs = spec_differences(meta["backbone_spec"], _json_roundtrip(backbone.spec),
                              labels=("head has", "backbone has"))
     if diffs:
@@ -125,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _, meta = load_head(args.head)
+        refuse_fused(meta, head_dir=Path(args.head))
         backbone = load_backbone(args.backbone or meta["backbone"], weights_file=args.weights)
         results, failed = predict_images(args.head, image_paths(args.inputs), backbone=backbone, device=args.device)
     except WeightsUnavailable as exc:

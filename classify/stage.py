@@ -6,10 +6,12 @@ head, the head is selected on val, refit on train+val, scored once on test, save
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,7 +25,12 @@ from classify.metrics import evaluate
 from classify.selection import HeadData
 from classify.store import cached_rows, head_key, save_head, save_rows
 from dataset.manifest import class_names, manifest_hash, read_manifest
+from study.atomic import file_lock
+from study.provenance import git_sha
 from study.results import append_rows, append_skip
+
+if TYPE_CHECKING:
+    from extract.cache import FeatureSet
 
 log = logging.getLogger("study.classify")
 
@@ -64,6 +71,17 @@ def _fused_sets(fusions: list[list[str]], loaded: dict, *, run_dir: Path) -> lis
     return out
 
 
+@dataclass(frozen=True)
+class HeadJob:
+    """What every head of one feature set shares: where its rows come from and how it is scored."""
+    backbone: str  # a backbone name, or "fused:a+b"
+    fs: FeatureSet
+    seed: int  # the split seed (a few-shot draw replaces it with the draw's seed)
+    n_boot: int
+    class_names: tuple[str, ...]
+    manifest_hash: str
+
+
 def read_features_index(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "features.json"
     if not path.is_file():
@@ -76,8 +94,8 @@ def classify_features(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, s
                       run_dir: Path) -> list[dict]:
     """All heads and feature sets (then the few-shot curve) for one feature cache; rows are appended
     to ``run_dir/results.jsonl`` as each head finishes, so an interrupted stage loses at most one head."""
-    context = {"backbone": backbone, "fs": fs, "manifest": manifest, "seed": seed, "n_boot": cfg["bootstrap"],
-               "class_names": class_names(manifest), "manifest_hash": manifest_hash(manifest)}
+    job = HeadJob(backbone=backbone, fs=fs, seed=seed, n_boot=cfg["bootstrap"],
+                  class_names=tuple(class_names(manifest)), manifest_hash=manifest_hash(manifest))
     all_rows, chosen_lr, datasets = [], {}, {}
     tasks = [(fset, method) for fset in cfg["feature_sets"] for method in cfg["heads"]]
     for feature_set, method in tqdm(tasks, desc=f"heads {backbone}", unit="head"):
@@ -91,7 +109,7 @@ def classify_features(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, s
                         fix="set extract.views >= 1, or drop 'aug' from classify.feature_sets")
             continue
         rows = cached_head(method, feature_set=feature_set, data=data, head_cfg=cfg[method], heads_dir=heads_dir,
-                           **context)
+                           job=job)
         append_rows(Path(run_dir) / "results.jsonl", rows)
         all_rows += rows
         if method == "lr":
@@ -100,29 +118,37 @@ def classify_features(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, s
         params = chosen_lr.get("clean") or next(iter(chosen_lr.values()))
         clean = datasets.get("clean") or head_data(fs, manifest, feature_set="clean")
         rows = cached_fewshot(params, data=clean, fewshot_cfg=cfg["fewshot"],
-                              head_cfg=cfg["lr"], heads_dir=heads_dir, run_dir=run_dir, **context)
+                              head_cfg=cfg["lr"], heads_dir=heads_dir, run_dir=run_dir, job=job)
         append_rows(Path(run_dir) / "results.jsonl", rows)
         all_rows += rows
     return all_rows
 
 
-def cached_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict, heads_dir: Path, **context) -> list:
-    fs = context["fs"]
-    key = head_key(features_key=fs.key, kind="head", method=method, feature_set=feature_set, settings=head_cfg,
-                   seed=context["seed"], n_boot=context["n_boot"])
+def cached_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict, heads_dir: Path,
+                job: HeadJob) -> list:
+    key = head_key(features_key=job.fs.key, kind="head", method=method, feature_set=feature_set, settings=head_cfg,
+                   seed=job.seed, n_boot=job.n_boot)
     head_dir = Path(heads_dir) / key
-    rows = cached_rows(head_dir)
-    if rows is not None:
-        log.info("%s %s %s: reusing %s", context["backbone"], method, feature_set, head_dir)
-        return rows
+    # One fit per head at a time: a second study on this --out waits, then reuses the finished head.
+    with file_lock(Path(heads_dir) / f".{key}.lock", what=f"fitting the head {head_dir.name[:12]}"):
+        rows = cached_rows(head_dir)
+        if rows is not None:
+            log.info("%s %s %s: reusing %s", job.backbone, method, feature_set, head_dir)
+            return rows
+        return _fit_head(method, feature_set=feature_set, data=data, head_cfg=head_cfg, head_dir=head_dir, key=key,
+                         job=job)
+
+
+def _fit_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict, head_dir: Path, key: str,
+              job: HeadJob) -> list:
     grid = head_grid(method, head_cfg)
-    log.info("%s %s %s: sweeping %d grid points on %d train rows", context["backbone"], method, feature_set,
+    log.info("%s %s %s: sweeping %d grid points on %d train rows", job.backbone, method, feature_set,
              len(grid), len(data.train))
-    fit = selection.select_and_refit(method, grid, data=data, seed=context["seed"], head_cfg=head_cfg,
-                           n_classes=len(context["class_names"]))
+    fit = selection.select_and_refit(method, grid, data=data, seed=job.seed, head_cfg=head_cfg,
+                                     n_classes=len(job.class_names))
     row = result_row(kind="head", method=method, feature_set=feature_set, data=data, test_pred=fit.test_pred,
                      test_scores=fit.test_scores, hyperparams=fit.selection.best, train_s=fit.train_s,
-                     predict_s=fit.predict_s, model=fit.model, **context)
+                     predict_s=fit.predict_s, model=fit.model, job=job)
     row["selection"] = fit.selection.scores
     # The chosen point's val score (what the report chooses variants by) and what the scored model
     # was fit on: select_and_refit refits the chosen point on train+val.
@@ -130,38 +156,38 @@ def cached_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict
                                      if s["params"] == fit.selection.best)
     row["fit_on"] = "train+val"
     row["head_key"] = key
-    save_head(head_dir, model=fit.model, meta=head_meta(row, context))
+    save_head(head_dir, model=fit.model, meta=head_meta(row, job))
     save_rows(head_dir, [row])
-    log.info("%s %s %s: val %.4f -> test mean per-class %.4f (%s) in %.1fs", context["backbone"], method, feature_set,
+    log.info("%s %s %s: val %.4f -> test mean per-class %.4f (%s) in %.1fs", job.backbone, method, feature_set,
              max(s["val_mean_per_class"] for s in fit.selection.scores), row["metrics"]["mean_per_class"],
              fit.selection.best, fit.train_s)
     return [row]
 
 
 def cached_fewshot(params: dict, *, data: HeadData, fewshot_cfg: dict, head_cfg: dict, heads_dir: Path, run_dir: Path,
-                   **context) -> list:
-    fs, seed = context["fs"], context["seed"]
+                   job: HeadJob) -> list:
+    seed = job.seed
     settings = {"lr": head_cfg, "chosen": params, "fewshot": fewshot_cfg}
-    head_dir = Path(heads_dir) / head_key(features_key=fs.key, kind="fewshot", method="lr", feature_set="clean",
-                                          settings=settings, seed=seed, n_boot=context["n_boot"])
+    head_dir = Path(heads_dir) / head_key(features_key=job.fs.key, kind="fewshot", method="lr", feature_set="clean",
+                                          settings=settings, seed=seed, n_boot=job.n_boot)
     rows = cached_rows(head_dir)
     if rows is not None:
         return rows
     pool = fewshot_pool(data, pool=fewshot_cfg["pool"])
     rows, largest = [], max_k(pool)
-    for k in tqdm(fewshot_cfg["k"], desc=f"few-shot {context['backbone']}", unit="k"):
+    for k in tqdm(fewshot_cfg["k"], desc=f"few-shot {job.backbone}", unit="k"):
         if k > largest:
-            append_skip(run_dir, stage="classify", what=f"{context['backbone']} few-shot k={k}",
+            append_skip(run_dir, stage="classify", what=f"{job.backbone} few-shot k={k}",
                         reason=f"the smallest class has {largest} images in the '{fewshot_cfg['pool']}' pool",
                         fix="lower classify.fewshot.k" + (" or set classify.fewshot.pool='train+val'"
                                                           if fewshot_cfg["pool"] == "train" else ""))
             continue
         for draw_seed in range(seed, seed + fewshot_cfg["seeds"]):
             fit = fit_fewshot(params, pool=pool, test=data.test, k=k, seed=draw_seed, head_cfg=head_cfg,
-                              n_classes=len(context["class_names"]))
+                              n_classes=len(job.class_names))
             row = result_row(kind="fewshot", method="lr", feature_set="clean", data=data, test_pred=fit.test_pred,
                              test_scores=fit.test_scores, hyperparams=params, train_s=fit.train_s,
-                             predict_s=fit.predict_s, model=fit.model, **{**context, "seed": draw_seed})
+                             predict_s=fit.predict_s, model=fit.model, job=dataclasses.replace(job, seed=draw_seed))
             row["split_seed"] = seed  # `seed` is the draw's; the split it drew from is this one
             rows.append({**row, "k_per_class": k, "n_train": fit.n_train, "n_val": 0, "n_fit_rows": fit.n_train,
                          "fewshot_pool": fewshot_cfg["pool"], "fit_on": fewshot_cfg["pool"]})
@@ -170,48 +196,46 @@ def cached_fewshot(params: dict, *, data: HeadData, fewshot_cfg: dict, head_cfg:
 
 
 def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, test_pred: np.ndarray,
-               test_scores: np.ndarray, hyperparams: dict, train_s: float, predict_s: float, model, **context) -> dict:
+               test_scores: np.ndarray, hyperparams: dict, train_s: float, predict_s: float, model,
+               job: HeadJob) -> dict:
     """One results.jsonl row (schema: study/results.py)."""
-    fs = context["fs"]
-    metrics = evaluate(data.test.y, test_pred, test_scores, n_classes=len(context["class_names"]),
-                       n_boot=context["n_boot"], seed=context["seed"])
+    fs = job.fs
+    metrics = evaluate(data.test.y, test_pred, test_scores, n_classes=len(job.class_names), n_boot=job.n_boot,
+                       seed=job.seed)
     return {
-        "kind": kind, "backbone": context["backbone"], "method": method, "feature_set": feature_set,
-        "seed": context["seed"], "k_per_class": None, "metrics": metrics, "tta": fs.spec.get("tta", "none"),
+        "kind": kind, "backbone": job.backbone, "method": method, "feature_set": feature_set,
+        "seed": job.seed, "k_per_class": None, "metrics": metrics, "tta": fs.spec.get("tta", "none"),
         "test_sample_id": data.test.sample_id.tolist(), "test_pred": test_pred.tolist(),
         "hyperparams": hyperparams, "selection": None, "train_s": train_s, "predict_s": predict_s,
-        "cache_key": fs.key, "manifest_hash": context["manifest_hash"],
+        "cache_key": fs.key, "manifest_hash": job.manifest_hash,
         "n_train": int(len(np.unique(data.train.sample_id))), "n_val": int(len(data.val)), "n_test": int(len(data.test)),
-        "n_fit_rows": int(len(data.train) + len(data.val_fit)), "class_names": context["class_names"],
+        "n_fit_rows": int(len(data.train) + len(data.val_fit)), "class_names": list(job.class_names),
         "trainable_params": count_parameters(model), "total_params": None,
-        # The one-off cost of the features the head stands on (all splits and views), so the report
-        # compares heads and fine-tuning on total cost, not on the sweep alone.
-        "feature_s": fs.extract_s,
+        # The compute share of the stored rows this head read (every split's clean and mirrored views, and
+        # the augmented views of train/val for 'aug'), as a fine-tune is charged the rows it read: the report
+        # compares the arms on total cost, not on the sweep alone.
+        "feature_s": fs.cost_s(rows_read(fs, feature_set)),
         # Augmented views per training image the head was fit on (0: clean only), counted from its rows.
         "views": int(len(data.train) // max(len(np.unique(data.train.sample_id)), 1)) - 1,
         "git_sha": git_sha(),  # the code that computed this row
     }
 
 
-@functools.lru_cache(maxsize=1)
-def git_sha() -> str | None:
-    """HEAD's sha, with ``-dirty`` when tracked files differ from it (study.provenance.git_state); once a process."""
-    from study.config import REPO_ROOT
-    from study.provenance import git_state
-
-    state = git_state(REPO_ROOT)
-    return None if not state["sha"] else state["sha"] + ("-dirty" if state["dirty"] else "")
+def rows_read(fs, feature_set: str) -> np.ndarray:
+    """The feature rows a head of ``feature_set`` reads: clean and test-time views, plus augmented ones for 'aug'."""
+    view = np.asarray(fs.view)
+    return (view <= 0) | (feature_set == "aug")
 
 
-def head_meta(row: dict, context: dict) -> dict:
+def head_meta(row: dict, job: HeadJob) -> dict:
     """What predict needs beside the fitted pipeline: which backbone made its features, and its classes."""
-    fs = context["fs"]
+    fs = job.fs
     fused = "fused" in fs.spec  # no one backbone made these features: predict refuses such a head
-    return {"backbone": context["backbone"],
-            "backbone_spec": None if fused else backbone_spec_of(fs.spec, context["backbone"]),
-            "features_spec": fs.spec, "cache_key": fs.key, "class_names": context["class_names"],
+    return {"backbone": job.backbone,
+            "backbone_spec": None if fused else backbone_spec_of(fs.spec, job.backbone),
+            "features_spec": fs.spec, "cache_key": fs.key, "class_names": list(job.class_names),
             "method": row["method"], "feature_set": row["feature_set"], "hyperparams": row["hyperparams"],
-            "manifest_hash": context["manifest_hash"], "seed": row["seed"]}
+            "manifest_hash": job.manifest_hash, "seed": row["seed"]}
 
 
 def backbone_spec_of(features_spec: dict, backbone: str) -> dict:

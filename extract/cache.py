@@ -15,12 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.store import FORMAT_VERSION, Store, library_versions  # noqa: F401 (library_versions re-exported)
-from study.hashing import spec_differences as _spec_differences
 from study.hashing import spec_hash
-
-
-class CacheMismatch(ValueError):
-    """A feature set that is not what the caller expects."""
 
 
 @dataclass
@@ -34,10 +29,11 @@ class FeatureSet:
     path: Path  # the store entry's folder
     split: np.ndarray | None = None  # (N,) str, from the manifest
     extract_s: float | None = None  # compute seconds of these rows (their share of the passes that made them)
+    row_cost_s: np.ndarray | None = None  # (N,) the same per row, so a consumer is charged the rows it uses
 
-
-def spec_differences(expected: dict, actual: dict) -> list[str]:
-    return _spec_differences(expected, actual, labels=("expected", "cache has"))
+    def cost_s(self, mask: np.ndarray) -> float | None:
+        """Compute seconds of the rows ``mask`` selects (each distinct stored row once)."""
+        return None if self.row_cost_s is None else float(self.row_cost_s[mask].sum())
 
 
 def feature_set_spec(store: Store, *, views: int, tta: str, policy: dict, view_seed: int, manifest_hash: str) -> dict:
@@ -67,4 +63,15 @@ def load_feature_set(store: Store, *, manifest, views: int, tta: str, policy: st
     return FeatureSet(features=features.reshape(len(keys), -1), labels=manifest["label"].to_numpy(np.int64)[m],
                       sample_id=manifest["sample_id"].to_numpy(dtype=str)[m],
                       view=np.array([r[1] for r in requests], dtype=np.int64), spec=spec, key=key, path=store.dir,
-                      split=manifest["split"].to_numpy(dtype=str)[m], extract_s=index.cost_s(keys))
+                      split=manifest["split"].to_numpy(dtype=str)[m], extract_s=index.cost_s(keys),
+                      row_cost_s=_distinct_costs(keys, index))
+
+
+def _distinct_costs(keys, index) -> np.ndarray:
+    """Per-row compute seconds, a row whose key appeared earlier (same image content twice) costing 0."""
+    costs, seen = index.row_costs(keys), set()
+    for i, key in enumerate(keys):
+        if key in seen:
+            costs[i] = 0.0
+        seen.add(key)
+    return costs

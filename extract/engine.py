@@ -222,7 +222,8 @@ def open_stores(*, backbone: str, layers: list[Layer], store_root, settings: Pas
     precision = resolve_precision(settings.precision, settings.device)
     return {layer.name: Store(store_root, entry_spec(
         backbone_spec=bb_spec, layer=layer.spec, precision=precision, channels_last=settings.channels_last,
-        storage_dtype=settings.storage_dtype if layer.unit is None else settings.cut_dtype)) for layer in layers}
+        device=settings.device, storage_dtype=settings.storage_dtype if layer.unit is None else settings.cut_dtype))
+        for layer in layers}
 
 
 def ensure_rows(*, manifest: pd.DataFrame, backbone: str, requests: list[tuple[int, int]], store_root,
@@ -239,13 +240,20 @@ def ensure_rows(*, manifest: pd.DataFrame, backbone: str, requests: list[tuple[i
     keys = store_keys(manifest, requests, policy=policy, view_seed=view_seed)
     result = PassResult(stores=stores, layers=layers)
     with _locked(stores.values(), rebuild=rebuild):
-        todo, missing = _work(stores, requests, keys)
+        # Rank 0 decides what is missing and tells the others: a rank that indexed after another rank's
+        # first segment landed would otherwise cut the work into other batches.
+        todo, missing = distributed.broadcast_object(_work(stores, requests, keys) if distributed.is_main() else None)
         if todo:
             _compute(result, todo=todo, missing=missing, keys=keys, requests=requests, manifest=manifest,
                      backbone=backbone, policy=policy, view_seed=view_seed, settings=settings,
                      weights_file=weights_file, pretrained=pretrained, data_root=data_root)
         distributed.barrier()
     return result
+
+
+# Entries this process rebuilt (--rebuild-cache): a run rebuilds each once, however many stages and
+# split seeds ask for it, and later callers add to the fresh entry instead of wiping it again.
+_REBUILT: set[Path] = set()
 
 
 @contextlib.contextmanager
@@ -257,11 +265,13 @@ def _locked(stores, *, rebuild: bool):
             for store in stores:
                 if not store.dir.is_dir():
                     _explain_new_entry(store)
-                store.create()
                 stack.enter_context(store.lock())
-                if rebuild:
+                if rebuild and store.dir.resolve() not in _REBUILT:
                     store.remove()
-                    store.create()
+                    _REBUILT.add(store.dir.resolve())
+                store.create()
+                if store.clean_temporaries():
+                    log.info("removed segments a killed run left half-written in %s", store.dir)
         distributed.barrier()
         yield
 

@@ -22,7 +22,8 @@ COLUMNS = ("key", "backbone", "layer", "precision", "storage_dtype", "rows", "cl
 
 
 def entry_dirs(store_dir: str | Path) -> list[Path]:
-    return sorted(p for p in Path(store_dir).iterdir() if p.is_dir() and (p / "spec.json").exists())
+    """Every entry folder, also one whose spec.json is damaged or gone (those are listed with an error)."""
+    return sorted(p for p in Path(store_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def list_entries(store_dir: str | Path) -> list[dict]:
@@ -30,11 +31,16 @@ def list_entries(store_dir: str | Path) -> list[dict]:
 
 
 def verify(entry: Path) -> str:
-    """'ok', or what is damaged: every segment's id columns and data read through their checksums."""
+    """'ok', or what is damaged: every segment's columns read through their checksums and digests, one
+    segment at a time (an entry of fine-tune activations can be larger than memory)."""
     try:
         store = Store.open(entry)
         index = store.index()
-        store.read(list(index.rows), index)
+        by_segment: dict = {}
+        for key, (seg, _, _) in index.rows.items():
+            by_segment.setdefault(seg, []).append(key)
+        for keys in by_segment.values():
+            store.read(keys, index)
     except StoreDamaged as exc:
         return str(exc)
     return "ok"
@@ -42,15 +48,18 @@ def verify(entry: Path) -> str:
 
 def prune(store_dir: str | Path, prefix: str) -> Path:
     """Delete the one entry whose key starts with ``prefix`` (an ambiguous or unknown prefix is an error)."""
+    import shutil
+
+    from study.atomic import file_lock
+
     matches = [p for p in entry_dirs(store_dir) if p.name.startswith(prefix)]
     if len(matches) != 1:
         raise ValueError(f"--prune {prefix!r} matches {len(matches)} entries in {store_dir}; give a longer key prefix "
                          "(see the listing)")
-    import shutil
-
-    store = Store.open(matches[0])
-    with store.lock():  # not while a study writes to it
-        store.remove()
+    with file_lock(matches[0] / ".lock", what="pruning"):  # not while a study writes to it
+        for p in matches[0].iterdir():
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     shutil.rmtree(matches[0])
     return matches[0]
 

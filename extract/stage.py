@@ -45,16 +45,26 @@ def cut_policies(config: dict) -> list[str]:
     return list(ft["policies"]) if ft["prefix_cache"] else []
 
 
+def requests_of(config: dict, manifest) -> list[tuple[int, int]]:
+    """The (manifest row, view) pairs both arms read — the heads' and the fine-tunes' views and test-time
+    views — so one pass serves them all."""
+    views = max(config["extract"]["views"], finetune_views(config))
+    tta = "hflip" if "hflip" in (config["extract"]["tta"], config["finetune"]["tta"]) else config["extract"]["tta"]
+    return study_requests(manifest, views=views, tta=tta)
+
+
 def run(ctx) -> None:
     cfg = ctx.config["extract"]
     distributed.init_from_env()
     names = cfg["backbones"]
     _check_names(names, cfg["weights"])
     manifest = _manifest(ctx)
-    # The rows both arms read: their views and test-time views, so one pass serves heads and fine-tunes.
-    views = max(cfg["views"], finetune_views(ctx.config))
-    tta = "hflip" if "hflip" in (cfg["tta"], ctx.config["finetune"]["tta"]) else cfg["tta"]
-    requests = study_requests(manifest, views=views, tta=tta)
+    requests = requests_of(ctx.config, manifest)
+    ft = ctx.config["finetune"]
+    for what, head, tune in (("test-time augmentation", cfg["tta"], ft["tta"]),
+                             ("augmentation policy", cfg["policy"], ft["augment"])):
+        if head != tune:  # the report's comparison is then not like for like: say so where it starts
+            log.warning("the arms differ in %s: heads use %r (extract), fine-tunes %r (finetune)", what, head, tune)
     entries = []
     for name in names:
         try:

@@ -7,7 +7,7 @@ or class set reads the rows earlier runs computed and computes only the rest. La
 
     <store>/<key>/spec.json          the spec (its sha256 is the folder name; checked on open)
     <store>/<key>/seg-<id>.h5         immutable segments, each written whole then renamed into place
-    <store>/<key>/.lock               one writer at a time (fcntl.flock)
+    <store>/<key>/.lock               one writer at a time (study.atomic.file_lock)
 
 A segment holds ``data`` (n, *shape) in the storage dtype, ``sha256`` (the image's content hash),
 ``view`` (e.g. ``clean``, ``hflip``, ``aug:light:1a2b3c4d:s0:2``) and ``digest`` (blake2b of the row's
@@ -19,13 +19,10 @@ leaves whole segments only (the rows of the segment being written are computed a
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from study.atomic import file_lock, write_bytes_atomic
 from study.errors import StudyError
 from study.hashing import canonical_json, spec_differences, spec_hash
 
@@ -60,13 +58,21 @@ def library_versions() -> dict:
             "pillow": PIL.__version__}
 
 
-def entry_spec(*, backbone_spec: dict, layer: dict, precision: str, storage_dtype: str, channels_last: bool) -> dict:
+def entry_spec(*, backbone_spec: dict, layer: dict, precision: str, storage_dtype: str, channels_last: bool,
+               device: str = "cpu") -> dict:
     """Everything that changes the numbers of every row of an entry; its sha256 is the entry's key."""
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype {storage_dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
     return json.loads(canonical_json({
         "format": FORMAT_VERSION, "backbone": backbone_spec, "layer": layer, "precision": precision,
-        "storage_dtype": storage_dtype, "channels_last": channels_last, "versions": library_versions()}))
+        # The device type: GPU kernels (cuDNN, TF32 convolutions) differ from CPU ones in the last bits.
+        "device": device_type(device), "storage_dtype": storage_dtype, "channels_last": channels_last,
+        "versions": library_versions()}))
+
+
+def device_type(device: str) -> str:
+    """"cuda:1" -> "cuda": the kernels, not the card, change the numbers."""
+    return str(device).split(":")[0]
 
 
 def view_name(view: int, *, policy: dict, view_seed: int) -> str:
@@ -94,9 +100,13 @@ class Index:
     def missing(self, wanted) -> list[tuple[str, str]]:
         return [k for k in dict.fromkeys(wanted) if k not in self.rows]
 
+    def row_costs(self, wanted) -> np.ndarray:
+        """Compute seconds of each of ``wanted``: its share of the pass time of the segment holding it."""
+        return np.array([self.seconds[p] / self.sizes[p] for p, _, _ in (self.rows[k] for k in wanted)], np.float64)
+
     def cost_s(self, wanted) -> float:
-        """Compute seconds of ``wanted`` rows: each row's share of its segment's pass time."""
-        return float(sum(self.seconds[p] / self.sizes[p] for p, _, _ in (self.rows[k] for k in dict.fromkeys(wanted))))
+        """Compute seconds of the distinct rows in ``wanted``."""
+        return float(self.row_costs(list(dict.fromkeys(wanted))).sum())
 
 
 class Store:
@@ -134,7 +144,7 @@ class Store:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if not spec_path.is_file():
-                _write_durably(spec_path, canonical_json(self.spec).encode())
+                write_bytes_atomic(spec_path, canonical_json(self.spec).encode())
         except OSError as exc:
             raise StudyError(f"cannot write the activation store entry {spec_path} ({exc.strerror or exc}); "
                              "free disk space or fix the folder's permissions, then rerun") from exc
@@ -162,25 +172,16 @@ class Store:
                 if p.name != ".lock":
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-    @contextlib.contextmanager
     def lock(self):
         """One writer per entry: a second study on the same ``--out`` waits here, then finds the rows done."""
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fh = open(self.dir / ".lock", "a+")
-        except OSError as exc:
-            raise StudyError(f"cannot create the lock file {self.dir / '.lock'} of the activation store "
-                             f"({exc.strerror or exc}); free disk space or fix the folder's permissions") from exc
-        with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process writing %s", self.dir)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return file_lock(self.dir / ".lock", what=f"writing the store entry {self.label}")
+
+    def clean_temporaries(self) -> int:
+        """Remove segment files a killed writer left half-written (call under ``lock()``: no writer is mid-write)."""
+        stale = list(self.dir.glob(".*.tmp"))
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
     # -------------------------------------------------------------- reading
 
@@ -268,6 +269,11 @@ class Store:
         if not keys:
             return None
         stored = np.ascontiguousarray(data.astype(self.spec["storage_dtype"]))
+        if not np.isfinite(stored).all():  # e.g. an activation beyond float16's 65504: never store inf
+            bad = int(np.flatnonzero(~np.isfinite(stored.reshape(len(stored), -1)).all(axis=1))[0])
+            raise StudyError(f"row {keys[bad]} of {self.label} is not finite as {self.spec['storage_dtype']} "
+                             f"(largest |value| {float(np.abs(data[bad]).max()):.3g}); store it as float32: "
+                             "extract.cut_dtype (cuts) or extract.storage_dtype (pooled) = \"float32\"")
         digests = np.array([row_digest(r) for r in stored], dtype="S32")
         seg_id = hashlib.sha256(b"".join(digests) + "".join(f"{s}|{v}" for s, v in keys).encode()).hexdigest()[:20]
         path = self.dir / f"seg-{seg_id}.h5"
@@ -284,35 +290,12 @@ class Store:
                 f.create_dataset("digest", data=digests, chunks=True, fletcher32=True)
                 f.attrs.update({"entry": self.key, "compute_s": float(compute_s), "n_rows": len(keys),
                                 "written": time.time()})
-            _write_durably(path, image.getbuffer())
+            write_bytes_atomic(path, image.getbuffer())
         except OSError as exc:
             raise StudyError(f"cannot write the activation store segment {path} ({exc.strerror or exc}); "
                              "free disk space or fix the folder's permissions, then rerun: rows already stored "
                              "are kept") from exc
         return path
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data) -> None:
-    """``data`` at ``path``, on disk before it is visible there; on any error no temporary file is left."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
 
 
 def describe(entry_dir: Path) -> dict:

@@ -24,6 +24,7 @@ of the same spec, grid included, re-appends those rows without reading activatio
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -38,16 +39,19 @@ import torch
 
 from classify.metrics import evaluate
 from dataset.manifest import class_names, manifest_hash, read_manifest
-from dataset.transforms import policy_spec, tta_views
+from dataset.transforms import policy_spec
 from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
 from extract.store import FORMAT_VERSION, library_versions
 from finetune.config import GRID_AXES
 from finetune.model import build_split_net, count_params
+from finetune.prefix_cache import part_views, read_acts
 from finetune.train import CachedSource, FitResult, ImageSource, Trainer
 from finetune.unfreeze import parse_policy
 from study import distributed
-from study.atomic import write_text_atomic
+from study.atomic import file_lock, write_text_atomic
 from study.hashing import spec_hash
+from study.precision import resolve_precision
+from study.provenance import git_sha
 
 log = logging.getLogger(__name__)
 # The layout and key format of finetune/ (2: a grid chosen on val, refit on train+val, fits/<key>/).
@@ -96,13 +100,6 @@ class StoreAccess:
     weights_file: str | None = None
 
 
-def load_prefix(store, keys: list[tuple[str, str]], *, n_views: int, index=None) -> torch.Tensor:
-    """(N, n_views, ...) float16 activations of ``keys`` (image-major) from the store: every activation a
-    fine-tune reads comes through here (a cached rerun never calls it)."""
-    acts = store.read(keys, index or store.index(), dtype=np.float16)
-    return torch.from_numpy(acts.reshape(len(keys) // n_views, n_views, *acts.shape[1:]))
-
-
 class _Rows:
     """What fits read, per one-phase policy and part: ``train`` (views 0..V), ``val`` (view 0 + test-time
     views), ``train+val`` (views 0..V of both: the refit) and ``test`` (view 0 + test-time views), from the
@@ -123,9 +120,7 @@ class _Rows:
         return policy in self.stores
 
     def views(self, part: str) -> list[int]:
-        if part in ("train", "train+val"):
-            return list(range(self.hp["views"] + 1))
-        return [0, *tta_views(self.hp["tta"])]
+        return part_views(part, views=self.hp["views"], tta=self.hp["tta"])
 
     def keys(self, part: str) -> list[tuple[str, str]]:
         requests = [(int(m), v) for m in self.positions[part] for v in self.views(part)]
@@ -153,8 +148,8 @@ class _Rows:
         labels = torch.tensor(self.manifest["label"].to_numpy(np.int64)[self.positions[part]])
         train = part in ("train", "train+val")
         if self.cached(policy):
-            acts = load_prefix(self.stores[policy], self.keys(part), n_views=len(self.views(part)),
-                               index=self._index(policy))
+            acts = read_acts(self.stores[policy], self.keys(part), n_views=len(self.views(part)),
+                             index=self._index(policy))
             src = CachedSource(acts, labels, eval_views=1 if train else acts.shape[1])
         else:
             rows = self.manifest.iloc[self.positions[part]].reset_index(drop=True)
@@ -200,16 +195,6 @@ def _numeric(hp: dict) -> dict:
     return {k: v for k, v in hp.items() if k not in NOT_NUMERIC}
 
 
-@functools.lru_cache(maxsize=1)
-def git_sha() -> str | None:
-    """HEAD's sha, with ``-dirty`` when tracked files differ from it (study.provenance.git_state); once a process."""
-    from study.config import REPO_ROOT
-    from study.provenance import git_state
-
-    state = git_state(REPO_ROOT)
-    return None if not state["sha"] else state["sha"] + ("-dirty" if state["dirty"] else "")
-
-
 class _Experiment:
     def __init__(self, *, backbone, manifest, hp, seed, device, finetune_dir: Path, rows: _Rows, base: dict,
                  on_epoch_end):
@@ -249,12 +234,16 @@ class _Experiment:
         name = f"{self.backbone.name} {policy} {params}" + (" refit" if fit_on != "train" else "")
         trainer = Trainer(net=net, hp={**hp, "name": name}, seed=self.seed, device=self.device, ckpt_dir=fit_dir,
                           run_key=key)
-        if fit_on == "train":
-            result = trainer.fit(self.rows.source(policy, "train"), self.rows.source(policy, "val"),
-                                 on_epoch_end=self.on_epoch_end)
-        else:
-            result = trainer.fit_fixed(self.rows.source(policy, "train+val"), epochs=epochs,
-                                       on_epoch_end=self.on_epoch_end)
+        # One writer per fit: a second study on this --out waits, then resumes the finished last.pt at once.
+        lock = file_lock(fit_dir.parent / f".{key}.lock", what=f"training {name}") if distributed.is_main() \
+            else contextlib.nullcontext()
+        with lock:
+            if fit_on == "train":
+                result = trainer.fit(self.rows.source(policy, "train"), self.rows.source(policy, "val"),
+                                     on_epoch_end=self.on_epoch_end)
+            else:
+                result = trainer.fit_fixed(self.rows.source(policy, "train+val"), epochs=epochs,
+                                           on_epoch_end=self.on_epoch_end)
         self._fits[key] = fit = _Fit(key=key, policy=policy, params=params, result=result, trainer=trainer)
         return fit
 
@@ -304,6 +293,9 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
                  view_seed=store.view_seed)
     base = {"kind": "finetune", "format": FORMAT_VERSION, "fit_format": FIT_FORMAT, "backbone": backbone.spec,
             "augment": policy_spec(hp["augment"]), "seed": seed, "manifest_hash": mhash,
+            # What "auto" trains in here, and on what kind of device: a copied --out on a bf16 CPU or a GPU
+            # trains anew instead of reusing fp32 CPU results.
+            "precision": resolve_precision(hp["precision"], device), "device": torch.device(device).type,
             "versions": library_versions()}
     points = grid_points(hp, policy)
     inputs = {p: rows.identity(p, ("train+val", "val", "test")) for p in phases}

@@ -37,47 +37,36 @@ class PrefixCache:
     build_s: float  # compute seconds of these rows (their share of the passes that made them)
 
 
-def split_views(split: str, *, views: int, tta: str) -> list[int]:
-    """The view ids read per image: train 0..V; val and test view 0 and its test-time views."""
-    if split == "train":
+def part_views(part: str, *, views: int, tta: str) -> list[int]:
+    """The view ids read per image: train (and the train+val refit) 0..V; val and test view 0 and its
+    test-time views."""
+    if part in ("train", "train+val"):
         return list(range(views + 1))
     return [0, *tta_views(tta)]
 
 
-def prefix_requests(manifest: pd.DataFrame, *, views: int, tta: str) -> dict[str, list[tuple[int, int]]]:
-    """Per split, the (manifest row, view) pairs, image-major (each image's views adjacent)."""
-    position = {s: i for i, s in enumerate(manifest["sample_id"])}
-    out = {}
-    for split in SPLITS:
-        rows = [position[s] for s in split_rows(manifest, split)["sample_id"]]
-        out[split] = [(m, v) for m in rows for v in split_views(split, views=views, tta=tta)]
-    return out
-
-
-def prefix_identity(store, *, manifest: pd.DataFrame, views: int, tta: str, policy: str, view_seed: int,
-                    index=None) -> tuple[str, dict]:
-    """The content identity of the rows a fine-tune reads (no data read), and the store keys per split."""
-    from extract.engine import store_keys
-
-    index = index or store.index()
-    keys = {split: store_keys(manifest, reqs, policy=policy, view_seed=view_seed)
-            for split, reqs in prefix_requests(manifest, views=views, tta=tta).items()}
-    return store.identity([k for split in SPLITS for k in keys[split]], index), keys
+def read_acts(store, keys: list[tuple[str, str]], *, n_views: int, index=None) -> torch.Tensor:
+    """(N, n_views, ...) activations of ``keys`` (image-major) at the entry's own dtype (float16 halves the
+    memory; a float32 entry keeps what it stored): every activation a fine-tune reads comes through here."""
+    acts = store.read(keys, index or store.index(), dtype=np.dtype(store.spec["storage_dtype"]))
+    return torch.from_numpy(acts.reshape(len(keys) // n_views, n_views, *acts.shape[1:]))
 
 
 def load_prefix(store, *, manifest: pd.DataFrame, views: int, tta: str, policy: str, view_seed: int) -> PrefixCache:
-    """The split-wise (N, V, ...) activations of ``manifest``'s images from ``store``."""
-    index = store.index()
-    key, keys = prefix_identity(store, manifest=manifest, views=views, tta=tta, policy=policy, view_seed=view_seed,
-                                index=index)
-    splits = {}
+    """Every split's activations of ``manifest``'s images from ``store`` (for tests and benchmarks; a fine-tune
+    reads part by part through ``read_acts``)."""
+    from extract.engine import store_keys
+
+    index, position = store.index(), {s: i for i, s in enumerate(manifest["sample_id"])}
+    splits, all_keys = {}, []
     for split in SPLITS:
         rows = split_rows(manifest, split)
-        n_views = len(split_views(split, views=views, tta=tta))
-        # In memory at the entry's own dtype: float16 halves it, float32 keeps what a float32 entry stored.
-        acts = store.read(keys[split], index, dtype=np.dtype(store.spec["storage_dtype"]))
-        acts = acts.reshape(len(rows), n_views, *acts.shape[1:])
-        splits[split] = PrefixSplit(acts=torch.from_numpy(acts), labels=torch.tensor(rows["label"].to_numpy(np.int64)),
+        ids = part_views(split, views=views, tta=tta)
+        keys = store_keys(manifest, [(position[s], v) for s in rows["sample_id"] for v in ids], policy=policy,
+                          view_seed=view_seed)
+        all_keys += keys
+        splits[split] = PrefixSplit(acts=read_acts(store, keys, n_views=len(ids), index=index),
+                                    labels=torch.tensor(rows["label"].to_numpy(np.int64)),
                                     sample_id=rows["sample_id"].tolist())
-    cost = index.cost_s([k for split in SPLITS for k in keys[split]])
-    return PrefixCache(splits=splits, key=key, path=store.dir, build_s=cost)
+    return PrefixCache(splits=splits, key=store.identity(all_keys, index), path=store.dir,
+                       build_s=index.cost_s(all_keys))

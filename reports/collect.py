@@ -24,7 +24,7 @@ RESULT_COLUMNS = [
     "top1", "top1_lo", "top1_hi", "mean_per_class", "mean_per_class_lo", "mean_per_class_hi",
     "top5", "macro_f1", "macro_f1_lo", "macro_f1_hi",
     "train_s", "predict_s", "feature_s", "trainable_params", "total_params", "epochs_run",
-    "n_train", "n_val", "n_test", "hyperparams", "cache_key", "manifest_hash",
+    "n_train", "n_val", "n_test", "hyperparams", "cache_key", "manifest_hash", "git_sha",
 ]
 SUMMARY_COLUMNS = ["backbone", "arm", "method", "feature_set", "n_seeds", "mean", "sd", "val_mean", "chosen", "rows"]
 VARIANT = ["backbone", "arm", "method", "feature_set"]
@@ -49,6 +49,7 @@ def results_table(rows: list[ResultRow]) -> pd.DataFrame:
             "trainable_params": r.trainable_params, "total_params": r.total_params, "epochs_run": r.epochs_run,
             "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
             "hyperparams": _compact(r.hyperparams), "cache_key": r.cache_key, "manifest_hash": r.manifest_hash,
+            "git_sha": r.git_sha,
         }
         for key in ("top1", "mean_per_class", "macro_f1"):
             rec[f"{key}_lo"], rec[f"{key}_hi"] = m.ci95.get(key, (None, None))

@@ -5,7 +5,7 @@ estimate from this machine's measured throughput.
 The throughput is the one the store recorded for that backbone's earlier passes here (rows / compute
 seconds), else a short timing of the bare forward on 16 random images (one batch, after a warm-up):
 an upper bound, since decoding and storing are not in it. ``run_study.py --plan`` prints the plan and
-exits; every run logs it after the dataset stage.
+exits; every run logs it after the dataset stage has built every split seed's manifest.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ class BackbonePlan:
 @dataclass
 class Plan:
     backbones: list[BackbonePlan] = field(default_factory=list)
+    fused_heads: int = 0
 
     def lines(self) -> list[str]:
         out = ["plan (before any extraction or training):"]
@@ -52,25 +53,32 @@ class Plan:
             out.append(f"  {b.backbone}: {b.to_compute} of {b.requested} image-views to compute "
                        f"({b.stored} stored) for layers {', '.join(b.layers)}: {eta}; "
                        f"{b.heads} heads to fit; fine-tunes {', '.join(b.finetunes) or 'none'}")
+        if self.fused_heads:
+            out.append(f"  fused feature sets: {self.fused_heads} heads to fit")
         total = sum(b.estimate_s or 0 for b in self.backbones)
         out.append(f"  shared pass total: ~{total / 60:.1f} min (fine-tuning epochs come on top)")
         return out
 
 
-def make_plan(ctx) -> Plan:
+def make_plan(ctxs: list) -> Plan:
+    """The plan over every split seed's context (their manifests must exist: the dataset stage runs first)."""
     from dataset.manifest import read_manifest
     from extract.backbones import WeightsUnavailable
-    from extract.engine import open_stores, plan_layers, store_keys, study_requests
-    from extract.stage import cut_policies, finetune_views, pass_settings, store_root
+    from extract.engine import open_stores, plan_layers, store_keys
+    from extract.stage import cut_policies, pass_settings, requests_of, store_root
 
-    cfg, manifest = ctx.config["extract"], read_manifest(ctx.manifest_path)
-    views = max(cfg["views"], finetune_views(ctx.config))
-    tta = "hflip" if "hflip" in (cfg["tta"], ctx.config["finetune"]["tta"]) else cfg["tta"]
-    keys = list(dict.fromkeys(store_keys(manifest, study_requests(manifest, views=views, tta=tta),
-                                         policy=cfg["policy"], view_seed=cfg["view_seed"])))
+    ctx = ctxs[0]
+    cfg = ctx.config["extract"]
+    keys: dict = {}
+    for seed_ctx in ctxs:  # the union over seeds: a later seed needs views of images earlier seeds held out
+        manifest = read_manifest(seed_ctx.manifest_path)
+        keys.update(dict.fromkeys(store_keys(manifest, requests_of(ctx.config, manifest), policy=cfg["policy"],
+                                             view_seed=cfg["view_seed"])))
+    keys = list(keys)
     plan = Plan()
     stages = ctx.config.get("stages", [])
-    n_heads = len(ctx.config["classify"]["heads"]) * len(ctx.config["classify"]["feature_sets"])
+    classify_cfg = ctx.config["classify"]
+    n_heads = len(classify_cfg["heads"]) * len(classify_cfg["feature_sets"]) * len(ctxs)
     for name in cfg["backbones"]:
         layers = plan_layers(name, cut_policies(ctx.config))
         try:
@@ -86,9 +94,11 @@ def make_plan(ctx) -> Plan:
         rate, source = _throughput(name, indexes.get("pooled"), ctx)
         plan.backbones.append(BackbonePlan(
             backbone=name, layers=[layer.name for layer in layers], requested=len(keys),
-            stored=len(keys) - len(missing),
-            img_per_s=rate, throughput_from=source, heads=n_heads if "classify" in stages else 0,
-            finetunes=list(ctx.config["finetune"]["policies"]) if "finetune" in stages else []))
+            stored=len(keys) - len(missing), img_per_s=rate, throughput_from=source,
+            heads=n_heads if "classify" in stages else 0,
+            finetunes=[f"{p} x{len(ctxs)} seeds" for p in ctx.config["finetune"]["policies"]]
+            if "finetune" in stages else []))
+    plan.fused_heads = len(classify_cfg["fusions"]) * n_heads if "classify" in stages else 0
     return plan
 
 

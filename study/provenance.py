@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import platform
 import subprocess
@@ -25,6 +26,16 @@ def git_state(repo: Path) -> dict:
         return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"sha": None, "dirty": None}
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    """HEAD's sha, with ``-dirty`` when tracked files differ from it: the code that computed a result row
+    (looked up once a process)."""
+    from study.config import REPO_ROOT
+
+    state = git_state(REPO_ROOT)
+    return None if not state["sha"] else state["sha"] + ("-dirty" if state["dirty"] else "")
 
 
 def package_versions(names=PACKAGES) -> dict:

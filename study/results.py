@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +56,33 @@ def append_rows(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(check_row(r), sort_keys=True) + "\n" for r in rows)
-    with open(path, "a") as f:
-        f.write(lines)
-        f.flush()
+    _append_whole(path, lines)
+
+
+_write = os.write  # the one system call a full disk fails (tests patch it)
+
+
+def _append_whole(path: Path, text: str) -> None:
+    """Append whole lines, durably, or nothing: a failed write (disk full) is cut back to where it started,
+    so a reader never meets half a JSON line."""
+    from study.errors import WriteFailed, is_write_fault
+
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[_write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            os.ftruncate(fd, start)
+            if is_write_fault(exc):
+                raise WriteFailed(path, exc) from exc
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -77,8 +102,7 @@ def append_skip(run_dir: str | Path, *, stage: str, what: str, reason: str, fix:
     row = {"stage": stage, "what": what, "reason": reason, "fix": fix}
     path = Path(run_dir) / "skipped.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    _append_whole(path, json.dumps(row, sort_keys=True) + "\n")
     return row
 
 
@@ -165,6 +189,7 @@ class ResultRow:
     class_names: tuple[str, ...]
     cache_key: str
     manifest_hash: str
+    git_sha: str | None             # the code that computed the row (None: written before it was recorded)
 
     @property
     def arm(self) -> str:
@@ -198,7 +223,7 @@ class ResultRow:
             trainable_params=row.get("trainable_params"), total_params=row.get("total_params"),
             epochs_run=row.get("epochs_run"), n_train=int(row["n_train"]), n_val=row.get("n_val"),
             n_test=int(row["n_test"]), class_names=tuple(row.get("class_names") or ()),
-            cache_key=row["cache_key"], manifest_hash=row["manifest_hash"],
+            cache_key=row["cache_key"], manifest_hash=row["manifest_hash"], git_sha=row.get("git_sha"),
         )
 
 

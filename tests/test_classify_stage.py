@@ -61,6 +61,16 @@ def test_head_rows_follow_the_results_schema(first_run, features):
     assert lr["trainable_params"] == 4 * 1280 + 4
 
 
+def test_each_head_is_charged_the_stored_rows_it_read(first_run, features):
+    """Like a fine-tune, a head is charged the compute share of the rows it read: 'aug' reads the augmented
+    views too, 'clean' only the clean (and test-time) views."""
+    _, rows = first_run
+    cost = {r["feature_set"]: r["feature_s"] for r in rows if r["kind"] == "head" and r["method"] == "lr"}
+    assert cost["clean"] == pytest.approx(features.cost_s(features.view <= 0))
+    assert cost["aug"] == pytest.approx(features.cost_s(np.ones(len(features.view), bool)))
+    assert 0 < cost["clean"] < cost["aug"]
+
+
 def test_fewshot_rows_have_k_draws_and_counts(first_run):
     ctx, rows = first_run
     few = [r for r in rows if r["kind"] == "fewshot"]

@@ -267,6 +267,31 @@ def test_a_damaged_segment_is_named_and_rebuild_recomputes_it(reference, small, 
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
 
+def test_rebuild_recomputes_an_entry_once_per_run_whatever_asks_again(reference, small, data_root, tmp_path,
+                                                                       monkeypatch):
+    """--rebuild-cache: the first caller of a run wipes and recomputes; later callers (other stages, other split
+    seeds) add to the fresh entry instead of wiping it again."""
+    root = tmp_path / "store"
+    shutil.copytree(reference.stores["pooled"].dir.parent, root)
+    monkeypatch.setattr(engine, "_REBUILT", set())  # a new run
+    first = _ensure(small, root, data_root, policies=["last:1"], rebuild=True)
+    assert first.computed == reference.computed
+    other = _resplit(small, seed=3)
+    again = _ensure(other, root, data_root, policies=["last:1"], rebuild=True)
+    newly = other[(other["split"] != "test") & (small["split"] == "test")]
+    assert again.computed == len(newly)  # only the other split's new views: the first seed's rows were kept
+    assert sum(Store(root, reference.stores["pooled"].spec).index().sizes.values()) == reference.computed + len(newly)
+
+
+def test_a_killed_writers_temporary_segment_is_removed(reference, small, data_root, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(reference.stores["pooled"].dir.parent, root)
+    stale = Store(root, reference.stores["pooled"].spec).dir / ".seg-0123.h5.abcd.tmp"
+    stale.write_bytes(b"half a segment")
+    _ensure(small, root, data_root, policies=["last:1"])
+    assert not stale.exists()
+
+
 def test_a_new_entry_names_what_differs_from_the_stored_one(reference, small, data_root, tmp_path, caplog):
     root = tmp_path / "store"
     shutil.copytree(reference.stores["pooled"].dir.parent, root)

@@ -135,8 +135,12 @@ def test_a_truncated_segment_is_damaged_not_a_crash(store):
         store.index()
 
 
-def test_a_segment_is_never_visible_half_written(store, monkeypatch):
-    """A failing write (ENOSPC, permissions) leaves no segment and no temporary file, and says what to do."""
+@pytest.mark.parametrize("fails", ["building", "renaming"])
+def test_a_segment_is_never_visible_half_written(store, monkeypatch, fails):
+    """A failing write (ENOSPC, permissions) leaves no segment and no temporary file, and says what to do:
+    whether it fails while the segment is built or after its bytes were written, at the rename."""
+    import os
+
     import h5py
 
     keys, data = _rows(4)
@@ -144,9 +148,13 @@ def test_a_segment_is_never_visible_half_written(store, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(h5py.File, "create_dataset", full_disk)
-    with pytest.raises(Exception, match="No space left on device.*free disk space.*rows already stored are kept"):
+    if fails == "building":
+        monkeypatch.setattr(h5py.File, "create_dataset", full_disk)
+    else:
+        monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(Exception, match="No space left on device.*free disk space"):
         store.write_segment(keys, data, compute_s=1.0)
+    monkeypatch.undo()
     assert store.segments() == [] and not list(store.dir.glob(".*.tmp"))
 
 

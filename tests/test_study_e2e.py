@@ -36,7 +36,7 @@ def two_runs(tmp_path_factory, data_root):
         mp.setattr(extract.engine, "load_backbone", refuse)
         mp.setattr(extract.engine, "PassRunner", refuse)
         mp.setattr(classify.selection, "select_and_refit", refuse)
-        mp.setattr(finetune.experiment, "load_prefix", refuse)
+        mp.setattr(finetune.experiment, "read_acts", refuse)
         mp.setattr(finetune.experiment, "Trainer", refuse)
         t0 = time.perf_counter()
         assert run_study.main(args) == 0
@@ -57,6 +57,21 @@ def test_quick_study_writes_a_traceable_report(two_runs):
     assert_pngs_valid(first)
     for name in ("config.resolved.toml", "provenance.json", "results.csv", "per_class.csv"):
         assert (first / name).is_file(), name
+    # Three split seeds over one store: every seed's heads and fine-tunes, and each (image, view) stored once.
+    assert {r["seed"] for r in rows if r["kind"] != "fewshot"} == {0, 1, 2}
+    from dataset.manifest import read_manifest
+    from extract.engine import store_keys, study_requests
+    from extract.store import Store
+
+    out = first.parent.parent
+    wanted = set()
+    for seed in (0, 1, 2):
+        manifest = read_manifest(out / "dataset" / f"seed-{seed}" / "manifest.csv")
+        wanted |= set(store_keys(manifest, study_requests(manifest, views=2, tta="hflip"), policy="light",
+                                 view_seed=0))
+    (entry,) = json.loads((first / "features.json").read_text())
+    pooled = Store.open(out / entry["store"])
+    assert set(pooled.index().rows) == wanted and sum(pooled.index().sizes.values()) == len(wanted)
     prov = json.loads((first / "provenance.json").read_text())
     assert prov["status"] == "ok" and prov["git"]["sha"] and prov["ended"]
 
