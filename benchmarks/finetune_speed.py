@@ -94,7 +94,9 @@ def main() -> int:
     args = p.parse_args()
     data_root = Path(args.data_root).resolve()
     hp = load_config()["finetune"]
-    hp.update(epochs=args.epochs, views=args.views, num_workers=args.num_workers, patience=args.epochs, n_boot=0)
+    # One recipe (no grid): this measures the speed of a path and the effect of the cut dtype, not a choice.
+    hp.update(epochs=args.epochs, views=args.views, num_workers=args.num_workers, patience=args.epochs, n_boot=0,
+              grid={})
     backbone = load_backbone("efficientnet_lite0")
     with tempfile.TemporaryDirectory(prefix="ft_speed_") as tmp:
         out = Path(tmp)
