@@ -26,22 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dataset.build import build_dataset  # noqa: E402
-from dataset.manifest import read_manifest, write_manifest  # noqa: E402
+from dataset.manifest import read_manifest, smallest_classes, write_manifest  # noqa: E402
 from extract.backbones import load_backbone  # noqa: E402
 from extract.engine import PassSettings, ensure_rows, study_requests  # noqa: E402
 from finetune.experiment import StoreAccess, run_finetune  # noqa: E402
 from study.config import load_config  # noqa: E402
-
-
-def smallest_classes(manifest, n: int):
-    """A quick-check subset: the ``n`` classes with the fewest images (ties by label), relabelled 0..n-1."""
-    if not n:
-        return manifest
-    sizes = manifest.groupby("label").size().reset_index(name="n").sort_values(["n", "label"])
-    keep = sorted(sizes["label"].head(n))
-    sub = manifest[manifest["label"].isin(keep)].reset_index(drop=True)
-    sub["label"] = sub["label"].map({old: new for new, old in enumerate(keep)})
-    return sub
 
 
 def main() -> int:

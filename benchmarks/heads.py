@@ -51,20 +51,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def smallest_classes(manifest, n: int):
-    """A quick-check subset: the ``n`` classes with the fewest images (ties by label), relabelled 0..n-1."""
-    if not n:
-        return manifest
-    sizes = manifest.groupby("label").size().reset_index(name="n").sort_values(["n", "label"])
-    keep = sorted(sizes["label"].head(n))
-    sub = manifest[manifest["label"].isin(keep)].reset_index(drop=True)
-    sub["label"] = sub["label"].map({old: new for new, old in enumerate(keep)})
-    return sub
-
-
 def load_caltech_features(args):
     from dataset.build import build_dataset
-    from dataset.manifest import read_manifest
+    from dataset.manifest import read_manifest, smallest_classes
     from extract.cache import load_feature_set
     from extract.engine import PassSettings, ensure_rows, study_requests
     from study.config import load_config

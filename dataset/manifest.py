@@ -60,3 +60,14 @@ def class_names(df: pd.DataFrame) -> list[str]:
     if pairs["label"].tolist() != list(range(len(pairs))):
         raise ValueError("manifest labels are not 0..C-1 with one name each")
     return pairs["class_name"].tolist()
+
+
+def smallest_classes(manifest, n: int):
+    """A quick-check subset: the ``n`` classes with the fewest images (ties by label), relabelled 0..n-1."""
+    if not n:
+        return manifest
+    sizes = manifest.groupby("label").size().reset_index(name="n").sort_values(["n", "label"])
+    keep = sorted(sizes["label"].head(n))
+    sub = manifest[manifest["label"].isin(keep)].reset_index(drop=True)
+    sub["label"] = sub["label"].map({old: new for new, old in enumerate(keep)})
+    return sub
