@@ -257,7 +257,10 @@ def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
         total = sum(r.n_variants for r in part)
         views = "; ".join(sorted({_views_text(r) for r in part}))
         fit = " / ".join(f"`{f}`" for f in fit_on[arm])
+        refit = [f for f in fit_on[arm] if f != "train"]
         what = ("each sweeps its grid on val and the chosen point is refit on " if arm == "head" else
+                "each trains every grid point on train, keeps its best val epoch (early stopping), and the chosen "
+                "point is then refit for that many epochs on " if refit else
                 "each keeps the epoch with the best val score (early stopping) of a model fit on ")
         out.append(f"- **{_kind_name(arm)}**: {len(part)} variants per seed ({_variant_list(part)}), "
                    f"{total} settings tried on val in all (grid points per variant: {grid}; grids: {swept}); "

@@ -190,7 +190,7 @@ def test_protocol_text_matches_the_rows(run):
             for i, r in enumerate(raw)]
     text = "\n".join(protocol_arm_lines(rows))
     assert "fit on different data" not in text and "a fresh augmentation every step" in text
-    assert "refit on `train+val`" in text and "a model fit on `train+val`" in text
+    assert "refit on `train+val`" in text and "refit for that many epochs on `train+val`" in text
 
 
 def test_training_curves_are_drawn_and_linked(run):
