@@ -60,18 +60,9 @@ def load_feature_set(store: Store, *, manifest, views: int, tta: str, policy: st
     spec = feature_set_spec(store, views=views, tta=tta, policy=policy_spec(policy), view_seed=view_seed,
                             manifest_hash=mhash)
     key = spec_hash({"spec": spec, "rows": store.identity(keys, index)})
+    costs = index.row_costs(keys)
     return FeatureSet(features=features.reshape(len(keys), -1), labels=manifest["label"].to_numpy(np.int64)[m],
                       sample_id=manifest["sample_id"].to_numpy(dtype=str)[m],
                       view=np.array([r[1] for r in requests], dtype=np.int64), spec=spec, key=key, path=store.dir,
-                      split=manifest["split"].to_numpy(dtype=str)[m], extract_s=index.cost_s(keys),
-                      row_cost_s=_distinct_costs(keys, index))
+                      split=manifest["split"].to_numpy(dtype=str)[m], extract_s=float(costs.sum()), row_cost_s=costs)
 
-
-def _distinct_costs(keys, index) -> np.ndarray:
-    """Per-row compute seconds, a row whose key appeared earlier (same image content twice) costing 0."""
-    costs, seen = index.row_costs(keys), set()
-    for i, key in enumerate(keys):
-        if key in seen:
-            costs[i] = 0.0
-        seen.add(key)
-    return costs

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 from extract.backbones import WeightsUnavailable, backbone_spec
 from extract.engine import PassSettings, ensure_rows, study_requests
@@ -21,10 +20,6 @@ from study.atomic import write_text_atomic
 from study.results import append_skip
 
 log = logging.getLogger(__name__)
-
-
-def store_root(ctx) -> Path:
-    return ctx.store_dir
 
 
 def pass_settings(cfg: dict, *, device: str) -> PassSettings:
@@ -68,7 +63,7 @@ def run(ctx) -> None:
     entries = []
     for name in names:
         try:
-            result = ensure_rows(manifest=manifest, backbone=name, requests=requests, store_root=store_root(ctx),
+            result = ensure_rows(manifest=manifest, backbone=name, requests=requests, store_root=ctx.store_dir,
                                  policy=cfg["policy"], view_seed=cfg["view_seed"], policies=cut_policies(ctx.config),
                                  settings=pass_settings(cfg, device=ctx.device), weights_file=cfg["weights"].get(name),
                                  rebuild=ctx.rebuild_cache, data_root=ctx.data_root)

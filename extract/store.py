@@ -101,12 +101,20 @@ class Index:
         return [k for k in dict.fromkeys(wanted) if k not in self.rows]
 
     def row_costs(self, wanted) -> np.ndarray:
-        """Compute seconds of each of ``wanted``: its share of the pass time of the segment holding it."""
-        return np.array([self.seconds[p] / self.sizes[p] for p, _, _ in (self.rows[k] for k in wanted)], np.float64)
+        """Compute seconds of each of ``wanted``: its share of the pass time of the segment holding it; a key
+        asked for again (the same image content twice) costs nothing the second time."""
+        seen: set = set()
+        costs = np.zeros(len(wanted), np.float64)
+        for i, key in enumerate(wanted):
+            if key not in seen:
+                seen.add(key)
+                seg = self.rows[key][0]
+                costs[i] = self.seconds[seg] / self.sizes[seg]
+        return costs
 
     def cost_s(self, wanted) -> float:
         """Compute seconds of the distinct rows in ``wanted``."""
-        return float(self.row_costs(list(dict.fromkeys(wanted))).sum())
+        return float(self.row_costs(wanted).sum())
 
 
 class Store:

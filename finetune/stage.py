@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def run(ctx) -> None:
-    from extract.stage import finetune_views, pass_settings, store_root
+    from extract.stage import finetune_views, pass_settings
 
     distributed.init_from_env()  # under torchrun: DDP over the ranks; alone: a no-op
     device = distributed.device_for_rank(ctx.device)
@@ -33,7 +33,7 @@ def run(ctx) -> None:
             log.warning("finetune: skipping %s: %s", name, exc)
             continue
         # The store the extract stage filled; its settings are the ones that made the rows.
-        store = StoreAccess(root=store_root(ctx), settings=pass_settings(ecfg, device=ctx.device),
+        store = StoreAccess(root=ctx.store_dir, settings=pass_settings(ecfg, device=ctx.device),
                             view_seed=ecfg["view_seed"], weights_file=weights.get(name))
         for policy in hp["policies"]:
             try:

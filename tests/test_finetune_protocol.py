@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dataset.manifest import read_manifest
-from extract.backbones import load_backbone
 from extract.engine import PassSettings, plan_layers
 from finetune import train as train_mod
 from finetune.config import GRID_AXES
@@ -69,11 +68,6 @@ def test_choice_ties_break_on_val_loss_then_the_earlier_point():
 
 
 @pytest.fixture(scope="module")
-def lite0():
-    return load_backbone("efficientnet_lite0")
-
-
-@pytest.fixture(scope="module")
 def hp():
     hp = load_config()["finetune"]
     hp.update(epochs=3, views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
@@ -103,29 +97,25 @@ class Spy:
     def install(self, mp):
         from extract.store import Store
 
-        spy, read, fit, fit_fixed = self, Store.read, train_mod.Trainer.fit, train_mod.Trainer.fit_fixed
+        spy, read = self, Store.read
 
         def spy_read(store, wanted, *a, **k):
             out = read(store, wanted, *a, **k)
             spy.events.append(("read", {(spy.split_of[sha], view.startswith("aug:")) for sha, view in wanted}))
             return out
 
-        def spy_fit(trainer, *a, **k):
-            start = trainer.net.head_state()
-            result = fit(trainer, *a, **k)
-            spy.events.append(("fit", tuple(trainer.net.suffix_names), start, trainer.net.head_state(),
-                               trainer.ckpt_dir))
-            return result
+        def spy_training(event: str, real):
+            def run(trainer, *a, **k):
+                start = trainer.net.head_state()
+                result = real(trainer, *a, **k)
+                spy.events.append((event, tuple(trainer.net.suffix_names), start, trainer.net.head_state(),
+                                   trainer.ckpt_dir))
+                return result
+            return run
 
-        def spy_fit_fixed(trainer, *a, **k):
-            start = trainer.net.head_state()
-            result = fit_fixed(trainer, *a, **k)
-            spy.events.append(("refit", tuple(trainer.net.suffix_names), start, trainer.net.head_state(),
-                               trainer.ckpt_dir))
-            return result
         mp.setattr(Store, "read", spy_read)
-        mp.setattr(train_mod.Trainer, "fit", spy_fit)
-        mp.setattr(train_mod.Trainer, "fit_fixed", spy_fit_fixed)
+        mp.setattr(train_mod.Trainer, "fit", spy_training("fit", train_mod.Trainer.fit))
+        mp.setattr(train_mod.Trainer, "fit_fixed", spy_training("refit", train_mod.Trainer.fit_fixed))
 
 
 @pytest.fixture(scope="module")

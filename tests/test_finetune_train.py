@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dataset.manifest import read_manifest
-from extract.backbones import load_backbone
 from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
 from finetune.data import split_rows
 from finetune.experiment import StoreAccess, run_finetune
@@ -19,11 +18,6 @@ from finetune.prefix_cache import load_prefix
 from finetune.train import CachedSource, ImageSource, Trainer
 from study.config import load_config
 from study.results import check_row
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    return load_backbone("efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")
