@@ -22,7 +22,8 @@ _POWER_LIST = list_of(float_range(0.01, 1.0), min_len=1)
 
 SCHEMA = {
     "heads": Field(["lr", "svm", "knn"], list_of(one_of("lr", "svm", "knn"), min_len=1)),
-    "feature_sets": Field(["clean", "aug"], list_of(one_of("clean", "aug"), min_len=1)),
+    # "stages": the pooled outputs of a backbone's last two stages side by side (classify/stages.py).
+    "feature_sets": Field(["clean", "aug"], list_of(one_of("clean", "aug", "stages"), min_len=1)),
     # Fused feature sets: each entry names backbones (of extract.backbones) whose pooled features are
     # concatenated into one more feature set, "fused:a+b", offered to every head and chosen on val.
     "fusions": Field([], list_of(list_of(is_str, min_len=2)), "e.g. [[\"efficientnet_lite0\", \"efficientnet_lite2\"]]"),

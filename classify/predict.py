@@ -41,10 +41,13 @@ class Prediction:
 
 
 def refuse_fused(meta: dict, *, head_dir: Path) -> None:
-    """A head on fused features needs every part's backbone; predict embeds with one."""
+    """A head on fused features needs every part's backbone, one on 'stages' an inner layer; predict embeds
+    images with one backbone's pooled output."""
     if meta.get("backbone_spec") is None:
-        raise HeadMismatch(f"head {head_dir} was trained on fused features ({meta['backbone']}): predict embeds "
-                           "images with one backbone; use a head of a single backbone from the same run")
+        what = "the 'stages' feature set (pooled + an inner stage)" if meta.get("feature_set") == "stages" \
+            else f"fused features ({meta['backbone']})"
+        raise HeadMismatch(f"head {head_dir} was trained on {what}: predict embeds images with one backbone's "
+                           "pooled output; use a 'clean' or 'aug' head of a single backbone from the same run")
 
 
 def check_backbone(meta: dict, backbone, *, head_dir: Path) -> None:

@@ -35,9 +35,16 @@ def finetune_views(config: dict) -> int:
 
 
 def cut_policies(config: dict) -> list[str]:
-    """The fine-tune policies whose cut activations the pass stores (none when fine-tuning reads images)."""
+    """The policies whose cut activations the pass stores: the fine-tunes' (none when they read images) and the
+    ``last:1`` cut the heads' ``stages`` feature set pools."""
+    from classify.stages import CUT, STAGES
+
     ft = config["finetune"]
-    return list(ft["policies"]) if ft["prefix_cache"] else []
+    policies = list(ft["policies"]) if ft["prefix_cache"] else []
+    # The heads' 'stages' feature set pools the last:1 cut: the same pass stores it.
+    if STAGES in config["classify"]["feature_sets"] and CUT not in policies:
+        policies.append(CUT)
+    return policies
 
 
 def requests_of(config: dict, manifest) -> list[tuple[int, int]]:

@@ -1,0 +1,47 @@
+"""Richer features from one backbone: the pooled outputs of its last two stages, side by side.
+
+The ``stages`` feature set of a backbone is, per clean (and test-time) view, its pooled pre-logits
+concatenated with the global average of the activations its last stage starts from — the ``last:1``
+cut, which the shared pass already stores for fine-tuning (``extract.engine.plan_layers``), so the set
+costs no forward of its own: one pass made both parts, and its cost is the pooled rows' cost. Earlier
+stages see smaller, less class-specific patterns (Yosinski et al. 2014); whether that helps a linear
+head here is for val to say: the set is offered to every head and chosen on val like any other.
+
+Rows are those of the ``clean`` feature set (view 0 and its test-time views; no augmented views), in
+the same order, so ``classify.features.head_data(..., feature_set="clean")`` reads it as it reads
+clean features. Its key is the hash of both parts' content identities.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from extract.cache import FeatureSet, load_feature_set
+from extract.store import Store
+from study.hashing import spec_hash
+
+STAGES = "stages"
+CUT = "last:1"  # the store layer whose activations are pooled: the input of the backbone's last stage
+_CHUNK = 4096  # rows read and averaged at a time: a cut row is tens of KiB
+
+
+def load_stages_set(pooled: Store, cut: Store, *, manifest, tta: str, policy: str, view_seed: int) -> FeatureSet:
+    """The ``stages`` set of ``manifest``'s images: [pooled | spatial mean of the cut] per clean/test-time view."""
+    from extract.engine import store_keys, study_requests
+
+    base = load_feature_set(pooled, manifest=manifest, views=0, tta=tta, policy=policy, view_seed=view_seed)
+    keys = store_keys(manifest, study_requests(manifest, views=0, tta=tta), policy=policy, view_seed=view_seed)
+    index = cut.index()
+    dtype = np.dtype(cut.spec["storage_dtype"])
+    parts = []
+    for start in range(0, len(keys), _CHUNK):
+        acts = cut.read(keys[start:start + _CHUNK], index, dtype=dtype)
+        # (n, C, H, W) -> (n, C): the global average pool the network itself applies after its last stage.
+        parts.append(acts.reshape(len(acts), acts.shape[1], -1).astype(np.float32).mean(axis=2))
+    pooled_cut = np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
+    if len(pooled_cut) != len(base.features):
+        raise ValueError(f"{cut.dir}: {len(pooled_cut)} cut rows for {len(base.features)} pooled rows")
+    spec = {**base.spec, "stages": {"cut": cut.key, "layer": cut.spec["layer"], "reduce": "mean"}}
+    return FeatureSet(features=np.concatenate([base.features, pooled_cut], axis=1), labels=base.labels,
+                      sample_id=base.sample_id, view=base.view, spec=spec,
+                      key=spec_hash({"stages": [base.key, cut.identity(keys, index)]}), path=base.path,
+                      split=base.split, extract_s=base.extract_s, row_cost_s=base.row_cost_s)
