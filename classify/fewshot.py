@@ -1,10 +1,12 @@
-"""Few-shot curve: LR refit on k labelled images per class, scored on the same clean test set.
+"""Few-shot curve: the val-chosen head refit on k labelled images per class, scored on the same clean test set.
 
-The hyperparameters (normalisation, PCA, C) are the ones the full-data LR head chose on val; they
-are not re-selected per k (with k = 1 there would be nothing left to select on). Because nothing is
-selected, val is free to join the pool the k images are drawn from (``classify.fewshot.pool``),
-which makes k = 30 Caltech's standard 30-per-class protocol. Draws are seeded (seed, seed+1, ...)
-and sample images, not views: all clean view-0 rows.
+The head (method, hyperparameters, feature set) is the one the full-data protocol chose on val over
+every backbone and feature set; its settings are not re-selected per k (with k = 1 there would be
+nothing left to select on). Because nothing is selected, val is free to join the pool the k images
+are drawn from (``classify.fewshot.pool``), which makes k = 30 Caltech's standard 30-per-class
+protocol. Draws are seeded (seed, seed+1, ...) and sample images, not views: a drawn image brings
+the rows its feature set fits on (its augmented views too, for ``aug``). The fine-tune arm draws
+the same images with the same seeds (``draw_indices``), see finetune/fewshot.py.
 """
 from __future__ import annotations
 
@@ -29,37 +31,49 @@ class FewShotFit:
     model: object
 
 
-def draw_per_class(rows: Rows, *, k: int, seed: int) -> np.ndarray:
-    """Indices of ``k`` rows of every class, drawn without replacement with a seeded generator."""
+def draw_indices(labels: np.ndarray, *, k: int, seed: int) -> np.ndarray:
+    """Positions of ``k`` items of every class in ``labels``, drawn without replacement with a seeded generator.
+    Both arms draw through this on the same candidates in the same (manifest) order, so a draw seed gives
+    the head and the fine-tune the same images."""
     rng = np.random.default_rng(seed)
     picks = []
-    for label in np.unique(rows.y):
-        members = np.flatnonzero(rows.y == label)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
         if len(members) < k:
             raise ValueError(f"few-shot k={k}: class {label} has only {len(members)} images in the pool")
         picks.append(np.sort(rng.choice(members, size=k, replace=False)))
     return np.concatenate(picks)
 
 
-def fewshot_pool(clean: HeadData, *, pool: str) -> Rows:
-    """The labelled images to draw from, from the ``clean`` feature set's rows (one row per image)."""
-    if len(np.unique(clean.train.sample_id)) != len(clean.train):
-        raise ValueError("few-shot draws images: pass the 'clean' feature set's HeadData (one row per image)")
-    return concat(clean.train, clean.val) if pool == "train+val" else clean.train
+def draw_per_class(rows: Rows, *, k: int, seed: int) -> np.ndarray:
+    """Indices of every row of ``k`` images of every class (an image's augmented views come with it)."""
+    ids, first = np.unique(rows.sample_id, return_index=True)
+    first = np.sort(first)  # images in the order they first appear: manifest order, train then val
+    picked = rows.sample_id[first[draw_indices(rows.y[first], k=k, seed=seed)]]
+    return np.flatnonzero(np.isin(rows.sample_id, picked))
+
+
+def fewshot_pool(data: HeadData, *, pool: str) -> Rows:
+    """The labelled rows to draw images from: train (and val's, for ``train+val``) rows of the feature set
+    the head fits on (``clean``: one per image; ``aug``: each image with its augmented views)."""
+    return concat(data.train, data.val_fit) if pool == "train+val" else data.train
 
 
 def max_k(pool: Rows) -> int:
-    return int(np.bincount(pool.y)[np.unique(pool.y)].min())
+    ids, first = np.unique(pool.sample_id, return_index=True)
+    labels = pool.y[first]
+    return int(np.bincount(labels)[np.unique(labels)].min())
 
 
-def fit_fewshot(point: dict, *, pool: Rows, test: Rows, k: int, seed: int, head_cfg: dict,
+def fit_fewshot(point: dict, *, method: str = "lr", pool: Rows, test: Rows, k: int, seed: int, head_cfg: dict,
                 n_classes: int) -> FewShotFit:
     t0 = time.perf_counter()
     rows = pool.take(draw_per_class(pool, k=k, seed=seed))
-    model = refit("lr", point, rows=rows, seed=seed, head_cfg=head_cfg)
+    model = refit(method, point, rows=rows, seed=seed, head_cfg=head_cfg)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores = class_scores(model, test.X, n_classes=n_classes)
     pred = model.predict(test.X)
-    return FewShotFit(k_per_class=k, seed=seed, n_train=len(rows), test_pred=np.asarray(pred, dtype=np.int64),
+    n_images = len(np.unique(rows.sample_id))
+    return FewShotFit(k_per_class=k, seed=seed, n_train=n_images, test_pred=np.asarray(pred, dtype=np.int64),
                       test_scores=scores, train_s=train_s, predict_s=time.perf_counter() - t1, model=model)

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from classify import selection
-from classify.features import head_data
+from classify.features import FEATURE_SETS, head_data
 from classify.fewshot import fewshot_pool, fit_fewshot, max_k
 from classify.heads import blas_threads, count_parameters, head_grid
 from classify.metrics import evaluate
@@ -27,10 +27,10 @@ from classify.store import cached_rows, head_key, save_head, save_rows
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from study.atomic import file_lock
 from study.provenance import git_sha
-from study.results import append_rows, append_skip
+from study.results import append_rows, append_skip, val_best
 
 if TYPE_CHECKING:
-    from extract.cache import FeatureSet
+    from extract.cache import FeatureSet  # noqa: F401 (annotations)
 
 log = logging.getLogger("study.classify")
 
@@ -49,11 +49,52 @@ def run(ctx) -> None:
         loaded[entry["backbone"]] = load_feature_set(
             Store.open(Path(ctx.out_dir) / entry["store"]), manifest=manifest, views=ecfg["views"], tta=ecfg["tta"],
             policy=ecfg["policy"], view_seed=ecfg["view_seed"])
+    extra = {e["backbone"]: _stages_set(e, cfg=cfg, ecfg=ecfg, manifest=manifest, ctx=ctx) for e in entries}
+    candidates = []  # (head row, the FeatureSet it read)
     for backbone, fs in [*loaded.items(), *_fused_sets(cfg["fusions"], loaded, run_dir=ctx.run_dir)]:
+        sets = {"clean": fs, "aug": fs, **(extra.get(backbone) or {})}
         with blas_threads(cfg["blas_threads"]):
             rows = classify_features(fs, backbone=backbone, manifest=manifest, cfg=cfg, seed=ctx.seed,
-                                     heads_dir=ctx.heads_dir, run_dir=ctx.run_dir)
+                                     heads_dir=ctx.heads_dir, run_dir=ctx.run_dir, extra=extra.get(backbone) or {})
+        candidates += [(r, sets[r["feature_set"]]) for r in rows if r["kind"] == "head"]
         log.info("classify %s: %d rows appended to %s", backbone, len(rows), ctx.results_path)
+    if cfg["fewshot"]["k"] and candidates:
+        with blas_threads(cfg["blas_threads"]):
+            _chosen_fewshot(candidates, manifest=manifest, cfg=cfg, ctx=ctx)
+
+
+def _chosen_fewshot(candidates: list[tuple[dict, FeatureSet]], *, manifest, cfg: dict, ctx) -> None:
+    """The few-shot curve of the arm's val-chosen head (over every backbone, fused set, head and feature set
+    of this split seed): its method, settings and feature set refit on k images per class."""
+    best = val_best([r for r, _ in candidates])
+    row, fs = next((r, f) for r, f in candidates if r is best)
+    data = head_data(fs, manifest, feature_set="aug" if row["feature_set"] == "aug" else "clean")
+    job = HeadJob(backbone=row["backbone"], fs=fs, seed=ctx.seed, n_boot=cfg["bootstrap"],
+                  class_names=tuple(class_names(manifest)), manifest_hash=manifest_hash(manifest))
+    log.info("few-shot curve of the val-chosen head: %s %s (%s), val %.4f", row["backbone"], row["method"],
+             row["feature_set"], row["val_mean_per_class"])
+    rows = cached_fewshot(row["hyperparams"], method=row["method"], feature_set=row["feature_set"], data=data,
+                          fewshot_cfg=cfg["fewshot"], head_cfg=cfg[row["method"]], heads_dir=ctx.heads_dir,
+                          run_dir=ctx.run_dir, job=job)
+    append_rows(Path(ctx.run_dir) / "results.jsonl", rows)
+
+
+def _stages_set(entry: dict, *, cfg: dict, ecfg: dict, manifest, ctx) -> dict:
+    """{"stages": the backbone's stages feature set} when the config asks for it and its cut is stored."""
+    from classify.stages import CUT, STAGES, load_stages_set
+    from extract.store import Store
+
+    if STAGES not in cfg["feature_sets"]:
+        return {}
+    cut = entry.get("layers", {}).get(CUT)
+    if cut is None:  # a backbone without a block list has no cut to pool
+        append_skip(ctx.run_dir, stage="classify", what=f"{entry['backbone']} {STAGES}",
+                    reason=f"the store holds no {CUT} cut for this backbone",
+                    fix="drop 'stages' from classify.feature_sets")
+        return {}
+    out = Path(ctx.out_dir)
+    return {STAGES: load_stages_set(Store.open(out / entry["store"]), Store.open(out / cut), manifest=manifest,
+                                    tta=ecfg["tta"], policy=ecfg["policy"], view_seed=ecfg["view_seed"])}
 
 
 def _fused_sets(fusions: list[list[str]], loaded: dict, *, run_dir: Path) -> list[tuple]:
@@ -91,34 +132,31 @@ def read_features_index(run_dir: Path) -> list[dict]:
 
 
 def classify_features(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, seed: int, heads_dir: Path,
-                      run_dir: Path) -> list[dict]:
+                      run_dir: Path, extra: dict | None = None) -> list[dict]:
     """All heads and feature sets (then the few-shot curve) for one feature cache; rows are appended
-    to ``run_dir/results.jsonl`` as each head finishes, so an interrupted stage loses at most one head."""
+    to ``run_dir/results.jsonl`` as each head finishes, so an interrupted stage loses at most one head.
+    ``extra`` maps a feature set name to its own FeatureSet (``stages``), read like ``clean``."""
+    extra = extra or {}
     job = HeadJob(backbone=backbone, fs=fs, seed=seed, n_boot=cfg["bootstrap"],
                   class_names=tuple(class_names(manifest)), manifest_hash=manifest_hash(manifest))
-    all_rows, chosen_lr, datasets = [], {}, {}
-    tasks = [(fset, method) for fset in cfg["feature_sets"] for method in cfg["heads"]]
+    all_rows, datasets = [], {}
+    # A set with a FeatureSet of its own exists for single backbones only (a fused set has no 'stages').
+    names = [f for f in cfg["feature_sets"] if f in extra or f in FEATURE_SETS]
+    tasks = [(fset, method) for fset in names for method in cfg["heads"]]
     for feature_set, method in tqdm(tasks, desc=f"heads {backbone}", unit="head"):
+        set_job = dataclasses.replace(job, fs=extra[feature_set]) if feature_set in extra else job
         try:
             # Built once per feature set: it copies the features (and averages the mirror views in).
             if feature_set not in datasets:
-                datasets[feature_set] = head_data(fs, manifest, feature_set=feature_set)
+                datasets[feature_set] = head_data(set_job.fs, manifest,
+                                                  feature_set="clean" if feature_set in extra else feature_set)
             data = datasets[feature_set]
         except ValueError as exc:
             append_skip(run_dir, stage="classify", what=f"{backbone} {method} {feature_set}", reason=str(exc),
                         fix="set extract.views >= 1, or drop 'aug' from classify.feature_sets")
             continue
         rows = cached_head(method, feature_set=feature_set, data=data, head_cfg=cfg[method], heads_dir=heads_dir,
-                           job=job)
-        append_rows(Path(run_dir) / "results.jsonl", rows)
-        all_rows += rows
-        if method == "lr":
-            chosen_lr[feature_set] = rows[0]["hyperparams"]
-    if cfg["fewshot"]["k"] and chosen_lr:
-        params = chosen_lr.get("clean") or next(iter(chosen_lr.values()))
-        clean = datasets.get("clean") or head_data(fs, manifest, feature_set="clean")
-        rows = cached_fewshot(params, data=clean, fewshot_cfg=cfg["fewshot"],
-                              head_cfg=cfg["lr"], heads_dir=heads_dir, run_dir=run_dir, job=job)
+                           job=set_job)
         append_rows(Path(run_dir) / "results.jsonl", rows)
         all_rows += rows
     return all_rows
@@ -164,18 +202,18 @@ def _fit_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict, 
     return [row]
 
 
-def cached_fewshot(params: dict, *, data: HeadData, fewshot_cfg: dict, head_cfg: dict, heads_dir: Path, run_dir: Path,
-                   job: HeadJob) -> list:
+def cached_fewshot(params: dict, *, method: str, feature_set: str, data: HeadData, fewshot_cfg: dict, head_cfg: dict,
+                   heads_dir: Path, run_dir: Path, job: HeadJob) -> list:
     seed = job.seed
-    settings = {"lr": head_cfg, "chosen": params, "fewshot": fewshot_cfg}
-    head_dir = Path(heads_dir) / head_key(features_key=job.fs.key, kind="fewshot", method="lr", feature_set="clean",
-                                          settings=settings, seed=seed, n_boot=job.n_boot)
+    settings = {method: head_cfg, "chosen": params, "fewshot": fewshot_cfg}
+    head_dir = Path(heads_dir) / head_key(features_key=job.fs.key, kind="fewshot", method=method,
+                                          feature_set=feature_set, settings=settings, seed=seed, n_boot=job.n_boot)
     rows = cached_rows(head_dir)
     if rows is not None:
         return rows
     pool = fewshot_pool(data, pool=fewshot_cfg["pool"])
     rows, largest = [], max_k(pool)
-    for k in tqdm(fewshot_cfg["k"], desc=f"few-shot {job.backbone}", unit="k"):
+    for k in tqdm(fewshot_cfg["k"], desc=f"few-shot {job.backbone} {method}", unit="k"):
         if k > largest:
             append_skip(run_dir, stage="classify", what=f"{job.backbone} few-shot k={k}",
                         reason=f"the smallest class has {largest} images in the '{fewshot_cfg['pool']}' pool",
@@ -183,11 +221,12 @@ def cached_fewshot(params: dict, *, data: HeadData, fewshot_cfg: dict, head_cfg:
                                                           if fewshot_cfg["pool"] == "train" else ""))
             continue
         for draw_seed in range(seed, seed + fewshot_cfg["seeds"]):
-            fit = fit_fewshot(params, pool=pool, test=data.test, k=k, seed=draw_seed, head_cfg=head_cfg,
-                              n_classes=len(job.class_names))
-            row = result_row(kind="fewshot", method="lr", feature_set="clean", data=data, test_pred=fit.test_pred,
-                             test_scores=fit.test_scores, hyperparams=params, train_s=fit.train_s,
-                             predict_s=fit.predict_s, model=fit.model, job=dataclasses.replace(job, seed=draw_seed))
+            fit = fit_fewshot(params, method=method, pool=pool, test=data.test, k=k, seed=draw_seed,
+                              head_cfg=head_cfg, n_classes=len(job.class_names))
+            row = result_row(kind="fewshot", method=method, feature_set=feature_set, data=data,
+                             test_pred=fit.test_pred, test_scores=fit.test_scores, hyperparams=params,
+                             train_s=fit.train_s, predict_s=fit.predict_s, model=fit.model,
+                             job=dataclasses.replace(job, seed=draw_seed))
             row["split_seed"] = seed  # `seed` is the draw's; the split it drew from is this one
             rows.append({**row, "k_per_class": k, "n_train": fit.n_train, "n_val": 0, "n_fit_rows": fit.n_train,
                          "fewshot_pool": fewshot_cfg["pool"], "fit_on": fewshot_cfg["pool"]})
@@ -230,7 +269,8 @@ def rows_read(fs, feature_set: str) -> np.ndarray:
 def head_meta(row: dict, job: HeadJob) -> dict:
     """What predict needs beside the fitted pipeline: which backbone made its features, and its classes."""
     fs = job.fs
-    fused = "fused" in fs.spec  # no one backbone made these features: predict refuses such a head
+    # No one backbone's pooled output made these features: predict refuses such a head.
+    fused = "fused" in fs.spec or "stages" in fs.spec
     return {"backbone": job.backbone,
             "backbone_spec": None if fused else backbone_spec_of(fs.spec, job.backbone),
             "features_spec": fs.spec, "cache_key": fs.key, "class_names": list(job.class_names),

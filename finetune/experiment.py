@@ -114,13 +114,19 @@ class _Rows:
             if len(pos) == 0:
                 raise ValueError(f"the manifest has no '{s}' rows; fine-tuning needs train, val and test splits")
         self.positions["train+val"] = np.concatenate([self.positions["train"], self.positions["val"]])
+        self.train_parts = {"train", "train+val"}  # parts read with their augmented views, one drawn per epoch
         self._memo: dict = {}
+
+    def add_train_part(self, name: str, positions: np.ndarray) -> None:
+        """A subset of images to train on (a few-shot draw), read like ``train``."""
+        self.positions[name] = np.asarray(positions, dtype=np.int64)
+        self.train_parts.add(name)
 
     def cached(self, policy: str) -> bool:
         return policy in self.stores
 
     def views(self, part: str) -> list[int]:
-        return part_views(part, views=self.hp["views"], tta=self.hp["tta"])
+        return part_views("train" if part in self.train_parts else part, views=self.hp["views"], tta=self.hp["tta"])
 
     def keys(self, part: str) -> list[tuple[str, str]]:
         requests = [(int(m), v) for m in self.positions[part] for v in self.views(part)]
@@ -146,7 +152,7 @@ class _Rows:
         if (policy, part) in self._memo:
             return self._memo[(policy, part)]
         labels = torch.tensor(self.manifest["label"].to_numpy(np.int64)[self.positions[part]])
-        train = part in ("train", "train+val")
+        train = part in self.train_parts
         if self.cached(policy):
             acts = read_acts(self.stores[policy], self.keys(part), n_views=len(self.views(part)),
                              index=self._index(policy))
@@ -208,7 +214,7 @@ class _Experiment:
         hp.pop("n_boot")  # test bootstrap only
         if policy == "head":
             hp.pop("backbone_lr_mult")  # no trunk trains
-        parts = ("train", "val") if fit_on == "train" else ("train+val",)
+        parts = ("train", "val") if fit_on == "train" else (fit_on,)
         return {**self.base, "unit": "fit", "policy": policy, "hyperparams": hp, "fit_on": fit_on, "epochs": epochs,
                 "init": init, "path": "prefix_cache" if self.rows.cached(policy) else "naive",
                 "inputs": self.rows.identity(policy, parts)}
@@ -242,7 +248,7 @@ class _Experiment:
                 result = trainer.fit(self.rows.source(policy, "train"), self.rows.source(policy, "val"),
                                      on_epoch_end=self.on_epoch_end)
             else:
-                result = trainer.fit_fixed(self.rows.source(policy, "train+val"), epochs=epochs,
+                result = trainer.fit_fixed(self.rows.source(policy, fit_on), epochs=epochs,
                                            on_epoch_end=self.on_epoch_end)
         self._fits[key] = fit = _Fit(key=key, policy=policy, params=params, result=result, trainer=trainer)
         return fit

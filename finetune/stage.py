@@ -11,7 +11,7 @@ from extract.backbones import WeightsUnavailable, load_backbone
 from finetune.experiment import StoreAccess, run_finetune
 from finetune.model import PolicyNotApplicable
 from study import distributed
-from study.results import append_rows, append_skip
+from study.results import append_rows, append_skip, val_best
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def run(ctx) -> None:
     hp = {**ctx.config["finetune"], "views": finetune_views(ctx.config)}
     ecfg = ctx.config["extract"]
     weights = ecfg.get("weights", {})
+    done = []  # (row, backbone, store access) of every finished fine-tune of this split seed
     for name in ecfg["backbones"]:
         try:
             backbone = load_backbone(name, weights_file=weights.get(name))
@@ -48,3 +49,26 @@ def run(ctx) -> None:
                 continue
             if rows:
                 append_rows(ctx.results_path, rows)
+                done += [(r, backbone, store) for r in rows]
+    if hp["fewshot_draws"] and ctx.config["classify"]["fewshot"]["k"]:
+        _chosen_fewshot(done, ctx=ctx, hp=hp, device=device)
+
+
+def _chosen_fewshot(done: list, *, ctx, hp: dict, device: str) -> None:
+    """The few-shot curve of this seed's val-chosen fine-tune (over every backbone and policy)."""
+    from finetune.fewshot import run_fewshot
+
+    best = val_best([r for r, _, _ in done]) if done else None
+    choice = distributed.broadcast_object(None if best is None else next(i for i, d in enumerate(done) if d[0] is best)
+                                          if distributed.is_main() else None)
+    if choice is None:
+        return
+    row, backbone, store = done[choice]
+    few = ctx.config["classify"]["fewshot"]
+    log.info("few-shot curve of the val-chosen fine-tune: %s %s, val %.4f", row["backbone"], row["method"],
+             row["val_mean_per_class"])
+    rows = run_fewshot(backbone=backbone, row=row, manifest_path=ctx.manifest_path, data_root=ctx.data_root, hp=hp,
+                       seed=ctx.seed, device=device, finetune_dir=ctx.finetune_dir, store=store, ks=few["k"],
+                       draws=hp["fewshot_draws"], pool=few["pool"])
+    if rows:
+        append_rows(ctx.results_path, rows)

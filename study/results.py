@@ -193,8 +193,11 @@ class ResultRow:
 
     @property
     def arm(self) -> str:
-        """head | finetune: few-shot rows are heads fit on k images per class."""
-        return "finetune" if self.kind == "finetune" else "head"
+        """head | finetune: the arm that made the row. Few-shot rows belong to the arm whose chosen variant
+        was refit on k images per class: the fine-tune's are ``method = "ft:<policy>"``, the rest are heads."""
+        if self.kind == "finetune" or (self.kind == "fewshot" and self.method.startswith("ft:")):
+            return "finetune"
+        return "head"
 
     @property
     def n_variants(self) -> int:
@@ -225,6 +228,18 @@ class ResultRow:
             n_test=int(row["n_test"]), class_names=tuple(row.get("class_names") or ()),
             cache_key=row["cache_key"], manifest_hash=row["manifest_hash"], git_sha=row.get("git_sha"),
         )
+
+
+def val_best(rows: list[dict]) -> dict:
+    """The val-chosen row among ``rows``: the report's rule (reports/collect.py) — the best val score, then
+    the lower val log-loss (unknown counts as worst), then the earlier row."""
+    typed = [ResultRow.from_dict(r, index=i) for i, r in enumerate(rows)]
+    best = min(typed, key=lambda t: (-_or_neg_inf(t.val_mean_per_class), _or_inf(t.val_log_loss), t.index))
+    return rows[best.index]
+
+
+def _or_neg_inf(x: float | None) -> float:
+    return -math.inf if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 def read_results(path: str | Path) -> list[ResultRow]:

@@ -10,7 +10,7 @@ import classify.selection
 import classify.stage
 from classify.store import load_head
 from study.context import StudyContext
-from study.results import REQUIRED_KEYS, read_rows, read_skips
+from study.results import REQUIRED_KEYS, read_rows, read_skips, val_best
 from tests.classify_fixtures import EXTRACT_CONFIG, small_classify_config, tiny_lite0_features
 
 pytestmark = pytest.mark.needs_data
@@ -71,16 +71,39 @@ def test_each_head_is_charged_the_stored_rows_it_read(first_run, features):
     assert 0 < cost["clean"] < cost["aug"]
 
 
-def test_fewshot_rows_have_k_draws_and_counts(first_run):
+def test_fewshot_rows_are_the_val_chosen_heads_with_k_draws_and_counts(first_run):
     ctx, rows = first_run
     few = [r for r in rows if r["kind"] == "fewshot"]
+    chosen = val_best([r for r in rows if r["kind"] == "head"])
     # k = 1, 3, 8 fit (8 images per class in train+val), 2 seeds each; k = 9 is a recorded skip.
     assert sorted((r["k_per_class"], r["seed"]) for r in few) == [(k, s) for k in (1, 3, 8) for s in (0, 1)]
     for r in few:
-        assert r["n_train"] == 4 * r["k_per_class"] and r["n_test"] == 16 and r["method"] == "lr"
+        assert r["n_train"] == 4 * r["k_per_class"] and r["n_test"] == 16
+        assert (r["method"], r["feature_set"], r["hyperparams"]) == (
+            chosen["method"], chosen["feature_set"], chosen["hyperparams"])
     draws = {r["seed"]: r["test_pred"] for r in few if r["k_per_class"] == 1}
     assert len(draws) == 2
     assert any("k=9" in s["what"] for s in read_skips(ctx.run_dir))
+
+
+def test_a_fewshot_draw_of_an_aug_head_brings_each_images_views_and_both_arms_draw_the_same_images(
+        features, tiny_manifest):
+    from classify.features import head_data
+    from classify.fewshot import draw_indices, draw_per_class, fewshot_pool
+    from dataset.manifest import read_manifest
+
+    manifest = read_manifest(tiny_manifest)
+    aug, clean = (fewshot_pool(head_data(features, manifest, feature_set=f), pool="train+val")
+                  for f in ("aug", "clean"))
+    picked = aug.take(draw_per_class(aug, k=3, seed=5))
+    assert len(np.unique(picked.sample_id)) == 12 and len(picked) == 24  # 3 images x 4 classes, view 0 + 1 view
+    assert set(clean.take(draw_per_class(clean, k=3, seed=5)).sample_id) == set(picked.sample_id)
+    # The fine-tune arm draws from the manifest's train+val positions in manifest order: the same images.
+    split = manifest["split"].to_numpy()
+    positions = np.concatenate([np.flatnonzero(split == "train"), np.flatnonzero(split == "val")])
+    ft = manifest["sample_id"].to_numpy()[positions[draw_indices(manifest["label"].to_numpy()[positions], k=3, seed=5)]]
+    assert set(ft) == set(picked.sample_id)
+    assert set(clean.take(draw_per_class(clean, k=3, seed=6)).sample_id) != set(picked.sample_id)
 
 
 def test_saved_head_reloads_and_reproduces_its_test_predictions(first_run, features, tiny_manifest):
@@ -123,7 +146,14 @@ def test_changing_one_heads_settings_refits_only_that_head(first_run, tiny_manif
     same = lambda r: (r["method"], r["feature_set"], r["kind"], r["k_per_class"], r["seed"])  # noqa: E731
     old = {same(r): r for r in rows}
     for r in new:
-        assert (r == old[same(r)]) == (r["method"] != "knn" or r["kind"] == "fewshot")
+        if r["kind"] == "head":
+            assert (r == old[same(r)]) == (r["method"] != "knn")
+    # The few-shot curve is the val-chosen head's: refit when (and only when) that head changed.
+    chosen_before = val_best([r for r in rows if r["kind"] == "head"])
+    chosen_now = val_best([r for r in new if r["kind"] == "head"])
+    few_now = [r for r in new if r["kind"] == "fewshot"]
+    assert all(r["method"] == chosen_now["method"] for r in few_now)
+    assert (few_now == [r for r in rows if r["kind"] == "fewshot"]) == (chosen_now == chosen_before)
 
 
 def test_rows_are_deterministic_apart_from_wall_time(first_run, tiny_manifest, features, tmp_path):

@@ -1,0 +1,136 @@
+"""The fine-tune arm's few-shot curve: the val-chosen fine-tune retrained on k images per class.
+
+The recipe (backbone, policy, grid point) is the one the full-data protocol chose on val for this split
+seed; nothing is re-selected per k. The k images per class are drawn exactly as the head arm draws them
+(``classify.fewshot.draw_indices`` over the train+val pool in manifest order, same draw seeds), so at
+each (k, draw) both arms see the same labelled images. A fit on fewer images keeps the chosen refit's
+training length in *optimizer steps*: its epochs (and the schedule's total and warm-up epochs) are
+scaled by (train+val images) / (k x classes), rounded up, so a 1-shot fit is not starved of updates
+relative to the 30-shot one, and costs about as much as the refit did. Test is read once per fit.
+
+Rows are ``kind = "fewshot"`` with ``method = "ft:<policy>"``; a finished curve is cached in
+``finetune_dir/fewshot-<key>/rows.json`` and re-appended without training on a rerun.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classify.fewshot import draw_indices
+from classify.metrics import evaluate
+from dataset.manifest import class_names, manifest_hash, read_manifest
+from dataset.transforms import policy_spec
+from extract.store import FORMAT_VERSION, library_versions
+from finetune.experiment import FIT_FORMAT, _Experiment, _Rows, _stores, choose, phase_params, run_spec
+from finetune.model import build_split_net, count_params
+from finetune.unfreeze import parse_policy
+from study import distributed
+from study.atomic import write_text_atomic
+from study.hashing import spec_hash
+from study.precision import resolve_precision
+from study.provenance import git_sha
+
+log = logging.getLogger(__name__)
+
+
+def chosen_recipe(row: dict) -> tuple[str, dict, list[int]]:
+    """(policy, grid point, refit epochs per phase) of a fine-tune row: what val chose and the refit ran."""
+    grid = row["selection"]["grid"]
+    point = grid[choose([(g["val_mean_per_class"], g["val_log_loss"]) for g in grid])]["params"]
+    epochs = row["hyperparams"]["refit_epochs"]
+    return row["hyperparams"]["policy"], point, list(epochs) if isinstance(epochs, list) else [int(epochs)]
+
+
+def scaled_schedule(hp: dict, *, refit_epochs: int, n_full: int, n_k: int) -> tuple[dict, int]:
+    """Schedule overrides and epoch count that give a fit on ``n_k`` images the steps of a refit on ``n_full``."""
+    factor = n_full / max(n_k, 1)
+    overrides = {"epochs": math.ceil(hp["epochs"] * factor), "warmup_epochs": math.ceil(hp["warmup_epochs"] * factor)}
+    return overrides, min(math.ceil(refit_epochs * factor), overrides["epochs"])
+
+
+def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
+                finetune_dir: Path, store, ks: list[int], draws: int, pool: str) -> list[dict]:
+    """The few-shot rows of the fine-tune ``row`` chose (rank 0; others return [])."""
+    manifest = read_manifest(manifest_path)
+    names = class_names(manifest)
+    policy, point, refit_epochs = chosen_recipe(row)
+    phases = parse_policy(policy).phases
+    with_prefix = [p for p in phases if hp["prefix_cache"]
+                   and build_split_net(backbone, policy=p, n_classes=len(names)).prefix_names]
+    stores = _stores(backbone=backbone, policies=with_prefix, manifest=manifest, hp=hp, access=store,
+                     data_root=Path(data_root), rebuild=False)
+    rows = _Rows(backbone=backbone, manifest=manifest, hp=hp, data_root=Path(data_root), stores=stores,
+                 view_seed=store.view_seed)
+    base = {"kind": "finetune", "format": FORMAT_VERSION, "fit_format": FIT_FORMAT, "backbone": backbone.spec,
+            "augment": policy_spec(hp["augment"]), "seed": seed, "manifest_hash": manifest_hash(manifest),
+            "precision": resolve_precision(hp["precision"], device), "device": torch.device(device).type,
+            "versions": library_versions()}
+    inputs = {p: rows.identity(p, ("train+val", "test")) for p in phases}
+    spec = {**run_spec(base=base, policy=policy, hp=hp, points=[point], inputs=inputs), "unit": "fewshot",
+            "refit_epochs": refit_epochs, "k": list(ks), "draws": draws, "pool": pool}
+    out_dir = Path(finetune_dir) / f"fewshot-{spec_hash(spec)}"
+    if (out_dir / "rows.json").is_file():
+        log.info("few-shot %s %s: cached result in %s", backbone.name, policy, out_dir)
+        return json.loads((out_dir / "rows.json").read_text()) if distributed.is_main() else []
+    exp = _Experiment(backbone=backbone, manifest=manifest, hp=hp, seed=seed, device=device,
+                      finetune_dir=Path(finetune_dir), rows=rows, base=base, on_epoch_end=None)
+    candidates = rows.positions[pool]
+    labels = manifest["label"].to_numpy(np.int64)[candidates]
+    largest = int(np.bincount(labels)[np.unique(labels)].min())
+    out = []
+    for k in ks:
+        if k > largest:
+            log.warning("few-shot %s k=%d: the smallest class has %d images in the %s pool", policy, k, largest, pool)
+            continue
+        for draw in range(seed, seed + draws):
+            part = f"fewshot:{pool}:{k}:{draw}"
+            rows.add_train_part(part, candidates[draw_indices(labels, k=k, seed=draw)])
+            out.append(_fit_one(exp, rows, policy=policy, point=point, refit_epochs=refit_epochs, part=part, k=k,
+                                draw=draw, seed=seed, hp=hp, names=names, backbone=backbone, pool=pool))
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
+        write_text_atomic(out_dir / "rows.json", json.dumps(out))
+    return out if distributed.is_main() else []
+
+
+def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp, names, backbone, pool) -> dict:
+    n_full, n_k = len(rows.positions[pool]), len(rows.positions[part])
+    fits = []
+    for phase, epochs in zip(parse_policy(policy).phases, refit_epochs):
+        overrides, n_epochs = scaled_schedule(hp, refit_epochs=epochs, n_full=n_full, n_k=n_k)
+        fits.append(exp.fit(policy=phase, params={**phase_params(point, phase), **overrides}, fit_on=part,
+                            epochs=n_epochs, init=fits[-1] if fits else None))
+    manifest = rows.manifest
+    test = manifest.iloc[rows.positions["test"]].reset_index(drop=True)
+    t1 = time.perf_counter()
+    logits = fits[-1].trainer.predict(rows.source(fits[-1].policy, "test"))
+    predict_s = time.perf_counter() - t1
+    y = test["label"].to_numpy(np.int64)
+    pred = logits.argmax(1)
+    scores = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    trainable, total = count_params(fits[-1].trainer.net)
+    # No bootstrap: the curve's spread is over draws and split seeds (as the head arm's few-shot table shows).
+    metrics = evaluate(y, pred, scores, n_classes=len(names), n_boot=0, seed=draw)
+    log.info("few-shot %s %s k=%d draw %d: test mean per-class %.4f", backbone.name, policy, k, draw,
+             metrics["mean_per_class"])
+    return {
+        "kind": "fewshot", "backbone": backbone.name, "method": f"ft:{policy}", "feature_set": hp["augment"],
+        "tta": hp["tta"], "seed": draw, "split_seed": seed, "k_per_class": k,
+        "metrics": metrics,
+        "test_sample_id": test["sample_id"].tolist(), "test_pred": pred.tolist(),
+        "hyperparams": {**point, "policy": policy, "epochs": [f.result.epochs_run for f in fits]},
+        "selection": None, "val_mean_per_class": None, "fit_on": pool, "fewshot_pool": pool,
+        "views": hp["views"] if rows.cached(fits[-1].policy) else 0, "views_fresh": not rows.cached(fits[-1].policy),
+        "train_s": sum(f.result.train_s for f in fits), "predict_s": predict_s, "feature_s": None,
+        "trainable_params": trainable, "total_params": total,
+        "cache_key": spec_hash([f.key for f in fits]), "manifest_hash": manifest_hash(manifest),
+        "n_train": n_k, "n_val": 0, "n_fit_rows": n_k, "n_test": len(test), "class_names": names,
+        "git_sha": git_sha(),
+    }
