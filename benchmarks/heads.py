@@ -1,23 +1,26 @@
 #!/usr/bin/env python
-"""Heads on EfficientNet-Lite0 features of Caltech 101 (standard protocol): sweep time and test accuracy.
+"""Heads on every offline backbone's features of Caltech 101 (standard protocol): sweep time and test accuracy.
 
-    python benchmarks/heads.py [--data-root ../shared/datasets] [--out out/bench]
+    python benchmarks/heads.py [--data-root ../shared/datasets] [--out out/bench] [--backbones a,b] [--fusions a+b]
 
 Builds (or reuses) the Caltech 101 manifest (configs/caltech101.toml: 102 classes with background,
-30 training images per class of which 5 are val, the rest test) and the Lite0 pooled features in the
+30 training images per class of which 5 are val, the rest test) and each backbone's rows in the
 activation store ``<out>/store`` (clean view of every image, 2 light views of train/val; with ``--tta hflip``,
-the default, each image's mirror too: only rows the store lacks are computed), then, for each
-head and feature set, runs the full val sweep + refit with the
-default ``[classify]`` grids and scores test once. Printed beside them, in the same run:
+the default, each image's mirror too; the ``last:1`` cut for the ``stages`` set; only rows the store lacks
+are computed, so ``--out`` pointing at a study's folder reuses its rows), then, for each backbone (and
+fused set), head and feature set (``clean``, ``aug``, ``stages`` = pooled + the spatial mean of the last:1
+cut), runs the full val sweep + refit with the default ``[classify]`` grids and scores test once.
+Printed beside them, in the same run:
 
-- the SVM kernels measured separately (linear vs RBF: sweep seconds, val and test accuracy);
-- ablations, one at a time on clean features: each head without the signed square root
-  (``power=1``), and LR without the mirror averaging (``no-tta``);
+- the SVM kernels measured separately on the first backbone (linear vs RBF: sweep seconds, val and test);
+- ablations, one at a time on the first backbone's clean features: each head without the signed square
+  root (``power=1``), and LR without the mirror averaging (``no-tta``);
+- the effect of ``aug`` and ``stages`` against ``clean`` per backbone and head, on val and on test;
 - the *tutorial baseline*: one clean view, StandardScaler + LR, fit on train+val, with C picked ON
   TEST. It is optimistic by construction (it peeks at test) and is only the bar to clear.
 
-Last line: ``key=value`` pairs, including ``lr_mean_per_class`` (the LR head whose feature set
-val picked) and ``lr_sweep_s`` (its full sweep + refit wall time).
+Last line: ``key=value`` pairs, starting with ``best_head_mean_per_class`` (the test figure of the head
+chosen ON VAL over every backbone, fused set, head and feature set) and ``best_head`` (which one).
 
 ``--classes N`` keeps the N smallest classes of the manifest (a quick check, not the standard protocol).
 """
@@ -38,12 +41,18 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
     p.add_argument("--out", default=str(REPO / "out" / "bench"), help="manifest and activation store go here")
+    p.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
+    p.add_argument("--fusions", default="efficientnet_lite0+efficientnet_lite2",
+                   help="comma-separated fused feature sets, each backbones joined by '+' ('' for none)")
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--tta", default="hflip", choices=("none", "hflip"),
                    help="extract.tta: also embed each image mirrored; heads use the mean (the study default)")
     p.add_argument("--heads", default="lr,svm,knn")
-    p.add_argument("--feature-sets", default="clean,aug")
+    p.add_argument("--feature-sets", default="clean,aug,stages",
+                   help="clean, aug, stages (pooled + the last:1 cut's spatial mean); fused sets use clean/aug")
     p.add_argument("--svm-kernels", default="linear,rbf", help="kernels measured side by side ('' to skip)")
+    p.add_argument("--ablations", default="on", choices=("on", "off"),
+                   help="power=1 and no-tta ablations on the first backbone's clean features")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="the extract pass's batch size")
     p.add_argument("--precision", default="auto", help="the extract pass's precision (part of the store entry key)")
@@ -51,27 +60,36 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def load_caltech_features(args):
+def caltech_manifest(args):
     from dataset.build import build_dataset
     from dataset.manifest import read_manifest, smallest_classes
-    from extract.cache import load_feature_set
-    from extract.engine import PassSettings, ensure_rows, study_requests
     from study.config import load_config
 
-    out = Path(args.out)
     build = build_dataset(data_cfg=load_config(REPO / "configs" / "caltech101.toml")["data"],
-                          data_root=Path(args.data_root), out_dir=out / "caltech101", seed=0)
-    manifest = read_manifest(build.manifest_path)
-    manifest = smallest_classes(manifest, args.classes)
+                          data_root=Path(args.data_root), out_dir=Path(args.out) / "caltech101", seed=0)
+    return smallest_classes(read_manifest(build.manifest_path), args.classes)
+
+
+def load_caltech_features(args, manifest, backbone: str) -> dict:
+    """{feature set name: FeatureSet} of one backbone: the pooled set (read as clean/aug) and 'stages'."""
+    from classify.stages import CUT, STAGES, load_stages_set
+    from extract.cache import load_feature_set
+    from extract.engine import PassSettings, ensure_rows, study_requests
+
+    stages = STAGES in args.feature_sets.split(",")
     settings = PassSettings(precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers)
-    result = ensure_rows(manifest=manifest, backbone="efficientnet_lite0", store_root=out / "store", policy="light",
+    result = ensure_rows(manifest=manifest, backbone=backbone, store_root=Path(args.out) / "store", policy="light",
                          requests=study_requests(manifest, views=args.views, tta=args.tta), view_seed=0,
-                         settings=settings, data_root=Path(args.data_root))
+                         policies=[CUT] if stages else [], settings=settings, data_root=Path(args.data_root))
     fs = load_feature_set(result.stores["pooled"], manifest=manifest, views=args.views, tta=args.tta,
                           policy="light", view_seed=0)
-    print(f"activation store {result.stores['pooled'].dir}: computed {result.computed} image-views now "
+    print(f"{backbone}: activation store {result.stores['pooled'].dir}: computed {result.computed} image-views now "
           f"({result.seconds:.1f}s); the rows read cost {fs.extract_s:.1f}s of compute", flush=True)
-    return fs, manifest
+    sets = {"clean": fs, "aug": fs}
+    if stages:
+        sets[STAGES] = load_stages_set(result.stores["pooled"], result.stores[CUT], manifest=manifest, tta=args.tta,
+                                       policy="light", view_seed=0)
+    return sets
 
 
 def run_head(method, head_cfg, *, data, n_classes):
@@ -105,58 +123,84 @@ def tutorial_baseline(data, c_grid) -> tuple[float, float, float]:
 def main() -> None:
     args = parse_args()
     from classify.config import SCHEMA
+    from classify.fusion import fuse, fused_name
     from classify.heads import blas_threads
     from study.schema import validate
 
     cfg = validate({}, SCHEMA, prefix="classify")
-    fs, manifest = load_caltech_features(args)
+    manifest = caltech_manifest(args)
+    sets = {b: load_caltech_features(args, manifest, b) for b in args.backbones.split(",")}
+    for fusion in filter(None, args.fusions.split(",")):
+        parts = fusion.split("+")
+        fused = fuse({b: sets[b]["clean"] for b in parts})
+        sets[fused_name(parts)] = {"clean": fused, "aug": fused}
     with blas_threads(cfg["blas_threads"]):
-        report(args, cfg=cfg, fs=fs, manifest=manifest)
+        report(args, cfg=cfg, sets=sets, manifest=manifest)
 
 
-def report(args, *, cfg, fs, manifest) -> None:
+def head_datasets(args, sets: dict, manifest) -> dict:
+    """{(backbone, feature set): HeadData} for every requested feature set the backbone (or fused set) has."""
+    from classify.features import head_data
+
+    out = {}
+    for backbone, by_name in sets.items():
+        for fset in args.feature_sets.split(","):
+            if fset in by_name:
+                out[(backbone, fset)] = head_data(by_name[fset], manifest,
+                                                  feature_set="aug" if fset == "aug" else "clean")
+    return out
+
+
+def report(args, *, cfg, sets, manifest) -> None:
     from classify.features import head_data
 
     n_classes = int(manifest["label"].max()) + 1
-    datasets = {fset: head_data(fs, manifest, feature_set=fset) for fset in args.feature_sets.split(",")}
-    clean = datasets.get("clean") or head_data(fs, manifest, feature_set="clean")
-    plain = head_data(fs, manifest, feature_set="clean", tta=False)  # view 0 alone, as a tutorial would use
-    print(f"Caltech 101 Lite0 features: {n_classes} classes, train {len(clean.train)}, val {len(clean.val)}, "
-          f"test {len(clean.test)}; aug train rows {len(datasets['aug'].train) if 'aug' in datasets else '-'}")
-    print(f"{'head':<12}{'features':<10}{'grid':>6}{'sweep_s':>10}{'val_mpc':>10}{'test_mpc':>10}  chosen")
-    figures = {}
-    runs = [(m, m, cfg[m], f) for m in args.heads.split(",") for f in datasets]
+    datasets = head_datasets(args, sets, manifest)
+    first = args.backbones.split(",")[0]
+    clean = datasets[(first, "clean")]
+    plain = head_data(sets[first]["clean"], manifest, feature_set="clean", tta=False)  # view 0 alone, as a tutorial
+    print(f"Caltech 101 features: {n_classes} classes, train {len(clean.train)}, val {len(clean.val)}, "
+          f"test {len(clean.test)}; backbones {list(sets)}")
+    print(f"{'backbone':<44}{'head':<12}{'features':<10}{'grid':>6}{'sweep_s':>10}{'val_mpc':>10}{'test_mpc':>10}"
+          "  chosen")
+    figures = {}  # (backbone, label, feature set) -> (sweep s, val, val log-loss, test)
+
+    def run(backbone, label, method, head_cfg, fset, data):
+        fit, val, test = run_head(method, head_cfg, data=data, n_classes=n_classes)
+        loss = next(s["val_log_loss"] for s in fit.selection.scores if s["params"] == fit.selection.best)
+        figures[(backbone, label, fset)] = (fit.train_s, val, loss, test)
+        print(f"{backbone:<44}{label:<12}{fset:<10}{len(fit.selection.scores):>6}{fit.train_s:>10.1f}{val:>10.4f}"
+              f"{test:>10.4f}  {fit.selection.best}", flush=True)
+
+    for (backbone, fset), data in datasets.items():
+        for m in args.heads.split(","):
+            run(backbone, m, m, cfg[m], fset, data)
     # RBF needs larger C than the linear kernel's grid (its val optimum here is C ~ 1).
     kernel_grids = {"linear": {"kernel": ["linear"]}, "rbf": {"kernel": ["rbf"], "C": [0.3, 1.0, 3.0, 10.0, 30.0]}}
-    runs += [(f"svm:{k}", "svm", {**cfg["svm"], **kernel_grids[k]}, "clean")
-             for k in filter(None, args.svm_kernels.split(","))]
-    for label, method, head_cfg, fset in runs:
-        fit, val, test = run_head(method, head_cfg, data=datasets.get(fset, clean), n_classes=n_classes)
-        figures[(label, fset)] = (fit.train_s, val, test)
-        print(f"{label:<12}{fset:<10}{len(fit.selection.scores):>6}{fit.train_s:>10.1f}{val:>10.4f}{test:>10.4f}"
-              f"  {fit.selection.best}", flush=True)
-    ablations = [(f"{m}:power=1", m, {**cfg[m], "power": [1.0]}, clean) for m in args.heads.split(",")]
-    if (np.asarray(fs.view) < 0).any():
-        ablations.append(("lr:no-tta", "lr", cfg["lr"], plain))
-    for label, method, head_cfg, data in ablations:
-        fit, val, test = run_head(method, head_cfg, data=data, n_classes=n_classes)
-        figures[(label, "clean")] = (fit.train_s, val, test)
-        print(f"{label:<12}{'clean':<10}{len(fit.selection.scores):>6}{fit.train_s:>10.1f}{val:>10.4f}{test:>10.4f}"
-              f"  {fit.selection.best}", flush=True)
+    for k in filter(None, args.svm_kernels.split(",")):
+        run(first, f"svm:{k}", "svm", {**cfg["svm"], **kernel_grids[k]}, "clean", clean)
+    if args.ablations == "on":
+        for m in args.heads.split(","):
+            run(first, f"{m}:power=1", m, {**cfg[m], "power": [1.0]}, "clean", clean)
+        if (np.asarray(sets[first]["clean"].view) < 0).any():
+            run(first, "lr:no-tta", "lr", cfg["lr"], "clean", plain)
     base_mpc, base_c, base_s = tutorial_baseline(plain, cfg["lr"]["C"])
-    print(f"{'tutorial':<12}{'clean':<10}{len(cfg['lr']['C']):>6}{base_s:>10.1f}{'-':>10}{base_mpc:>10.4f}"
+    print(f"{first:<44}{'tutorial':<12}{'clean':<10}{len(cfg['lr']['C']):>6}{base_s:>10.1f}{'-':>10}{base_mpc:>10.4f}"
           f"  StandardScaler + LR, C={base_c} PICKED ON TEST (optimistic baseline)")
-    effects = {m: figures[(m, "aug")][2] - figures[(m, "clean")][2]
-               for m in args.heads.split(",") if (m, "aug") in figures and (m, "clean") in figures}
-    if effects:
-        print("aug effect on test mean per-class accuracy (aug - clean): "
-              + ", ".join(f"{m} {d:+.4f}" for m, d in effects.items()))
-    lr_sets = {f: v for (m, f), v in figures.items() if m == "lr"}
-    picked = max(lr_sets, key=lambda f: lr_sets[f][1])  # the feature set is chosen on val too, never on test
-    pairs = {"lr_mean_per_class": f"{lr_sets[picked][2]:.4f}", "lr_sweep_s": f"{lr_sets[picked][0]:.1f}",
-             "lr_feature_set": picked, "tutorial_test_picked_mean_per_class": f"{base_mpc:.4f}"}
-    pairs.update({f"{m.replace(':', '_')}_{f}_mean_per_class": f"{v[2]:.4f}" for (m, f), v in figures.items()})
-    pairs.update({f"{m.replace(':', '_')}_{f}_sweep_s": f"{v[0]:.1f}" for (m, f), v in figures.items()})
+    for extra in ("aug", "stages"):
+        effects = [f"{b} {m} val {figures[(b, m, extra)][1] - figures[(b, m, 'clean')][1]:+.4f} test "
+                   f"{figures[(b, m, extra)][3] - figures[(b, m, 'clean')][3]:+.4f}"
+                   for (b, m, f) in figures if f == extra and (b, m, "clean") in figures]
+        if effects:
+            print(f"{extra} - clean, mean per-class accuracy: " + "; ".join(effects))
+    # The best head over every backbone, fused set, head and feature set, chosen on val (ties: lower val
+    # log-loss); ablation and kernel runs are measurements, not candidates.
+    candidates = {key: v for key, v in figures.items() if key[1] in args.heads.split(",")}
+    best = max(candidates, key=lambda key: (candidates[key][1], -(candidates[key][2] or 0.0)))
+    pairs = {"best_head_mean_per_class": f"{candidates[best][3]:.4f}", "best_head": f"{best[0]}:{best[1]}({best[2]})",
+             "best_head_val": f"{candidates[best][1]:.4f}", "best_head_sweep_s": f"{candidates[best][0]:.1f}",
+             "tutorial_test_picked_mean_per_class": f"{base_mpc:.4f}"}
+    pairs.update({f"{b}_{m.replace(':', '_')}_{f}_mean_per_class": f"{v[3]:.4f}" for (b, m, f), v in figures.items()})
     print(" ".join(f"{k}={v}" for k, v in pairs.items()))
 
 
