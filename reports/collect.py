@@ -213,6 +213,45 @@ def fewshot_table(results: pd.DataFrame, rows: list[ResultRow]) -> pd.DataFrame:
                                                        "n_distinct", "mean", "sd", "rows"])
 
 
+FEWSHOT_ARM_COLUMNS = ["arm", "k_per_class", "mean", "sd", "n", "n_rows", "variants", "rows"]
+
+
+def fewshot_arms(results: pd.DataFrame, rows: list[ResultRow]) -> pd.DataFrame:
+    """Per (arm, k per class): the mean and sd of test mean per-class accuracy over the arm's *distinct*
+    few-shot fits, over every split seed and draw.
+
+    Each split seed's few-shot rows are that seed's val-chosen variant of the arm (the classify and
+    fine-tune stages pick it), so one arm's curve may pool several variants; ``variants`` names them.
+    Rows with identical test ids and predictions are one fit counted once (the rule of
+    ``fewshot_table``): the test ids are part of the key because different split seeds have different
+    test sets, and a coincidence of predictions across them is not a repeated fit.
+    """
+    few = results[results.kind == "fewshot"]
+    records = []
+    for (arm, k), part in few.groupby(["arm", "k_per_class"], sort=True):
+        distinct: dict[tuple, float] = {}
+        for i in part["row"]:
+            r = rows[int(i)]
+            distinct.setdefault((r.test_sample_id, r.test_pred), r.metrics.mean_per_class)
+        values = list(distinct.values())
+        variants = sorted({f"{b} {m} ({f})" for b, m, f in zip(part.backbone, part.method, part.feature_set)})
+        records.append({"arm": arm, "k_per_class": int(k), "mean": float(np.mean(values)),
+                        # ddof=1: the spread of fits drawn from many possible draws and splits, a sample sd.
+                        "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                        "n": len(values), "n_rows": len(part), "variants": "; ".join(variants),
+                        "rows": ", ".join(map(str, sorted(part["row"])))})
+    return pd.DataFrame.from_records(records, columns=FEWSHOT_ARM_COLUMNS)
+
+
+def crossover(arms_table: pd.DataFrame) -> int | None:
+    """The smallest k at which the fine-tune arm's mean exceeds the head arm's, among the ks both arms
+    measured; None when it never does (or one arm has no curve)."""
+    means = {arm: dict(zip(part.k_per_class.astype(int), part["mean"])) for arm, part in arms_table.groupby("arm")}
+    head, ft = means.get("head", {}), means.get("finetune", {})
+    ahead = [k for k in sorted(set(head) & set(ft)) if ft[k] > head[k]]
+    return ahead[0] if ahead else None
+
+
 def _compact(obj) -> str:
     if not obj:
         return ""

@@ -1,4 +1,9 @@
-"""The report's figures (matplotlib, Agg): each function takes tables, writes one PNG, returns its path."""
+"""The report's figures (matplotlib, Agg): each function takes tables, writes one PNG, returns its path.
+
+The comparison figures show one mark per variant (backbone, arm, method, feature set), averaged over
+split seeds, coloured by arm and shaped by backbone, so a study of some fifty variants stays readable;
+``cost_figure`` builds the accuracy-against-cost figure without saving it, for tests that inspect it.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,60 +14,202 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from adjustText import adjust_text  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+
+from reports.collect import VARIANT, _val_order, crossover  # noqa: E402
 
 KIND_COLOURS = {"head": "tab:blue", "finetune": "tab:orange"}
+ARM_NAMES = {"head": "frozen features + head", "finetune": "fine-tuning"}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+FUSED_MARKERS = ("*", "p", "H", "8")  # fused sets stand apart from every single backbone
+FUSED_PREFIX = "fused:"  # classify.fusion.PREFIX (not imported: it would pull the feature store into reports)
+DPI = 110
+# adjustText stops at a step count, not a time limit: a figure must not depend on how busy the machine
+# is. With fifty points to avoid it rarely reaches zero overlap with the points, so it would run to any limit.
+ADJUST_STEPS = 300
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _save(fig, path: Path, *, layout: bool = True) -> Path:
+    if layout:
+        fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
 
-def _errors(df: pd.DataFrame, key: str) -> np.ndarray | None:
-    lo, hi = df[f"{key}_lo"], df[f"{key}_hi"]
-    if lo.isna().any() or hi.isna().any():
-        return None
-    return np.vstack([df[key] - lo, hi - df[key]]).astype(float)
+def backbone_markers(backbones) -> dict[str, str]:
+    """A fixed marker per backbone: single backbones in sorted order through ``MARKERS``, fused sets
+    through ``FUSED_MARKERS``, so the same backbone gets the same marker in every figure of a run."""
+    names = sorted(set(backbones))
+    single = [b for b in names if not b.startswith(FUSED_PREFIX)]
+    fused = [b for b in names if b.startswith(FUSED_PREFIX)]
+    out = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(single)}
+    out.update({b: FUSED_MARKERS[i % len(FUSED_MARKERS)] for i, b in enumerate(fused)})
+    return out
+
+
+def variant_points(main: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant: test mean per-class accuracy (mean over split seeds; the 95% CI is kept when
+    there is one seed), its sd over seeds, the mean cost (training + feature seconds) and the mean val
+    score and log-loss (what the val-best mark is chosen by)."""
+    df = main.assign(cost=main["train_s"] + main["feature_s"].astype(float).fillna(0))
+    g = df.groupby(VARIANT, sort=True)
+    return pd.DataFrame({
+        "n_seeds": g["seed"].nunique(), "mean_per_class": g["mean_per_class"].mean(),
+        "sd": g["mean_per_class"].std(ddof=1), "lo": g["mean_per_class_lo"].first(),
+        "hi": g["mean_per_class_hi"].first(), "cost": g["cost"].mean(), "val_mean": g["val_mean_per_class"].mean(),
+        "val_loss": g["val_log_loss"].mean(), "row": g["row"].min(),
+    }).reset_index()
+
+
+def _name(r) -> str:
+    return f"{r.backbone}: {r.method} ({r.feature_set})"
+
+
+def _arm_handles(arms) -> list:
+    return [Line2D([], [], linestyle="", marker="o", color=KIND_COLOURS.get(a, "grey"), label=ARM_NAMES.get(a, a))
+            for a in ("head", "finetune") if a in set(arms)]
+
+
+def _marker_handles(markers: dict[str, str]) -> list:
+    return [Line2D([], [], linestyle="", marker=m, color="0.3", label=b) for b, m in markers.items()]
 
 
 def accuracy_by_method(main: pd.DataFrame, path: Path) -> Path:
-    """Mean per-class accuracy with 95% CI, one bar per (backbone, method)."""
-    df = main.sort_values(["backbone", "mean_per_class"])
-    names = [f"{b}: {m} ({f})" for b, m, f in zip(df.backbone, df.method, df.feature_set)]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(df) + 1.2))
-    ax.barh(names, df["mean_per_class"], xerr=_errors(df, "mean_per_class"),
-            color=[KIND_COLOURS.get(k, "grey") for k in df.kind], capsize=3)
-    lo = max(0.0, float(df["mean_per_class"].min()) - 0.1)
-    ax.set_xlim(lo, 1.0)
-    ax.set_xlabel("test mean per-class accuracy (95% bootstrap CI)")
-    ax.set_title("Accuracy by method\nblue: frozen features + head; orange: fine-tuning", fontsize=9)
+    """Test mean per-class accuracy per variant, one bar each, coloured by arm: mean ± sd over split
+    seeds when a variant has several, else its 95% bootstrap CI. Height and font follow the bar count
+    so that fifty variants keep one readable label each."""
+    v = variant_points(main).sort_values(["backbone", "arm", "mean_per_class"], ascending=[True, True, False],
+                                         key=lambda c: c.map({"head": 0, "finetune": 1}) if c.name == "arm" else c)
+    v = v.reset_index(drop=True)
+    n = len(v)
+    over_seeds = bool((v.n_seeds > 1).any())
+    if over_seeds:
+        err = v["sd"].fillna(0).to_numpy(dtype=float)
+        what = "mean ± sd over split seeds"
+    else:
+        lo, hi = v["lo"].astype(float), v["hi"].astype(float)
+        err = (None if lo.isna().any() or hi.isna().any() else
+               np.vstack([v.mean_per_class - lo, hi - v.mean_per_class]).astype(float))
+        what = "95% bootstrap CI"
+    font = 8 if n <= 25 else 7 if n <= 60 else 6
+    fig, ax = plt.subplots(figsize=(9, 0.24 * n * font / 8 + 1.8), dpi=DPI)
+    y = np.arange(n)
+    ax.barh(y, v["mean_per_class"], xerr=err, color=[KIND_COLOURS.get(a, "grey") for a in v.arm],
+            capsize=2 if n > 25 else 3, error_kw={"elinewidth": 0.8})
+    ax.set_yticks(y, [_name(r) for r in v.itertuples()], fontsize=font)
+    ax.set_ylim(n - 0.4, -0.6)  # first variant on top: read top-down, heads before fine-tunes per backbone
+    for i in np.flatnonzero(v.backbone.to_numpy()[1:] != v.backbone.to_numpy()[:-1]):
+        ax.axhline(i + 0.5, color="0.6", lw=0.6)  # a rule between backbones
+    below = 0 if err is None else err if err.ndim == 1 else err[0]
+    ax.set_xlim(max(0.0, float(np.nanmin(v["mean_per_class"] - below)) - 0.05), 1.0)
+    ax.set_xlabel(f"test mean per-class accuracy ({what})", fontsize=font + 1)
+    ax.set_title("Accuracy by variant", fontsize=font + 2)
+    ax.legend(handles=_arm_handles(v.arm), fontsize=font, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0)  # outside: a bar may reach any accuracy
     return _save(fig, path)
+
+
+def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
+    """The variants no other variant beats on both cost and accuracy (cheapest first)."""
+    front, best = [], -np.inf
+    for i, r in points.sort_values(["cost", "mean_per_class"], ascending=[True, False]).iterrows():
+        if r.mean_per_class > best:
+            front.append(i)
+            best = r.mean_per_class
+    return points.loc[front]
+
+
+def cost_figure(main: pd.DataFrame):
+    """(figure, axes, label texts) of accuracy against training cost, unsaved.
+
+    Every variant is a point; only the Pareto-front variants and each arm's val-best variant (ringed)
+    are named, since fifty names on one plot read as none. The names are spread by adjustText, then any
+    pair still touching is pushed apart (``_untangle``), and thin leader lines join each name to its
+    point. Layout is final before the names move: names are placed in data coordinates, so a later
+    ``tight_layout`` would move the axes under them and could make them collide again."""
+    v = variant_points(main)
+    markers = backbone_markers(v.backbone)
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=DPI)
+    for (arm, backbone), part in v.groupby(["arm", "backbone"]):
+        ax.scatter(part["cost"], part["mean_per_class"], color=KIND_COLOURS.get(arm, "grey"),
+                   marker=markers[backbone], s=70 if markers[backbone] == "*" else 36,  # a star reads small
+                   alpha=0.85, edgecolors="white", linewidths=0.4, zorder=3)
+    front = pareto_front(v)
+    ax.step(front["cost"], front["mean_per_class"], where="post", color="grey", linestyle="--", lw=1, zorder=2)
+    val_best = _val_order(v, val="val_mean", loss="val_loss").groupby("arm").head(1)
+    ax.scatter(val_best["cost"], val_best["mean_per_class"], s=150, facecolors="none", edgecolors="black",
+               linewidths=1.0, zorder=4)
+    if v["cost"].max() > 10 * max(v["cost"].min(), 1e-9):  # log only when costs span orders of magnitude
+        ax.set_xscale("log")
+    ax.set_xlabel("training cost, wall seconds (mean over split seeds; heads: sweep + refit + feature extraction "
+                  "when recorded)", fontsize=8)
+    ax.set_ylabel("test mean per-class accuracy (mean over split seeds)", fontsize=8)
+    ax.set_title("Accuracy against cost: named are the Pareto front and each arm's val-best variant (ringed)",
+                 fontsize=9)
+    arms = ax.legend(handles=_arm_handles(v.arm) + [
+        Line2D([], [], color="grey", linestyle="--", label="Pareto front"),
+        Line2D([], [], linestyle="", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
+               label="val-best of its arm")], title="arm", fontsize=7, title_fontsize=8,
+        loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.add_artist(arms)
+    ax.legend(handles=_marker_handles(markers), title="backbone", fontsize=7, title_fontsize=8,
+              loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0)
+    fig.tight_layout()
+    # Frozen limits, with headroom for the names of the best points: the names and their leader lines
+    # must not rescale the axes under the positions they were given.
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.08 * (hi - lo))
+    ax.set_xlim(ax.get_xlim())
+    named = pd.concat([front, val_best[~val_best.index.isin(front.index)]])
+    # A pale box keeps a name readable where it must sit over the front line or another point.
+    box = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.75}
+    texts = [ax.text(r.cost, r.mean_per_class, _name(r), fontsize=7, zorder=5, bbox=box) for r in named.itertuples()]
+    if texts:
+        adjust_text(texts, x=v["cost"].to_numpy(float), y=v["mean_per_class"].to_numpy(float), ax=ax,
+                    expand=(1.15, 1.4), iter_lim=ADJUST_STEPS)
+        _untangle(texts, ax)
+        _leader_lines(texts, named, ax)
+    return fig, ax, texts
 
 
 def accuracy_vs_cost(main: pd.DataFrame, path: Path) -> Path:
     """Accuracy against training wall time, with the Pareto front (nothing both cheaper and better)."""
-    df = main.assign(cost=main["train_s"] + main["feature_s"].fillna(0)).sort_values("cost")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, part in df.groupby("kind"):
-        ax.scatter(part["cost"], part["mean_per_class"], label=kind, color=KIND_COLOURS.get(kind, "grey"))
-    for _, r in df.iterrows():
-        ax.annotate(f"{r.backbone}: {r.method} ({r.feature_set})", (r.cost, r.mean_per_class), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    front, best = [], -np.inf
-    for _, r in df.iterrows():
-        if r.mean_per_class > best:
-            front.append((r.cost, r.mean_per_class))
-            best = r.mean_per_class
-    if front:
-        ax.step(*zip(*front), where="post", color="grey", linestyle="--", label="Pareto front")
-    if df["cost"].max() > 10 * max(df["cost"].min(), 1e-9):  # log only when costs span orders of magnitude
-        ax.set_xscale("log")
-    ax.set_xlabel("training cost, wall seconds (heads: sweep + refit + feature extraction when recorded)")
-    ax.set_ylabel("test mean per-class accuracy")
-    ax.legend()
-    return _save(fig, path)
+    fig, _, _ = cost_figure(main)
+    return _save(fig, path, layout=False)
+
+
+def _untangle(texts, ax, *, pad: float = 4.0) -> None:
+    """Push apart, upwards, any names adjustText left touching: placed lowest first, each moves up past
+    whatever it meets. adjustText is a force simulation stopped after ADJUST_STEPS, not a guarantee."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []
+    for t in sorted(texts, key=lambda t: t.get_window_extent(renderer).y0):
+        box = t.get_window_extent(renderer)
+        for _ in range(len(texts) + 1):
+            hit = [b for b in placed if box.x0 - pad < b.x1 and b.x0 - pad < box.x1
+                   and box.y0 - pad < b.y1 and b.y0 - pad < box.y1]
+            if not hit:
+                break
+            x, y = ax.transData.transform(t.get_position())
+            t.set_position(ax.transData.inverted().transform((x, y + max(b.y1 for b in hit) + pad - box.y0)))
+            box = t.get_window_extent(renderer)
+        placed.append(box)
+
+
+def _leader_lines(texts, named: pd.DataFrame, ax, *, min_px: float = 6.0) -> None:
+    """A thin line from each moved name's nearest edge to its point."""
+    renderer = ax.figure.canvas.get_renderer()
+    for t, r in zip(texts, named.itertuples()):
+        box = t.get_window_extent(renderer)
+        px, py = ax.transData.transform((r.cost, r.mean_per_class))
+        ex, ey = min(max(px, box.x0), box.x1), min(max(py, box.y0), box.y1)
+        if np.hypot(ex - px, ey - py) < min_px:
+            continue
+        (x0, y0), (x1, y1) = ax.transData.inverted().transform([(ex, ey), (px, py)])
+        ax.plot([x0, x1], [y0, y1], color="0.45", lw=0.5, zorder=4, scalex=False, scaley=False)
 
 
 def confusion(matrix: list[list[int]], class_names: list[str], title: str, path: Path) -> Path:
@@ -92,16 +239,26 @@ def per_class_accuracy(per_class: pd.DataFrame, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def fewshot_curves(fewshot: pd.DataFrame, path: Path) -> Path:
-    """Mean over seeds of test mean per-class accuracy against training images per class."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (backbone, method, fset), part in fewshot.groupby(["backbone", "method", "feature_set"]):
-        g = part.groupby("k_per_class")["mean_per_class"]
-        mean, spread = g.mean(), g.std().fillna(0)
-        ax.errorbar(mean.index, mean.values, yerr=spread.values, marker="o", capsize=3,
-                    label=f"{backbone}: {method} ({fset})")
-    ax.set_xlabel("training images per class (k)")
-    ax.set_ylabel("test mean per-class accuracy (mean ± sd over seeds)")
+def fewshot_curves(arms: pd.DataFrame, path: Path) -> Path:
+    """Each arm's few-shot curve (``reports.collect.fewshot_arms``): mean ± sd over distinct fits of test
+    mean per-class accuracy against training images per class, log k, and a dotted line where the
+    fine-tune's mean first exceeds the head's."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=DPI)
+    for arm in ("head", "finetune"):
+        part = arms[arms.arm == arm].sort_values("k_per_class")
+        if part.empty:
+            continue
+        ax.errorbar(part["k_per_class"], part["mean"], yerr=part["sd"].astype(float).fillna(0).to_numpy(),
+                    marker="o", capsize=3, color=KIND_COLOURS[arm], label=f"{ARM_NAMES[arm]} (val-chosen)")
+    k0 = crossover(arms)
+    if k0 is not None:
+        ax.axvline(k0, color="grey", linestyle=":", label=f"fine-tuning ahead from k = {k0}")
+    ks = sorted(set(arms["k_per_class"].astype(int)))
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.xaxis.set_minor_locator(NullLocator())  # log minor ticks would label ks nobody measured
+    ax.set_xlabel("training images per class (k, log scale)")
+    ax.set_ylabel("test mean per-class accuracy\n(mean ± sd over distinct fits)")
     ax.set_title("Few-shot curves")
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports.collect import (best_overall, chosen_per_seed, fewshot_table, main_results, rows_of, summary_table,
-                             val_ties, verdicts)
+from reports.collect import (best_overall, chosen_per_seed, crossover, fewshot_arms, fewshot_table, main_results,
+                             rows_of, summary_table, val_ties, verdicts)
 from study.results import ResultRow
 
 PUBLISHED = [
@@ -351,20 +351,72 @@ def section_augmentation(inp: ReportInputs) -> list[str]:
     return out + md_table(["backbone", "head", "seed", "clean %", "+ augmented views %", "Δ pts"], body)
 
 
+# The caption of the per-variant few-shot table (tests find the table by it).
+FEWSHOT_DETAIL = ("Per variant and k (each split seed's chosen variant; mean and sd over its distinct fits, pooled "
+                  "over the split seeds that chose it):")
+
+
 def section_fewshot(inp: ReportInputs) -> list[str]:
     table = fewshot_table(inp.results, inp.rows)
     out = ["### Few-shot curves", ""]
     if table.empty:
         return out + ["No few-shot results in this run.", ""]
-    body = [[r.backbone, r.method, r.feature_set, str(r.k_per_class),
+    arms = fewshot_arms(inp.results, inp.rows)
+    if set(arms.arm) >= {"head", "finetune"}:
+        out += fewshot_arm_lines(arms)
+    few = inp.results[inp.results.kind == "fewshot"]
+    arm_of = dict(zip(few.method, few.arm))
+    body = [[_kind_name(arm_of[r.method]), r.backbone, r.method, r.feature_set, str(r.k_per_class),
              str(r.n_distinct) + ("" if r.n_distinct == r.n_draws else f" ({r.n_draws} identical draws)"),
              pct(r["mean"]), pct(r.sd), r.rows] for _, r in table.iterrows()]
-    out += md_table(["backbone", "head", "features", "k per class", "distinct draws", "mean per-class % (mean)",
-                     "sd", "rows"], body)
+    out += [FEWSHOT_DETAIL, ""]
+    out += md_table(["arm", "backbone", "method", "features / aug", "k per class", "distinct draws",
+                     "mean per-class % (mean)", "sd", "rows"], body)
     out += ["Draws with identical test predictions (every seed took the whole pool) are one fit, counted once.", ""]
     if "fewshot" in inp.figures:
         out += [f"![Few-shot curves]({inp.figures['fewshot']})", ""]
     return out
+
+
+def fewshot_arm_lines(arms: pd.DataFrame) -> list[str]:
+    """The arms' few-shot curves side by side (``reports.collect.fewshot_arms``) and where, if anywhere,
+    the fine-tune's mean overtakes the head's."""
+    by = {arm: {int(r.k_per_class): r for _, r in part.iterrows()} for arm, part in arms.groupby("arm")}
+    head, ft = by.get("head", {}), by.get("finetune", {})
+
+    def cell(r) -> str:
+        return "–" if r is None else f"{mean_sd(r['mean'], r.sd, int(r.n))} (n = {int(r.n)})"
+
+    body, gaps = [], {}
+    for k in sorted(set(head) | set(ft)):
+        h, f = head.get(k), ft.get(k)
+        if h is not None and f is not None:
+            gaps[k] = float(f["mean"] - h["mean"])
+        present = [(a, r) for a, r in (("head", h), ("finetune", f)) if r is not None]
+        body.append([str(k), cell(h), cell(f), f"{100 * gaps[k]:+.1f}" if k in gaps else "–",
+                     "; ".join(f"{_kind_name(a)}: {r.variants}" for a, r in present),
+                     "; ".join(f"{_kind_name(a)}: {r.rows}" for a, r in present)])
+    out = md_table(["k per class", "head arm: mean per-class % (mean ± sd, n)",
+                    "fine-tune arm: mean per-class % (mean ± sd, n)", "fine-tune − head (pts)", "variants", "rows"],
+                   body)
+    k0 = crossover(arms)
+    if k0 is not None:
+        behind = [k for k, g in gaps.items() if k > k0 and g <= 0]
+        verdict = (f"Fine-tuning overtakes the frozen-feature head from k = {k0} images per class"
+                   + (f" (but not at every larger k: it is not ahead at k = {', '.join(map(str, behind))})"
+                      if behind else "") + ".")
+    elif gaps:
+        k_max = min(gaps, key=lambda k: gaps[k])  # the head's largest lead
+        verdict = (f"At no k measured does the fine-tune arm's mean exceed the head arm's (largest gap "
+                   f"{-100 * gaps[k_max]:.1f} pts in the head's favour, at k = {k_max}).")
+    else:
+        verdict = "The two arms measured no k in common, so their curves cannot be compared point by point."
+    return out + [f"{verdict} Each split seed's curve is that seed's val-chosen variant of each arm (the chosen head "
+                  "over every backbone and feature set, the chosen fine-tune over every backbone and policy), refit "
+                  "with its chosen settings, so the variants above can differ between seeds; at each k both arms "
+                  "train on the same drawn images (same draw seeds), and the fine-tune keeps the chosen refit's "
+                  "optimizer-step count (its epochs scaled by train+val images / (k x classes)). n counts distinct "
+                  "fits (split seeds x draws; identical fits once).", ""]
 
 
 def chosen_model(inp: ReportInputs) -> ResultRow | None:

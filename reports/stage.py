@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dataset.manifest import read_manifest
 from reports import plots
-from reports.collect import main_results, per_class_table, results_table
+from reports.collect import fewshot_arms, main_results, per_class_table, results_table
 from reports.render import ReportInputs, chosen_model, read_run_inputs, render, section_provenance
 from study.atomic import write_text_atomic
 from study.results import read_results, read_skips
@@ -67,9 +67,9 @@ def make_figures(inp: ReportInputs, *, run_dir: Path, dataset_dir: Path) -> dict
     curves = [r for r in inp.rows if r.kind == "finetune" and r.selection is not None and r.selection.curve]
     if curves:
         figures["training_curves"] = plots.training_curves(curves, run_dir / "training_curves.png").name
-    few = inp.results[inp.results.kind == "fewshot"]
-    if not few.empty:
-        figures["fewshot"] = plots.fewshot_curves(few, run_dir / "fewshot.png").name
+    arms = fewshot_arms(inp.results, inp.rows)
+    if not arms.empty:
+        figures["fewshot"] = plots.fewshot_curves(arms, run_dir / "fewshot.png").name
     return figures
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from reports.render import FEWSHOT_DETAIL
 from study.results import read_rows
 
 
@@ -49,7 +50,8 @@ def assert_comparison_traces(run_dir: Path) -> int:
     traced = {int(c["row"]) for c in table}
     expected = {i for i, r in enumerate(rows) if r["kind"] in ("head", "finetune")}
     assert traced == expected, f"table rows {sorted(traced)} != head/finetune rows {sorted(expected)}"
-    for cell in table_after(md, "### Few-shot curves") if "| k per class" in md else []:
+    # The per-variant few-shot table follows its caption (the arms' table, when both arms have a curve, comes first).
+    for cell in table_after(md, FEWSHOT_DETAIL) if FEWSHOT_DETAIL in md else []:
         ids = [int(x) for x in cell["rows"].split(",")]
         values = [rows[i]["metrics"]["mean_per_class"] for i in ids]
         assert all(rows[i]["k_per_class"] == int(cell["k per class"]) for i in ids)

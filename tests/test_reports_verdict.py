@@ -11,7 +11,7 @@ import pytest
 
 from classify.metrics import evaluate
 from reports.collect import results_table, summary_table, verdicts
-from reports.render import protocol_arm_lines
+from reports.render import FEWSHOT_DETAIL, protocol_arm_lines
 from reports.stage import build_report, record_end
 from study.provenance import end_provenance, start_provenance
 from study.results import ResultRow, append_rows, read_results
@@ -167,7 +167,8 @@ def test_results_csv_has_the_machine_readable_columns(run):
 
 def test_fewshot_draws_that_are_one_fit_count_once(run):
     md = (run[0] / "report.md").read_text()
-    few = {c["k per class"]: c for c in table_after(md, "### Few-shot curves")}
+    assert "head arm: mean per-class" not in md  # one arm's curve: no arms table, only the per-variant one
+    few = {c["k per class"]: c for c in table_after(md, FEWSHOT_DETAIL)}
     assert few["1"]["distinct draws"] == "2" and few["1"]["sd"] != "–"
     assert few["3"]["distinct draws"] == "1 (2 identical draws)" and few["3"]["sd"] == "–"
 
