@@ -6,7 +6,9 @@ seed; nothing is re-selected per k. The k images per class are drawn exactly as 
 each (k, draw) both arms see the same labelled images. A fit on fewer images keeps the chosen refit's
 training length in *optimizer steps*: its epochs (and the schedule's total and warm-up epochs) are
 scaled by (train+val images) / (k x classes), rounded up, so a 1-shot fit is not starved of updates
-relative to the 30-shot one, and costs about as much as the refit did. Test is read once per fit.
+relative to the 30-shot one, and costs about as much as the refit did. Test is read once per fit. Where k
+takes the whole pool (k = 30 of Caltech's 30 train+val images per class), the draw is the refit's own
+training set, and the point is the chosen row itself.
 
 Rows are ``kind = "fewshot"`` with ``method = "ft:<policy>"``; a finished curve is cached in
 ``finetune_dir/fewshot-<key>/rows.json`` and re-appended without training on a rerun.
@@ -88,6 +90,11 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
         if k > largest:
             log.warning("few-shot %s k=%d: the smallest class has %d images in the %s pool", policy, k, largest, pool)
             continue
+        if k * len(np.unique(labels)) == len(candidates):
+            # Every draw takes the whole pool: the fit is the chosen refit on train+val itself, so its row is
+            # the curve's point (training it again would differ only in batch order).
+            out.append(_refit_point(row, k=k, seed=seed, pool=pool))
+            continue
         for draw in range(seed, seed + draws):
             part = f"fewshot:{pool}:{k}:{draw}"
             rows.add_train_part(part, candidates[draw_indices(labels, k=k, seed=draw)])
@@ -98,6 +105,17 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
         write_text_atomic(out_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
         write_text_atomic(out_dir / "rows.json", json.dumps(out))
     return out if distributed.is_main() else []
+
+
+def _refit_point(row: dict, *, k: int, seed: int, pool: str) -> dict:
+    """The chosen fine-tune's own row as the few-shot point at k = the pool size (its refit used every image)."""
+    keep = ("backbone", "method", "feature_set", "tta", "metrics", "test_sample_id", "test_pred", "views",
+            "views_fresh", "train_s", "predict_s", "trainable_params", "total_params", "cache_key", "manifest_hash",
+            "n_test", "class_names", "git_sha")
+    return {**{key: row[key] for key in keep}, "kind": "fewshot", "seed": seed, "split_seed": seed, "k_per_class": k,
+            "hyperparams": {**row["hyperparams"], "same_as": "the chosen refit"}, "selection": None,
+            "val_mean_per_class": None, "fit_on": pool, "fewshot_pool": pool, "feature_s": None, "n_val": 0,
+            "n_train": row["n_fit"], "n_fit_rows": row["n_fit"]}
 
 
 def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp, names, backbone, pool) -> dict:

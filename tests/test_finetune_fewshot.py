@@ -43,7 +43,8 @@ def setup(lite0, tiny_manifest, data_root, tmp_path_factory):
 def _fewshot(lite0, setup, tiny_manifest, data_root):
     hp, store, finetune_dir, row = setup
     return run_fewshot(backbone=lite0, row=row, manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
-                       device="cpu", finetune_dir=finetune_dir, store=store, ks=[1, 3, 9], draws=2, pool="train+val")
+                       device="cpu", finetune_dir=finetune_dir, store=store, ks=[1, 3, 8, 9], draws=2,
+                       pool="train+val")
 
 
 def test_fewshot_retrains_the_chosen_recipe_on_the_head_arms_draws(lite0, setup, tiny_manifest, data_root,
@@ -54,8 +55,12 @@ def test_fewshot_retrains_the_chosen_recipe_on_the_head_arms_draws(lite0, setup,
     monkeypatch.setattr(experiment_mod._Rows, "add_train_part",
                         lambda self, name, pos: (parts.__setitem__(name, pos), real_add(self, name, pos))[1])
     rows = _fewshot(lite0, setup, tiny_manifest, data_root)
-    # k = 9 exceeds the 8 train+val images per class: skipped, never a crash.
-    assert sorted((r["k_per_class"], r["seed"]) for r in rows) == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    # k = 9 exceeds the 8 train+val images per class: skipped, never a crash; k = 8 takes the whole pool: the
+    # chosen refit's own row is the point, once.
+    assert sorted((r["k_per_class"], r["seed"]) for r in rows) == [(1, 0), (1, 1), (3, 0), (3, 1), (8, 0)]
+    whole = rows.pop()
+    assert whole["test_pred"] == row["test_pred"] and whole["metrics"] == row["metrics"] and whole["n_train"] == 32
+    check_row(whole)
     policy, point, refit = chosen_recipe(row)
     manifest = read_manifest(tiny_manifest)
     split = manifest["split"].to_numpy()
