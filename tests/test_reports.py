@@ -5,7 +5,7 @@ import pytest
 from classify.metrics import evaluate
 from reports.stage import build_report
 from reports.stats import mcnemar
-from study.results import append_rows, append_skip
+from study.results import append_rows, append_skip, read_results
 from tests.conftest import make_tiny_manifest
 from tests.report_checks import assert_comparison_traces, assert_pngs_valid, table_after
 
@@ -71,8 +71,13 @@ def test_skips_and_augmentation_effect_are_reported(run_dir):
     md = (run_dir / "report.md").read_text()
     skipped = table_after(md, "## Skipped")
     assert skipped == [{"stage": "extract", "what": "resnet50", "reason": "weights unavailable", "fix": "put FILE in DIR"}]
-    aug = table_after(md, "### Effect of augmented views")
+    aug = table_after(md, "### Effect of the feature sets")
     assert [a["head"] for a in aug] == ["lr"]
+    # The deltas are the rows' own figures: aug minus clean, on val and on test.
+    pick = {r.feature_set: r for r in read_results(run_dir / "results.jsonl") if r.kind == "head" and r.method == "lr"}
+    dtest = 100 * (pick["aug"].metrics.mean_per_class - pick["clean"].metrics.mean_per_class)
+    assert pick["aug"].val_mean_per_class is None  # these hand-made rows carry no val score: shown as a dash
+    assert aug[0]["+ augmented views: Δ val / Δ test pts"] == f"– / {dtest:+.1f}"
 
 
 def test_mcnemar_counts_discordant_pairs():
