@@ -196,7 +196,9 @@ def report(args, *, cfg, sets, manifest) -> None:
     # The best head over every backbone, fused set, head and feature set, chosen on val (ties: lower val
     # log-loss); ablation and kernel runs are measurements, not candidates.
     candidates = {key: v for key, v in figures.items() if key[1] in args.heads.split(",")}
-    best = max(candidates, key=lambda key: (candidates[key][1], -(candidates[key][2] or 0.0)))
+    def loss(x):  # unknown (SVM) or NaN counts as worst, as in study.results.val_best
+        return float("inf") if x is None or x != x else x
+    best = max(candidates, key=lambda key: (candidates[key][1], -loss(candidates[key][2])))
     pairs = {"best_head_mean_per_class": f"{candidates[best][3]:.4f}", "best_head": f"{best[0]}:{best[1]}({best[2]})",
              "best_head_val": f"{candidates[best][1]:.4f}", "best_head_sweep_s": f"{candidates[best][0]:.1f}",
              "tutorial_test_picked_mean_per_class": f"{base_mpc:.4f}"}

@@ -22,7 +22,7 @@ _POWER_LIST = list_of(float_range(0.01, 1.0), min_len=1)
 
 SCHEMA = {
     "heads": Field(["lr", "svm", "knn"], list_of(one_of("lr", "svm", "knn"), min_len=1)),
-    # "stages": the pooled outputs of a backbone's last two stages side by side (classify/stages.py).
+    # "stages": pooled pre-logits beside the spatial mean of the last stage's input (classify/stages.py).
     "feature_sets": Field(["clean", "aug"], list_of(one_of("clean", "aug", "stages"), min_len=1)),
     # Fused feature sets: each entry names backbones (of extract.backbones) whose pooled features are
     # concatenated into one more feature set, "fused:a+b", offered to every head and chosen on val.

@@ -90,7 +90,8 @@ def _stages_set(entry: dict, *, cfg: dict, ecfg: dict, manifest, ctx) -> dict:
     if cut is None:  # a backbone without a block list has no cut to pool
         append_skip(ctx.run_dir, stage="classify", what=f"{entry['backbone']} {STAGES}",
                     reason=f"the store holds no {CUT} cut for this backbone",
-                    fix="drop 'stages' from classify.feature_sets")
+                    fix="rerun the extract stage with 'stages' in classify.feature_sets (it stores the cut), "
+                        "or drop 'stages'")
         return {}
     out = Path(ctx.out_dir)
     return {STAGES: load_stages_set(Store.open(out / entry["store"]), Store.open(out / cut), manifest=manifest,

@@ -21,7 +21,8 @@ from study.hashing import spec_hash
 
 STAGES = "stages"
 CUT = "last:1"  # the store layer whose activations are pooled: the input of the backbone's last stage
-_CHUNK = 4096  # rows read and averaged at a time: a cut row is tens of KiB
+_CHUNK_BYTES = 256 << 20  # cut rows read and averaged at a time (a Lite cut row is tens of KiB, ResNet's hundreds)
+FORMAT = 1  # bump when the pooling of the cut changes
 
 
 def load_stages_set(pooled: Store, cut: Store, *, manifest, tta: str, policy: str, view_seed: int) -> FeatureSet:
@@ -32,16 +33,22 @@ def load_stages_set(pooled: Store, cut: Store, *, manifest, tta: str, policy: st
     keys = store_keys(manifest, study_requests(manifest, views=0, tta=tta), policy=policy, view_seed=view_seed)
     index = cut.index()
     dtype = np.dtype(cut.spec["storage_dtype"])
+    first = cut.read(keys[:1], index, dtype=dtype)
+    if first.ndim != 4:
+        raise ValueError(f"{cut.dir}: the 'stages' set pools (C, H, W) feature maps; this cut has rows of shape "
+                         f"{first.shape[1:]} (a token sequence?): drop 'stages' from classify.feature_sets")
+    chunk = max(1, _CHUNK_BYTES // first[0].nbytes)
     parts = []
-    for start in range(0, len(keys), _CHUNK):
-        acts = cut.read(keys[start:start + _CHUNK], index, dtype=dtype)
+    for start in range(0, len(keys), chunk):
+        acts = cut.read(keys[start:start + chunk], index, dtype=dtype)
         # (n, C, H, W) -> (n, C): the global average pool the network itself applies after its last stage.
-        parts.append(acts.reshape(len(acts), acts.shape[1], -1).astype(np.float32).mean(axis=2))
+        parts.append(acts.mean(axis=(2, 3), dtype=np.float32))
     pooled_cut = np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
     if len(pooled_cut) != len(base.features):
         raise ValueError(f"{cut.dir}: {len(pooled_cut)} cut rows for {len(base.features)} pooled rows")
     spec = {**base.spec, "stages": {"cut": cut.key, "layer": cut.spec["layer"], "reduce": "mean"}}
     return FeatureSet(features=np.concatenate([base.features, pooled_cut], axis=1), labels=base.labels,
                       sample_id=base.sample_id, view=base.view, spec=spec,
-                      key=spec_hash({"stages": [base.key, cut.identity(keys, index)]}), path=base.path,
+                      key=spec_hash({"stages": [base.key, cut.identity(keys, index)], "reduce": "mean",
+                                     "format": FORMAT}), path=base.path,
                       split=base.split, extract_s=base.extract_s, row_cost_s=base.row_cost_s)

@@ -39,6 +39,8 @@ from study.precision import resolve_precision
 from study.provenance import git_sha
 
 log = logging.getLogger(__name__)
+# Bump when the draws, the step scaling or the reuse of the refit row change what a curve holds.
+FEWSHOT_FORMAT = 2
 
 
 def chosen_recipe(row: dict) -> tuple[str, dict, list[int]]:
@@ -50,8 +52,9 @@ def chosen_recipe(row: dict) -> tuple[str, dict, list[int]]:
 
 
 def scaled_schedule(hp: dict, *, refit_epochs: int, n_full: int, n_k: int) -> tuple[dict, int]:
-    """Schedule overrides and epoch count that give a fit on ``n_k`` images the steps of a refit on ``n_full``."""
-    factor = n_full / max(n_k, 1)
+    """Schedule overrides and epoch count that give a fit on ``n_k`` images the optimizer steps of a refit on
+    ``n_full`` (steps per epoch: ceil(images / batch size))."""
+    factor = math.ceil(n_full / hp["batch_size"]) / math.ceil(max(n_k, 1) / hp["batch_size"])
     overrides = {"epochs": math.ceil(hp["epochs"] * factor), "warmup_epochs": math.ceil(hp["warmup_epochs"] * factor)}
     return overrides, min(math.ceil(refit_epochs * factor), overrides["epochs"])
 
@@ -75,7 +78,8 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
             "versions": library_versions()}
     inputs = {p: rows.identity(p, ("train+val", "test")) for p in phases}
     spec = {**run_spec(base=base, policy=policy, hp=hp, points=[point], inputs=inputs), "unit": "fewshot",
-            "refit_epochs": refit_epochs, "k": list(ks), "draws": draws, "pool": pool}
+            "fewshot_format": FEWSHOT_FORMAT, "refit_epochs": refit_epochs, "k": list(ks), "draws": draws,
+            "pool": pool}
     out_dir = Path(finetune_dir) / f"fewshot-{spec_hash(spec)}"
     if (out_dir / "rows.json").is_file():
         log.info("few-shot %s %s: cached result in %s", backbone.name, policy, out_dir)
@@ -90,14 +94,17 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
         if k > largest:
             log.warning("few-shot %s k=%d: the smallest class has %d images in the %s pool", policy, k, largest, pool)
             continue
-        if k * len(np.unique(labels)) == len(candidates):
+        if pool == "train+val" and k * len(np.unique(labels)) == len(candidates):
             # Every draw takes the whole pool: the fit is the chosen refit on train+val itself, so its row is
             # the curve's point (training it again would differ only in batch order).
             out.append(_refit_point(row, k=k, seed=seed, pool=pool))
             continue
         for draw in range(seed, seed + draws):
-            part = f"fewshot:{pool}:{k}:{draw}"
-            rows.add_train_part(part, candidates[draw_indices(labels, k=k, seed=draw)])
+            drawn = candidates[draw_indices(labels, k=k, seed=draw)]
+            # The part's name is the fit's key (fit_on): it names the drawn images, also on the naive path.
+            ids = spec_hash(manifest["sample_id"].to_numpy()[drawn].tolist())[:16]
+            part = f"fewshot:{pool}:{k}:{draw}:{ids}"
+            rows.add_train_part(part, drawn)
             out.append(_fit_one(exp, rows, policy=policy, point=point, refit_epochs=refit_epochs, part=part, k=k,
                                 draw=draw, seed=seed, hp=hp, names=names, backbone=backbone, pool=pool))
     if distributed.is_main():
@@ -119,7 +126,8 @@ def _refit_point(row: dict, *, k: int, seed: int, pool: str) -> dict:
 
 
 def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp, names, backbone, pool) -> dict:
-    n_full, n_k = len(rows.positions[pool]), len(rows.positions[part])
+    # The refit trained on train+val, whatever the pool the draws come from.
+    n_full, n_k = len(rows.positions["train+val"]), len(rows.positions[part])
     fits = []
     for phase, epochs in zip(parse_policy(policy).phases, refit_epochs):
         overrides, n_epochs = scaled_schedule(hp, refit_epochs=epochs, n_full=n_full, n_k=n_k)
@@ -130,6 +138,8 @@ def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp,
     t1 = time.perf_counter()
     logits = fits[-1].trainer.predict(rows.source(fits[-1].policy, "test"))
     predict_s = time.perf_counter() - t1
+    for key in [key for key in rows._memo if key[1] == part]:  # a draw's activations are read by its fit only
+        del rows._memo[key]
     y = test["label"].to_numpy(np.int64)
     pred = logits.argmax(1)
     scores = torch.softmax(torch.from_numpy(logits), 1).numpy()

@@ -24,7 +24,7 @@ def run(ctx) -> None:
     hp = {**ctx.config["finetune"], "views": finetune_views(ctx.config)}
     ecfg = ctx.config["extract"]
     weights = ecfg.get("weights", {})
-    done = []  # (row, backbone, store access) of every finished fine-tune of this split seed
+    done, loaded = [], {}  # this seed's finished fine-tune rows (rank 0); backbone name -> (backbone, store), every rank
     for name in ecfg["backbones"]:
         try:
             backbone = load_backbone(name, weights_file=weights.get(name))
@@ -36,6 +36,7 @@ def run(ctx) -> None:
         # The store the extract stage filled; its settings are the ones that made the rows.
         store = StoreAccess(root=ctx.store_dir, settings=pass_settings(ecfg, device=ctx.device),
                             view_seed=ecfg["view_seed"], weights_file=weights.get(name))
+        loaded[name] = (backbone, store)
         for policy in hp["policies"]:
             try:
                 rows = run_finetune(backbone=backbone, policy=policy, manifest_path=ctx.manifest_path,
@@ -49,21 +50,20 @@ def run(ctx) -> None:
                 continue
             if rows:
                 append_rows(ctx.results_path, rows)
-                done += [(r, backbone, store) for r in rows]
+                done += rows
     if hp["fewshot_draws"] and ctx.config["classify"]["fewshot"]["k"]:
-        _chosen_fewshot(done, ctx=ctx, hp=hp, device=device)
+        _chosen_fewshot(done, loaded, ctx=ctx, hp=hp, device=device)
 
 
-def _chosen_fewshot(done: list, *, ctx, hp: dict, device: str) -> None:
-    """The few-shot curve of this seed's val-chosen fine-tune (over every backbone and policy)."""
+def _chosen_fewshot(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) -> None:
+    """The few-shot curve of this seed's val-chosen fine-tune (over every backbone and policy). Rank 0 holds the
+    rows and chooses; under torchrun every rank trains, so the chosen row is sent to all."""
     from finetune.fewshot import run_fewshot
 
-    best = val_best([r for r, _, _ in done]) if done else None
-    choice = distributed.broadcast_object(None if best is None else next(i for i, d in enumerate(done) if d[0] is best)
-                                          if distributed.is_main() else None)
-    if choice is None:
+    row = distributed.broadcast_object((val_best(done) if done else None) if distributed.is_main() else None)
+    if row is None:
         return
-    row, backbone, store = done[choice]
+    backbone, store = loaded[row["backbone"]]
     few = ctx.config["classify"]["fewshot"]
     log.info("few-shot curve of the val-chosen fine-tune: %s %s, val %.4f", row["backbone"], row["method"],
              row["val_mean_per_class"])

@@ -445,10 +445,13 @@ def fewshot_arm_lines(arms: pd.DataFrame) -> list[str]:
         verdict = "The two arms measured no k in common, so their curves cannot be compared point by point."
     return out + [f"{verdict} Each split seed's curve is that seed's val-chosen variant of each arm (the chosen head "
                   "over every backbone and feature set, the chosen fine-tune over every backbone and policy), refit "
-                  "with its chosen settings, so the variants above can differ between seeds; at each k both arms "
-                  "train on the same drawn images (same draw seeds), and the fine-tune keeps the chosen refit's "
-                  "optimizer-step count (its epochs scaled by train+val images / (k x classes)). n counts distinct "
-                  "fits (split seeds x draws; identical fits once).", ""]
+                  "with its chosen settings, so the variants above can differ between seeds. The fine-tune's draws "
+                  "are the head arm's first ones (same draw seeds, so the same images; the head arm may take more "
+                  "draws, as it is cheap), and the fine-tune keeps the chosen refit's optimizer-step count (its "
+                  "epochs scaled by the ratio of steps per epoch). Where k takes every train+val image, the point "
+                  "is the chosen model itself. n counts distinct fits (split seeds x draws; identical fits once); "
+                  "the means are of unpaired fits, with no test of significance: read a gap within the sd as a "
+                  "tie.", ""]
 
 
 def chosen_model(inp: ReportInputs) -> ResultRow | None:

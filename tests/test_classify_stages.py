@@ -55,19 +55,21 @@ def test_the_stages_set_is_pooled_beside_the_mean_of_the_cut(stored, data_root):
     model = bb.model.eval()
     seen = {}
     model.blocks[5].register_forward_hook(lambda m, i, o: seen.__setitem__("x", o))
-    first = manifest.iloc[0]
-    x = eval_transform(bb.data_config)(load_rgb(data_root / first["path"]))[None]
-    with torch.no_grad():
-        model(x)
-    row = np.flatnonzero((fs.sample_id == first["sample_id"]) & (fs.view == 0))[0]
-    ref = seen["x"].mean(dim=(2, 3))[0].numpy()
-    np.testing.assert_allclose(fs.features[row, 1280:], ref, rtol=0, atol=5e-3)  # the cut is stored float16
+    for m, view in ((0, 0), (len(manifest) - 1, 0), (len(manifest) // 2, -1)):  # first, last, a mirror
+        sample = manifest.iloc[m]
+        x = eval_transform(bb.data_config)(load_rgb(data_root / sample["path"]))[None]
+        with torch.no_grad():
+            model(torch.flip(x, dims=[-1]) if view == -1 else x)
+        row = np.flatnonzero((fs.sample_id == sample["sample_id"]) & (fs.view == view))[0]
+        ref = seen["x"].mean(dim=(2, 3))[0].numpy()
+        np.testing.assert_allclose(fs.features[row, 1280:], ref, rtol=0, atol=5e-3)  # the cut is stored float16
 
 
 def test_the_pass_stores_the_last1_cut_when_the_heads_ask_for_stages():
     cfg = load_config(overrides=['finetune.policies=["head"]', 'classify.feature_sets=["clean", "stages"]'])
     assert cut_policies(cfg) == ["head", CUT]
-    assert cut_policies(load_config(overrides=['finetune.policies=["head"]'])) == ["head"]
+    assert cut_policies(load_config(overrides=['finetune.policies=["head"]', 'classify.feature_sets=["clean"]'])) \
+        == ["head"]
 
 
 def test_the_classify_stage_offers_stages_to_every_head_and_predict_refuses_it(stored, tmp_path, tiny_manifest):

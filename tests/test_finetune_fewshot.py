@@ -21,9 +21,12 @@ pytestmark = pytest.mark.needs_data
 
 
 def test_the_schedule_keeps_the_refits_optimizer_steps():
-    hp = {"epochs": 15, "warmup_epochs": 1}
+    hp = {"epochs": 15, "warmup_epochs": 1, "batch_size": 32}
     overrides, epochs = scaled_schedule(hp, refit_epochs=6, n_full=3810, n_k=127)
-    assert overrides == {"epochs": 450, "warmup_epochs": 30} and epochs == 180  # 6 epochs x 30 = 180
+    assert overrides == {"epochs": 450, "warmup_epochs": 30} and epochs == 180  # 120 vs 4 steps an epoch: x 30
+    # Steps, not images: 129 images are 5 batches of 32, so 3810 images' 120 steps are 24 epochs of them.
+    overrides, epochs = scaled_schedule(hp, refit_epochs=6, n_full=3810, n_k=129)
+    assert overrides == {"epochs": 360, "warmup_epochs": 24} and epochs == 144
     assert scaled_schedule(hp, refit_epochs=6, n_full=100, n_k=100) == ({"epochs": 15, "warmup_epochs": 1}, 6)
 
 
@@ -71,11 +74,12 @@ def test_fewshot_retrains_the_chosen_recipe_on_the_head_arms_draws(lite0, setup,
             "fewshot", "ft:last:1", 0, 4 * r["k_per_class"], 16)
         assert {k: r["hyperparams"][k] for k in point} == point
         # The refit's steps: refit epochs x (32 train+val images / 4k), capped by the stretched schedule.
-        n_k = 4 * r["k_per_class"]
-        expected = min(math.ceil(refit[0] * 32 / n_k), math.ceil(hp["epochs"] * 32 / n_k))
+        factor = math.ceil(32 / hp["batch_size"]) / math.ceil(4 * r["k_per_class"] / hp["batch_size"])
+        expected = min(math.ceil(refit[0] * factor), math.ceil(hp["epochs"] * factor))
         assert r["hyperparams"]["epochs"] == [expected]
         # The images trained on are the ones the head arm draws with the same seed from the same pool.
-        drawn = parts[f"fewshot:train+val:{r['k_per_class']}:{r['seed']}"]
+        (drawn,) = [pos for name, pos in parts.items()
+                    if name.startswith(f"fewshot:train+val:{r['k_per_class']}:{r['seed']}:")]
         want = trainval[draw_indices(manifest["label"].to_numpy()[trainval], k=r["k_per_class"], seed=r["seed"])]
         assert np.array_equal(drawn, want)
     draws = {r["seed"]: r["test_pred"] for r in rows if r["k_per_class"] == 1}

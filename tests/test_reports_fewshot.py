@@ -135,7 +135,7 @@ def test_the_section_compares_the_arms_and_says_where_they_cross():
     assert [table[k]["fine-tune − head (pts)"] for k in table] == ["-25.0", "+6.0", "+3.0", "–"]
     assert "efficientnet_lite2 svm (aug)" in table["1"]["variants"] and "ft:last:1" in table["1"]["variants"]
     assert "Fine-tuning overtakes the frozen-feature head from k = 5 images per class." in md
-    assert "val-chosen variant of each arm" in md and "same drawn images" in md and "optimizer-step count" in md
+    assert "val-chosen variant of each arm" in md and "same images" in md and "optimizer-step count" in md
     detail = table_after(md, FEWSHOT_DETAIL)
     assert {(c["arm"], c["k per class"]) for c in detail} >= {("fine-tune", "20"), ("frozen features + head", "1")}
     assert md.index("head arm: mean per-class") < md.index(FEWSHOT_DETAIL) < md.index("![Few-shot curves]")
