@@ -42,7 +42,7 @@ def cut_policies(config: dict) -> list[str]:
     ft = config["finetune"]
     policies = list(ft["policies"]) if ft["prefix_cache"] else []
     # The heads' 'stages' feature set pools the last:1 cut: the same pass stores it.
-    if STAGES in config["classify"]["feature_sets"] and CUT not in policies:
+    if STAGES in config.get("classify", {}).get("feature_sets", ()) and CUT not in policies:
         policies.append(CUT)
     return policies
 

@@ -37,6 +37,7 @@ from study.atomic import write_text_atomic
 from study.hashing import spec_hash
 from study.precision import resolve_precision
 from study.provenance import git_sha
+from study.results import append_skip
 
 log = logging.getLogger(__name__)
 # Bump when the draws, the step scaling or the reuse of the refit row change what a curve holds.
@@ -60,7 +61,8 @@ def scaled_schedule(hp: dict, *, refit_epochs: int, n_full: int, n_k: int) -> tu
 
 
 def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
-                finetune_dir: Path, store, ks: list[int], draws: int, pool: str) -> list[dict]:
+                finetune_dir: Path, store, ks: list[int], draws: int, pool: str,
+                run_dir: Path | None = None) -> list[dict]:
     """The few-shot rows of the fine-tune ``row`` chose (rank 0; others return [])."""
     manifest = read_manifest(manifest_path)
     names = class_names(manifest)
@@ -93,6 +95,10 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
     for k in ks:
         if k > largest:
             log.warning("few-shot %s k=%d: the smallest class has %d images in the %s pool", policy, k, largest, pool)
+            if run_dir is not None and distributed.is_main():
+                append_skip(run_dir, stage="finetune", what=f"{backbone.name} ft:{policy} few-shot k={k}",
+                            reason=f"the smallest class has {largest} images in the '{pool}' pool",
+                            fix="lower classify.fewshot.k")
             continue
         if pool == "train+val" and k * len(np.unique(labels)) == len(candidates):
             # Every draw takes the whole pool: the fit is the chosen refit on train+val itself, so its row is

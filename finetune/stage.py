@@ -69,6 +69,6 @@ def _chosen_fewshot(done: list[dict], loaded: dict, *, ctx, hp: dict, device: st
              row["val_mean_per_class"])
     rows = run_fewshot(backbone=backbone, row=row, manifest_path=ctx.manifest_path, data_root=ctx.data_root, hp=hp,
                        seed=ctx.seed, device=device, finetune_dir=ctx.finetune_dir, store=store, ks=few["k"],
-                       draws=hp["fewshot_draws"], pool=few["pool"])
+                       draws=hp["fewshot_draws"], pool=few["pool"], run_dir=ctx.run_dir)
     if rows:
         append_rows(ctx.results_path, rows)
