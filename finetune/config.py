@@ -51,6 +51,9 @@ def _views(key: str, value):
 SCHEMA = {
     "policies": Field(["head", "last:1", "last:2"], list_of(_unfreeze_policy, min_len=1),
                       "unfreeze policies: 'head', 'last:k', 'all'"),
+    # The backbones to fine-tune, a subset of extract.backbones ([] = all of them): on a CPU, where a
+    # fine-tune costs far more than a head, the heads can cover every backbone and fine-tuning fewer.
+    "backbones": Field([], list_of(is_str), "backbones to fine-tune ([] = every extract.backbones entry)"),
     "epochs": Field(15, int_range(1)),
     "optimizer": Field("adamw", one_of("adamw", "sgd")),
     "lr": Field(1e-3, float_range(1e-7, 10.0), "head learning rate (peak, after warm-up); a grid axis overrides it"),

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 # The layout and key format of finetune/ (2: a grid chosen on val, refit on train+val, fits/<key>/).
 FIT_FORMAT = 2
 # Keys of the [finetune] section that do not change a fit's numbers (so they stay out of its key).
-NOT_NUMERIC = ("policies", "num_workers", "grid", "fewshot_draws")
+NOT_NUMERIC = ("policies", "num_workers", "grid", "fewshot_draws", "backbones")
 SPLITS = ("train", "val", "test")
 
 

@@ -105,6 +105,10 @@ def check_config(config: dict) -> None:
         if len(set(parts)) != len(parts):
             raise ConfigError(f"config key 'classify.fusions[{i}]' has value {parts!r}; allowed: two or more "
                               "different backbone names")
+    unknown = [b for b in config["finetune"]["backbones"] if b not in backbones]
+    if unknown:
+        raise ConfigError(f"config key 'finetune.backbones' has value {config['finetune']['backbones']!r}; allowed: "
+                          f"names from extract.backbones {backbones} ({unknown} are not)")
     for name in config["extract"]["weights"]:
         if name not in backbones:
             raise ConfigError(f"config key 'extract.weights.{name}' names a backbone that is not in "

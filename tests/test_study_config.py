@@ -39,3 +39,14 @@ def test_override_values_are_toml_or_bare_strings():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_finetune_backbones_must_be_extracted_backbones_and_default_to_all():
+    from study.config import load_config
+    from study.schema import ConfigError
+
+    assert load_config()["finetune"]["backbones"] == []
+    assert load_config(overrides=['finetune.backbones=["efficientnet_lite1"]'])["finetune"]["backbones"] == [
+        "efficientnet_lite1"]
+    with pytest.raises(ConfigError, match=r"finetune.backbones.*resnet18"):
+        load_config(overrides=['finetune.backbones=["resnet18"]'])
