@@ -61,7 +61,11 @@ def fewshot_pool(data: HeadData, *, pool: str) -> Rows:
 
 def max_k(pool: Rows) -> int:
     ids, first = np.unique(pool.sample_id, return_index=True)
-    labels = pool.y[first]
+    return smallest_class(pool.y[first])
+
+
+def smallest_class(labels: np.ndarray) -> int:
+    """Images in the smallest class present in ``labels`` (one label per image): the largest k a draw can take."""
     return int(np.bincount(labels)[np.unique(labels)].min())
 
 

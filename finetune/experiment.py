@@ -272,6 +272,26 @@ class _Experiment:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def experiment_inputs(*, backbone, phases, manifest, hp: dict, seed: int, device: str, store: StoreAccess,
+                      data_root: Path, rebuild: bool = False) -> tuple[_Rows, dict]:
+    """The rows a fine-tune's phases read (their store entries made whole) and the key fields every fit shares."""
+    # The cached path wherever the policy has a frozen prefix (``all`` and last:k >= n_units read images).
+    n_classes = len(class_names(manifest))
+    with_prefix = [p for p in phases if hp["prefix_cache"]
+                   and build_split_net(backbone, policy=p, n_classes=n_classes).prefix_names]
+    stores = _stores(backbone=backbone, policies=with_prefix, manifest=manifest, hp=hp, access=store,
+                     data_root=data_root, rebuild=rebuild)
+    rows = _Rows(backbone=backbone, manifest=manifest, hp=hp, data_root=data_root, stores=stores,
+                 view_seed=store.view_seed)
+    base = {"kind": "finetune", "format": FORMAT_VERSION, "fit_format": FIT_FORMAT, "backbone": backbone.spec,
+            "augment": policy_spec(hp["augment"]), "seed": seed, "manifest_hash": manifest_hash(manifest),
+            # What "auto" trains in here, and on what kind of device: a copied --out on a bf16 CPU or a GPU
+            # trains anew instead of reusing fp32 CPU results.
+            "precision": resolve_precision(hp["precision"], device), "device": torch.device(device).type,
+            "versions": library_versions()}
+    return rows, base
+
+
 def run_spec(*, base: dict, policy: str, hp: dict, points: list[dict], inputs: dict) -> dict:
     """What a fine-tune's row depends on: the recipe, the grid it chose among, the content identity of every
     store row it reads (test included; None on the naive path), so changed activations redo what read them."""
@@ -290,19 +310,8 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
     manifest = read_manifest(manifest_path)
     mhash, names = manifest_hash(manifest), class_names(manifest)
     phases = parse_policy(policy).phases
-    # The cached path wherever the policy has a frozen prefix (``all`` and last:k >= n_units read images).
-    with_prefix = [p for p in phases if hp["prefix_cache"]
-                   and build_split_net(backbone, policy=p, n_classes=len(names)).prefix_names]
-    stores = _stores(backbone=backbone, policies=with_prefix, manifest=manifest, hp=hp, access=store,
-                     data_root=Path(data_root), rebuild=rebuild)
-    rows = _Rows(backbone=backbone, manifest=manifest, hp=hp, data_root=Path(data_root), stores=stores,
-                 view_seed=store.view_seed)
-    base = {"kind": "finetune", "format": FORMAT_VERSION, "fit_format": FIT_FORMAT, "backbone": backbone.spec,
-            "augment": policy_spec(hp["augment"]), "seed": seed, "manifest_hash": mhash,
-            # What "auto" trains in here, and on what kind of device: a copied --out on a bf16 CPU or a GPU
-            # trains anew instead of reusing fp32 CPU results.
-            "precision": resolve_precision(hp["precision"], device), "device": torch.device(device).type,
-            "versions": library_versions()}
+    rows, base = experiment_inputs(backbone=backbone, phases=phases, manifest=manifest, hp=hp, seed=seed,
+                                   device=device, store=store, data_root=Path(data_root), rebuild=rebuild)
     points = grid_points(hp, policy)
     inputs = {p: rows.identity(p, ("train+val", "val", "test")) for p in phases}
     spec = run_spec(base=base, policy=policy, hp=hp, points=points, inputs=inputs)

@@ -24,18 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classify.fewshot import draw_indices
+from classify.fewshot import draw_indices, smallest_class
 from classify.metrics import evaluate
 from dataset.manifest import class_names, manifest_hash, read_manifest
-from dataset.transforms import policy_spec
-from extract.store import FORMAT_VERSION, library_versions
-from finetune.experiment import FIT_FORMAT, _Experiment, _Rows, _stores, choose, phase_params, run_spec
-from finetune.model import build_split_net, count_params
+from finetune.experiment import _Experiment, choose, experiment_inputs, phase_params, run_spec
+from finetune.model import count_params
 from finetune.unfreeze import parse_policy
 from study import distributed
 from study.atomic import write_text_atomic
 from study.hashing import spec_hash
-from study.precision import resolve_precision
 from study.provenance import git_sha
 from study.results import append_skip
 
@@ -68,16 +65,8 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
     names = class_names(manifest)
     policy, point, refit_epochs = chosen_recipe(row)
     phases = parse_policy(policy).phases
-    with_prefix = [p for p in phases if hp["prefix_cache"]
-                   and build_split_net(backbone, policy=p, n_classes=len(names)).prefix_names]
-    stores = _stores(backbone=backbone, policies=with_prefix, manifest=manifest, hp=hp, access=store,
-                     data_root=Path(data_root), rebuild=False)
-    rows = _Rows(backbone=backbone, manifest=manifest, hp=hp, data_root=Path(data_root), stores=stores,
-                 view_seed=store.view_seed)
-    base = {"kind": "finetune", "format": FORMAT_VERSION, "fit_format": FIT_FORMAT, "backbone": backbone.spec,
-            "augment": policy_spec(hp["augment"]), "seed": seed, "manifest_hash": manifest_hash(manifest),
-            "precision": resolve_precision(hp["precision"], device), "device": torch.device(device).type,
-            "versions": library_versions()}
+    rows, base = experiment_inputs(backbone=backbone, phases=phases, manifest=manifest, hp=hp, seed=seed,
+                                   device=device, store=store, data_root=Path(data_root))
     inputs = {p: rows.identity(p, ("train+val", "test")) for p in phases}
     spec = {**run_spec(base=base, policy=policy, hp=hp, points=[point], inputs=inputs), "unit": "fewshot",
             "fewshot_format": FEWSHOT_FORMAT, "refit_epochs": refit_epochs, "k": list(ks), "draws": draws,
@@ -90,7 +79,7 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
                       finetune_dir=Path(finetune_dir), rows=rows, base=base, on_epoch_end=None)
     candidates = rows.positions[pool]
     labels = manifest["label"].to_numpy(np.int64)[candidates]
-    largest = int(np.bincount(labels)[np.unique(labels)].min())
+    largest = smallest_class(labels)
     out = []
     for k in ks:
         if k > largest:
