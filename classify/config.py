@@ -31,6 +31,8 @@ SCHEMA = {
     # OpenBLAS threads while fitting heads (0 = the library default). On the shared 2-core box one
     # thread fits a Caltech LR ~20x faster than two (0.6 s vs 13 s): spinning BLAS threads starve.
     "blas_threads": Field(1, int_range(0, 256)),
+    # Heads fitted at once, each in its own process (0 = one per usable CPU core, 1 = in this process).
+    "n_jobs": Field(0, int_range(0, 256)),
     "lr": {
         "C": Field(LR_C_GRID, _C_LIST, "inverse regularisation strengths, swept in ascending order with warm starts"),
         "power": Field([0.5], _POWER_LIST, "signed power per feature, before norm (1 = unchanged)"),
@@ -62,5 +64,8 @@ SCHEMA = {
         # The few-shot heads reuse the full set's val-chosen hyperparameters, so val is not needed
         # for selection and may join the pool; that makes k = 30 the standard Caltech protocol.
         "pool": Field("train+val", one_of("train", "train+val"), "the labelled images the k per class are drawn from"),
+        # Both arms' curves retrain per k and draw; a fine-tune's costs as much as its full refit (its steps
+        # are matched), so on a CPU drawing them on the first split seed only is most of a study's saving.
+        "split_seeds": Field("all", one_of("all", "first"), "the split seeds that draw few-shot curves (both arms)"),
     },
 }

@@ -31,6 +31,13 @@ class FewShotFit:
     model: object
 
 
+def curve_on_seed(config: dict) -> bool:
+    """Whether this split seed (``config["seed"]``) draws the few-shot curves: every seed, or only the first
+    of ``seeds`` with ``classify.fewshot.split_seeds = "first"``."""
+    seeds = list(config.get("seeds") or [config["seed"]])
+    return config["classify"]["fewshot"]["split_seeds"] == "all" or config["seed"] == seeds[0]
+
+
 def draw_indices(labels: np.ndarray, *, k: int, seed: int) -> np.ndarray:
     """Positions of ``k`` items of every class in ``labels``, drawn without replacement with a seeded generator.
     Both arms draw through this on the same candidates in the same (manifest) order, so a draw seed gives

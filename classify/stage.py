@@ -9,17 +9,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from classify import selection
 from classify.features import FEATURE_SETS, head_data
-from classify.fewshot import fewshot_pool, fit_fewshot, max_k
+from classify.fewshot import curve_on_seed, fewshot_pool, fit_fewshot, max_k
 from classify.heads import blas_threads, count_parameters, head_grid
 from classify.metrics import evaluate
 from classify.selection import HeadData
@@ -50,15 +52,15 @@ def run(ctx) -> None:
             Store.open(Path(ctx.out_dir) / entry["store"]), manifest=manifest, views=ecfg["views"], tta=ecfg["tta"],
             policy=ecfg["policy"], view_seed=ecfg["view_seed"])
     extra = {e["backbone"]: _stages_set(e, cfg=cfg, ecfg=ecfg, manifest=manifest, ctx=ctx) for e in entries}
-    candidates = []  # (head row, the FeatureSet it read)
+    tasks, sets_of = [], {}
     for backbone, fs in [*loaded.items(), *_fused_sets(cfg["fusions"], loaded, run_dir=ctx.run_dir)]:
-        sets = {"clean": fs, "aug": fs, **(extra.get(backbone) or {})}
-        with blas_threads(cfg["blas_threads"]):
-            rows = classify_features(fs, backbone=backbone, manifest=manifest, cfg=cfg, seed=ctx.seed,
-                                     heads_dir=ctx.heads_dir, run_dir=ctx.run_dir, extra=extra.get(backbone) or {})
-        candidates += [(r, sets[r["feature_set"]]) for r in rows if r["kind"] == "head"]
-        log.info("classify %s: %d rows appended to %s", backbone, len(rows), ctx.results_path)
-    if cfg["fewshot"]["k"] and candidates:
+        sets_of[backbone] = {"clean": fs, "aug": fs, **(extra.get(backbone) or {})}
+        tasks += head_tasks(fs, backbone=backbone, manifest=manifest, cfg=cfg, seed=ctx.seed, run_dir=ctx.run_dir,
+                            extra=extra.get(backbone) or {})
+    rows = fit_heads(tasks, cfg=cfg, heads_dir=ctx.heads_dir, results_path=Path(ctx.run_dir) / "results.jsonl")
+    candidates = [(r, sets_of[r["backbone"]][r["feature_set"]]) for r in rows if r["kind"] == "head"]
+    log.info("classify: %d head rows appended to %s", len(rows), ctx.results_path)
+    if cfg["fewshot"]["k"] and candidates and curve_on_seed(ctx.config):
         with blas_threads(cfg["blas_threads"]):
             _chosen_fewshot(candidates, manifest=manifest, cfg=cfg, ctx=ctx)
 
@@ -132,35 +134,72 @@ def read_features_index(run_dir: Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
-def classify_features(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, seed: int, heads_dir: Path,
-                      run_dir: Path, extra: dict | None = None) -> list[dict]:
-    """All heads and feature sets (then the few-shot curve) for one feature cache; rows are appended
-    to ``run_dir/results.jsonl`` as each head finishes, so an interrupted stage loses at most one head.
-    ``extra`` maps a feature set name to its own FeatureSet (``stages``), read like ``clean``."""
+@dataclass(frozen=True)
+class HeadTask:
+    """One head to fit: its method and feature set, the rows it reads and what it is scored with."""
+    method: str
+    feature_set: str
+    data: HeadData
+    job: HeadJob
+
+
+def head_tasks(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, seed: int, run_dir: Path,
+               extra: dict | None = None) -> list[HeadTask]:
+    """Every head and feature set of one feature cache, in config order (a set that cannot be built is a
+    recorded skip). ``extra`` maps a feature set name to its own FeatureSet (``stages``), read like ``clean``."""
     extra = extra or {}
     job = HeadJob(backbone=backbone, fs=fs, seed=seed, n_boot=cfg["bootstrap"],
                   class_names=tuple(class_names(manifest)), manifest_hash=manifest_hash(manifest))
-    all_rows, datasets = [], {}
+    tasks = []
     # A set with a FeatureSet of its own exists for single backbones only (a fused set has no 'stages').
-    names = [f for f in cfg["feature_sets"] if f in extra or f in FEATURE_SETS]
-    tasks = [(fset, method) for fset in names for method in cfg["heads"]]
-    for feature_set, method in tqdm(tasks, desc=f"heads {backbone}", unit="head"):
+    for feature_set in [f for f in cfg["feature_sets"] if f in extra or f in FEATURE_SETS]:
         set_job = dataclasses.replace(job, fs=extra[feature_set]) if feature_set in extra else job
         try:
             # Built once per feature set: it copies the features (and averages the mirror views in).
-            if feature_set not in datasets:
-                datasets[feature_set] = head_data(set_job.fs, manifest,
-                                                  feature_set="clean" if feature_set in extra else feature_set)
-            data = datasets[feature_set]
+            data = head_data(set_job.fs, manifest, feature_set="clean" if feature_set in extra else feature_set)
         except ValueError as exc:
-            append_skip(run_dir, stage="classify", what=f"{backbone} {method} {feature_set}", reason=str(exc),
-                        fix="set extract.views >= 1, or drop 'aug' from classify.feature_sets")
+            for method in cfg["heads"]:
+                append_skip(run_dir, stage="classify", what=f"{backbone} {method} {feature_set}", reason=str(exc),
+                            fix="set extract.views >= 1, or drop 'aug' from classify.feature_sets")
             continue
-        rows = cached_head(method, feature_set=feature_set, data=data, head_cfg=cfg[method], heads_dir=heads_dir,
-                           job=set_job)
-        append_rows(Path(run_dir) / "results.jsonl", rows)
+        # A head reads its HeadData; of the FeatureSet it keeps only the identity, spec and per-row costs,
+        # so a worker process is not sent every stored feature again.
+        lean = dataclasses.replace(set_job, fs=dataclasses.replace(set_job.fs, features=set_job.fs.features[:0]))
+        tasks += [HeadTask(method=method, feature_set=feature_set, data=data, job=lean) for method in cfg["heads"]]
+    return tasks
+
+
+def n_workers(n_jobs: int, n_tasks: int) -> int:
+    """Head-fitting processes: ``n_jobs``, or (0) one per usable CPU core; never more than there are heads."""
+    if not n_jobs:
+        n_jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_jobs, n_tasks))
+
+
+def fit_heads(tasks: list[HeadTask], *, cfg: dict, heads_dir: Path, results_path: Path) -> list[dict]:
+    """Fit (or reuse) every task's head, ``classify.n_jobs`` processes at a time, each with
+    ``classify.blas_threads`` BLAS threads: the heads are independent, and one head's solvers (lbfgs,
+    libsvm, a kNN query) keep about one core busy. Rows are appended to ``results_path`` in task order as
+    they arrive, so an interrupted stage loses only the heads in flight (each finished head is saved in
+    its own dir by the process that fitted it)."""
+    n = n_workers(cfg["n_jobs"], len(tasks))
+    log.info("classify: %d heads on %d process(es), %d BLAS thread(s) each", len(tasks), n, cfg["blas_threads"])
+    results = Parallel(n_jobs=n, return_as="generator")(
+        delayed(_fit_task)(t, head_cfg=cfg[t.method], heads_dir=heads_dir, blas=cfg["blas_threads"]) for t in tasks)
+    all_rows = []
+    for task, rows in tqdm(zip(tasks, results), total=len(tasks), desc="heads", unit="head"):
+        append_rows(results_path, rows)
+        for r in rows:
+            log.info("%s %s %s: val %.4f -> test mean per-class %.4f (%s)", r["backbone"], r["method"],
+                     r["feature_set"], r["val_mean_per_class"], r["metrics"]["mean_per_class"], r["hyperparams"])
         all_rows += rows
     return all_rows
+
+
+def _fit_task(task: HeadTask, *, head_cfg: dict, heads_dir: Path, blas: int) -> list[dict]:
+    with blas_threads(blas):
+        return cached_head(task.method, feature_set=task.feature_set, data=task.data, head_cfg=head_cfg,
+                           heads_dir=heads_dir, job=task.job)
 
 
 def cached_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict, heads_dir: Path,
@@ -206,7 +245,9 @@ def _fit_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict, 
 def cached_fewshot(params: dict, *, method: str, feature_set: str, data: HeadData, fewshot_cfg: dict, head_cfg: dict,
                    heads_dir: Path, run_dir: Path, job: HeadJob) -> list:
     seed = job.seed
-    settings = {method: head_cfg, "chosen": params, "fewshot": fewshot_cfg}
+    # Which split seeds draw curves decides whether this one runs, not what it computes.
+    settings = {method: head_cfg, "chosen": params,
+                "fewshot": {k: v for k, v in fewshot_cfg.items() if k != "split_seeds"}}
     head_dir = Path(heads_dir) / head_key(features_key=job.fs.key, kind="fewshot", method=method,
                                           feature_set=feature_set, settings=settings, seed=seed, n_boot=job.n_boot)
     rows = cached_rows(head_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from classify.fewshot import curve_on_seed
 from extract.backbones import WeightsUnavailable, load_backbone
 from finetune.experiment import StoreAccess, run_finetune
 from finetune.model import PolicyNotApplicable
@@ -52,7 +53,7 @@ def run(ctx) -> None:
             if rows:
                 append_rows(ctx.results_path, rows)
                 done += rows
-    if hp["fewshot_draws"] and ctx.config["classify"]["fewshot"]["k"]:
+    if hp["fewshot_draws"] and ctx.config["classify"]["fewshot"]["k"] and curve_on_seed(ctx.config):
         _chosen_fewshot(done, loaded, ctx=ctx, hp=hp, device=device)
 
 

@@ -5,8 +5,11 @@ from classify.config import SCHEMA
 from study.schema import validate
 
 # Small grids so that a full sweep of every head on 4 classes takes a second or two.
+# One process (n_jobs=1), so that a test's monkeypatch reaches the fitting code; tests of the parallel path
+# ask for more.
 SMALL_CONFIG = {
     "bootstrap": 50,
+    "n_jobs": 1,
     "lr": {"C": [0.01, 0.1, 1.0, 10.0], "norm": ["standard", "l2"], "max_iter": 200},
     "svm": {"kernel": ["linear", "rbf"], "C": [0.1, 1.0], "norm": ["standard"]},
     "knn": {"k": [1, 3], "metric": ["cosine", "euclidean"], "weights": ["distance"], "norm": ["l2"]},

@@ -11,7 +11,7 @@ import classify.stage
 from classify.store import load_head
 from study.context import StudyContext
 from study.results import REQUIRED_KEYS, read_rows, read_skips, val_best
-from tests.classify_fixtures import EXTRACT_CONFIG, small_classify_config, tiny_lite0_features
+from tests.classify_fixtures import EXTRACT_CONFIG, SMALL_CONFIG, small_classify_config, tiny_lite0_features
 
 pytestmark = pytest.mark.needs_data
 
@@ -21,10 +21,11 @@ def features(tmp_path_factory, tiny_manifest):
     return tiny_lite0_features(tmp_path_factory, tiny_manifest)
 
 
-def make_ctx(out, name, *, tiny_manifest, features, classify_cfg):
+def make_ctx(out, name, *, tiny_manifest, features, classify_cfg, seeds=None):
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True)
-    ctx = StudyContext(config={"seed": 0, "classify": classify_cfg, "extract": EXTRACT_CONFIG}, data_root=out,
+    config = {"seed": 0, "classify": classify_cfg, "extract": EXTRACT_CONFIG, **({"seeds": seeds} if seeds else {})}
+    ctx = StudyContext(config=config, data_root=out,
                        out_dir=out, run_dir=run_dir, device="cpu")
     if not ctx.manifest_path.is_file():
         ctx.dataset_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,9 @@ def make_ctx(out, name, *, tiny_manifest, features, classify_cfg):
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, tiny_manifest, features):
     out = tmp_path_factory.mktemp("classify_out")
-    ctx = make_ctx(out, "a", tiny_manifest=tiny_manifest, features=features, classify_cfg=small_classify_config())
+    # Two worker processes: the reruns below fit in this process (n_jobs=1) and must find the same rows.
+    ctx = make_ctx(out, "a", tiny_manifest=tiny_manifest, features=features,
+                   classify_cfg=small_classify_config(n_jobs=2))
     classify.stage.run(ctx)
     return ctx, read_rows(ctx.results_path)
 
@@ -157,11 +160,27 @@ def test_changing_one_heads_settings_refits_only_that_head(first_run, tiny_manif
 
 
 def test_rows_are_deterministic_apart_from_wall_time(first_run, tiny_manifest, features, tmp_path):
+    """A fresh fit in this process gives the rows two worker processes gave (in the same order)."""
     _, rows = first_run
     ctx = make_ctx(tmp_path, "d", tiny_manifest=tiny_manifest, features=features, classify_cfg=small_classify_config())
     classify.stage.run(ctx)
     timeless = lambda r: {k: v for k, v in r.items() if k not in ("train_s", "predict_s")}  # noqa: E731
     assert [timeless(r) for r in read_rows(ctx.results_path)] == [timeless(r) for r in rows]
+
+
+@pytest.mark.parametrize("seeds", [[0, 3], [3, 0]])
+def test_split_seeds_first_draws_the_fewshot_curve_on_the_first_split_seed_only(first_run, tiny_manifest, features,
+                                                                                 seeds, monkeypatch):
+    ctx, rows = first_run
+    monkeypatch.setattr(classify.stage, "fit_fewshot", lambda *a, **k: pytest.fail("the curve was not reused"))
+    cfg = small_classify_config(fewshot={**SMALL_CONFIG["fewshot"], "split_seeds": "first"})
+    run = make_ctx(ctx.out_dir, f"seeds-{seeds[0]}", tiny_manifest=tiny_manifest, features=features, classify_cfg=cfg,
+                   seeds=seeds)
+    classify.stage.run(run)
+    few = [r for r in read_rows(run.results_path) if r["kind"] == "fewshot"]
+    # Split seed 0 is first in [0, 3]: its curve (cached under a key without split_seeds) is the first run's.
+    assert few == ([r for r in rows if r["kind"] == "fewshot"] if seeds[0] == 0 else [])
+    assert len([r for r in read_rows(run.results_path) if r["kind"] == "head"]) == 6
 
 
 def test_missing_features_index_says_to_run_extract(tmp_path):
