@@ -97,7 +97,7 @@ def make_plan(ctxs: list) -> Plan:
             stored=len(keys) - len(missing), img_per_s=rate, throughput_from=source,
             heads=n_heads if "classify" in stages else 0,
             finetunes=[f"{p} x{len(ctxs)} seeds" for p in ctx.config["finetune"]["policies"]]
-            if "finetune" in stages else []))
+            if "finetune" in stages and name in (ctx.config["finetune"]["backbones"] or cfg["backbones"]) else []))
     plan.fused_heads = len(classify_cfg["fusions"]) * n_heads if "classify" in stages else 0
     return plan
 
