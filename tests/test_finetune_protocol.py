@@ -43,7 +43,7 @@ def test_probe_policy_stores_its_cut_once():
 
 
 def test_grid_config_and_points():
-    cfg = load_config()["finetune"]
+    cfg = load_config("configs/gpu.toml")["finetune"]  # the full study sweeps both axes
     assert len(cfg["grid"]["lr"]) >= 2 and len(cfg["grid"]["backbone_lr_mult"]) >= 2
     hp = {**cfg, "grid": {"backbone_lr_mult": [0.1, 0.3], "lr": [1e-3, 3e-3]}}
     # lr is the outer axis whatever the table's order; each point names both learning rates.

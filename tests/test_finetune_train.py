@@ -168,7 +168,7 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
         'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
         'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1", "finetune.batch_size=8",
         "finetune.lr=3e-3", "finetune.grid={}", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
-        'extract.precision="fp32"', "finetune.fewshot_draws=0"])
+        'extract.precision="fp32"', "finetune.fewshot_draws=0", "finetune.backbones=[]"])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
     (row,) = read_rows(ctx.results_path)
@@ -225,3 +225,29 @@ def test_changed_store_bytes_retrain_what_read_them(runs, lite0, hp, dirs, tiny_
                         store=dataclasses.replace(dirs["store"], root=tmp_path / "store"),
                         on_epoch_end=lambda e, s: epochs.append(e))
     assert epochs and rows[0]["run_key"] != runs["head"][0]["run_key"]
+
+
+def test_stage_draws_no_fewshot_curve_on_a_later_split_seed_with_split_seeds_first(runs, dirs, tiny_manifest,
+                                                                                   data_root, tmp_path, monkeypatch):
+    import finetune.fewshot
+    from finetune import stage
+    from study.context import StudyContext
+    from study.results import read_rows
+
+    out_dir = dirs["finetune_dir"].parent
+    (out_dir / "dataset").mkdir(exist_ok=True)
+    (out_dir / "dataset" / "manifest.csv").write_bytes(tiny_manifest.read_bytes())
+    called = []
+    monkeypatch.setattr(finetune.fewshot, "run_fewshot", lambda **kw: called.append(kw["seed"]) or [])
+    for split_seeds, expected in (("first", []), ("all", [0])):
+        config = load_config(overrides=[
+            'extract.backbones=["efficientnet_lite0"]', 'finetune.policies=["head"]', "finetune.epochs=3",
+            "finetune.views=1", "finetune.batch_size=8", "finetune.lr=3e-3", "finetune.grid={}", "finetune.n_boot=20",
+            "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "finetune.fewshot_draws=1",
+            f'classify.fewshot.split_seeds="{split_seeds}"', "seeds=[5, 0]", "seed=0"])
+        called.clear()
+        ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / split_seeds,
+                           device="cpu")
+        stage.run(ctx)  # split seed 0 is the second of seeds = [5, 0]
+        assert called == expected
+        assert read_rows(ctx.results_path) == runs["head"]
