@@ -38,6 +38,20 @@ def curve_on_seed(config: dict) -> bool:
     return config["classify"]["fewshot"]["split_seeds"] == "all" or config["seed"] == seeds[0]
 
 
+def like_for_like(rows: list[dict], config: dict) -> list[dict]:
+    """The head rows the few-shot curve may choose from: with the fine-tune arm on fewer backbones
+    (``finetune.backbones``), only heads on those backbones' features (a fused set only when all its parts
+    are fine-tuned), so the two arms' curves differ in how the features are used, not in which network made
+    them; every row when the arms cover the same backbones or none is left."""
+    tuned = config.get("finetune", {}).get("backbones") or []
+    if not tuned or "finetune" not in config.get("stages", ()):
+        return rows
+    def parts(name: str) -> list[str]:
+        return name.removeprefix("fused:").split("+") if name.startswith("fused:") else [name]
+    kept = [r for r in rows if set(parts(r["backbone"])) <= set(tuned)]
+    return kept or rows
+
+
 def draw_indices(labels: np.ndarray, *, k: int, seed: int) -> np.ndarray:
     """Positions of ``k`` items of every class in ``labels``, drawn without replacement with a seeded generator.
     Both arms draw through this on the same candidates in the same (manifest) order, so a draw seed gives

@@ -172,17 +172,29 @@ class GramSVC(ClassifierMixin, BaseEstimator):
         self.support_vectors_ = X[self.svc_.support_]
         self.n_fit_rows_ = len(X)
         self.classes_ = self.svc_.classes_
-        self.coef_ = None
-        if self.kernel == "linear" and len(self.classes_) > 2:
-            # libsvm keeps the support vectors grouped by class, in the order of dual_coef_'s columns.
-            pairs = _one_vs_one_coef(self.svc_.dual_coef_, self.svc_.n_support_, self.support_vectors_)
-            self.coef_ = np.vstack(pairs).astype(np.float32)
-            n = len(self.classes_)
-            self.pairs_ = np.array([(i, j) for i in range(n) for j in range(i + 1, n)])
-            self.pair_sign_ = np.zeros((len(self.pairs_), n), dtype=np.float32)
-            self.pair_sign_[np.arange(len(self.pairs_)), self.pairs_[:, 0]] = 1.0
-            self.pair_sign_[np.arange(len(self.pairs_)), self.pairs_[:, 1]] = -1.0
         return self
+
+    def _primal(self) -> tuple | None:
+        """(one-vs-one weights, pair classes, pair-to-class signs) of a linear multi-class fit, built at the
+        first prediction and never pickled (a saved head stays its support vectors: 8,001 x 1,280 float32
+        weights are 41 MB); None where libsvm predicts (RBF, two classes)."""
+        if self.kernel != "linear" or len(self.classes_) <= 2:
+            return None
+        if getattr(self, "_primal_cache", None) is None:
+            # libsvm keeps the support vectors grouped by class, in the order of dual_coef_'s columns.
+            coef = np.vstack(_one_vs_one_coef(self.svc_.dual_coef_, self.svc_.n_support_, self.support_vectors_))
+            n = len(self.classes_)
+            pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n)])
+            sign = np.zeros((len(pairs), n), dtype=np.float32)
+            sign[np.arange(len(pairs)), pairs[:, 0]] = 1.0
+            sign[np.arange(len(pairs)), pairs[:, 1]] = -1.0
+            self._primal_cache = (coef.astype(np.float32), pairs, sign)
+        return self._primal_cache
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_primal_cache", None)
+        return state
 
     def _test_gram(self, X) -> np.ndarray:
         # libsvm reads only the support columns; the others may stay zero.
@@ -192,15 +204,16 @@ class GramSVC(ClassifierMixin, BaseEstimator):
 
     def _ovo(self, X) -> np.ndarray:
         """libsvm's one-vs-one decision values (pair (i, j) > 0 votes for i), from the primal weights."""
-        return np.asarray(X, dtype=np.float32) @ self.coef_.T + self.svc_.intercept_.astype(np.float32)
+        coef = self._primal()[0]
+        return np.asarray(X, dtype=np.float32) @ coef.T + self.svc_.intercept_.astype(np.float32)
 
     def _chunks(self, X, fn) -> np.ndarray:
-        # 8,001 pairs x 2,048 rows of float32 is 66 MB: the test set goes through in slices.
-        return np.concatenate([fn(X[lo:lo + 2048]) for lo in range(0, len(X), 2048)]) if len(X) else fn(X)
+        # 8,001 pairs x 512 rows: ~16 MB of decision values and ~33 MB of int64 winners per slice.
+        return np.concatenate([fn(X[lo:lo + 512]) for lo in range(0, len(X), 512)]) if len(X) else fn(X)
 
     def _votes(self, dec: np.ndarray, *, ties_to_first: bool) -> np.ndarray:
-        n = len(self.classes_)
-        wins = np.where(dec >= 0 if ties_to_first else dec > 0, self.pairs_[:, 0], self.pairs_[:, 1])
+        pairs, n = self._primal()[1], len(self.classes_)
+        wins = np.where(dec >= 0 if ties_to_first else dec > 0, pairs[:, 0], pairs[:, 1])
         flat = (np.arange(len(wins))[:, None] * n + wins).ravel()
         return np.bincount(flat, minlength=len(wins) * n).reshape(len(wins), n)
 
@@ -208,16 +221,16 @@ class GramSVC(ClassifierMixin, BaseEstimator):
         # scikit-learn's _ovr_decision_function (votes plus bounded summed confidences), with its loop
         # over the 8,001 pairs as one product with the +1/-1 pair-to-class matrix.
         dec = self._ovo(X)
-        confidence = dec @ self.pair_sign_
+        confidence = dec @ self._primal()[2]
         return self._votes(dec, ties_to_first=True) + confidence / (3 * (np.abs(confidence) + 1))
 
     def decision_function(self, X) -> np.ndarray:
-        if self.coef_ is None:
+        if self._primal() is None:
             return self.svc_.decision_function(self._test_gram(X))
         return self._chunks(X, self._ovr)
 
     def predict(self, X) -> np.ndarray:
-        if self.coef_ is None:
+        if self._primal() is None:
             return self.svc_.predict(self._test_gram(X))
         # libsvm's vote: pair (i, j) goes to i when its value is > 0; the first of tied classes wins (argmax).
         votes = self._chunks(X, lambda part: self._votes(self._ovo(part), ties_to_first=False))

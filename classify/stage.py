@@ -9,11 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import joblib
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from classify import selection
 from classify.features import FEATURE_SETS, head_data
-from classify.fewshot import curve_on_seed, fewshot_pool, fit_fewshot, max_k
+from classify.fewshot import curve_on_seed, fewshot_pool, fit_fewshot, like_for_like, max_k
 from classify.heads import blas_threads, count_parameters, head_grid
 from classify.metrics import evaluate
 from classify.selection import HeadData
@@ -67,8 +67,9 @@ def run(ctx) -> None:
 
 def _chosen_fewshot(candidates: list[tuple[dict, FeatureSet]], *, manifest, cfg: dict, ctx) -> None:
     """The few-shot curve of the arm's val-chosen head (over every backbone, fused set, head and feature set
-    of this split seed): its method, settings and feature set refit on k images per class."""
-    best = val_best([r for r, _ in candidates])
+    of this split seed, or those of the fine-tuned backbones: ``like_for_like``): its method, settings and
+    feature set refit on k images per class."""
+    best = val_best(like_for_like([r for r, _ in candidates], ctx.config))
     row, fs = next((r, f) for r, f in candidates if r is best)
     data = head_data(fs, manifest, feature_set="aug" if row["feature_set"] == "aug" else "clean")
     job = HeadJob(backbone=row["backbone"], fs=fs, seed=ctx.seed, n_boot=cfg["bootstrap"],
@@ -170,10 +171,9 @@ def head_tasks(fs, *, backbone: str, manifest: pd.DataFrame, cfg: dict, seed: in
 
 
 def n_workers(n_jobs: int, n_tasks: int) -> int:
-    """Head-fitting processes: ``n_jobs``, or (0) one per usable CPU core; never more than there are heads."""
-    if not n_jobs:
-        n_jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n_jobs, n_tasks))
+    """Head-fitting processes: ``n_jobs``, or (0) one per usable CPU core (joblib's count, which reads the
+    affinity mask and a container's CPU quota); never more than there are heads."""
+    return max(1, min(n_jobs or joblib.cpu_count(), n_tasks))
 
 
 def fit_heads(tasks: list[HeadTask], *, cfg: dict, heads_dir: Path, results_path: Path) -> list[dict]:
@@ -184,8 +184,10 @@ def fit_heads(tasks: list[HeadTask], *, cfg: dict, heads_dir: Path, results_path
     its own dir by the process that fitted it)."""
     n = n_workers(cfg["n_jobs"], len(tasks))
     log.info("classify: %d heads on %d process(es), %d BLAS thread(s) each", len(tasks), n, cfg["blas_threads"])
+    level = logging.getLogger().getEffectiveLevel()
     results = Parallel(n_jobs=n, return_as="generator")(
-        delayed(_fit_task)(t, head_cfg=cfg[t.method], heads_dir=heads_dir, blas=cfg["blas_threads"]) for t in tasks)
+        delayed(_fit_task)(t, head_cfg=cfg[t.method], heads_dir=heads_dir, blas=cfg["blas_threads"],
+                           log_level=level if n > 1 else None) for t in tasks)
     all_rows = []
     for task, rows in tqdm(zip(tasks, results), total=len(tasks), desc="heads", unit="head"):
         append_rows(results_path, rows)
@@ -196,7 +198,9 @@ def fit_heads(tasks: list[HeadTask], *, cfg: dict, heads_dir: Path, results_path
     return all_rows
 
 
-def _fit_task(task: HeadTask, *, head_cfg: dict, heads_dir: Path, blas: int) -> list[dict]:
+def _fit_task(task: HeadTask, *, head_cfg: dict, heads_dir: Path, blas: int, log_level: int | None) -> list[dict]:
+    if log_level is not None and not logging.getLogger().handlers:  # a fresh worker process: log as the study does
+        logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     with blas_threads(blas):
         return cached_head(task.method, feature_set=task.feature_set, data=task.data, head_cfg=head_cfg,
                            heads_dir=heads_dir, job=task.job)

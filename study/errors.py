@@ -25,6 +25,10 @@ class WriteFailed(StudyError):
         what = f"cannot write {path}" if path else "cannot write under --out"
         super().__init__(f"{what} ({exc.strerror or exc}): free disk space or fix the folder's permissions, then "
                          "rerun the same command; finished work is kept")
+        self._exc = exc
+
+    def __reduce__(self):  # raised in a head-fitting worker process, it must arrive whole in the parent
+        return type(self), (self.path, self._exc)
 
 
 def is_write_fault(exc: BaseException) -> bool:

@@ -1,6 +1,8 @@
 """Model selection on real Lite0 features of 4 Caltech classes: test rows never reach fitting or selection."""
 import dataclasses
 
+import pickle
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -151,8 +153,15 @@ def test_gram_svc_matches_libsvm_with_its_own_kernel(features, manifest, kernel)
     X, X_test = scaler.transform(data.train.X), scaler.transform(data.test.X)
     ours = GramSVC(C=0.5, kernel=kernel).fit(X, data.train.y)
     theirs = SVC(C=0.5, kernel=kernel, gamma="scale").fit(X, data.train.y)
+    # Past one 512-row slice of the primal path (linear, 4 classes; RBF goes through libsvm).
+    X_test = np.concatenate([X_test] * (600 // len(X_test) + 1))
+    assert (ours._primal() is not None) == (kernel == "linear")
     assert np.array_equal(ours.predict(X_test), theirs.predict(X_test))
     np.testing.assert_allclose(ours.decision_function(X_test), theirs.decision_function(X_test), rtol=1e-3, atol=1e-3)
+    # A saved head keeps no primal weights and rebuilds the same ones when it predicts again.
+    loaded = pickle.loads(pickle.dumps(ours))
+    assert "_primal_cache" not in vars(loaded)
+    assert np.array_equal(loaded.predict(X_test), theirs.predict(X_test))
 
 
 def test_signed_power_keeps_the_sign_and_rejects_out_of_range_powers():

@@ -200,3 +200,16 @@ def test_features_from_another_manifest_are_refused(features, tiny_manifest):
     relabelled = manifest.assign(label=np.roll(manifest["label"].to_numpy(), 1))
     with pytest.raises(ValueError, match="labels disagree"):
         head_data(features, relabelled, feature_set="clean")
+
+
+def test_fewshot_head_is_chosen_among_the_fine_tuned_backbones_when_the_arms_differ():
+    from classify.fewshot import like_for_like
+
+    rows = [{"backbone": b} for b in ("efficientnet_lite0", "efficientnet_lite2", "fused:efficientnet_lite0+efficientnet_lite2",
+                                      "fused:efficientnet_lite0+efficientnet_lite1")]
+    config = {"stages": ["classify", "finetune"], "finetune": {"backbones": ["efficientnet_lite0", "efficientnet_lite1"]}}
+    assert [r["backbone"] for r in like_for_like(rows, config)] == [
+        "efficientnet_lite0", "fused:efficientnet_lite0+efficientnet_lite1"]
+    assert like_for_like(rows, {**config, "finetune": {"backbones": []}}) == rows  # [] = every backbone fine-tuned
+    assert like_for_like(rows, {**config, "stages": ["classify"]}) == rows  # no fine-tune arm to match
+    assert like_for_like(rows, {**config, "finetune": {"backbones": ["resnet50"]}}) == rows  # none left: all
