@@ -47,6 +47,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--backbone-lr-mult", type=float, default=0.1)
     p.add_argument("--augment", default="light")
+    p.add_argument("--grid", default=None, help="the fine-tune grid as a TOML inline table, e.g. '{lr=[3e-3, 1e-2]}' "
+                   "(default: the config's, lr [1e-3, 3e-3] x backbone_lr_mult [0.1, 0.3])")
     p.add_argument("--precision", default="auto",
                    help="training precision and the store pass's (bf16 speeds a CPU pass ~2x; changes numerics)")
     p.add_argument("--cut-dtype", default="float16", choices=("float16", "float32"),
@@ -58,7 +60,8 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     out, data_root = Path(args.out), Path(args.data_root)
-    config = load_config(REPO / "configs" / "caltech101.toml")
+    config = load_config(REPO / "configs" / "caltech101.toml",
+                         overrides=[f"finetune.grid={args.grid}"] if args.grid else [])
     build = build_dataset(data_cfg=config["data"], data_root=data_root, out_dir=out / "caltech101", seed=0)
     manifest_path, runs_dir = build.manifest_path, out / "caltech101_finetune"
     manifest = read_manifest(manifest_path)
