@@ -243,12 +243,33 @@ def fewshot_arms(results: pd.DataFrame, rows: list[ResultRow]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=FEWSHOT_ARM_COLUMNS)
 
 
-def crossover(arms_table: pd.DataFrame) -> int | None:
-    """The smallest k at which the fine-tune arm's mean exceeds the head arm's, among the ks both arms
-    measured; None when it never does (or one arm has no curve)."""
+def paired_gaps(results: pd.DataFrame, rows: list[ResultRow]) -> dict[int, tuple[float, int]]:
+    """Per k: the fine-tune arm's minus the head arm's test mean per-class accuracy, averaged over the draws
+    both arms fitted (the same split's test set and the same draw seed, so the same drawn images), and how
+    many such draws there are. The head arm may take more draws than the fine-tune (it is cheap); comparing
+    their pooled means would set one fine-tune draw against the head's average luck."""
+    few = results[results.kind == "fewshot"]
+    fits: dict[tuple[int, str], dict] = {}
+    for i, arm, k, draw in zip(few["row"], few["arm"], few["k_per_class"], few["seed"]):
+        r = rows[int(i)]
+        fits.setdefault((int(k), arm), {})[(r.test_sample_id, int(draw))] = r.metrics.mean_per_class
+    out = {}
+    for k in sorted({k for k, _ in fits}):
+        head, ft = fits.get((k, "head"), {}), fits.get((k, "finetune"), {})
+        shared = [key for key in ft if key in head]
+        if shared:
+            out[k] = (float(np.mean([ft[key] - head[key] for key in shared])), len(shared))
+    return out
+
+
+def crossover(arms_table: pd.DataFrame, paired: dict[int, tuple[float, int]] | None = None) -> int | None:
+    """The smallest k at which the fine-tune arm is ahead of the head arm, among the ks both arms measured:
+    on the draws both fitted where ``paired`` (``paired_gaps``) has any for that k, else by the arms' pooled
+    means; None when it never is (or one arm has no curve)."""
     means = {arm: dict(zip(part.k_per_class.astype(int), part["mean"])) for arm, part in arms_table.groupby("arm")}
     head, ft = means.get("head", {}), means.get("finetune", {})
-    ahead = [k for k in sorted(set(head) & set(ft)) if ft[k] > head[k]]
+    paired = paired or {}
+    ahead = [k for k in sorted(set(head) & set(ft)) if (paired[k][0] > 0 if k in paired else ft[k] > head[k])]
     return ahead[0] if ahead else None
 
 

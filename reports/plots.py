@@ -239,7 +239,7 @@ def per_class_accuracy(per_class: pd.DataFrame, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def fewshot_curves(arms: pd.DataFrame, path: Path) -> Path:
+def fewshot_curves(arms: pd.DataFrame, path: Path, paired: dict | None = None) -> Path:
     """Each arm's few-shot curve (``reports.collect.fewshot_arms``): mean ± sd over distinct fits of test
     mean per-class accuracy against training images per class, log k, and a dotted line where the
     fine-tune's mean first exceeds the head's."""
@@ -250,7 +250,7 @@ def fewshot_curves(arms: pd.DataFrame, path: Path) -> Path:
             continue
         ax.errorbar(part["k_per_class"], part["mean"], yerr=part["sd"].astype(float).fillna(0).to_numpy(),
                     marker="o", capsize=3, color=KIND_COLOURS[arm], label=f"{ARM_NAMES[arm]} (val-chosen)")
-    k0 = crossover(arms)
+    k0 = crossover(arms, paired)  # the report's verdict: on the draws both arms fitted, where there are any
     if k0 is not None:
         ax.axvline(k0, color="grey", linestyle=":", label=f"fine-tuning ahead from k = {k0}")
     ks = sorted(set(arms["k_per_class"].astype(int)))

@@ -15,8 +15,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports.collect import (best_overall, chosen_per_seed, crossover, fewshot_arms, fewshot_table, main_results,
-                             rows_of, summary_table, val_ties, verdicts)
+from reports.collect import (
+    best_overall,
+    chosen_per_seed,
+    crossover,
+    fewshot_arms,
+    fewshot_table,
+    main_results,
+    paired_gaps,
+    rows_of,
+    summary_table,
+    val_ties,
+    verdicts,
+)
 from study.results import ResultRow
 
 PUBLISHED = [
@@ -395,7 +406,7 @@ def section_fewshot(inp: ReportInputs) -> list[str]:
         return out + ["No few-shot results in this run.", ""]
     arms = fewshot_arms(inp.results, inp.rows)
     if set(arms.arm) >= {"head", "finetune"}:
-        out += fewshot_arm_lines(arms)
+        out += fewshot_arm_lines(arms, paired_gaps(inp.results, inp.rows))
     few = inp.results[inp.results.kind == "fewshot"]
     arm_of = dict(zip(few.method, few.arm))
     body = [[_kind_name(arm_of[r.method]), r.backbone, r.method, r.feature_set, str(r.k_per_class),
@@ -410,9 +421,10 @@ def section_fewshot(inp: ReportInputs) -> list[str]:
     return out
 
 
-def fewshot_arm_lines(arms: pd.DataFrame) -> list[str]:
+def fewshot_arm_lines(arms: pd.DataFrame, paired: dict | None = None) -> list[str]:
     """The arms' few-shot curves side by side (``reports.collect.fewshot_arms``) and where, if anywhere,
-    the fine-tune's mean overtakes the head's."""
+    the fine-tune overtakes the head: on the draws both arms fitted (``paired_gaps``) where there are any."""
+    paired = paired or {}
     by = {arm: {int(r.k_per_class): r for _, r in part.iterrows()} for arm, part in arms.groupby("arm")}
     head, ft = by.get("head", {}), by.get("finetune", {})
 
@@ -423,15 +435,16 @@ def fewshot_arm_lines(arms: pd.DataFrame) -> list[str]:
     for k in sorted(set(head) | set(ft)):
         h, f = head.get(k), ft.get(k)
         if h is not None and f is not None:
-            gaps[k] = float(f["mean"] - h["mean"])
+            gaps[k] = paired[k][0] if k in paired else float(f["mean"] - h["mean"])
         present = [(a, r) for a, r in (("head", h), ("finetune", f)) if r is not None]
-        body.append([str(k), cell(h), cell(f), f"{100 * gaps[k]:+.1f}" if k in gaps else "–",
+        compared = (f"{paired[k][1]} paired" if k in paired else "pooled means") if k in gaps else "–"
+        body.append([str(k), cell(h), cell(f), f"{100 * gaps[k]:+.1f}" if k in gaps else "–", compared,
                      "; ".join(f"{_kind_name(a)}: {r.variants}" for a, r in present),
                      "; ".join(f"{_kind_name(a)}: {r.rows}" for a, r in present)])
     out = md_table(["k per class", "head arm: mean per-class % (mean ± sd, n)",
-                    "fine-tune arm: mean per-class % (mean ± sd, n)", "fine-tune − head (pts)", "variants", "rows"],
-                   body)
-    k0 = crossover(arms)
+                    "fine-tune arm: mean per-class % (mean ± sd, n)", "fine-tune − head (pts)", "draws compared",
+                    "variants", "rows"], body)
+    k0 = crossover(arms, paired)
     if k0 is not None:
         behind = [k for k, g in gaps.items() if k > k0 and g <= 0]
         verdict = (f"Fine-tuning overtakes the frozen-feature head from k = {k0} images per class"
@@ -450,8 +463,9 @@ def fewshot_arm_lines(arms: pd.DataFrame) -> list[str]:
                   "draws, as it is cheap), and the fine-tune keeps the chosen refit's optimizer-step count (its "
                   "epochs scaled by the ratio of steps per epoch). Where k takes every train+val image, the point "
                   "is the chosen model itself. n counts distinct fits (split seeds x draws; identical fits once); "
-                  "the means are of unpaired fits, with no test of significance: read a gap within the sd as a "
-                  "tie.", ""]
+                  "the gap and the verdict compare the two arms on the draws both fitted (same split seed and draw "
+                  "seed: the same images; 'paired'), and fall back to the arms' pooled means where they share none. "
+                  "There is no test of significance: read a gap within the sd as a tie.", ""]
 
 
 def chosen_model(inp: ReportInputs) -> ResultRow | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dataset.manifest import read_manifest
 from reports import plots
-from reports.collect import fewshot_arms, main_results, per_class_table, results_table
+from reports.collect import fewshot_arms, main_results, paired_gaps, per_class_table, results_table
 from reports.render import ReportInputs, chosen_model, read_run_inputs, render, section_provenance
 from study.atomic import write_text_atomic
 from study.results import read_results, read_skips
@@ -69,7 +69,7 @@ def make_figures(inp: ReportInputs, *, run_dir: Path, dataset_dir: Path) -> dict
         figures["training_curves"] = plots.training_curves(curves, run_dir / "training_curves.png").name
     arms = fewshot_arms(inp.results, inp.rows)
     if not arms.empty:
-        figures["fewshot"] = plots.fewshot_curves(arms, run_dir / "fewshot.png").name
+        figures["fewshot"] = plots.fewshot_curves(arms, run_dir / "fewshot.png", paired_gaps(inp.results, inp.rows)).name
     return figures
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from reports import plots
-from reports.collect import crossover, fewshot_arms, results_table
+from reports.collect import crossover, fewshot_arms, paired_gaps, results_table
 from reports.render import FEWSHOT_DETAIL, ReportInputs, section_fewshot
 from reports.stage import build_report
 from study.results import ResultRow, append_rows
@@ -267,3 +267,24 @@ def test_fewshot_figure_is_drawn_from_the_arms_table(tmp_path):
     _assert_png(plots.fewshot_curves(fewshot_arms(results, rows), tmp_path / "few.png"))
     rows, results = _typed(_fewshot_rows({key: v for key, v in CURVES.items() if key[0] == "head"}))
     _assert_png(plots.fewshot_curves(fewshot_arms(results, rows), tmp_path / "head_only.png"))
+
+
+def test_the_verdict_compares_the_arms_on_the_draws_both_fitted():
+    """Three head draws, one fine-tune draw: pooled, the head's lucky draws put it ahead; on the draw both arms
+    fitted (same split seed, same draw seed: the same images) the fine-tune is ahead, and that decides."""
+    curves = {("head", 1): [(0, 0, 0.50, None), (0, 1, 0.70, None), (0, 2, 0.72, None)],
+              ("finetune", 1): [(0, 0, 0.55, None)],
+              ("head", 5): [(0, 0, 0.80, None), (0, 1, 0.90, None)],
+              ("finetune", 5): [(0, 0, 0.78, None)]}
+    rows, results = _typed(_fewshot_rows(curves))
+    arms = fewshot_arms(results, rows)
+    assert crossover(arms) is None  # pooled means: 0.64 vs 0.55 at k = 1
+    paired = paired_gaps(results, rows)
+    assert paired == {1: (pytest.approx(0.05), 1), 5: (pytest.approx(-0.02), 1)}
+    assert crossover(arms, paired) == 1
+    md = _section(curves)
+    table = {c["k per class"]: c for c in table_after(md, "### Few-shot curves")}
+    assert [table[k]["fine-tune − head (pts)"] for k in ("1", "5")] == ["+5.0", "-2.0"]
+    assert [table[k]["draws compared"] for k in ("1", "5")] == ["1 paired", "1 paired"]
+    assert "Fine-tuning overtakes the frozen-feature head from k = 1 images per class (but not at every larger k: " \
+           "it is not ahead at k = 5)." in md
