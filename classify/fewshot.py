@@ -43,12 +43,12 @@ def like_for_like(rows: list[dict], config: dict) -> list[dict]:
     (``finetune.backbones``), only heads on those backbones' features (a fused set only when all its parts
     are fine-tuned), so the two arms' curves differ in how the features are used, not in which network made
     them; every row when the arms cover the same backbones or none is left."""
+    from classify.fusion import fused_parts  # here: classify.fusion imports the store's modules
+
     tuned = config.get("finetune", {}).get("backbones") or []
     if not tuned or "finetune" not in config.get("stages", ()):
         return rows
-    def parts(name: str) -> list[str]:
-        return name.removeprefix("fused:").split("+") if name.startswith("fused:") else [name]
-    kept = [r for r in rows if set(parts(r["backbone"])) <= set(tuned)]
+    kept = [r for r in rows if set(fused_parts(r["backbone"])) <= set(tuned)]
     return kept or rows
 
 

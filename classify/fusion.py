@@ -21,6 +21,11 @@ def fused_name(backbones: list[str]) -> str:
     return PREFIX + "+".join(backbones)
 
 
+def fused_parts(name: str) -> list[str]:
+    """The backbones a feature set's name stands for: a fused set's parts (``fused_name`` reversed), else itself."""
+    return name.removeprefix(PREFIX).split("+") if name.startswith(PREFIX) else [name]
+
+
 def fuse(parts: dict[str, FeatureSet]) -> FeatureSet:
     """The concatenation of ``parts`` (backbone -> feature set), in the given order."""
     if len(parts) < 2:

@@ -189,11 +189,9 @@ def fit_heads(tasks: list[HeadTask], *, cfg: dict, heads_dir: Path, results_path
         delayed(_fit_task)(t, head_cfg=cfg[t.method], heads_dir=heads_dir, blas=cfg["blas_threads"],
                            log_level=level if n > 1 else None) for t in tasks)
     all_rows = []
-    for task, rows in tqdm(zip(tasks, results), total=len(tasks), desc="heads", unit="head"):
+    # Each head logs its own sweep and score (or its reuse) where it is fitted: a worker logs as the study does.
+    for rows in tqdm(results, total=len(tasks), desc="heads", unit="head"):
         append_rows(results_path, rows)
-        for r in rows:
-            log.info("%s %s %s: val %.4f -> test mean per-class %.4f (%s)", r["backbone"], r["method"],
-                     r["feature_set"], r["val_mean_per_class"], r["metrics"]["mean_per_class"], r["hyperparams"])
         all_rows += rows
     return all_rows
 
