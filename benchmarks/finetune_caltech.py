@@ -31,7 +31,8 @@ from dataset.build import build_dataset  # noqa: E402
 from dataset.manifest import read_manifest, smallest_classes, write_manifest  # noqa: E402
 from extract.backbones import load_backbone  # noqa: E402
 from extract.engine import PassSettings, ensure_rows, study_requests  # noqa: E402
-from finetune.experiment import StoreAccess, run_finetune  # noqa: E402
+from finetune.ensemble import ensemble_row  # noqa: E402
+from finetune.experiment import StoreAccess, run_finetune, run_predictions  # noqa: E402
 from study.config import load_config  # noqa: E402
 from study.results import val_best  # noqa: E402
 
@@ -57,6 +58,9 @@ def main() -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="the store pass's batch size")
     p.add_argument("--classes", type=int, default=0, help="keep the N smallest classes only (0: all; a quick check)")
+    p.add_argument("--ensembles", default="", help="ensembles of fine-tunes to score and choose among with the "
+                   "single ones, e.g. 'efficientnet_lite0+efficientnet_lite2,efficientnet_lite1+efficientnet_lite2': "
+                   "each member is its backbone's val-chosen policy, their softmax averaged (finetune/ensemble.py)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     out, data_root = Path(args.out), Path(args.data_root)
@@ -78,7 +82,11 @@ def main() -> int:
     settings = PassSettings(device=args.device, precision=args.precision, cut_dtype=args.cut_dtype,
                             batch_size=args.batch_size, num_workers=args.num_workers)
     store = StoreAccess(root=out / "store", settings=settings, view_seed=0)
-    rows = []
+    ensembles = [spec.split("+") for spec in args.ensembles.split(",") if spec]
+    for parts in ensembles:
+        if len(set(parts)) < 2 or not set(parts) <= set(args.backbones.split(",")):
+            p.error(f"--ensembles {'+'.join(parts)}: allowed: two or more different names from --backbones")
+    rows, loaded = [], {}
     for name in args.backbones.split(","):
         # The extract stage's role: one pass stores every cut's missing rows (each run_finetune then finds them).
         done = ensure_rows(manifest=manifest, backbone=name, store_root=store.root, policy=hp["augment"],
@@ -86,7 +94,7 @@ def main() -> int:
                            view_seed=store.view_seed, policies=policies, settings=settings, data_root=data_root)
         print(f"{name}: activation store {store.root}: computed {done.computed} image-views now ({done.seconds:.0f}s)"
               f" for {', '.join(done.stores)}", flush=True)
-        backbone = load_backbone(name)
+        backbone = loaded[name] = load_backbone(name)
         for policy in policies:
             (row,) = run_finetune(backbone=backbone, policy=policy, manifest_path=manifest_path, data_root=data_root,
                                   hp=hp, seed=0, device=args.device, finetune_dir=runs_dir / "finetune", store=store)
@@ -96,6 +104,18 @@ def main() -> int:
                   f"{row['metrics']['mean_per_class']:.4f} top1 {row['metrics']['top1']:.4f}; train "
                   f"{row['train_s']:.0f}s (prefix cache {row['prefix_cache_s']:.0f}s), {row['epochs_run']} epochs",
                   flush=True)
+    for parts in ensembles:
+        members = []
+        for name in parts:
+            member = val_best([r for r in rows if r["backbone"] == name])  # its backbone's val-chosen policy
+            members.append((member, run_predictions(backbone=loaded[name], row=member, manifest_path=manifest_path,
+                                                    data_root=data_root, hp=hp, seed=0, device=args.device,
+                                                    finetune_dir=runs_dir / "finetune", store=store)))
+        row = ensemble_row(members, n_boot=hp["n_boot"])
+        rows.append(row)
+        print(f"{row['backbone']} {row['method']} ({row['selection']['grid'][0]['params']['members']}): val "
+              f"{row['val_mean_per_class']:.4f} test mean/class {row['metrics']['mean_per_class']:.4f} top1 "
+              f"{row['metrics']['top1']:.4f}; train {row['train_s']:.0f}s (the sum of its members')", flush=True)
     best = val_best(rows)  # chosen on val only (ties: lower val log-loss, then the earlier run)
     m = best["metrics"]
     print(f"best_ft_mean_per_class={m['mean_per_class']:.4f} best_ft={best['backbone']}:{best['method']} "

@@ -54,6 +54,10 @@ SCHEMA = {
     # The backbones to fine-tune, a subset of extract.backbones ([] = all of them): on a CPU, where a
     # fine-tune costs far more than a head, the heads can cover every backbone and fine-tuning fewer.
     "backbones": Field([], list_of(is_str), "backbones to fine-tune ([] = every extract.backbones entry)"),
+    # The fine-tune arm's counterpart of classify.fusions (finetune/ensemble.py): per split seed, each listed
+    # backbone's val-chosen fine-tune, their softmax outputs averaged, scored and chosen on val like any other.
+    "ensembles": Field([], list_of(list_of(is_str, min_len=2)),
+                       "ensembles of fine-tunes, e.g. [[\"efficientnet_lite0\", \"efficientnet_lite2\"]]"),
     "epochs": Field(15, int_range(1)),
     "optimizer": Field("adamw", one_of("adamw", "sgd")),
     "lr": Field(1e-3, float_range(1e-7, 10.0), "head learning rate (peak, after warm-up); a grid axis overrides it"),

@@ -42,6 +42,7 @@ from dataset.manifest import class_names, manifest_hash, read_manifest
 from dataset.transforms import policy_spec
 from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
 from extract.store import FORMAT_VERSION, library_versions
+from finetune.checkpoint import CheckpointDamaged, read_checkpoint, save_checkpoint
 from finetune.config import GRID_AXES
 from finetune.model import build_split_net, count_params
 from finetune.prefix_cache import part_views, read_acts
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 # The layout and key format of finetune/ (2: a grid chosen on val, refit on train+val, fits/<key>/).
 FIT_FORMAT = 2
 # Keys of the [finetune] section that do not change a fit's numbers (so they stay out of its key).
-NOT_NUMERIC = ("policies", "num_workers", "grid", "fewshot_draws", "backbones")
+NOT_NUMERIC = ("policies", "num_workers", "grid", "fewshot_draws", "backbones", "ensembles")
 SPLITS = ("train", "val", "test")
 
 
@@ -307,8 +308,81 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
     on train+val, score test once; return its results rows (rank 0).
 
     The frozen prefix's activations come from the activation store (``store``); ``hp["views"]`` is an int."""
+    run = _prepare(backbone=backbone, policy=policy, manifest_path=manifest_path, data_root=data_root, hp=hp,
+                   seed=seed, device=device, finetune_dir=finetune_dir, store=store, rebuild=rebuild)
+    rows_path = run.dir / "rows.json"
+    if rows_path.is_file() and not rebuild:
+        log.info("finetune %s %s: cached result in %s", backbone.name, policy, run.dir)
+        return json.loads(rows_path.read_text()) if distributed.is_main() else []
+    if distributed.is_main():
+        run.dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.dir / "spec.json", json.dumps(run.spec, indent=2, sort_keys=True))
+    tried, best, final = _train(run, on_epoch_end=on_epoch_end)
+    if not distributed.is_main():
+        return []
+    t1 = time.perf_counter()
+    logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
+    predict_s = time.perf_counter() - t1
+    manifest = run.manifest
+    row = _row(backbone=backbone, policy=policy, hp=hp, seed=seed, points=run.points, tried=tried, best=best,
+               final=final, rows=run.rows, logits=logits, manifest=manifest, names=class_names(manifest),
+               mhash=manifest_hash(manifest), key=run.key, inputs=run.inputs, predict_s=predict_s)
+    _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
+    write_text_atomic(rows_path, json.dumps([row]))
+    return [row]
+
+
+def run_predictions(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
+                    finetune_dir: Path, store: StoreAccess) -> dict | None:
+    """The logits behind a finished fine-tune's row (rank 0; None on other ranks): ``val_logits`` of the chosen
+    point's model trained on train (its kept epoch: what its val score was measured on), ``test_logits`` of the
+    refit that scored test, with their ``*_labels`` and ``*_sample_id``. Read from the run's sealed
+    ``predictions.pt``; when that is missing (a run finished before it was written) or damaged, recomputed
+    from the run's kept models, which resume finished, so nothing trains again. Call it on every rank."""
+    policy = row["hyperparams"]["policy"]
+    run = _prepare(backbone=backbone, policy=policy, manifest_path=manifest_path, data_root=data_root, hp=hp,
+                   seed=seed, device=device, finetune_dir=finetune_dir, store=store, rebuild=False)
+    if run.key != row["run_key"]:
+        raise ValueError(f"fine-tune {backbone.name} {policy}: this config makes run {run.key}, but the row came "
+                         f"from run {row['run_key']}; its predictions belong to that run's settings")
+    path, found = run.dir / PREDICTIONS, None
+    if distributed.is_main() and path.is_file():
+        try:
+            found = _checked_predictions(read_checkpoint(path), run=run, path=path)
+        except CheckpointDamaged as exc:
+            log.warning("%s; recomputing it from the run's kept models", exc)
+    if distributed.broadcast_object(found is not None if distributed.is_main() else None):
+        return found  # every rank agrees: nothing to recompute
+    log.info("finetune %s %s: computing the predictions of the finished run %s", backbone.name, policy, run.dir)
+    tried, best, final = _train(run, on_epoch_end=None)
+    if not distributed.is_main():
+        return None
+    logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
+    _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
+    return _checked_predictions(read_checkpoint(path), run=run, path=path)
+
+
+# What ``_prepare`` resolves: a run's inputs (its store rows made whole), grid, spec and key; nothing trains.
+@dataclass
+class _Run:
+    backbone: object
+    policy: str
+    manifest: object
+    rows: _Rows
+    base: dict
+    points: list[dict]
+    inputs: dict
+    spec: dict
+    key: str
+    dir: Path
+    hp: dict
+    seed: int
+    device: str
+    finetune_dir: Path
+
+
+def _prepare(*, backbone, policy, manifest_path, data_root, hp, seed, device, finetune_dir, store, rebuild) -> _Run:
     manifest = read_manifest(manifest_path)
-    mhash, names = manifest_hash(manifest), class_names(manifest)
     phases = parse_policy(policy).phases
     rows, base = experiment_inputs(backbone=backbone, phases=phases, manifest=manifest, hp=hp, seed=seed,
                                    device=device, store=store, data_root=Path(data_root), rebuild=rebuild)
@@ -316,34 +390,52 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
     inputs = {p: rows.identity(p, ("train+val", "val", "test")) for p in phases}
     spec = run_spec(base=base, policy=policy, hp=hp, points=points, inputs=inputs)
     key = spec_hash(spec)
-    run_dir = Path(finetune_dir) / key
-    rows_path = run_dir / "rows.json"
-    if rows_path.is_file() and not rebuild:
-        log.info("finetune %s %s: cached result in %s", backbone.name, policy, run_dir)
-        return json.loads(rows_path.read_text()) if distributed.is_main() else []
-    if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
-    exp = _Experiment(backbone=backbone, manifest=manifest, hp=hp, seed=seed, device=device,
-                      finetune_dir=Path(finetune_dir), rows=rows, base=base, on_epoch_end=on_epoch_end)
-    # 1-2: every grid point on train, scored on val; the best val score is chosen.
-    tried = [exp.select(policy, point) for point in points]
+    return _Run(backbone=backbone, policy=policy, manifest=manifest, rows=rows, base=base, points=points,
+                inputs=inputs, spec=spec, key=key, dir=Path(finetune_dir) / key, hp=hp, seed=seed, device=device,
+                finetune_dir=Path(finetune_dir))
+
+
+def _train(run: _Run, *, on_epoch_end):
+    """Protocol steps 1-3 (fits already done resume finished): every grid point on train scored on val, the
+    best chosen, refit on train+val. Returns (tried, chosen index, refit fits)."""
+    exp = _Experiment(backbone=run.backbone, manifest=run.manifest, hp=run.hp, seed=run.seed, device=run.device,
+                      finetune_dir=run.finetune_dir, rows=run.rows, base=run.base, on_epoch_end=on_epoch_end)
+    tried = [exp.select(run.policy, point) for point in run.points]
     scores = [(fits[-1].result.best_score, fits[-1].result.best_log_loss) for fits in tried]
     best = choose(scores)
-    log.info("finetune %s %s: val %s -> chose %s", backbone.name, policy,
-             [round(s, 4) for s, _ in scores], points[best])
-    # 3: the chosen point refit on train+val for its epoch counts; 4: test, once.
-    final = exp.refit(policy, points[best], tried[best])
-    if not distributed.is_main():
-        return []
-    t1 = time.perf_counter()
-    logits = final[-1].trainer.predict(rows.source(final[-1].policy, "test"))
-    predict_s = time.perf_counter() - t1
-    row = _row(backbone=backbone, policy=policy, hp=hp, seed=seed, points=points, tried=tried, best=best,
-               final=final, rows=rows, logits=logits, manifest=manifest, names=names, mhash=mhash, key=key,
-               inputs=inputs, predict_s=predict_s)
-    write_text_atomic(rows_path, json.dumps([row]))
-    return [row]
+    log.info("finetune %s %s: val %s -> chose %s", run.backbone.name, run.policy,
+             [round(s, 4) for s, _ in scores], run.points[best])
+    return tried, best, exp.refit(run.policy, run.points[best], tried[best])
+
+
+PREDICTIONS = "predictions.pt"
+
+
+def _save_predictions(run: _Run, *, chosen: _Fit, test_logits: np.ndarray) -> None:
+    """Seal the logits an ensemble of fine-tunes needs next to the row (finetune/ensemble.py)."""
+    val = run.rows.source(chosen.policy, "val")
+    val_logits = chosen.trainer.predict(val)
+    pos = run.rows.positions
+    save_checkpoint(run.dir / PREDICTIONS, {
+        "run_key": run.key,
+        "val_logits": torch.from_numpy(val_logits), "val_labels": val.labels.clone(),
+        "val_sample_id": run.manifest["sample_id"].to_numpy()[pos["val"]].tolist(),
+        "test_logits": torch.from_numpy(test_logits),
+        "test_labels": torch.from_numpy(run.manifest["label"].to_numpy(np.int64)[pos["test"]]),
+        "test_sample_id": run.manifest["sample_id"].to_numpy()[pos["test"]].tolist(),
+    })
+
+
+def _checked_predictions(payload: dict, *, run: _Run, path: Path) -> dict:
+    if payload.get("run_key") != run.key:
+        raise ValueError(f"{path} belongs to run {payload.get('run_key')}, not {run.key}; delete it to recompute it")
+    out = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in payload.items() if k != "run_key"}
+    pos = run.rows.positions
+    for split in ("val", "test"):
+        ids = run.manifest["sample_id"].to_numpy()[pos[split]].tolist()
+        if out[f"{split}_sample_id"] != ids or len(out[f"{split}_logits"]) != len(ids):
+            raise ValueError(f"{path}: its {split} rows are not this manifest's {split} split; delete it to recompute")
+    return out
 
 
 def _curve(fits: list[_Fit]) -> tuple[list[dict], int]:

@@ -1,7 +1,9 @@
-"""Finetune stage: every configured backbone x unfreeze policy, fine-tuned on the manifest's splits.
+"""Finetune stage: every configured backbone x unfreeze policy, fine-tuned on the manifest's splits, then
+the configured ensembles of those fine-tunes (``finetune.ensembles``: finetune/ensemble.py).
 
 Backbones whose weights are unavailable are recorded as skips (the run continues); finished runs are
-cached in ``ctx.finetune_dir/<run key>/`` and their rows re-appended on a rerun.
+cached in ``ctx.finetune_dir/<run key>/`` and their rows re-appended on a rerun. The few-shot curve is the
+val-chosen single fine-tune's: an ensemble's would retrain every member at every k.
 """
 from __future__ import annotations
 
@@ -53,8 +55,40 @@ def run(ctx) -> None:
             if rows:
                 append_rows(ctx.results_path, rows)
                 done += rows
+    if hp["ensembles"]:
+        _ensembles(done, loaded, ctx=ctx, hp=hp, device=device)
     if hp["fewshot_draws"] and ctx.config["classify"]["fewshot"]["k"] and curve_on_seed(ctx.config):
         _chosen_fewshot(done, loaded, ctx=ctx, hp=hp, device=device)
+
+
+def _ensembles(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) -> None:
+    """One row per configured ensemble whose backbones were all fine-tuned this seed: each member is its
+    backbone's val-chosen fine-tune (over the policies). Under torchrun every rank recomputes missing
+    predictions with rank 0, which writes the rows."""
+    from classify.fusion import fused_name
+    from finetune.ensemble import ensemble_row
+    from finetune.experiment import run_predictions
+
+    done = distributed.broadcast_object(done if distributed.is_main() else None)
+    for parts in hp["ensembles"]:
+        missing = [b for b in parts if not any(r["backbone"] == b for r in done)]
+        if missing:
+            if distributed.is_main():
+                append_skip(ctx.run_dir, stage="finetune", what=fused_name(parts), reason=f"no fine-tune of {missing}",
+                            fix="fine-tune them (finetune.backbones, their weights), or drop this ensemble")
+            log.warning("finetune: skipping the ensemble %s: no fine-tune of %s", fused_name(parts), missing)
+            continue
+        members = []
+        for name in parts:
+            row = val_best([r for r in done if r["backbone"] == name])
+            backbone, store = loaded[name]
+            members.append((row, run_predictions(backbone=backbone, row=row, manifest_path=ctx.manifest_path,
+                                                 data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=device,
+                                                 finetune_dir=ctx.finetune_dir, store=store)))
+        if distributed.is_main():
+            row = ensemble_row(members, n_boot=hp["n_boot"])
+            log.info("finetune ensemble %s: val %.4f", row["backbone"], row["val_mean_per_class"])
+            append_rows(ctx.results_path, [row])
 
 
 def _chosen_fewshot(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) -> None:

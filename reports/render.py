@@ -246,6 +246,9 @@ def section_protocol(inp: ReportInputs) -> list[str]:
     return out
 
 
+ENSEMBLE = "ft:ensemble"  # finetune.ensemble.METHOD (not imported: it would pull torch-side modules into reports)
+
+
 def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
     """One line per arm saying what it did: variants and grid sizes, what the chosen model was fit
     on, which training views it saw. Built from the rows of one split seed (every seed runs the same
@@ -277,6 +280,12 @@ def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
                    f"{total} settings tried on val in all (grid points per variant: {grid}; grids: {swept}); "
                    f"{what}{fit}; "
                    f"training views: {views}.")
+        ensembles = sorted({r.backbone for r in part if r.method == ENSEMBLE})
+        if ensembles:
+            out.append(f"- `{ENSEMBLE}` ({', '.join(f'`{b}`' for b in ensembles)}): the fine-tune arm's counterpart "
+                       "of a fused feature set — each named backbone's val-chosen fine-tune of the seed, their softmax "
+                       "outputs averaged; nothing more trains, its val score is the average's on val, its cost the "
+                       "sum of its members'.")
     if len({tuple(v) for v in fit_on.values()}) > 1:
         out.append("- **The arms' final models were fit on different data ("
                    + ", ".join(f"{_kind_name(a)}: {' / '.join(v)}" for a, v in fit_on.items())

@@ -105,6 +105,10 @@ def check_config(config: dict) -> None:
         if len(set(parts)) != len(parts):
             raise ConfigError(f"config key 'classify.fusions[{i}]' has value {parts!r}; allowed: two or more "
                               "different backbone names")
+    for i, parts in enumerate(config["finetune"]["ensembles"]):
+        if len(set(parts)) != len(parts):
+            raise ConfigError(f"config key 'finetune.ensembles[{i}]' has value {parts!r}; allowed: two or more "
+                              "different backbone names")
     unknown = [b for b in config["finetune"]["backbones"] if b not in backbones]
     if unknown:
         raise ConfigError(f"config key 'finetune.backbones' has value {config['finetune']['backbones']!r}; allowed: "

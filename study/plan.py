@@ -41,6 +41,7 @@ class BackbonePlan:
 class Plan:
     backbones: list[BackbonePlan] = field(default_factory=list)
     fused_heads: int = 0
+    ensembles: int = 0  # ensembles of fine-tunes per seed: no training, their members' outputs averaged
 
     def lines(self) -> list[str]:
         out = ["plan (before any extraction or training):"]
@@ -55,6 +56,9 @@ class Plan:
                        f"{b.heads} heads to fit; fine-tunes {', '.join(b.finetunes) or 'none'}")
         if self.fused_heads:
             out.append(f"  fused feature sets: {self.fused_heads} heads to fit")
+        if self.ensembles:
+            out.append(f"  fine-tune ensembles: {self.ensembles} per seed (nothing trains: they average their "
+                       "members' fine-tunes)")
         total = sum(b.estimate_s or 0 for b in self.backbones)
         out.append(f"  shared pass total: ~{total / 60:.1f} min (fine-tuning epochs come on top)")
         return out
@@ -99,6 +103,7 @@ def make_plan(ctxs: list) -> Plan:
             finetunes=[f"{p} x{len(ctxs)} seeds" for p in ctx.config["finetune"]["policies"]]
             if "finetune" in stages and name in (ctx.config["finetune"]["backbones"] or cfg["backbones"]) else []))
     plan.fused_heads = len(classify_cfg["fusions"]) * n_heads if "classify" in stages else 0
+    plan.ensembles = len(ctx.config["finetune"]["ensembles"]) if "finetune" in stages else 0
     return plan
 
 

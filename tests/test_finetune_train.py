@@ -168,7 +168,7 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
         'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
         'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1", "finetune.batch_size=8",
         "finetune.lr=3e-3", "finetune.grid={}", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
-        'extract.precision="fp32"', "finetune.fewshot_draws=0", "finetune.backbones=[]"])
+        'extract.precision="fp32"', "finetune.fewshot_draws=0", "finetune.backbones=[]", "finetune.ensembles=[]"])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
     (row,) = read_rows(ctx.results_path)

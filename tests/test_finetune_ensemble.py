@@ -1,0 +1,145 @@
+"""Ensembles of fine-tunes (finetune/ensemble.py) and the predictions they read (finetune.experiment.run_predictions):
+the stored logits are the very models the rows were scored with, a missing or damaged file is recomputed without
+training, the ensemble averages its members' softmax on the same images, and the stage writes it or records a skip.
+
+Small and real: the tiny 4-class Caltech manifest, EfficientNet-Lite0 and Lite1's real weights, the ``head`` policy
+(pooled features, 3 epochs, fp32)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from classify.metrics import mean_per_class_accuracy
+from extract.backbones import load_backbone
+from extract.engine import PassSettings
+from finetune import train as train_mod
+from finetune.ensemble import METHOD, ensemble_row
+from finetune.experiment import PREDICTIONS, StoreAccess, run_finetune, run_predictions
+from study.config import load_config
+from study.results import check_row
+
+NAMES = ("efficientnet_lite0", "efficientnet_lite1")
+
+
+@pytest.fixture(scope="module")
+def hp():
+    hp = load_config()["finetune"]
+    hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
+              grid={"lr": [3e-3, 1e-2]}, ensembles=[])
+    return hp
+
+
+@pytest.fixture(scope="module")
+def setup(lite0, hp, tiny_manifest, data_root, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens")
+    store = StoreAccess(root=root / "store", settings=PassSettings(precision="fp32", batch_size=16, num_workers=0,
+                                                                   progress=False))
+    backbones = {"efficientnet_lite0": lite0, "efficientnet_lite1": load_backbone("efficientnet_lite1")}
+    common = dict(manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0, device="cpu",
+                  finetune_dir=root / "finetune", store=store)
+    rows = {name: run_finetune(backbone=bb, policy="head", **common)[0] for name, bb in backbones.items()}
+    return {"root": root, "backbones": backbones, "common": common, "rows": rows}
+
+
+def _predictions(setup, name):
+    return run_predictions(backbone=setup["backbones"][name], row=setup["rows"][name], **setup["common"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_predictions_are_the_scored_models(setup, name):
+    """Val logits reproduce the row's val score (the chosen point's model trained on train), test logits its
+    test predictions (the refit)."""
+    row, p = setup["rows"][name], _predictions(setup, name)
+    assert mean_per_class_accuracy(p["val_labels"], p["val_logits"].argmax(1)) == pytest.approx(
+        row["val_mean_per_class"], abs=1e-12)
+    assert p["test_logits"].argmax(1).tolist() == row["test_pred"]
+    assert p["test_sample_id"] == row["test_sample_id"] and len(p["val_sample_id"]) == row["n_val"]
+
+
+def test_missing_or_damaged_predictions_are_recomputed_without_training(setup, monkeypatch):
+    name = "efficientnet_lite0"
+    path = setup["common"]["finetune_dir"] / setup["rows"][name]["run_key"] / PREDICTIONS
+    first = _predictions(setup, name)
+    trained = []
+    real = train_mod.Trainer.train_epoch
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    for damage in ("delete", "flip"):
+        if damage == "delete":
+            path.unlink()
+        else:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+        again = _predictions(setup, name)
+        assert path.is_file() and trained == []
+        for key in ("val_logits", "test_logits"):
+            np.testing.assert_allclose(again[key], first[key], rtol=0, atol=1e-5)
+
+
+def test_a_row_from_other_settings_is_refused(setup):
+    name = "efficientnet_lite0"
+    with pytest.raises(ValueError, match="came from run"):
+        run_predictions(backbone=setup["backbones"][name], row=setup["rows"][name],
+                        **{**setup["common"], "hp": {**setup["common"]["hp"], "label_smoothing": 0.2}})
+
+
+def test_the_ensemble_averages_its_members_softmax(setup):
+    members = [(setup["rows"][n], _predictions(setup, n)) for n in NAMES]
+    row = ensemble_row(members, n_boot=20)
+    check_row(row)
+    assert row["backbone"] == "fused:efficientnet_lite0+efficientnet_lite1" and row["method"] == METHOD
+    val = np.mean([softmax(p["val_logits"].astype(np.float64), axis=1) for _, p in members], axis=0)
+    test = np.mean([softmax(p["test_logits"].astype(np.float64), axis=1) for _, p in members], axis=0)
+    assert row["val_mean_per_class"] == pytest.approx(
+        mean_per_class_accuracy(members[0][1]["val_labels"], val.argmax(1)), abs=1e-12)
+    assert row["test_pred"] == test.argmax(1).tolist()
+    assert row["train_s"] == pytest.approx(sum(r["train_s"] for r, _ in members))
+    assert [m["backbone"] for m in row["hyperparams"]["members"]] == list(NAMES)
+    # Members whose rows are not the same images in the same order are refused, never averaged.
+    r1, p1 = members[1]
+    order = np.arange(len(p1["test_sample_id"]))[::-1]
+    shuffled = {**p1, "test_logits": p1["test_logits"][order],
+                "test_sample_id": [p1["test_sample_id"][i] for i in order]}
+    with pytest.raises(ValueError, match="test rows are not the same images"):
+        ensemble_row([members[0], (r1, shuffled)], n_boot=20)
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble_row(members[:1], n_boot=20)
+
+
+def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_manifest, data_root, tmp_path):
+    from finetune import stage
+    from study.context import StudyContext
+    from reports.render import protocol_arm_lines
+    from study.results import read_results, read_rows, read_skips
+
+    out_dir = setup["root"]  # the layout StudyContext expects: finetune/, store/, dataset/
+    (out_dir / "dataset").mkdir(exist_ok=True)
+    (out_dir / "dataset" / "manifest.csv").write_bytes(tiny_manifest.read_bytes())
+    config = load_config(overrides=[
+        f"extract.backbones={list(NAMES)}", 'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1",
+        "finetune.batch_size=8", "finetune.lr=3e-3", "finetune.grid={lr=[3e-3, 1e-2]}", "finetune.n_boot=20",
+        "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "finetune.fewshot_draws=0",
+        "finetune.backbones=[]",
+        'finetune.ensembles=[["efficientnet_lite0", "efficientnet_lite1"], ["efficientnet_lite0", "efficientnet_lite2"]]'])
+    ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
+    stage.run(ctx)
+    rows = read_rows(ctx.results_path)
+    assert rows[:2] == [setup["rows"][n] for n in NAMES]  # the cached single fine-tunes, re-appended
+    (ens,) = rows[2:]
+    expected = ensemble_row([(setup["rows"][n], _predictions(setup, n)) for n in NAMES], n_boot=20)
+    assert ens["test_pred"] == expected["test_pred"] and ens["val_mean_per_class"] == expected["val_mean_per_class"]
+    (skip,) = read_skips(ctx.run_dir)
+    assert skip["what"] == "fused:efficientnet_lite0+efficientnet_lite2" and "efficientnet_lite2" in skip["reason"]
+    # The report says what the ensemble is, next to the fine-tune arm's protocol line.
+    lines = protocol_arm_lines(read_results(ctx.results_path))
+    assert any(line.startswith("- `ft:ensemble` (`fused:efficientnet_lite0+efficientnet_lite1`)") for line in lines)
+
+
+def test_config_refuses_an_ensemble_of_one_backbone_twice():
+    from study.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"finetune\.ensembles\[0\]"):
+        load_config(overrides=['finetune.ensembles=[["efficientnet_lite0", "efficientnet_lite0"]]'])
+    with pytest.raises(ConfigError, match="finetune.ensembles"):
+        load_config(overrides=['finetune.ensembles=[["efficientnet_lite0"]]'])
