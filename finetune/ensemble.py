@@ -37,7 +37,9 @@ def ensemble_row(members: list[tuple[dict, dict]], *, n_boot: int) -> dict:
     if len(set(backbones)) != len(backbones):
         raise ValueError(f"an ensemble's members are distinct backbones, got {backbones}")
     for r, p in zip(rows[1:], preds[1:]):
-        for key in ("seed", "manifest_hash", "class_names", "test_sample_id"):
+        # What the report says of the ensemble's training data it reads off the members: they must agree.
+        for key in ("seed", "manifest_hash", "class_names", "test_sample_id", "feature_set", "tta", "fit_on", "views",
+                    "views_fresh"):
             if r[key] != first[key]:
                 raise ValueError(f"cannot ensemble {r['backbone']} with {first['backbone']}: their {key!r} differ")
         for split in ("val", "test"):
@@ -73,7 +75,8 @@ def ensemble_row(members: list[tuple[dict, dict]], *, n_boot: int) -> dict:
         "test_pred": pred.tolist(),
         "hyperparams": {"combine": "mean softmax",
                         "members": [{"backbone": r["backbone"], "method": r["method"], "run_key": r["run_key"],
-                                     "val_mean_per_class": r["val_mean_per_class"]} for r in rows]},
+                                     "val_mean_per_class": r["val_mean_per_class"], "epochs_run": r.get("epochs_run")}
+                                    for r in rows]},
         # Nothing is swept: the one "setting" is the members, each chosen on val among its backbone's policies.
         "selection": {"metric": "val_mean_per_class", "best_epoch": None, "best_score": val_score,
                       "best_log_loss": val_loss, "curve": [], "stopped_early": None,
@@ -89,7 +92,7 @@ def ensemble_row(members: list[tuple[dict, dict]], *, n_boot: int) -> dict:
         "predict_s": total("predict_s"),
         "trainable_params": total("trainable_params"),
         "total_params": total("total_params"),
-        "epochs_run": total("epochs_run"),
+        "epochs_run": None,  # per member: hyperparams.members
         "cache_key": spec_hash({"ensemble": [r["cache_key"] for r in rows]}),
         "run_key": spec_hash({"ensemble": [r["run_key"] for r in rows]}),
         "manifest_hash": first["manifest_hash"],

@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classify.metrics import evaluate
+from classify.metrics import evaluate, mean_per_class_accuracy
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from dataset.transforms import policy_spec
 from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
 from extract.store import FORMAT_VERSION, library_versions
-from finetune.checkpoint import CheckpointDamaged, read_checkpoint, save_checkpoint
+from finetune.checkpoint import read_checkpoint, save_checkpoint
 from finetune.config import GRID_AXES
 from finetune.model import build_split_net, count_params
 from finetune.prefix_cache import part_views, read_acts
@@ -204,9 +204,10 @@ def _numeric(hp: dict) -> dict:
 
 class _Experiment:
     def __init__(self, *, backbone, manifest, hp, seed, device, finetune_dir: Path, rows: _Rows, base: dict,
-                 on_epoch_end):
+                 on_epoch_end, resume_only: bool = False):
         self.backbone, self.manifest, self.hp, self.seed, self.device = backbone, manifest, hp, seed, device
         self.finetune_dir, self.rows, self.base, self.on_epoch_end = Path(finetune_dir), rows, base, on_epoch_end
+        self.resume_only = resume_only  # finished fits only: never train (finetune.train.NotFinished)
         self.n_classes = len(class_names(manifest))
         self._fits: dict[str, _Fit] = {}
 
@@ -247,10 +248,10 @@ class _Experiment:
         with lock:
             if fit_on == "train":
                 result = trainer.fit(self.rows.source(policy, "train"), self.rows.source(policy, "val"),
-                                     on_epoch_end=self.on_epoch_end)
+                                     on_epoch_end=self.on_epoch_end, resume_only=self.resume_only)
             else:
                 result = trainer.fit_fixed(self.rows.source(policy, fit_on), epochs=epochs,
-                                           on_epoch_end=self.on_epoch_end)
+                                           on_epoch_end=self.on_epoch_end, resume_only=self.resume_only)
         self._fits[key] = fit = _Fit(key=key, policy=policy, params=params, result=result, trainer=trainer)
         return fit
 
@@ -348,18 +349,18 @@ def run_predictions(*, backbone, row: dict, manifest_path: Path, data_root: Path
     path, found = run.dir / PREDICTIONS, None
     if distributed.is_main() and path.is_file():
         try:
-            found = _checked_predictions(read_checkpoint(path), run=run, path=path)
-        except CheckpointDamaged as exc:
-            log.warning("%s; recomputing it from the run's kept models", exc)
+            found = _checked_predictions(read_checkpoint(path), run=run, path=path, row=row)
+        except Exception as exc:  # damaged, stale or of another layout: never used, recomputed (all ranks)
+            log.warning("%s: %s; recomputing it from the run's kept models", path, exc)
     if distributed.broadcast_object(found is not None if distributed.is_main() else None):
         return found  # every rank agrees: nothing to recompute
     log.info("finetune %s %s: computing the predictions of the finished run %s", backbone.name, policy, run.dir)
-    tried, best, final = _train(run, on_epoch_end=None)
+    tried, best, final = _train(run, on_epoch_end=None, resume_only=True)
     if not distributed.is_main():
         return None
     logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
     _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
-    return _checked_predictions(read_checkpoint(path), run=run, path=path)
+    return _checked_predictions(read_checkpoint(path), run=run, path=path, row=row)
 
 
 # What ``_prepare`` resolves: a run's inputs (its store rows made whole), grid, spec and key; nothing trains.
@@ -395,11 +396,12 @@ def _prepare(*, backbone, policy, manifest_path, data_root, hp, seed, device, fi
                 finetune_dir=Path(finetune_dir))
 
 
-def _train(run: _Run, *, on_epoch_end):
-    """Protocol steps 1-3 (fits already done resume finished): every grid point on train scored on val, the
-    best chosen, refit on train+val. Returns (tried, chosen index, refit fits)."""
+def _train(run: _Run, *, on_epoch_end, resume_only: bool = False):
+    """Protocol steps 1-3 (fits already done resume finished; ``resume_only``: only those): every grid point on
+    train scored on val, the best chosen, refit on train+val. Returns (tried, chosen index, refit fits)."""
     exp = _Experiment(backbone=run.backbone, manifest=run.manifest, hp=run.hp, seed=run.seed, device=run.device,
-                      finetune_dir=run.finetune_dir, rows=run.rows, base=run.base, on_epoch_end=on_epoch_end)
+                      finetune_dir=run.finetune_dir, rows=run.rows, base=run.base, on_epoch_end=on_epoch_end,
+                      resume_only=resume_only)
     tried = [exp.select(run.policy, point) for point in run.points]
     scores = [(fits[-1].result.best_score, fits[-1].result.best_log_loss) for fits in tried]
     best = choose(scores)
@@ -409,6 +411,7 @@ def _train(run: _Run, *, on_epoch_end):
 
 
 PREDICTIONS = "predictions.pt"
+PREDICTIONS_FORMAT = 1
 
 
 def _save_predictions(run: _Run, *, chosen: _Fit, test_logits: np.ndarray) -> None:
@@ -417,7 +420,7 @@ def _save_predictions(run: _Run, *, chosen: _Fit, test_logits: np.ndarray) -> No
     val_logits = chosen.trainer.predict(val)
     pos = run.rows.positions
     save_checkpoint(run.dir / PREDICTIONS, {
-        "run_key": run.key,
+        "run_key": run.key, "format": PREDICTIONS_FORMAT,
         "val_logits": torch.from_numpy(val_logits), "val_labels": val.labels.clone(),
         "val_sample_id": run.manifest["sample_id"].to_numpy()[pos["val"]].tolist(),
         "test_logits": torch.from_numpy(test_logits),
@@ -426,15 +429,24 @@ def _save_predictions(run: _Run, *, chosen: _Fit, test_logits: np.ndarray) -> No
     })
 
 
-def _checked_predictions(payload: dict, *, run: _Run, path: Path) -> dict:
-    if payload.get("run_key") != run.key:
-        raise ValueError(f"{path} belongs to run {payload.get('run_key')}, not {run.key}; delete it to recompute it")
-    out = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in payload.items() if k != "run_key"}
+def _checked_predictions(payload: dict, *, run: _Run, path: Path, row: dict) -> dict:
+    """The predictions, if they are this run's, on this manifest's val and test rows, and the very models its row
+    reports: their val score is the row's, their test argmax its predictions (else ``ValueError``)."""
+    if payload.get("run_key") != run.key or payload.get("format") != PREDICTIONS_FORMAT:
+        raise ValueError(f"it belongs to run {payload.get('run_key')} (format {payload.get('format')}), not "
+                         f"{run.key} (format {PREDICTIONS_FORMAT})")
+    out = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in payload.items()
+           if k not in ("run_key", "format")}
     pos = run.rows.positions
     for split in ("val", "test"):
         ids = run.manifest["sample_id"].to_numpy()[pos[split]].tolist()
         if out[f"{split}_sample_id"] != ids or len(out[f"{split}_logits"]) != len(ids):
-            raise ValueError(f"{path}: its {split} rows are not this manifest's {split} split; delete it to recompute")
+            raise ValueError(f"its {split} rows are not this manifest's {split} split")
+    val = mean_per_class_accuracy(out["val_labels"], out["val_logits"].argmax(1))
+    if not math.isclose(val, row["val_mean_per_class"], rel_tol=0, abs_tol=1e-9) \
+            or out["test_logits"].argmax(1).tolist() != row["test_pred"]:
+        raise ValueError(f"its logits are not the models the row reports (val {val:.4f} vs the row's "
+                         f"{row['val_mean_per_class']:.4f}, or other test predictions)")
     return out
 
 

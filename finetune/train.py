@@ -29,6 +29,7 @@ from dataset.transforms import tta_views, view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.data import EpochItems, ManifestViews, persistent_loader
 from study import distributed
+from study.errors import StudyError
 from study.precision import autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,15 @@ class ImageSource:
         sampler.items = [(int(i), view) for i in shard(torch.randperm(len(self), generator=g))]
         for images, index in loader:
             yield images[:, 0], self.labels[index]
+
+
+class NotFinished(StudyError):
+    """A run asked for its finished result (``resume_only``) whose checkpoints would train further."""
+
+    def __init__(self, ckpt_dir: Path, epoch: int):
+        super().__init__(f"{ckpt_dir} is not a finished fine-tune (its resume point is after epoch {epoch}, or "
+                         "missing or damaged): its kept model is gone, so the row it made cannot be reproduced "
+                         "without training again; rerun the study with the same config to retrain it")
 
 
 @dataclass
@@ -248,12 +258,16 @@ class Trainer:
         score = mean_per_class_accuracy(source.labels.numpy(), logits.argmax(1).numpy())
         return score, float(nn.functional.cross_entropy(logits, source.labels))
 
-    def fit(self, train, val, *, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+    def fit(self, train, val, *, on_epoch_end: Callable[[int, dict], None] | None = None,
+            resume_only: bool = False) -> FitResult:
         """Train on ``train``, score every epoch on ``val``; stop after ``patience`` epochs without a better val
-        mean per-class accuracy; the model kept (and loaded at the end) is the best epoch's."""
+        mean per-class accuracy; the model kept (and loaded at the end) is the best epoch's. ``resume_only``:
+        a finished run's kept model, or ``NotFinished`` where an epoch would train."""
         hp = self.hp
         optimizer, scheduler, scaler, state = self._setup(train)
         resumed_from = state["epoch"] if state["epoch"] >= 0 else None
+        if resume_only and state["epoch"] + 1 < hp["epochs"] and state["bad_epochs"] < hp["patience"]:
+            raise NotFinished(self.ckpt_dir, state["epoch"])
         bar = tqdm(range(state["epoch"] + 1, hp["epochs"]), desc=f"finetune {hp.get('name', '')}", unit="epoch",
                    leave=False, disable=not distributed.is_main())
         for epoch in bar:
@@ -286,7 +300,8 @@ class Trainer:
                          resumed_from=resumed_from, stopped_early=len(state["history"]) < hp["epochs"],
                          best_log_loss=state["best_log_loss"])
 
-    def fit_fixed(self, train, *, epochs: int, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+    def fit_fixed(self, train, *, epochs: int, on_epoch_end: Callable[[int, dict], None] | None = None,
+                  resume_only: bool = False) -> FitResult:
         """Train exactly ``epochs`` epochs on ``train``, nothing evaluated, no early stopping: the refit (on
         train+val) of a setting chosen on val, for the epoch count val chose. The learning-rate schedule is the
         recipe's (warm-up + cosine over ``hp["epochs"]``), so the refit follows the chosen run's schedule up to
@@ -296,6 +311,8 @@ class Trainer:
             raise ValueError(f"a refit of {epochs} epochs; allowed: 1..{hp['epochs']} (finetune.epochs)")
         optimizer, scheduler, scaler, state = self._setup(train)
         resumed_from = state["epoch"] if state["epoch"] >= 0 else None
+        if resume_only and state["epoch"] + 1 < epochs:
+            raise NotFinished(self.ckpt_dir, state["epoch"])
         for epoch in range(state["epoch"] + 1, epochs):
             t0 = time.perf_counter()
             stats = self.train_epoch(train, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler)

@@ -466,7 +466,8 @@ def fewshot_arm_lines(arms: pd.DataFrame, paired: dict | None = None) -> list[st
     else:
         verdict = "The two arms measured no k in common, so their curves cannot be compared point by point."
     return out + [f"{verdict} Each split seed's curve is that seed's val-chosen variant of each arm (the chosen head "
-                  "over every backbone and feature set, the chosen fine-tune over every backbone and policy), refit "
+                  "over every backbone, fused set and feature set; the chosen fine-tune over every single backbone and "
+                  "policy: an ensemble of fine-tunes draws no curve, which would retrain every member at every k), refit "
                   "with its chosen settings, so the variants above can differ between seeds. The fine-tune's draws "
                   "are the head arm's first ones (same draw seeds, so the same images; the head arm may take more "
                   "draws, as it is cheap), and the fine-tune keeps the chosen refit's optimizer-step count (its "

@@ -109,6 +109,11 @@ def check_config(config: dict) -> None:
         if len(set(parts)) != len(parts):
             raise ConfigError(f"config key 'finetune.ensembles[{i}]' has value {parts!r}; allowed: two or more "
                               "different backbone names")
+        # The report pairs a fused head with the ensemble of the same name: the same backbones, the same order.
+        for j, fusion in enumerate(config["classify"]["fusions"]):
+            if set(fusion) == set(parts) and fusion != parts:
+                raise ConfigError(f"config key 'finetune.ensembles[{i}]' has value {parts!r}; allowed: the order of "
+                                  f"classify.fusions[{j}] {fusion!r}, so the report pairs the two in one verdict")
     unknown = [b for b in config["finetune"]["backbones"] if b not in backbones]
     if unknown:
         raise ConfigError(f"config key 'finetune.backbones' has value {config['finetune']['backbones']!r}; allowed: "

@@ -2,24 +2,28 @@
 the stored logits are the very models the rows were scored with, a missing or damaged file is recomputed without
 training, the ensemble averages its members' softmax on the same images, and the stage writes it or records a skip.
 
-Small and real: the tiny 4-class Caltech manifest, EfficientNet-Lite0 and Lite1's real weights, the ``head`` policy
-(pooled features, 3 epochs, fp32)."""
+Small and real: the tiny 4-class Caltech manifest, EfficientNet-Lite0 and Lite1's real weights, the ``head`` and
+``probe+last:1`` policies (3 epochs a phase, fp32)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy.special import softmax
 
 from classify.metrics import mean_per_class_accuracy
 from extract.backbones import load_backbone
 from extract.engine import PassSettings
 from finetune import train as train_mod
+from finetune.checkpoint import read_checkpoint, save_checkpoint
 from finetune.ensemble import METHOD, ensemble_row
 from finetune.experiment import PREDICTIONS, StoreAccess, run_finetune, run_predictions
+from finetune.train import NotFinished
 from study.config import load_config
-from study.results import check_row
+from study.results import check_row, val_best
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite1")
+POLICIES = ("head", "probe+last:1")  # probe+last:1: two phases, the chosen model is phase 2's
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +42,30 @@ def setup(lite0, hp, tiny_manifest, data_root, tmp_path_factory):
     backbones = {"efficientnet_lite0": lite0, "efficientnet_lite1": load_backbone("efficientnet_lite1")}
     common = dict(manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0, device="cpu",
                   finetune_dir=root / "finetune", store=store)
-    rows = {name: run_finetune(backbone=bb, policy="head", **common)[0] for name, bb in backbones.items()}
-    return {"root": root, "backbones": backbones, "common": common, "rows": rows}
+    runs = {(name, policy): run_finetune(backbone=bb, policy=policy, **common)[0]
+            for name, bb in backbones.items() for policy in POLICIES}
+    # Each backbone's val-chosen fine-tune: the ensemble's members.
+    rows = {name: val_best([runs[(name, p)] for p in POLICIES]) for name in NAMES}
+    return {"root": root, "backbones": backbones, "common": common, "runs": runs, "rows": rows}
 
 
-def _predictions(setup, name):
-    return run_predictions(backbone=setup["backbones"][name], row=setup["rows"][name], **setup["common"])
+def _predictions(setup, name, row=None):
+    return run_predictions(backbone=setup["backbones"][name], row=row or setup["rows"][name], **setup["common"])
 
 
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("name", NAMES)
-def test_stored_predictions_are_the_scored_models(setup, name):
-    """Val logits reproduce the row's val score (the chosen point's model trained on train), test logits its
-    test predictions (the refit)."""
-    row, p = setup["rows"][name], _predictions(setup, name)
+def test_stored_predictions_are_the_scored_models(setup, name, policy):
+    """Val logits are the chosen point's model trained on train, at its kept epoch: their val score and val
+    log-loss are the ones its selection recorded (a refit, trained on val, would score a lower loss); test
+    logits are the refit's (the row's test predictions)."""
+    row = setup["runs"][(name, policy)]
+    p = _predictions(setup, name, row)
     assert mean_per_class_accuracy(p["val_labels"], p["val_logits"].argmax(1)) == pytest.approx(
         row["val_mean_per_class"], abs=1e-12)
+    logits, labels = torch.from_numpy(p["val_logits"]), torch.from_numpy(p["val_labels"])
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert loss == pytest.approx(row["selection"]["best_log_loss"], abs=1e-5)
     assert p["test_logits"].argmax(1).tolist() == row["test_pred"]
     assert p["test_sample_id"] == row["test_sample_id"] and len(p["val_sample_id"]) == row["n_val"]
 
@@ -77,6 +90,34 @@ def test_missing_or_damaged_predictions_are_recomputed_without_training(setup, m
             np.testing.assert_allclose(again[key], first[key], rtol=0, atol=1e-5)
 
 
+def test_predictions_that_are_not_the_rows_models_are_recomputed(setup):
+    """A sealed, readable predictions file whose logits are not the row's models' (stale) is never used."""
+    name = "efficientnet_lite1"
+    path = setup["common"]["finetune_dir"] / setup["rows"][name]["run_key"] / PREDICTIONS
+    good = _predictions(setup, name)
+    payload = read_checkpoint(path)
+    payload["test_logits"] = payload["test_logits"].roll(1, dims=1)  # other test predictions, same shapes
+    save_checkpoint(path, payload)
+    again = _predictions(setup, name)
+    np.testing.assert_allclose(again["test_logits"], good["test_logits"], rtol=0, atol=1e-5)
+
+
+def test_a_run_whose_kept_models_are_gone_is_refused_not_retrained(setup):
+    name = "efficientnet_lite0"
+    row = setup["rows"][name]
+    run_dir = setup["common"]["finetune_dir"] / row["run_key"]
+    refit_last = setup["common"]["finetune_dir"] / "fits" / row["fit_keys"][-1] / "last.pt"
+    saved = {f: f.read_bytes() for f in (run_dir / PREDICTIONS, refit_last)}
+    try:
+        for f in saved:
+            f.unlink()
+        with pytest.raises(NotFinished, match="not a finished fine-tune"):
+            _predictions(setup, name)
+    finally:
+        for f, data in saved.items():
+            f.write_bytes(data)
+
+
 def test_a_row_from_other_settings_is_refused(setup):
     name = "efficientnet_lite0"
     with pytest.raises(ValueError, match="came from run"):
@@ -96,7 +137,20 @@ def test_the_ensemble_averages_its_members_softmax(setup):
     assert row["test_pred"] == test.argmax(1).tolist()
     assert row["train_s"] == pytest.approx(sum(r["train_s"] for r, _ in members))
     assert [m["backbone"] for m in row["hyperparams"]["members"]] == list(NAMES)
+    # Softmax averaged, not logits: member A is sure of class 0 and sure it is not class 1; member B is sure of
+    # class 1. Averaged logits pick class 0, averaged probabilities class 1.
+    r0, p0 = members[0]
+    r1, p1 = members[1]
+    a, b = np.zeros_like(p0["test_logits"]), np.zeros_like(p1["test_logits"])
+    a[:, 0], a[:, 1], b[:, 1] = 3.0, -50.0, 5.0
+    row = ensemble_row([(r0, {**p0, "test_logits": a}), (r1, {**p1, "test_logits": b})], n_boot=20)
+    assert set(row["test_pred"]) == {1}
     # Members whose rows are not the same images in the same order are refused, never averaged.
+    for key, value in (("views", 7), ("seed", 9), ("views_fresh", True)):
+        with pytest.raises(ValueError, match=repr(key)):
+            ensemble_row([members[0], ({**r1, key: value}, p1)], n_boot=20)
+    with pytest.raises(ValueError, match="val rows are not the same images"):
+        ensemble_row([members[0], (r1, {**p1, "val_sample_id": p1["val_sample_id"][::-1]})], n_boot=20)
     r1, p1 = members[1]
     order = np.arange(len(p1["test_sample_id"]))[::-1]
     shuffled = {**p1, "test_logits": p1["test_logits"][order],
@@ -109,24 +163,28 @@ def test_the_ensemble_averages_its_members_softmax(setup):
 
 def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_manifest, data_root, tmp_path):
     from finetune import stage
-    from study.context import StudyContext
     from reports.render import protocol_arm_lines
+    from study.context import StudyContext
     from study.results import read_results, read_rows, read_skips
 
     out_dir = setup["root"]  # the layout StudyContext expects: finetune/, store/, dataset/
     (out_dir / "dataset").mkdir(exist_ok=True)
     (out_dir / "dataset" / "manifest.csv").write_bytes(tiny_manifest.read_bytes())
     config = load_config(overrides=[
-        f"extract.backbones={list(NAMES)}", 'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1",
+        f"extract.backbones={list(NAMES)}", f"finetune.policies={list(POLICIES)}", "finetune.epochs=3",
+        "finetune.views=1",
         "finetune.batch_size=8", "finetune.lr=3e-3", "finetune.grid={lr=[3e-3, 1e-2]}", "finetune.n_boot=20",
         "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "finetune.fewshot_draws=0",
         "finetune.backbones=[]",
-        'finetune.ensembles=[["efficientnet_lite0", "efficientnet_lite1"], ["efficientnet_lite0", "efficientnet_lite2"]]'])
+        'finetune.ensembles=[["efficientnet_lite0", "efficientnet_lite1"], '
+        '["efficientnet_lite0", "efficientnet_lite2"]]'])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
     rows = read_rows(ctx.results_path)
-    assert rows[:2] == [setup["rows"][n] for n in NAMES]  # the cached single fine-tunes, re-appended
-    (ens,) = rows[2:]
+    assert rows[:4] == [setup["runs"][(n, p)] for n in NAMES for p in POLICIES]  # cached fine-tunes, re-appended
+    (ens,) = rows[4:]
+    # Its members are each backbone's val-chosen fine-tune.
+    assert [m["run_key"] for m in ens["hyperparams"]["members"]] == [setup["rows"][n]["run_key"] for n in NAMES]
     expected = ensemble_row([(setup["rows"][n], _predictions(setup, n)) for n in NAMES], n_boot=20)
     assert ens["test_pred"] == expected["test_pred"] and ens["val_mean_per_class"] == expected["val_mean_per_class"]
     (skip,) = read_skips(ctx.run_dir)
@@ -136,10 +194,14 @@ def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_ma
     assert any(line.startswith("- `ft:ensemble` (`fused:efficientnet_lite0+efficientnet_lite1`)") for line in lines)
 
 
-def test_config_refuses_an_ensemble_of_one_backbone_twice():
+def test_config_refuses_an_ensemble_of_one_backbone_twice_or_out_of_the_fusions_order():
     from study.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"finetune\.ensembles\[0\]"):
         load_config(overrides=['finetune.ensembles=[["efficientnet_lite0", "efficientnet_lite0"]]'])
     with pytest.raises(ConfigError, match="finetune.ensembles"):
         load_config(overrides=['finetune.ensembles=[["efficientnet_lite0"]]'])
+    # The default config fuses Lite0+Lite2 in the heads: an ensemble of the two in the other order would never
+    # meet that head in a verdict.
+    with pytest.raises(ConfigError, match=r"the order of classify\.fusions\[0\]"):
+        load_config(overrides=['finetune.ensembles=[["efficientnet_lite2", "efficientnet_lite0"]]'])
