@@ -13,7 +13,10 @@ first fine-tune; a fine-tune never makes a pass of its own, and its ``prefix_cac
 of the rows it read. Runs persist under out/bench/caltech101_finetune, so an interrupted benchmark resumes.
 Target (issue 13): best_ft_mean_per_class >= 0.935 (a frozen-feature head reaches about 0.93).
 Last line: key=value pairs starting with best_ft_mean_per_class= (the test figure of the fine-tune chosen
-on val over every backbone and policy run) and best_ft= (which one), then its ft_train_s= and CI.
+on val over every backbone, policy and ensemble run) and best_ft= (which one), then its ft_train_s= and CI.
+
+``--ensembles a+b,...`` adds ensembles of fine-tunes to the candidates (finetune/ensemble.py): each member is its
+backbone's val-chosen policy, their softmax outputs averaged, its val score the average's on val.
 
 ``--classes N`` keeps the N smallest classes of the manifest (a quick check, not the standard protocol).
 """

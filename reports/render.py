@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,7 +307,9 @@ def _grid_text(r: ResultRow) -> str:
 
 
 def _variant_list(part: list[ResultRow]) -> str:
-    return ", ".join(f"`{r.method} ({r.feature_set})`" for r in sorted(part, key=lambda r: (r.method, r.feature_set)))
+    """Each (method, feature set) once, with how many backbones (and fused sets) ran it, e.g. `lr (aug)` x4."""
+    counts = Counter(f"`{r.method} ({r.feature_set})`" for r in part)
+    return ", ".join(name + (f" x{n}" if n > 1 else "") for name, n in sorted(counts.items()))
 
 
 def _views_text(r: ResultRow) -> str:
@@ -467,8 +470,8 @@ def fewshot_arm_lines(arms: pd.DataFrame, paired: dict | None = None) -> list[st
         verdict = "The two arms measured no k in common, so their curves cannot be compared point by point."
     return out + [f"{verdict} Each split seed's curve is that seed's val-chosen variant of each arm (the chosen head "
                   "over every backbone, fused set and feature set; the chosen fine-tune over every single backbone and "
-                  "policy: an ensemble of fine-tunes draws no curve, which would retrain every member at every k), refit "
-                  "with its chosen settings, so the variants above can differ between seeds. The fine-tune's draws "
+                  "policy: an ensemble of fine-tunes draws no curve, which would retrain every member at every k), "
+                  "refit with its chosen settings, so the variants above can differ between seeds. The fine-tune's draws "
                   "are the head arm's first ones (same draw seeds, so the same images; the head arm may take more "
                   "draws, as it is cheap), and the fine-tune keeps the chosen refit's optimizer-step count (its "
                   "epochs scaled by the ratio of steps per epoch). Where k takes every train+val image, the point "

@@ -192,6 +192,9 @@ def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_ma
     # The report says what the ensemble is, next to the fine-tune arm's protocol line.
     lines = protocol_arm_lines(read_results(ctx.results_path))
     assert any(line.startswith("- `ft:ensemble` (`fused:efficientnet_lite0+efficientnet_lite1`)") for line in lines)
+    # Each (method, augmentation) once, with how many backbones ran it.
+    (arm,) = [line for line in lines if line.startswith("- **fine-tune**")]
+    assert "(`ft:ensemble (light)`, `ft:head (light)` x2, `ft:probe+last:1 (light)` x2)" in arm
 
 
 def test_config_refuses_an_ensemble_of_one_backbone_twice_or_out_of_the_fusions_order():
