@@ -46,7 +46,7 @@ from finetune.checkpoint import read_checkpoint, save_checkpoint
 from finetune.config import GRID_AXES
 from finetune.model import build_split_net, count_params
 from finetune.prefix_cache import part_views, read_acts
-from finetune.train import CachedSource, FitResult, ImageSource, Trainer
+from finetune.train import CachedSource, FitResult, ImageSource, NotFinished, Trainer
 from finetune.unfreeze import parse_policy
 from study import distributed
 from study.atomic import file_lock, write_text_atomic
@@ -355,12 +355,23 @@ def run_predictions(*, backbone, row: dict, manifest_path: Path, data_root: Path
     if distributed.broadcast_object(found is not None if distributed.is_main() else None):
         return found  # every rank agrees: nothing to recompute
     log.info("finetune %s %s: computing the predictions of the finished run %s", backbone.name, policy, run.dir)
-    tried, best, final = _train(run, on_epoch_end=None, resume_only=True)
-    if not distributed.is_main():
-        return None
-    logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
-    _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
-    return _checked_predictions(read_checkpoint(path), run=run, path=path, row=row)
+    try:
+        tried, best, final = _train(run, on_epoch_end=None, resume_only=True)
+    except NotFinished as exc:
+        raise NotFinished(f"fine-tune {backbone.name} {policy}: {exc}; delete {run.dir} and rerun to train it "
+                          "again (its finished fits are reused)") from exc
+    out, error = None, None
+    if distributed.is_main():
+        logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
+        _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
+        try:
+            out = _checked_predictions(read_checkpoint(path), run=run, path=path, row=row)
+        except ValueError as exc:
+            error = f"{path}, recomputed from the run's kept models: {exc}"
+    error = distributed.broadcast_object(error if distributed.is_main() else None)
+    if error:  # raised on every rank alike, so none is left waiting in a collective
+        raise ValueError(error)
+    return out
 
 
 # What ``_prepare`` resolves: a run's inputs (its store rows made whole), grid, spec and key; nothing trains.
@@ -440,7 +451,9 @@ def _checked_predictions(payload: dict, *, run: _Run, path: Path, row: dict) -> 
     pos = run.rows.positions
     for split in ("val", "test"):
         ids = run.manifest["sample_id"].to_numpy()[pos[split]].tolist()
-        if out[f"{split}_sample_id"] != ids or len(out[f"{split}_logits"]) != len(ids):
+        labels = run.manifest["label"].to_numpy(np.int64)[pos[split]]
+        if out[f"{split}_sample_id"] != ids or len(out[f"{split}_logits"]) != len(ids) \
+                or not np.array_equal(out[f"{split}_labels"], labels):
             raise ValueError(f"its {split} rows are not this manifest's {split} split")
     val = mean_per_class_accuracy(out["val_labels"], out["val_logits"].argmax(1))
     if not math.isclose(val, row["val_mean_per_class"], rel_tol=0, abs_tol=1e-9) \

@@ -68,6 +68,7 @@ def _ensembles(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) ->
     from classify.fusion import fused_name
     from finetune.ensemble import ensemble_row
     from finetune.experiment import run_predictions
+    from finetune.train import NotFinished
 
     done = distributed.broadcast_object(done if distributed.is_main() else None)
     for parts in hp["ensembles"]:
@@ -79,12 +80,19 @@ def _ensembles(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) ->
             log.warning("finetune: skipping the ensemble %s: no fine-tune of %s", fused_name(parts), missing)
             continue
         members = []
-        for name in parts:
-            row = val_best([r for r in done if r["backbone"] == name])
-            backbone, store = loaded[name]
-            members.append((row, run_predictions(backbone=backbone, row=row, manifest_path=ctx.manifest_path,
-                                                 data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=device,
-                                                 finetune_dir=ctx.finetune_dir, store=store)))
+        try:
+            for name in parts:
+                row = val_best([r for r in done if r["backbone"] == name])
+                backbone, store = loaded[name]
+                members.append((row, run_predictions(backbone=backbone, row=row, manifest_path=ctx.manifest_path,
+                                                     data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=device,
+                                                     finetune_dir=ctx.finetune_dir, store=store)))
+        except NotFinished as exc:  # every rank sees the same files, so every rank skips alike
+            if distributed.is_main():
+                append_skip(ctx.run_dir, stage="finetune", what=fused_name(parts), reason=str(exc),
+                            fix="delete the run folder the reason names and rerun, to train that fine-tune again")
+            log.warning("finetune: skipping the ensemble %s: %s", fused_name(parts), exc)
+            continue
         if distributed.is_main():
             row = ensemble_row(members, n_boot=hp["n_boot"])
             log.info("finetune ensemble %s: val %.4f", row["backbone"], row["val_mean_per_class"])

@@ -128,10 +128,10 @@ class ImageSource:
 class NotFinished(StudyError):
     """A run asked for its finished result (``resume_only``) whose checkpoints would train further."""
 
-    def __init__(self, ckpt_dir: Path, epoch: int):
-        super().__init__(f"{ckpt_dir} is not a finished fine-tune (its resume point is after epoch {epoch}, or "
-                         "missing or damaged): its kept model is gone, so the row it made cannot be reproduced "
-                         "without training again; rerun the study with the same config to retrain it")
+    @classmethod
+    def at(cls, ckpt_dir: Path, epoch: int) -> "NotFinished":
+        return cls(f"{ckpt_dir} is not a finished fine-tune (its resume point is after epoch {epoch}, or missing or "
+                   "damaged): the model its row was scored with is gone, and it is not retrained silently")
 
 
 @dataclass
@@ -267,7 +267,7 @@ class Trainer:
         optimizer, scheduler, scaler, state = self._setup(train)
         resumed_from = state["epoch"] if state["epoch"] >= 0 else None
         if resume_only and state["epoch"] + 1 < hp["epochs"] and state["bad_epochs"] < hp["patience"]:
-            raise NotFinished(self.ckpt_dir, state["epoch"])
+            raise NotFinished.at(self.ckpt_dir, state["epoch"])
         bar = tqdm(range(state["epoch"] + 1, hp["epochs"]), desc=f"finetune {hp.get('name', '')}", unit="epoch",
                    leave=False, disable=not distributed.is_main())
         for epoch in bar:
@@ -312,7 +312,7 @@ class Trainer:
         optimizer, scheduler, scaler, state = self._setup(train)
         resumed_from = state["epoch"] if state["epoch"] >= 0 else None
         if resume_only and state["epoch"] + 1 < epochs:
-            raise NotFinished(self.ckpt_dir, state["epoch"])
+            raise NotFinished.at(self.ckpt_dir, state["epoch"])
         for epoch in range(state["epoch"] + 1, epochs):
             t0 = time.perf_counter()
             stats = self.train_epoch(train, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler)

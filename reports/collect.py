@@ -129,9 +129,11 @@ def chosen_variants(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary.chosen]
 
 
-def best_overall(summary: pd.DataFrame) -> pd.Series | None:
-    """The headline: among every backbone's chosen variants, the best mean val score."""
+def best_overall(summary: pd.DataFrame, *, arm: str | None = None) -> pd.Series | None:
+    """The headline: among every backbone's chosen variants (of ``arm`` only, when given), the best mean val score."""
     chosen = chosen_variants(summary)
+    if arm is not None:
+        chosen = chosen[chosen.arm == arm]
     if chosen.empty:
         return None
     return _val_order(chosen.assign(row=chosen.rows.str.split(",").str[0].astype(int), _loss=np.nan),

@@ -103,11 +103,19 @@ def section_headline(inp: ReportInputs) -> list[str]:
     test = (f"{pct_ci(first.mean_per_class, first.mean_per_class_lo, first.mean_per_class_hi)}% test mean "
             "per-class accuracy (95% CI)" if n == 1 else
             f"{mean_sd(best['mean'], best.sd, n)}% test mean per-class accuracy (mean ± sd over {n} split seeds)")
+    other_arm = "finetune" if best.arm == "head" else "head"
+    other = best_overall(inp.variants, arm=other_arm)
+    runner = "" if other is None else (
+        f" The other arm's val-best variant is `{other.backbone}` with `{other.method} ({other.feature_set})`: "
+        f"{pct(other.val_mean)}% val, {mean_sd(other['mean'], other.sd, int(other.n_seeds))}% test"
+        + (" — level with the chosen one on val at this precision, so val does not separate the two arms here"
+           if pct(other.val_mean) == pct(best.val_mean) else "") + ".")
     return [f"**Chosen on val:** `{best.backbone}` with `{best.method} ({best.feature_set})` — "
             f"{pct(best.val_mean)}% val mean per-class accuracy, the best val score of the run's {len(inp.variants)} "
             f"head and fine-tune variants; {test}, {seconds(_cost(first))} s to train including its features "
-            f"(rows {best.rows}). Every \"chosen\" in this report is picked by val mean per-class accuracy; test "
-            "takes no part in any choice and is shown for every row. Per-backbone verdicts are under Findings.", ""]
+            f"(split seed {int(first.seed)}; rows {best.rows}).{runner} Every \"chosen\" in this report is picked by "
+            "val mean per-class accuracy; test takes no part in any choice and is shown for every row. Per-backbone "
+            "verdicts are under Findings.", ""]
 
 
 def section_answer(inp: ReportInputs) -> list[str]:
@@ -247,6 +255,7 @@ def section_protocol(inp: ReportInputs) -> list[str]:
     return out
 
 
+FUSED_PREFIX = "fused:"  # classify.fusion.PREFIX (not imported, as below)
 ENSEMBLE = "ft:ensemble"  # finetune.ensemble.METHOD (not imported: it would pull torch-side modules into reports)
 
 
@@ -286,7 +295,7 @@ def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
             out.append(f"- `{ENSEMBLE}` ({', '.join(f'`{b}`' for b in ensembles)}): the fine-tune arm's counterpart "
                        "of a fused feature set — each named backbone's val-chosen fine-tune of the seed, their softmax "
                        "outputs averaged; nothing more trains, its val score is the average's on val, its cost the "
-                       "sum of its members'.")
+                       "sum of its members' (not of the other policies val compared each member with).")
     if len({tuple(v) for v in fit_on.values()}) > 1:
         out.append("- **The arms' final models were fit on different data ("
                    + ", ".join(f"{_kind_name(a)}: {' / '.join(v)}" for a, v in fit_on.items())
@@ -314,6 +323,8 @@ def _variant_list(part: list[ResultRow]) -> str:
 
 def _views_text(r: ResultRow) -> str:
     name = f"`{r.method} ({r.feature_set})`" if r.kind == "finetune" else f"`{r.feature_set}`"
+    if r.method == ENSEMBLE:
+        return f"{name} its members' (it trains nothing itself)"
     if r.views_fresh:
         return f"{name} a fresh augmentation every step"
     if r.views is None:
@@ -478,7 +489,18 @@ def fewshot_arm_lines(arms: pd.DataFrame, paired: dict | None = None) -> list[st
                   "is the chosen model itself. n counts distinct fits (split seeds x draws; identical fits once); "
                   "the gap and the verdict compare the two arms on the draws both fitted (same split seed and draw "
                   "seed: the same images; 'paired'), and fall back to the arms' pooled means where they share none. "
-                  "There is no test of significance: read a gap within the sd as a tie.", ""]
+                  "There is no test of significance: read a gap within the sd as a tie." + _uneven(arms), ""]
+
+
+def _uneven(arms: pd.DataFrame) -> str:
+    """A warning when the head arm's curve is a fused set's and the fine-tune arm's a single network's."""
+    fused = {arm: any(v.startswith(FUSED_PREFIX) for vs in part["variants"] for v in vs.split("; "))
+             for arm, part in arms.groupby("arm")}
+    if fused.get("head") and not fused.get("finetune", True):
+        return (" Here the head arm's curve is a fused set's (several backbones' features) and the fine-tune "
+                "arm's a single network's: the curves compare what each arm's val choice yields, not one backbone "
+                "against itself.")
+    return ""
 
 
 def chosen_model(inp: ReportInputs) -> ResultRow | None:

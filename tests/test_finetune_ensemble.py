@@ -95,11 +95,12 @@ def test_predictions_that_are_not_the_rows_models_are_recomputed(setup):
     name = "efficientnet_lite1"
     path = setup["common"]["finetune_dir"] / setup["rows"][name]["run_key"] / PREDICTIONS
     good = _predictions(setup, name)
-    payload = read_checkpoint(path)
-    payload["test_logits"] = payload["test_logits"].roll(1, dims=1)  # other test predictions, same shapes
-    save_checkpoint(path, payload)
-    again = _predictions(setup, name)
-    np.testing.assert_allclose(again["test_logits"], good["test_logits"], rtol=0, atol=1e-5)
+    for split in ("test", "val"):
+        payload = read_checkpoint(path)
+        payload[f"{split}_logits"] = payload[f"{split}_logits"].roll(1, dims=1)  # other predictions, same shapes
+        save_checkpoint(path, payload)
+        again = _predictions(setup, name)
+        np.testing.assert_allclose(again[f"{split}_logits"], good[f"{split}_logits"], rtol=0, atol=1e-5)
 
 
 def test_a_run_whose_kept_models_are_gone_is_refused_not_retrained(setup):
@@ -146,7 +147,9 @@ def test_the_ensemble_averages_its_members_softmax(setup):
     row = ensemble_row([(r0, {**p0, "test_logits": a}), (r1, {**p1, "test_logits": b})], n_boot=20)
     assert set(row["test_pred"]) == {1}
     # Members whose rows are not the same images in the same order are refused, never averaged.
-    for key, value in (("views", 7), ("seed", 9), ("views_fresh", True)):
+    for key, value in (("views", 7), ("seed", 9), ("views_fresh", True), ("feature_set", "strong"), ("tta", "none"),
+                       ("fit_on", "train"), ("manifest_hash", "x"), ("class_names", ["a"]),
+                       ("test_sample_id", r1["test_sample_id"][::-1])):
         with pytest.raises(ValueError, match=repr(key)):
             ensemble_row([members[0], ({**r1, key: value}, p1)], n_boot=20)
     with pytest.raises(ValueError, match="val rows are not the same images"):
@@ -208,3 +211,51 @@ def test_config_refuses_an_ensemble_of_one_backbone_twice_or_out_of_the_fusions_
     # meet that head in a verdict.
     with pytest.raises(ConfigError, match=r"the order of classify\.fusions\[0\]"):
         load_config(overrides=['finetune.ensembles=[["efficientnet_lite2", "efficientnet_lite0"]]'])
+
+
+def _predictions_rank(rank: int, world: int, port: int, out_dir: str, name: str, row: dict, common: dict) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    # A rank left waiting in a collective fails after a minute instead of hanging the test run.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        out = run_predictions(backbone=load_backbone(name), row=row, **common)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("present", [True, False], ids=["stored", "recomputed"])
+def test_two_gloo_ranks_get_the_predictions_in_step(setup, tmp_path, present):
+    """Under torchrun every rank calls run_predictions: with the file present all return at once, without it all
+    resume the finished fits together; rank 0 holds the predictions, the others None, and nothing hangs."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    name = "efficientnet_lite0"
+    row = setup["rows"][name]
+    path = setup["common"]["finetune_dir"] / row["run_key"] / PREDICTIONS
+    expected = _predictions(setup, name)
+    saved = path.read_bytes()
+    if not present:
+        path.unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(_predictions_rank, args=(2, port, str(tmp_path), name, row, setup["common"]), nprocs=2, join=True)
+    finally:
+        if not path.is_file():
+            path.write_bytes(saved)
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert torch.load(tmp_path / "rank1.pt", weights_only=False) is None
+    for key in ("val_logits", "test_logits"):
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-5)
+    assert path.is_file()

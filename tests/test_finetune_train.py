@@ -251,3 +251,40 @@ def test_stage_draws_no_fewshot_curve_on_a_later_split_seed_with_split_seeds_fir
         stage.run(ctx)  # split seed 0 is the second of seeds = [5, 0]
         assert called == expected
         assert read_rows(ctx.results_path) == runs["head"]
+
+
+def test_resume_only_returns_a_finished_run_and_refuses_to_train(tmp_path, monkeypatch):
+    """What finetune.experiment.run_predictions relies on: a finished fit (here one that stopped early) comes back
+    as it was without an epoch trained; one that would train raises NotFinished; the same for fit_fixed."""
+    from extract.backbones import load_backbone
+    from finetune.train import NotFinished
+    from tests.test_finetune_ddp import CLASSES, _data
+
+    hp = load_config()["finetune"]
+    hp.update(epochs=8, patience=1, batch_size=8, lr=1e-2, warmup_epochs=0, precision="fp32")
+    train, val = _data()
+
+    def trainer(ckpt):
+        net = build_split_net(load_backbone("resnet18", pretrained=False), policy="head", n_classes=CLASSES, seed=0)
+        return Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path / ckpt, run_key="r")
+
+    first = trainer("a")
+    done = first.fit(train, val)
+    assert done.stopped_early and done.epochs_run < hp["epochs"]  # the patience branch is the one exercised
+    trained = []
+    real = Trainer.train_epoch
+    monkeypatch.setattr(Trainer, "train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    again = trainer("a")
+    result = again.fit(train, val, resume_only=True)
+    assert trained == [] and result.best_epoch == done.best_epoch
+    for key, value in first.net.trainable_state().items():
+        assert torch.equal(again.net.trainable_state()[key], value), key
+    with pytest.raises(NotFinished, match="not a finished fine-tune"):
+        trainer("b").fit(train, val, resume_only=True)
+    monkeypatch.setattr(Trainer, "train_epoch", real)
+    trainer("c").fit_fixed(train, epochs=2)
+    monkeypatch.setattr(Trainer, "train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    trainer("c").fit_fixed(train, epochs=2, resume_only=True)
+    assert trained == []
+    with pytest.raises(NotFinished):
+        trainer("c").fit_fixed(train, epochs=3, resume_only=True)

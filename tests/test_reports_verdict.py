@@ -148,6 +148,10 @@ def test_report_names_the_val_best_not_the_test_best(run):
     md = (run_dir / "report.md").read_text()
     headline = md.split("\n## ", 1)[0]
     assert "`lr (clean)`" in headline and "lr (aug)" not in headline
+    # Beside it, the other arm's val-best variant (over seeds: ft:last:1's mean val 88.5 beats ft:head's 84.5;
+    # on test ft:head would win), not at a val tie with the chosen one.
+    assert "The other arm's val-best variant is `efficientnet_lite0` with `ft:last:1 (light)`: 88.5% val" in headline
+    assert "ft:head" not in headline and "level with the chosen one" not in headline
     errors = md.split("### Where the chosen model fails", 1)[1].split("\n\n", 2)[1]
     assert "`lr (clean)`, split seed 0" in errors
     chosen_cells = [c for c in table_after(md, "## Comparison") if c["chosen on val"]]
