@@ -46,6 +46,9 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "out" / "bench"))
     p.add_argument("--backbones", default="efficientnet_lite0")
     p.add_argument("--policies", default="last:1,last:2")
+    p.add_argument("--policies-for", action="append", default=[], metavar="BACKBONE=P1,P2",
+                   help="this backbone's policies instead of --policies (repeatable), e.g. "
+                        "efficientnet_lite2=head,last:1,last:2: a costly cut on one backbone only")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--views", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -81,7 +84,12 @@ def main() -> int:
     hp = config["finetune"]
     hp.update(epochs=args.epochs, views=args.views, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
               augment=args.augment, precision=args.precision, num_workers=args.num_workers)
-    policies = args.policies.split(",")
+    policies_of = {}
+    for spec in args.policies_for:
+        name, sep, listed = spec.partition("=")
+        if not sep or name not in args.backbones.split(",") or not listed:
+            p.error(f"--policies-for {spec!r}: allowed: BACKBONE=P1,P2 with BACKBONE one of --backbones")
+        policies_of[name] = listed.split(",")
     settings = PassSettings(device=args.device, precision=args.precision, cut_dtype=args.cut_dtype,
                             batch_size=args.batch_size, num_workers=args.num_workers)
     store = StoreAccess(root=out / "store", settings=settings, view_seed=0)
@@ -91,6 +99,7 @@ def main() -> int:
             p.error(f"--ensembles {'+'.join(parts)}: allowed: two or more different names from --backbones")
     rows, loaded = [], {}
     for name in args.backbones.split(","):
+        policies = policies_of.get(name, args.policies.split(","))
         # The extract stage's role: one pass stores every cut's missing rows (each run_finetune then finds them).
         done = ensure_rows(manifest=manifest, backbone=name, store_root=store.root, policy=hp["augment"],
                            requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]),
