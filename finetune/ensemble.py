@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import softmax
+from sklearn.metrics import log_loss
 
 from classify.fusion import fused_name
 from classify.metrics import evaluate, mean_per_class_accuracy
@@ -20,10 +21,6 @@ from study.hashing import spec_hash
 from study.provenance import git_sha
 
 METHOD = "ft:ensemble"
-
-
-def _log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
 
 
 def ensemble_row(members: list[tuple[dict, dict]], *, n_boot: int) -> dict:
@@ -53,7 +50,7 @@ def ensemble_row(members: list[tuple[dict, dict]], *, n_boot: int) -> dict:
     val = np.mean([softmax(np.asarray(p["val_logits"], np.float64), axis=1) for p in preds], axis=0)
     test = np.mean([softmax(np.asarray(p["test_logits"], np.float64), axis=1) for p in preds], axis=0)
     val_score = mean_per_class_accuracy(y_val, val.argmax(1))
-    val_loss = _log_loss(val, y_val)
+    val_loss = float(log_loss(y_val, val, labels=np.arange(val.shape[1])))
     described = " + ".join(f"{r['backbone']} {r['method']}" for r in rows)
     pred = test.argmax(1)
 

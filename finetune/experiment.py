@@ -363,9 +363,9 @@ def run_predictions(*, backbone, row: dict, manifest_path: Path, data_root: Path
     out, error = None, None
     if distributed.is_main():
         logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
-        _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
+        payload = _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
         try:
-            out = _checked_predictions(read_checkpoint(path), run=run, path=path, row=row)
+            out = _checked_predictions(payload, run=run, path=path, row=row)
         except ValueError as exc:
             error = f"{path}, recomputed from the run's kept models: {exc}"
     error = distributed.broadcast_object(error if distributed.is_main() else None)
@@ -425,19 +425,21 @@ PREDICTIONS = "predictions.pt"
 PREDICTIONS_FORMAT = 1
 
 
-def _save_predictions(run: _Run, *, chosen: _Fit, test_logits: np.ndarray) -> None:
-    """Seal the logits an ensemble of fine-tunes needs next to the row (finetune/ensemble.py)."""
+def _save_predictions(run: _Run, *, chosen: _Fit, test_logits: np.ndarray) -> dict:
+    """Seal the logits an ensemble of fine-tunes needs next to the row (finetune/ensemble.py); returns the payload."""
     val = run.rows.source(chosen.policy, "val")
     val_logits = chosen.trainer.predict(val)
     pos = run.rows.positions
-    save_checkpoint(run.dir / PREDICTIONS, {
+    payload = {
         "run_key": run.key, "format": PREDICTIONS_FORMAT,
         "val_logits": torch.from_numpy(val_logits), "val_labels": val.labels.clone(),
         "val_sample_id": run.manifest["sample_id"].to_numpy()[pos["val"]].tolist(),
         "test_logits": torch.from_numpy(test_logits),
         "test_labels": torch.from_numpy(run.manifest["label"].to_numpy(np.int64)[pos["test"]]),
         "test_sample_id": run.manifest["sample_id"].to_numpy()[pos["test"]].tolist(),
-    })
+    }
+    save_checkpoint(run.dir / PREDICTIONS, payload)
+    return payload
 
 
 def _checked_predictions(payload: dict, *, run: _Run, path: Path, row: dict) -> dict:

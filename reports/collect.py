@@ -28,6 +28,9 @@ RESULT_COLUMNS = [
 ]
 SUMMARY_COLUMNS = ["backbone", "arm", "method", "feature_set", "n_seeds", "mean", "sd", "val_mean", "chosen", "rows"]
 VARIANT = ["backbone", "arm", "method", "feature_set"]
+# Names the arms write (not imported from them: that would pull the feature store and torch into reports).
+FUSED_PREFIX = "fused:"  # classify.fusion.PREFIX: a fused feature set, or an ensemble of fine-tunes
+ENSEMBLE = "ft:ensemble"  # finetune.ensemble.METHOD
 
 
 def label(row) -> str:

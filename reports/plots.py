@@ -18,13 +18,12 @@ from adjustText import adjust_text  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
-from reports.collect import VARIANT, _val_order, crossover  # noqa: E402
+from reports.collect import FUSED_PREFIX, VARIANT, _val_order, crossover  # noqa: E402
 
 KIND_COLOURS = {"head": "tab:blue", "finetune": "tab:orange"}
 ARM_NAMES = {"head": "frozen features + head", "finetune": "fine-tuning"}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 FUSED_MARKERS = ("*", "p", "H", "8")  # fused sets stand apart from every single backbone
-FUSED_PREFIX = "fused:"  # classify.fusion.PREFIX (not imported: it would pull the feature store into reports)
 DPI = 110
 # adjustText stops at a step count, not a time limit: a figure must not depend on how busy the machine
 # is. With fifty points to avoid it rarely reaches zero overlap with the points, so it would run to any limit.

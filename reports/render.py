@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from reports.collect import (
+    ENSEMBLE,
+    FUSED_PREFIX,
     best_overall,
     chosen_per_seed,
     crossover,
@@ -253,10 +255,6 @@ def section_protocol(inp: ReportInputs) -> list[str]:
         "",
     ]
     return out
-
-
-FUSED_PREFIX = "fused:"  # classify.fusion.PREFIX (not imported, as below)
-ENSEMBLE = "ft:ensemble"  # finetune.ensemble.METHOD (not imported: it would pull torch-side modules into reports)
 
 
 def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:

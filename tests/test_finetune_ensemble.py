@@ -259,3 +259,11 @@ def test_two_gloo_ranks_get_the_predictions_in_step(setup, tmp_path, present):
     for key in ("val_logits", "test_logits"):
         np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-5)
     assert path.is_file()
+
+
+def test_the_reports_spell_the_arms_names_as_the_arms_write_them():
+    """reports/ keeps its own copies of these names (importing the arms would pull torch into reports)."""
+    from classify.fusion import PREFIX
+    from reports.collect import ENSEMBLE, FUSED_PREFIX
+
+    assert (FUSED_PREFIX, ENSEMBLE) == (PREFIX, METHOD)
