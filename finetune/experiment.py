@@ -25,7 +25,6 @@ of the same spec, grid included, re-appends those rows without reading activatio
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import json
 import logging
@@ -116,6 +115,9 @@ class _Rows:
                 raise ValueError(f"the manifest has no '{s}' rows; fine-tuning needs train, val and test splits")
         self.positions["train+val"] = np.concatenate([self.positions["train"], self.positions["val"]])
         self.train_parts = {"train", "train+val"}  # parts read with their augmented views, one drawn per epoch
+        # Per instance, never a module-level cache (functools.cache on a method kept every _Rows, and with it
+        # every split's activations, alive until the process exited).
+        self._indexes: dict = {}
         self._memo: dict = {}
 
     def add_train_part(self, name: str, positions: np.ndarray) -> None:
@@ -133,9 +135,15 @@ class _Rows:
         requests = [(int(m), v) for m in self.positions[part] for v in self.views(part)]
         return store_keys(self.manifest, requests, policy=self.hp["augment"], view_seed=self.view_seed)
 
-    @functools.cache
     def _index(self, policy: str):
-        return self.stores[policy].index()
+        if policy not in self._indexes:
+            self._indexes[policy] = self.stores[policy].index()
+        return self._indexes[policy]
+
+    def release(self, *parts: str) -> None:
+        """Drop the activations of ``parts`` (every part when none is named): the fits that read them are done."""
+        for key in [k for k in self._memo if not parts or k[1] in parts]:
+            del self._memo[key]
 
     def identity(self, policy: str, parts: tuple[str, ...]) -> str | None:
         """The content identity of the rows ``parts`` read (no data read); None on the naive path."""
@@ -329,6 +337,7 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
                final=final, rows=run.rows, logits=logits, manifest=manifest, names=class_names(manifest),
                mhash=manifest_hash(manifest), key=run.key, inputs=run.inputs, predict_s=predict_s)
     _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
+    run.rows.release()
     write_text_atomic(rows_path, json.dumps([row]))
     return [row]
 
@@ -364,6 +373,7 @@ def run_predictions(*, backbone, row: dict, manifest_path: Path, data_root: Path
     if distributed.is_main():
         logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
         payload = _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
+        run.rows.release()
         try:
             out = _checked_predictions(payload, run=run, path=path, row=row)
         except ValueError as exc:
@@ -414,11 +424,14 @@ def _train(run: _Run, *, on_epoch_end, resume_only: bool = False):
                       finetune_dir=run.finetune_dir, rows=run.rows, base=run.base, on_epoch_end=on_epoch_end,
                       resume_only=resume_only)
     tried = [exp.select(run.policy, point) for point in run.points]
+    run.rows.release("train")  # every point has trained on it; the refit reads train+val, predictions val
     scores = [(fits[-1].result.best_score, fits[-1].result.best_log_loss) for fits in tried]
     best = choose(scores)
     log.info("finetune %s %s: val %s -> chose %s", run.backbone.name, run.policy,
              [round(s, 4) for s, _ in scores], run.points[best])
-    return tried, best, exp.refit(run.policy, run.points[best], tried[best])
+    final = exp.refit(run.policy, run.points[best], tried[best])
+    run.rows.release("train+val")
+    return tried, best, final
 
 
 PREDICTIONS = "predictions.pt"

@@ -133,8 +133,7 @@ def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp,
     t1 = time.perf_counter()
     logits = fits[-1].trainer.predict(rows.source(fits[-1].policy, "test"))
     predict_s = time.perf_counter() - t1
-    for key in [key for key in rows._memo if key[1] == part]:  # a draw's activations are read by its fit only
-        del rows._memo[key]
+    rows.release(part)  # a draw's activations are read by its fit only
     y = test["label"].to_numpy(np.int64)
     pred = logits.argmax(1)
     scores = torch.softmax(torch.from_numpy(logits), 1).numpy()
