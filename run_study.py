@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.config import STAGES, check_before_work, load_config
 from study import distributed
 from study.atomic import file_lock, write_text_atomic
-from study.config import DEFAULT_CONFIG, REPO_ROOT, STAGES, check_before_work, dump_config, load_config
+from study.config import DEFAULT_CONFIG, REPO_ROOT, dump_config
 from study.context import StudyContext, resolve_device
 from study.errors import StudyError, WriteFailed, is_write_fault
 from study.provenance import end_provenance, start_provenance, utc_now
@@ -104,7 +105,7 @@ def _run_stage(ctx: StudyContext, stage: str) -> None:
 
 def _log_plan(seeds: list[StudyContext], *, show: bool) -> None:
     """Log (or, with --plan, print) what the study is about to compute, before it computes anything."""
-    from study.plan import make_plan
+    from pipeline.plan import make_plan
 
     if not distributed.is_main() or not all(c.manifest_path.is_file() for c in seeds):
         return

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dataset.build import build_dataset  # noqa: E402
-from study.config import load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 
 
 def timed_build(*, data_cfg: dict, data_root: Path, out_dir: Path, reuse: bool):

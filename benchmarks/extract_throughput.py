@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def caltech_manifest(args) -> Path:
     from dataset.build import build_dataset
-    from study.config import load_config
+    from pipeline.config import load_config
 
     build = build_dataset(data_cfg=load_config(REPO / "configs" / "caltech101.toml")["data"],
                           data_root=Path(args.data_root), out_dir=Path(args.out) / "caltech101", seed=0)

@@ -36,7 +36,7 @@ from extract.backbones import load_backbone  # noqa: E402
 from extract.engine import PassSettings, ensure_rows, study_requests  # noqa: E402
 from finetune.ensemble import ensemble_row  # noqa: E402
 from finetune.experiment import StoreAccess, run_finetune, run_predictions  # noqa: E402
-from study.config import load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from study.results import val_best  # noqa: E402
 
 

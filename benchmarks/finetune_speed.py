@@ -41,7 +41,7 @@ from extract.engine import PassSettings, open_stores, plan_layers  # noqa: E402
 from extract.store import describe  # noqa: E402
 from finetune.experiment import StoreAccess, run_finetune  # noqa: E402
 from finetune.prefix_cache import load_prefix  # noqa: E402
-from study.config import load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from study.hashing import file_sha256  # noqa: E402
 
 

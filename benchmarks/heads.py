@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
 def caltech_manifest(args):
     from dataset.build import build_dataset
     from dataset.manifest import read_manifest, smallest_classes
-    from study.config import load_config
+    from pipeline.config import load_config
 
     build = build_dataset(data_cfg=load_config(REPO / "configs" / "caltech101.toml")["data"],
                           data_root=Path(args.data_root), out_dir=Path(args.out) / "caltech101", seed=0)
@@ -72,7 +72,7 @@ def caltech_manifest(args):
 
 def load_caltech_features(args, manifest, backbone: str) -> dict:
     """{feature set name: FeatureSet} of one backbone: the pooled set (read as clean/aug) and 'stages'."""
-    from classify.stages import CUT, STAGES, load_stages_set
+    from classify.stacked import CUT, STAGES, load_stages_set
     from extract.cache import load_feature_set
     from extract.engine import PassSettings, ensure_rows, study_requests
 
@@ -94,8 +94,8 @@ def load_caltech_features(args, manifest, backbone: str) -> dict:
 
 def run_head(method, head_cfg, *, data, n_classes):
     from classify.heads import head_grid
-    from classify.metrics import mean_per_class_accuracy
     from classify.selection import select_and_refit
+    from study.metrics import mean_per_class_accuracy
 
     fit = select_and_refit(method, head_grid(method, head_cfg), data=data, seed=0, head_cfg=head_cfg,
                            n_classes=n_classes)
@@ -109,7 +109,7 @@ def tutorial_baseline(data, c_grid) -> tuple[float, float, float]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from classify.metrics import mean_per_class_accuracy
+    from study.metrics import mean_per_class_accuracy
 
     X = np.concatenate([data.train.X, data.val.X])
     y = np.concatenate([data.train.y, data.val.y])

@@ -84,7 +84,7 @@ def bare_forward(*, args, n: int = 256, batch: int = 64) -> float:
     import torch
 
     from extract.backbones import load_backbone
-    from study.config import load_config
+    from pipeline.config import load_config
     from study.precision import autocast, resolve_precision
 
     cfg = load_config(args.config)["extract"]

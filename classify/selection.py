@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.metrics import log_loss
 
 from classify.heads import class_scores, clf_params, make_classifier, make_pipeline, make_preprocessor, prep_params
-from classify.metrics import mean_per_class_accuracy
+from study.metrics import mean_per_class_accuracy
 
 
 @dataclass(frozen=True)

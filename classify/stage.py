@@ -23,11 +23,11 @@ from classify import selection
 from classify.features import FEATURE_SETS, head_data
 from classify.fewshot import curve_on_seed, fewshot_pool, fit_fewshot, like_for_like, max_k
 from classify.heads import blas_threads, count_parameters, head_grid
-from classify.metrics import evaluate
 from classify.selection import HeadData
 from classify.store import cached_rows, head_key, save_head, save_rows
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from study.atomic import file_lock
+from study.metrics import evaluate
 from study.provenance import git_sha
 from study.results import append_rows, append_skip, val_best
 
@@ -84,7 +84,7 @@ def _chosen_fewshot(candidates: list[tuple[dict, FeatureSet]], *, manifest, cfg:
 
 def _stages_set(entry: dict, *, cfg: dict, ecfg: dict, manifest, ctx) -> dict:
     """{"stages": the backbone's stages feature set} when the config asks for it and its cut is stored."""
-    from classify.stages import CUT, STAGES, load_stages_set
+    from classify.stacked import CUT, STAGES, load_stages_set
     from extract.store import Store
 
     if STAGES not in cfg["feature_sets"]:

@@ -23,12 +23,19 @@ from dataset.config import check_data
 from dataset.dedup import find_duplicates
 from dataset.index import INDEX_COLUMNS, OK, RACY_NS, scan_files
 from dataset.manifest import COLUMNS, write_manifest
-from dataset.sources import (ResolvedSource, SourceFile, SourceListing, check_source, list_source_files, printable,
-                             resolve_source)
+from dataset.sources import (
+    ResolvedSource,
+    SourceFile,
+    SourceListing,
+    check_source,
+    list_source_files,
+    printable,
+    resolve_source,
+)
 from dataset.summary import write_summary
 from study.atomic import write_text_atomic
-from study.schema import ConfigError
 from study.hashing import spec_hash
+from study.schema import ConfigError
 
 log = logging.getLogger(__name__)
 BUILD_VERSION = 2  # bump when the build's logic changes what it writes

@@ -4,8 +4,19 @@ Class names in ``rename`` and ``drop`` are either ``"<source>/<folder>"`` (one s
 or a bare ``"<folder>"`` (that folder in every source). Two folders whose final names are equal
 become one class (e.g. Caltech's and Flowers' ``sunflower``).
 """
-from study.schema import (ConfigError, Field, float_range, int_range, is_bool, is_str, list_of, one_of, opt_str,
-                          str_map, tables_of)
+from study.schema import (
+    ConfigError,
+    Field,
+    float_range,
+    int_range,
+    is_bool,
+    is_str,
+    list_of,
+    one_of,
+    opt_str,
+    str_map,
+    tables_of,
+)
 
 SOURCE = {
     "name": Field(help="a short source name, e.g. 'caltech101'"),

@@ -343,7 +343,7 @@ class Family:
     ``extract.weights`` use); ``data_config(arch)`` is the eval pre-processing; the spec is
     ``library`` + ``arch`` + weights + data config. ``build(arch, weights)`` is the full library
     classifier; ``strip_head(model, arch)`` removes its classifier in place and returns the feature dim.
-    ``blocks`` is the ``BlockList.arch`` that ``finetune.unfreeze.block_list`` splits every model of the
+    ``blocks`` is the ``BlockList.arch`` that ``extract.blocks.block_list`` splits every model of the
     family into (that function dispatches on the model's class), or None where no single one applies:
     a ``timm:<name>`` has one only when its class has one (timm EfficientNet), other torchvision models none.
     ``allowed`` is how the unknown-name error names the family (None: the text of a wider entry covers it).

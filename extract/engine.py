@@ -61,7 +61,7 @@ class Layer:
 
 def plan_layers(backbone: str, policies: list[str] = ()) -> list[Layer]:
     """``pooled`` plus the cut of every ``last:k`` policy (``head`` reads pooled; ``all`` trains from images)."""
-    from finetune.unfreeze import block_list, parse_policy
+    from extract.blocks import block_list, parse_policy
 
     layers = [Layer("pooled", {"kind": "pooled", "name": "pooled"}, None)]
     cuts = [p for p in policies if parse_policy(p).last not in (None, 0)]
@@ -153,7 +153,7 @@ class PassRunner:
     """
 
     def __init__(self, backbone, *, layers: list[Layer], device: str, precision: str, channels_last: bool):
-        from finetune.unfreeze import block_list
+        from extract.blocks import block_list
 
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -14,6 +14,7 @@ import logging
 import os
 
 from extract.backbones import WeightsUnavailable, backbone_spec
+from extract.blocks import STACKED_CUT, STACKED_SET
 from extract.engine import PassSettings, ensure_rows, study_requests
 from study import distributed
 from study.atomic import write_text_atomic
@@ -37,13 +38,11 @@ def finetune_views(config: dict) -> int:
 def cut_policies(config: dict) -> list[str]:
     """The policies whose cut activations the pass stores: the fine-tunes' (none when they read images) and the
     ``last:1`` cut the heads' ``stages`` feature set pools."""
-    from classify.stages import CUT, STAGES
-
     ft = config["finetune"]
     policies = list(ft["policies"]) if ft["prefix_cache"] else []
     # The heads' 'stages' feature set pools the last:1 cut: the same pass stores it.
-    if STAGES in config.get("classify", {}).get("feature_sets", ()) and CUT not in policies:
-        policies.append(CUT)
+    if STACKED_SET in config.get("classify", {}).get("feature_sets", ()) and STACKED_CUT not in policies:
+        policies.append(STACKED_CUT)
     return policies
 
 

@@ -4,7 +4,7 @@ from study.schema import ConfigError, Field, float_range, int_range, is_bool, is
 
 
 def _unfreeze_policy(key: str, value):
-    from finetune.unfreeze import parse_policy
+    from extract.blocks import parse_policy
 
     is_str(key, value)
     try:

@@ -16,8 +16,8 @@ from scipy.special import softmax
 from sklearn.metrics import log_loss
 
 from classify.fusion import fused_name
-from classify.metrics import evaluate, mean_per_class_accuracy
 from study.hashing import spec_hash
+from study.metrics import evaluate, mean_per_class_accuracy
 from study.provenance import git_sha
 
 METHOD = "ft:ensemble"

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classify.metrics import evaluate, mean_per_class_accuracy
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from dataset.transforms import policy_spec
+from extract.blocks import parse_policy
 from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
 from extract.store import FORMAT_VERSION, library_versions
 from finetune.checkpoint import read_checkpoint, save_checkpoint
@@ -46,10 +46,10 @@ from finetune.config import GRID_AXES
 from finetune.model import build_split_net, count_params
 from finetune.prefix_cache import part_views, read_acts
 from finetune.train import CachedSource, FitResult, ImageSource, NotFinished, Trainer
-from finetune.unfreeze import parse_policy
 from study import distributed
 from study.atomic import file_lock, write_text_atomic
 from study.hashing import spec_hash
+from study.metrics import evaluate, mean_per_class_accuracy
 from study.precision import resolve_precision
 from study.provenance import git_sha
 

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from classify.fewshot import draw_indices, smallest_class
-from classify.metrics import evaluate
 from dataset.manifest import class_names, manifest_hash, read_manifest
+from extract.blocks import parse_policy
 from finetune.experiment import _Experiment, choose, experiment_inputs, phase_params, run_spec
 from finetune.model import count_params
-from finetune.unfreeze import parse_policy
 from study import distributed
 from study.atomic import write_text_atomic
 from study.hashing import spec_hash
+from study.metrics import evaluate
 from study.provenance import git_sha
 from study.results import append_skip
 

@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from finetune.unfreeze import BlockList, UnfreezePolicy, block_list, parse_policy
+from extract.blocks import BlockList, UnfreezePolicy, block_list, parse_policy
 
 
 class PolicyNotApplicable(ValueError):

@@ -28,7 +28,7 @@ def run(ctx) -> None:
     ecfg = ctx.config["extract"]
     weights = ecfg.get("weights", {})
     done, loaded = [], {}  # this seed's finished fine-tune rows (rank 0); backbone name -> (backbone, store), every rank
-    # finetune.backbones is checked against extract.backbones before any work (study.config.check_config).
+    # finetune.backbones is checked against extract.backbones before any work (pipeline.config.check_config).
     for name in [b for b in ecfg["backbones"] if not hp["backbones"] or b in hp["backbones"]]:
         try:
             backbone = load_backbone(name, weights_file=weights.get(name))

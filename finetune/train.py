@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from classify.metrics import mean_per_class_accuracy
 from dataset.transforms import tta_views, view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.data import EpochItems, ManifestViews, persistent_loader
 from study import distributed
 from study.errors import StudyError
+from study.metrics import mean_per_class_accuracy
 from study.precision import autocast_dtype
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ stage cannot emit a row the report cannot read:
 - ``method``: e.g. "lr", "svm", "knn", "ft:head", "ft:last:1"
 - ``feature_set``: "clean" | "aug" (heads: which training rows; fine-tune: augmentation policy name)
 - ``seed``: int; ``k_per_class``: int or null (few-shot rows)
-- ``metrics``: dict from ``classify.metrics.evaluate`` (top1, top5, mean_per_class, macro_f1,
+- ``metrics``: dict from ``study.metrics.evaluate`` (top1, top5, mean_per_class, macro_f1,
   ``ci95`` {metric: [lo, hi]}, per_class_acc, confusion)
 - ``test_sample_id`` / ``test_pred``: per-test-sample predictions, manifest order (for McNemar)
 - ``hyperparams``: chosen hyperparameters; ``selection``: the val scores of the sweep (heads: a list of

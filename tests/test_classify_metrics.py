@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
 
-from classify.metrics import evaluate
+from study.metrics import evaluate
 
 
 @pytest.fixture

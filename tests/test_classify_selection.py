@@ -1,6 +1,5 @@
 """Model selection on real Lite0 features of 4 Caltech classes: test rows never reach fitting or selection."""
 import dataclasses
-
 import pickle
 
 import numpy as np

@@ -9,9 +9,16 @@ import torch
 from dataset.images import load_rgb
 from dataset.transforms import eval_transform
 from extract import backbones
-from extract.backbones import (FAMILIES, WeightsUnavailable, backbone_family, backbone_spec, build_classifier,
-                                load_backbone, resolve_weights)
-from finetune.unfreeze import block_list
+from extract.backbones import (
+    FAMILIES,
+    WeightsUnavailable,
+    backbone_family,
+    backbone_spec,
+    build_classifier,
+    load_backbone,
+    resolve_weights,
+)
+from extract.blocks import block_list
 
 IMAGENET_CLASS = {"tench": 0, "golf_ball": 574, "garbage_truck": 569}
 

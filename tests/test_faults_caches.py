@@ -67,7 +67,7 @@ def ft(features, tiny_manifest):
     from extract.backbones import load_backbone
     from finetune.prefix_cache import load_prefix
     from finetune.train import CachedSource
-    from study.config import load_config
+    from pipeline.config import load_config
 
     hp = load_config()["finetune"]
     hp.update(epochs=3, patience=10, views=1, batch_size=8, lr=3e-3, warmup_epochs=1, num_workers=0,

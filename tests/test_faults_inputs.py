@@ -27,7 +27,6 @@ from study.atomic import atomic_path, write_text_atomic
 from study.hashing import file_sha256
 from study.schema import validate
 
-
 # ---------------------------------------------------------------- output file permissions
 
 
@@ -123,7 +122,7 @@ def test_a_class_no_source_has_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_dataset_only_runs_may_have_no_val(tmp_path):
-    from study.config import load_config
+    from pipeline.config import load_config
 
     cfg = load_config(write_config(tmp_path, sources=MINE),
                       overrides=["data.split.val_fraction=0.0", 'stages=["dataset"]'])

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from extract.backbones import load_backbone
 from finetune.model import build_split_net
 from finetune.train import CachedSource, Trainer
-from study.config import load_config
+from pipeline.config import load_config
 
 N_TRAIN, N_VAL, DIM, CLASSES = 32, 8, 512, 4
 

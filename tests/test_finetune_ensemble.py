@@ -11,7 +11,6 @@ import pytest
 import torch
 from scipy.special import softmax
 
-from classify.metrics import mean_per_class_accuracy
 from extract.backbones import load_backbone
 from extract.engine import PassSettings
 from finetune import train as train_mod
@@ -19,7 +18,8 @@ from finetune.checkpoint import read_checkpoint, save_checkpoint
 from finetune.ensemble import METHOD, ensemble_row
 from finetune.experiment import PREDICTIONS, StoreAccess, run_finetune, run_predictions
 from finetune.train import NotFinished
-from study.config import load_config
+from pipeline.config import load_config
+from study.metrics import mean_per_class_accuracy
 from study.results import check_row, val_best
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite1")

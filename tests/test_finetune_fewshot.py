@@ -14,7 +14,7 @@ from finetune import experiment as experiment_mod
 from finetune import train as train_mod
 from finetune.experiment import StoreAccess, run_finetune
 from finetune.fewshot import chosen_recipe, run_fewshot, scaled_schedule
-from study.config import load_config
+from pipeline.config import load_config
 from study.results import check_row
 
 pytestmark = pytest.mark.needs_data

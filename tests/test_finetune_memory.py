@@ -13,7 +13,7 @@ import pytest
 from extract.engine import PassSettings
 from finetune import train as train_mod
 from finetune.experiment import StoreAccess, run_finetune
-from study.config import load_config
+from pipeline.config import load_config
 
 pytestmark = pytest.mark.needs_data
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from extract.backbones import load_backbone
+from extract.blocks import parse_policy
 from finetune.model import PolicyNotApplicable, build_split_net, count_params
-from finetune.unfreeze import parse_policy
-from study.config import load_config
+from pipeline.config import load_config
 from study.schema import ConfigError
 
 

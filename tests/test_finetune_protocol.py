@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from dataset.manifest import read_manifest
+from extract.blocks import parse_policy
 from extract.engine import PassSettings, plan_layers
 from finetune import train as train_mod
 from finetune.config import GRID_AXES
 from finetune.experiment import StoreAccess, choose, grid_points, run_finetune
 from finetune.model import build_split_net
-from finetune.unfreeze import parse_policy
-from study.config import REPO_ROOT, load_config
+from pipeline.config import load_config
+from study.config import REPO_ROOT
 from study.results import ResultRow, check_row
 from study.schema import ConfigError
 

@@ -16,7 +16,7 @@ from finetune.experiment import StoreAccess, run_finetune
 from finetune.model import build_split_net
 from finetune.prefix_cache import load_prefix
 from finetune.train import CachedSource, ImageSource, Trainer
-from study.config import load_config
+from pipeline.config import load_config
 from study.results import check_row
 
 

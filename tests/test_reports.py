@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from classify.metrics import evaluate
 from reports.stage import build_report
 from reports.stats import mcnemar
+from study.metrics import evaluate
 from study.results import append_rows, append_skip, read_results
 from tests.conftest import make_tiny_manifest
 from tests.report_checks import assert_comparison_traces, assert_pngs_valid, table_after

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from classify.metrics import evaluate
-from reports.collect import results_table, summary_table, verdicts
+from reports.collect import results_table, verdicts
 from reports.render import FEWSHOT_DETAIL, protocol_arm_lines
 from reports.stage import build_report, record_end
+from study.metrics import evaluate
 from study.provenance import end_provenance, start_provenance
 from study.results import ResultRow, append_rows, read_results
 from tests.conftest import make_tiny_manifest

@@ -24,7 +24,8 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_shipped_configs_are_valid():
-    from study.config import REPO_ROOT, load_config
+    from pipeline.config import load_config
+    from study.config import REPO_ROOT
     for path in sorted((REPO_ROOT / "configs").glob("*.toml")):
         cfg = load_config(path)
         assert cfg["name"] == tomllib.loads(path.read_text()).get("name", "study"), path

@@ -1,6 +1,7 @@
 import pytest
 
-from study.config import load_config, parse_override
+from pipeline.config import load_config
+from study.config import parse_override
 from study.schema import ConfigError
 
 
@@ -42,7 +43,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 def test_finetune_backbones_must_be_extracted_backbones_and_default_to_all():
-    from study.config import load_config
+    from pipeline.config import load_config
     from study.schema import ConfigError
 
     assert load_config("configs/quick.toml")["finetune"]["backbones"] == []  # quick.toml leaves it unset

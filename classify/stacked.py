@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from extract.blocks import STACKED_CUT, STACKED_SET
 from extract.cache import FeatureSet, load_feature_set
 from extract.store import Store
 from study.hashing import spec_hash
 
-STAGES = "stages"
-CUT = "last:1"  # the store layer whose activations are pooled: the input of the backbone's last stage
+STAGES, CUT = STACKED_SET, STACKED_CUT  # the feature set's name; the store layer it pools (its last stage's input)
 _CHUNK_BYTES = 256 << 20  # cut rows read and averaged at a time (a Lite cut row is tens of KiB, ResNet's hundreds)
 FORMAT = 1  # bump when the pooling of the cut changes
 

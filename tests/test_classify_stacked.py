@@ -10,13 +10,13 @@ import torch
 
 import classify.stage
 from classify.predict import HeadMismatch, refuse_fused
-from classify.stages import CUT, STAGES, load_stages_set
+from classify.stacked import CUT, STAGES, load_stages_set
 from classify.store import load_head
 from dataset.manifest import read_manifest
 from extract.cache import load_feature_set
 from extract.engine import PassSettings, ensure_rows, study_requests
 from extract.stage import cut_policies
-from study.config import load_config
+from pipeline.config import load_config
 from study.context import StudyContext
 from study.results import read_rows
 from tests.classify_fixtures import small_classify_config

@@ -46,6 +46,9 @@ class UnfreezePolicy:
         return ("head", f"last:{self.last}") if self.probe else (self.name,)
 
 
+# The heads' "stages" feature set (classify/stacked.py) pools the activations at this cut, so the shared pass
+# stores it whenever that feature set is configured, fine-tuned or not.
+STACKED_SET, STACKED_CUT = "stages", "last:1"
 ALLOWED = "'head', 'last:k' with k >= 1 (e.g. 'last:2'), 'all', 'probe+last:k' (head first, then last:k)"
 
 

@@ -3,9 +3,9 @@ import shutil
 
 import pytest
 
-from study.config import load_config
+from pipeline.config import load_config
+from pipeline.plan import make_plan
 from study.context import StudyContext
-from study.plan import make_plan
 
 pytestmark = pytest.mark.needs_data
 

@@ -1,0 +1,106 @@
+"""The study's whole config: every stage's section assembled, validated, and checked across sections.
+
+Each stage package owns its section's schema (``<package>/config.py`` exports ``SCHEMA``); the top assembles
+them here, so a stage adds a key in one place. The resolved config (defaults filled in) is what a run writes
+next to its results. ``load_config`` also refuses values that are wrong only together (val larger than train,
+one source name twice, weights for an unused backbone); ``check_before_work`` adds what needs a look beyond
+the file (backbone names, source folders, --out), so ``run_study.py`` refuses all of it before any stage runs
+and before a run folder exists.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from study.config import apply_overrides, read_config_file
+from study.schema import ConfigError, Field, int_range, is_str, list_of, one_of, validate
+
+STAGES = ("dataset", "extract", "classify", "finetune", "report")
+
+
+def study_schema() -> dict:
+    # Imported here so that a broken stage schema is reported when a config is loaded, not on import.
+    from classify.config import SCHEMA as classify_schema
+    from dataset.config import SCHEMA as data_schema
+    from extract.config import SCHEMA as extract_schema
+    from finetune.config import SCHEMA as finetune_schema
+    from reports.config import SCHEMA as report_schema
+
+    return {
+        "name": Field("study", is_str, "a short name used in the run folder"),
+        "seed": Field(0, int_range(0, 2**31 - 1)),
+        # Several split seeds: one split per seed over the same images, every head and fine-tune per seed;
+        # the report gives mean +- sd over seeds. Empty: just `seed`.
+        "seeds": Field([], list_of(int_range(0, 2**31 - 1))),
+        "device": Field("auto", one_of("auto", "cpu", "cuda", "mps")),
+        "stages": Field(list(STAGES), _stages_check),
+        "data": data_schema,
+        "extract": extract_schema,
+        "classify": classify_schema,
+        "finetune": finetune_schema,
+        "report": report_schema,
+    }
+
+
+def _stages_check(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not value or any(v not in STAGES for v in value):
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a non-empty list drawn from {list(STAGES)}")
+    return [s for s in STAGES if s in value]
+
+
+def load_config(path: str | Path | None = None, *, overrides: list[str] = ()) -> dict:
+    config = validate(apply_overrides(read_config_file(path), list(overrides)), study_schema())
+    check_config(config)
+    return config
+
+
+def check_config(config: dict) -> None:
+    """Checks across keys of a validated config; each error names the key, the value and what is allowed."""
+    from dataset.config import check_data
+
+    # Heads and fine-tuning choose their settings on val, so an empty val is refused only when they run.
+    check_data(config["data"], needs_val=bool({"classify", "finetune"} & set(config["stages"])))
+    backbones = config["extract"]["backbones"]
+    # A fusion naming a backbone the run does not extract (say, --set extract.backbones='["efficientnet_lite0"]'
+    # against the default fusions) is a recorded skip of the classify stage, not a refusal.
+    for i, parts in enumerate(config["classify"]["fusions"]):
+        if len(set(parts)) != len(parts):
+            raise ConfigError(f"config key 'classify.fusions[{i}]' has value {parts!r}; allowed: two or more "
+                              "different backbone names")
+    for i, parts in enumerate(config["finetune"]["ensembles"]):
+        if len(set(parts)) != len(parts):
+            raise ConfigError(f"config key 'finetune.ensembles[{i}]' has value {parts!r}; allowed: two or more "
+                              "different backbone names")
+        # The report pairs a fused head with the ensemble of the same name: the same backbones, the same order.
+        for j, fusion in enumerate(config["classify"]["fusions"]):
+            if set(fusion) == set(parts) and fusion != parts:
+                raise ConfigError(f"config key 'finetune.ensembles[{i}]' has value {parts!r}; allowed: the order of "
+                                  f"classify.fusions[{j}] {fusion!r}, so the report pairs the two in one verdict")
+    unknown = [b for b in config["finetune"]["backbones"] if b not in backbones]
+    if unknown:
+        raise ConfigError(f"config key 'finetune.backbones' has value {config['finetune']['backbones']!r}; allowed: "
+                          f"names from extract.backbones {backbones} ({unknown} are not)")
+    for name in config["extract"]["weights"]:
+        if name not in backbones:
+            raise ConfigError(f"config key 'extract.weights.{name}' names a backbone that is not in "
+                              f"extract.backbones {backbones}; allowed: one of those; fix the name or add "
+                              f"'{name}' to extract.backbones")
+
+
+def check_before_work(config: dict, *, data_root: Path, out: Path) -> None:
+    """Refuse what the config shows is wrong once backbone names, source folders and ``out`` are looked at."""
+    from extract.backbones import backbone_spec  # imports torch: kept out of load_config
+    from study.context import check_out_dir
+
+    for i, name in enumerate(config["extract"]["backbones"]):
+        try:
+            backbone_spec(name, pretrained=False)  # names only: no weights are resolved or read
+        except ValueError as exc:
+            raise ConfigError(f"config key 'extract.backbones[{i}]' has value {name!r}: {exc}") from exc
+    if "dataset" in config["stages"]:
+        from dataset.build import check_sources
+
+        check_sources(config["data"], data_root=data_root, out_dir=out / "dataset")
+    check_out_dir(out)
+
+
