@@ -39,13 +39,12 @@ import torch
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from dataset.transforms import policy_spec
 from extract.blocks import parse_policy
-from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
 from extract.store import FORMAT_VERSION, library_versions
 from finetune.checkpoint import read_checkpoint, save_checkpoint
 from finetune.config import GRID_AXES
+from finetune.inputs import FitInputs, StoreAccess, stores_for
 from finetune.model import build_split_net, count_params
-from finetune.prefix_cache import part_views, read_acts
-from finetune.train import CachedSource, FitResult, ImageSource, NotFinished, Trainer
+from finetune.train import FitResult, NotFinished, Trainer
 from study import distributed
 from study.atomic import file_lock, write_text_atomic
 from study.hashing import spec_hash
@@ -58,7 +57,6 @@ log = logging.getLogger(__name__)
 FIT_FORMAT = 2
 # Keys of the [finetune] section that do not change a fit's numbers (so they stay out of its key).
 NOT_NUMERIC = ("policies", "num_workers", "grid", "fewshot_draws", "backbones", "ensembles")
-SPLITS = ("train", "val", "test")
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -88,108 +86,6 @@ def choose(scores: list[tuple[float, float | None]]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i][0], -loss(scores[i][1])))
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class StoreAccess:
-    """Where the activation store is and how its missing rows would be computed (the extract stage's settings)."""
-    root: Path
-    settings: PassSettings
-    view_seed: int = 0
-    weights_file: str | None = None
-
-
-class _Rows:
-    """What fits read, per one-phase policy and part: ``train`` (views 0..V), ``val`` (view 0 + test-time
-    views), ``train+val`` (views 0..V of both: the refit) and ``test`` (view 0 + test-time views), from the
-    store (cached path) or the images (naive path: fresh augmentation every epoch)."""
-
-    def __init__(self, *, backbone, manifest, hp: dict, data_root: Path, stores: dict, view_seed: int):
-        self.backbone, self.manifest, self.hp, self.data_root = backbone, manifest, hp, data_root
-        self.stores, self.view_seed = stores, view_seed  # one-phase policy -> store entry (absent: naive)
-        split = manifest["split"].to_numpy()
-        self.positions = {s: np.flatnonzero(split == s) for s in SPLITS}
-        for s, pos in self.positions.items():
-            if len(pos) == 0:
-                raise ValueError(f"the manifest has no '{s}' rows; fine-tuning needs train, val and test splits")
-        self.positions["train+val"] = np.concatenate([self.positions["train"], self.positions["val"]])
-        self.train_parts = {"train", "train+val"}  # parts read with their augmented views, one drawn per epoch
-        # Per instance, never a module-level cache (functools.cache on a method kept every _Rows, and with it
-        # every split's activations, alive until the process exited).
-        self._indexes: dict = {}
-        self._memo: dict = {}
-
-    def add_train_part(self, name: str, positions: np.ndarray) -> None:
-        """A subset of images to train on (a few-shot draw), read like ``train``."""
-        self.positions[name] = np.asarray(positions, dtype=np.int64)
-        self.train_parts.add(name)
-
-    def cached(self, policy: str) -> bool:
-        return policy in self.stores
-
-    def views(self, part: str) -> list[int]:
-        return part_views("train" if part in self.train_parts else part, views=self.hp["views"], tta=self.hp["tta"])
-
-    def keys(self, part: str) -> list[tuple[str, str]]:
-        requests = [(int(m), v) for m in self.positions[part] for v in self.views(part)]
-        return store_keys(self.manifest, requests, policy=self.hp["augment"], view_seed=self.view_seed)
-
-    def _index(self, policy: str):
-        if policy not in self._indexes:
-            self._indexes[policy] = self.stores[policy].index()
-        return self._indexes[policy]
-
-    def release(self, *parts: str) -> None:
-        """Drop the activations of ``parts`` (every part when none is named): the fits that read them are done."""
-        for key in [k for k in self._memo if not parts or k[1] in parts]:
-            del self._memo[key]
-
-    def identity(self, policy: str, parts: tuple[str, ...]) -> str | None:
-        """The content identity of the rows ``parts`` read (no data read); None on the naive path."""
-        if not self.cached(policy):
-            return None
-        return self.stores[policy].identity([k for p in parts for k in self.keys(p)], self._index(policy))
-
-    def cost_s(self, policy: str) -> float:
-        """Compute seconds of every store row this policy reads (their share of the passes that made them)."""
-        if not self.cached(policy):
-            return 0.0
-        return self._index(policy).cost_s([k for p in ("train+val", "val", "test") for k in self.keys(p)])
-
-    def source(self, policy: str, part: str):
-        if (policy, part) in self._memo:
-            return self._memo[(policy, part)]
-        labels = torch.tensor(self.manifest["label"].to_numpy(np.int64)[self.positions[part]])
-        train = part in self.train_parts
-        if self.cached(policy):
-            acts = read_acts(self.stores[policy], self.keys(part), n_views=len(self.views(part)),
-                             index=self._index(policy))
-            src = CachedSource(acts, labels, eval_views=1 if train else acts.shape[1])
-        else:
-            rows = self.manifest.iloc[self.positions[part]].reset_index(drop=True)
-            src = ImageSource(rows=rows, data_root=self.data_root, data_config=self.backbone.data_config,
-                              policy=self.hp["augment"], num_workers=self.hp["num_workers"],
-                              tta="none" if train else self.hp["tta"])
-        if part != "test":  # test is read once
-            self._memo[(policy, part)] = src
-        return src
-
-
-def _stores(*, backbone, policies: list[str], manifest, hp: dict, access: StoreAccess, data_root: Path,
-            rebuild: bool) -> dict:
-    """The store entry each one-phase policy reads (pooled for ``head``, the cut for ``last:k``), holding every
-    row it needs. After the extract stage this computes nothing (its shared pass stored every cut the config
-    names); run alone, it computes the missing rows with the same shared pass."""
-    if not policies:
-        return {}
-    result = ensure_rows(manifest=manifest, backbone=backbone.name, policy=hp["augment"], view_seed=access.view_seed,
-                         requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]), store_root=access.root,
-                         policies=[p for p in policies if p != "head"], settings=access.settings,
-                         weights_file=access.weights_file, data_root=data_root, rebuild=rebuild)
-    return {p: result.stores["pooled" if p == "head" else p] for p in policies}
-
-
 # ---------------------------------------------------------------------------------------------- fits
 
 
@@ -211,7 +107,7 @@ def _numeric(hp: dict) -> dict:
 
 
 class _Experiment:
-    def __init__(self, *, backbone, manifest, hp, seed, device, finetune_dir: Path, rows: _Rows, base: dict,
+    def __init__(self, *, backbone, manifest, hp, seed, device, finetune_dir: Path, rows: FitInputs, base: dict,
                  on_epoch_end, resume_only: bool = False):
         self.backbone, self.manifest, self.hp, self.seed, self.device = backbone, manifest, hp, seed, device
         self.finetune_dir, self.rows, self.base, self.on_epoch_end = Path(finetune_dir), rows, base, on_epoch_end
@@ -283,15 +179,15 @@ class _Experiment:
 
 
 def experiment_inputs(*, backbone, phases, manifest, hp: dict, seed: int, device: str, store: StoreAccess,
-                      data_root: Path, rebuild: bool = False) -> tuple[_Rows, dict]:
+                      data_root: Path, rebuild: bool = False) -> tuple[FitInputs, dict]:
     """The rows a fine-tune's phases read (their store entries made whole) and the key fields every fit shares."""
     # The cached path wherever the policy has a frozen prefix (``all`` and last:k >= n_units read images).
     n_classes = len(class_names(manifest))
     with_prefix = [p for p in phases if hp["prefix_cache"]
                    and build_split_net(backbone, policy=p, n_classes=n_classes).prefix_names]
-    stores = _stores(backbone=backbone, policies=with_prefix, manifest=manifest, hp=hp, access=store,
+    stores = stores_for(backbone=backbone, policies=with_prefix, manifest=manifest, hp=hp, access=store,
                      data_root=data_root, rebuild=rebuild)
-    rows = _Rows(backbone=backbone, manifest=manifest, hp=hp, data_root=data_root, stores=stores,
+    rows = FitInputs(backbone=backbone, manifest=manifest, hp=hp, data_root=data_root, stores=stores,
                  view_seed=store.view_seed)
     base = {"kind": "finetune", "format": FORMAT_VERSION, "fit_format": FIT_FORMAT, "backbone": backbone.spec,
             "augment": policy_spec(hp["augment"]), "seed": seed, "manifest_hash": manifest_hash(manifest),
@@ -390,7 +286,7 @@ class _Run:
     backbone: object
     policy: str
     manifest: object
-    rows: _Rows
+    rows: FitInputs
     base: dict
     points: list[dict]
     inputs: dict

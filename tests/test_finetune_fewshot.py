@@ -10,10 +10,10 @@ import pytest
 from classify.fewshot import draw_indices
 from dataset.manifest import read_manifest
 from extract.engine import PassSettings
-from finetune import experiment as experiment_mod
 from finetune import train as train_mod
 from finetune.experiment import StoreAccess, run_finetune
 from finetune.fewshot import chosen_recipe, run_fewshot, scaled_schedule
+from finetune.inputs import FitInputs
 from pipeline.config import load_config
 from study.results import check_row
 
@@ -54,8 +54,8 @@ def test_fewshot_retrains_the_chosen_recipe_on_the_head_arms_draws(lite0, setup,
                                                                     monkeypatch):
     hp, _, _, row = setup
     parts = {}
-    real_add = experiment_mod._Rows.add_train_part
-    monkeypatch.setattr(experiment_mod._Rows, "add_train_part",
+    real_add = FitInputs.add_train_part
+    monkeypatch.setattr(FitInputs, "add_train_part",
                         lambda self, name, pos: (parts.__setitem__(name, pos), real_add(self, name, pos))[1])
     rows = _fewshot(lite0, setup, tiny_manifest, data_root)
     # k = 9 exceeds the 8 train+val images per class: skipped, never a crash; k = 8 takes the whole pool: the

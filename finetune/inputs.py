@@ -1,0 +1,115 @@
+"""What a fine-tune's fits read: per part (train, val, train+val, test, a few-shot draw) the store rows of each
+one-phase policy's entry (pooled for ``head``, the cut for ``last:k``), or the images on the naive path.
+A part's activations are held while the fits that read it run, and released as soon as they are done."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
+from finetune.prefix_cache import part_views, read_acts
+from finetune.train import CachedSource, ImageSource
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    """Where the activation store is and how its missing rows would be computed (the extract stage's settings)."""
+    root: Path
+    settings: PassSettings
+    view_seed: int = 0
+    weights_file: str | None = None
+
+
+class FitInputs:
+    """What fits read, per one-phase policy and part: ``train`` (views 0..V), ``val`` (view 0 + test-time
+    views), ``train+val`` (views 0..V of both: the refit) and ``test`` (view 0 + test-time views), from the
+    store (cached path) or the images (naive path: fresh augmentation every epoch)."""
+
+    def __init__(self, *, backbone, manifest, hp: dict, data_root: Path, stores: dict, view_seed: int):
+        self.backbone, self.manifest, self.hp, self.data_root = backbone, manifest, hp, data_root
+        self.stores, self.view_seed = stores, view_seed  # one-phase policy -> store entry (absent: naive)
+        split = manifest["split"].to_numpy()
+        self.positions = {s: np.flatnonzero(split == s) for s in SPLITS}
+        for s, pos in self.positions.items():
+            if len(pos) == 0:
+                raise ValueError(f"the manifest has no '{s}' rows; fine-tuning needs train, val and test splits")
+        self.positions["train+val"] = np.concatenate([self.positions["train"], self.positions["val"]])
+        self.train_parts = {"train", "train+val"}  # parts read with their augmented views, one drawn per epoch
+        # Per instance, never a module-level cache (functools.cache on a method kept every _Rows, and with it
+        # every split's activations, alive until the process exited).
+        self._indexes: dict = {}
+        self._memo: dict = {}
+
+    def add_train_part(self, name: str, positions: np.ndarray) -> None:
+        """A subset of images to train on (a few-shot draw), read like ``train``."""
+        self.positions[name] = np.asarray(positions, dtype=np.int64)
+        self.train_parts.add(name)
+
+    def cached(self, policy: str) -> bool:
+        return policy in self.stores
+
+    def views(self, part: str) -> list[int]:
+        return part_views("train" if part in self.train_parts else part, views=self.hp["views"], tta=self.hp["tta"])
+
+    def keys(self, part: str) -> list[tuple[str, str]]:
+        requests = [(int(m), v) for m in self.positions[part] for v in self.views(part)]
+        return store_keys(self.manifest, requests, policy=self.hp["augment"], view_seed=self.view_seed)
+
+    def _index(self, policy: str):
+        if policy not in self._indexes:
+            self._indexes[policy] = self.stores[policy].index()
+        return self._indexes[policy]
+
+    def release(self, *parts: str) -> None:
+        """Drop the activations of ``parts`` (every part when none is named): the fits that read them are done."""
+        for key in [k for k in self._memo if not parts or k[1] in parts]:
+            del self._memo[key]
+
+    def identity(self, policy: str, parts: tuple[str, ...]) -> str | None:
+        """The content identity of the rows ``parts`` read (no data read); None on the naive path."""
+        if not self.cached(policy):
+            return None
+        return self.stores[policy].identity([k for p in parts for k in self.keys(p)], self._index(policy))
+
+    def cost_s(self, policy: str) -> float:
+        """Compute seconds of every store row this policy reads (their share of the passes that made them)."""
+        if not self.cached(policy):
+            return 0.0
+        return self._index(policy).cost_s([k for p in ("train+val", "val", "test") for k in self.keys(p)])
+
+    def source(self, policy: str, part: str):
+        if (policy, part) in self._memo:
+            return self._memo[(policy, part)]
+        labels = torch.tensor(self.manifest["label"].to_numpy(np.int64)[self.positions[part]])
+        train = part in self.train_parts
+        if self.cached(policy):
+            acts = read_acts(self.stores[policy], self.keys(part), n_views=len(self.views(part)),
+                             index=self._index(policy))
+            src = CachedSource(acts, labels, eval_views=1 if train else acts.shape[1])
+        else:
+            rows = self.manifest.iloc[self.positions[part]].reset_index(drop=True)
+            src = ImageSource(rows=rows, data_root=self.data_root, data_config=self.backbone.data_config,
+                              policy=self.hp["augment"], num_workers=self.hp["num_workers"],
+                              tta="none" if train else self.hp["tta"])
+        if part != "test":  # test is read once
+            self._memo[(policy, part)] = src
+        return src
+
+
+def stores_for(*, backbone, policies: list[str], manifest, hp: dict, access: StoreAccess, data_root: Path,
+            rebuild: bool) -> dict:
+    """The store entry each one-phase policy reads (pooled for ``head``, the cut for ``last:k``), holding every
+    row it needs. After the extract stage this computes nothing (its shared pass stored every cut the config
+    names); run alone, it computes the missing rows with the same shared pass."""
+    if not policies:
+        return {}
+    result = ensure_rows(manifest=manifest, backbone=backbone.name, policy=hp["augment"], view_seed=access.view_seed,
+                         requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]), store_root=access.root,
+                         policies=[p for p in policies if p != "head"], settings=access.settings,
+                         weights_file=access.weights_file, data_root=data_root, rebuild=rebuild)
+    return {p: result.stores["pooled" if p == "head" else p] for p in policies}
