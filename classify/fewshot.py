@@ -17,6 +17,8 @@ import numpy as np
 
 from classify.heads import class_scores
 from classify.selection import HeadData, Rows, concat, refit
+from study.protocol import draw_indices, smallest_class
+from study.results import ResultRow, fused_parts
 
 
 @dataclass(frozen=True)
@@ -31,39 +33,16 @@ class FewShotFit:
     model: object
 
 
-def curve_on_seed(config: dict) -> bool:
-    """Whether this split seed (``config["seed"]``) draws the few-shot curves: every seed, or only the first
-    of ``seeds`` with ``classify.fewshot.split_seeds = "first"``."""
-    seeds = list(config.get("seeds") or [config["seed"]])
-    return config["classify"]["fewshot"]["split_seeds"] == "all" or config["seed"] == seeds[0]
-
-
-def like_for_like(rows: list[dict], config: dict) -> list[dict]:
+def like_for_like(rows: list[ResultRow], config: dict) -> list[ResultRow]:
     """The head rows the few-shot curve may choose from: with the fine-tune arm on fewer backbones
     (``finetune.backbones``), only heads on those backbones' features (a fused set only when all its parts
     are fine-tuned), so the two arms' curves differ in how the features are used, not in which network made
     them; every row when the arms cover the same backbones or none is left."""
-    from classify.fusion import fused_parts  # here: classify.fusion imports the store's modules
-
     tuned = config.get("finetune", {}).get("backbones") or []
     if not tuned or "finetune" not in config.get("stages", ()):
         return rows
-    kept = [r for r in rows if set(fused_parts(r["backbone"])) <= set(tuned)]
+    kept = [r for r in rows if set(fused_parts(r.backbone)) <= set(tuned)]
     return kept or rows
-
-
-def draw_indices(labels: np.ndarray, *, k: int, seed: int) -> np.ndarray:
-    """Positions of ``k`` items of every class in ``labels``, drawn without replacement with a seeded generator.
-    Both arms draw through this on the same candidates in the same (manifest) order, so a draw seed gives
-    the head and the fine-tune the same images."""
-    rng = np.random.default_rng(seed)
-    picks = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        if len(members) < k:
-            raise ValueError(f"few-shot k={k}: class {label} has only {len(members)} images in the pool")
-        picks.append(np.sort(rng.choice(members, size=k, replace=False)))
-    return np.concatenate(picks)
 
 
 def draw_per_class(rows: Rows, *, k: int, seed: int) -> np.ndarray:
@@ -83,11 +62,6 @@ def fewshot_pool(data: HeadData, *, pool: str) -> Rows:
 def max_k(pool: Rows) -> int:
     ids, first = np.unique(pool.sample_id, return_index=True)
     return smallest_class(pool.y[first])
-
-
-def smallest_class(labels: np.ndarray) -> int:
-    """Images in the smallest class present in ``labels`` (one label per image): the largest k a draw can take."""
-    return int(np.bincount(labels)[np.unique(labels)].min())
 
 
 def fit_fewshot(point: dict, *, method: str = "lr", pool: Rows, test: Rows, k: int, seed: int, head_cfg: dict,

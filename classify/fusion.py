@@ -13,17 +13,9 @@ import numpy as np
 
 from extract.cache import FeatureSet
 from study.hashing import spec_hash
+from study.results import FUSED_PREFIX, fused_name, fused_parts  # noqa: F401 (the arms' shared names)
 
-PREFIX = "fused:"
-
-
-def fused_name(backbones: list[str]) -> str:
-    return PREFIX + "+".join(backbones)
-
-
-def fused_parts(name: str) -> list[str]:
-    """The backbones a feature set's name stands for: a fused set's parts (``fused_name`` reversed), else itself."""
-    return name.removeprefix(PREFIX).split("+") if name.startswith(PREFIX) else [name]
+PREFIX = FUSED_PREFIX
 
 
 def fuse(parts: dict[str, FeatureSet]) -> FeatureSet:

@@ -21,6 +21,7 @@ from sklearn.metrics import log_loss
 
 from classify.heads import class_scores, clf_params, make_classifier, make_pipeline, make_preprocessor, prep_params
 from study.metrics import mean_per_class_accuracy
+from study.results import Point, Selection
 
 
 @dataclass(frozen=True)
@@ -56,28 +57,19 @@ class HeadData:
     test: Rows
 
 
-@dataclass(frozen=True)
-class Selection:
-    best: dict
-    scores: list[dict]  # one {"params", "val_mean_per_class"} per grid point, grid order
-    seconds: float
-
-
 def sweep(method: str, grid: list[dict], *, train: Rows, val: Rows, seed: int, head_cfg: dict) -> Selection:
-    """Fit every grid point on ``train``, score on ``val``; return the best point and all scores."""
-    t0 = time.perf_counter()
-    scores = []
-    for prep_key, points in groupby(grid, key=lambda p: tuple(sorted(prep_params(p).items()))):
-        points = list(points)
-        prep = make_preprocessor(points[0], n_rows=len(train), seed=seed).fit(train.X)
+    """Fit every grid point on ``train``, score on ``val``; every point's scores and the chosen one, grid order."""
+    points = []
+    for _, group in groupby(grid, key=lambda p: tuple(sorted(prep_params(p).items()))):
+        group = list(group)
+        prep = make_preprocessor(group[0], n_rows=len(train), seed=seed).fit(train.X)
         X_train, X_val = prep.transform(train.X), prep.transform(val.X)
-        for point, clf in _path(method, points, seed=seed, head_cfg=head_cfg, n_rows=len(train)):
+        for point, clf in _path(method, group, seed=seed, head_cfg=head_cfg, n_rows=len(train)):
             clf.fit(X_train, train.y)
             score = mean_per_class_accuracy(val.y, clf.predict(X_val))
-            scores.append({"params": point, "val_mean_per_class": score, "val_log_loss": _log_loss(clf, X_val, val.y)})
-    # max keeps the first of equal keys; a missing log-loss (SVM) ranks all ties equal.
-    best = max(scores, key=lambda s: (s["val_mean_per_class"], -(s["val_log_loss"] or 0.0)))
-    return Selection(best=best["params"], scores=scores, seconds=time.perf_counter() - t0)
+            points.append(Point(params=point, val_mean_per_class=score, val_log_loss=_log_loss(clf, X_val, val.y)))
+    # A missing log-loss (SVM) ranks every tie equal: the earlier point (smaller C) is chosen.
+    return Selection.of(points)
 
 
 def _log_loss(clf, X_val: np.ndarray, y_val: np.ndarray) -> float | None:
@@ -122,7 +114,7 @@ def select_and_refit(method: str, grid: list[dict], *, data: HeadData, seed: int
     """Select on val, refit on train+val, then -- and only then -- predict test once."""
     t0 = time.perf_counter()
     selection = sweep(method, grid, train=data.train, val=data.val, seed=seed, head_cfg=head_cfg)
-    model = refit(method, selection.best, rows=concat(data.train, data.val_fit), seed=seed, head_cfg=head_cfg)
+    model = refit(method, selection.best.params, rows=concat(data.train, data.val_fit), seed=seed, head_cfg=head_cfg)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores = class_scores(model, data.test.X, n_classes=n_classes)

@@ -21,15 +21,16 @@ from tqdm import tqdm
 
 from classify import selection
 from classify.features import FEATURE_SETS, head_data
-from classify.fewshot import curve_on_seed, fewshot_pool, fit_fewshot, like_for_like, max_k
+from classify.fewshot import fewshot_pool, fit_fewshot, like_for_like, max_k
 from classify.heads import blas_threads, count_parameters, head_grid
 from classify.selection import HeadData
 from classify.store import cached_rows, head_key, save_head, save_rows
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from study.atomic import file_lock
 from study.metrics import evaluate
+from study.protocol import curve_on_seed
 from study.provenance import git_sha
-from study.results import append_rows, append_skip, val_best
+from study.results import Costs, Metrics, ResultRow, append_rows, append_skip, val_best
 
 if TYPE_CHECKING:
     from extract.cache import FeatureSet  # noqa: F401 (annotations)
@@ -58,26 +59,26 @@ def run(ctx) -> None:
         tasks += head_tasks(fs, backbone=backbone, manifest=manifest, cfg=cfg, seed=ctx.seed, run_dir=ctx.run_dir,
                             extra=extra.get(backbone) or {})
     rows = fit_heads(tasks, cfg=cfg, heads_dir=ctx.heads_dir, results_path=Path(ctx.run_dir) / "results.jsonl")
-    candidates = [(r, sets_of[r["backbone"]][r["feature_set"]]) for r in rows if r["kind"] == "head"]
+    candidates = [(r, sets_of[r.backbone][r.feature_set]) for r in rows if r.kind == "head"]
     log.info("classify: %d head rows appended to %s", len(rows), ctx.results_path)
     if cfg["fewshot"]["k"] and candidates and curve_on_seed(ctx.config):
         with blas_threads(cfg["blas_threads"]):
             _chosen_fewshot(candidates, manifest=manifest, cfg=cfg, ctx=ctx)
 
 
-def _chosen_fewshot(candidates: list[tuple[dict, FeatureSet]], *, manifest, cfg: dict, ctx) -> None:
+def _chosen_fewshot(candidates: list[tuple[ResultRow, FeatureSet]], *, manifest, cfg: dict, ctx) -> None:
     """The few-shot curve of the arm's val-chosen head (over every backbone, fused set, head and feature set
     of this split seed, or those of the fine-tuned backbones: ``like_for_like``): its method, settings and
     feature set refit on k images per class."""
     best = val_best(like_for_like([r for r, _ in candidates], ctx.config))
     row, fs = next((r, f) for r, f in candidates if r is best)
-    data = head_data(fs, manifest, feature_set="aug" if row["feature_set"] == "aug" else "clean")
-    job = HeadJob(backbone=row["backbone"], fs=fs, seed=ctx.seed, n_boot=cfg["bootstrap"],
+    data = head_data(fs, manifest, feature_set="aug" if row.feature_set == "aug" else "clean")
+    job = HeadJob(backbone=row.backbone, fs=fs, seed=ctx.seed, n_boot=cfg["bootstrap"],
                   class_names=tuple(class_names(manifest)), manifest_hash=manifest_hash(manifest))
-    log.info("few-shot curve of the val-chosen head: %s %s (%s), val %.4f", row["backbone"], row["method"],
-             row["feature_set"], row["val_mean_per_class"])
-    rows = cached_fewshot(row["hyperparams"], method=row["method"], feature_set=row["feature_set"], data=data,
-                          fewshot_cfg=cfg["fewshot"], head_cfg=cfg[row["method"]], heads_dir=ctx.heads_dir,
+    log.info("few-shot curve of the val-chosen head: %s %s (%s), val %.4f", row.backbone, row.method,
+             row.feature_set, row.val_mean_per_class)
+    rows = cached_fewshot(row.hyperparams, method=row.method, feature_set=row.feature_set, data=data,
+                          fewshot_cfg=cfg["fewshot"], head_cfg=cfg[row.method], heads_dir=ctx.heads_dir,
                           run_dir=ctx.run_dir, job=job)
     append_rows(Path(ctx.run_dir) / "results.jsonl", rows)
 
@@ -176,7 +177,7 @@ def n_workers(n_jobs: int, n_tasks: int) -> int:
     return max(1, min(n_jobs or joblib.cpu_count(), n_tasks))
 
 
-def fit_heads(tasks: list[HeadTask], *, cfg: dict, heads_dir: Path, results_path: Path) -> list[dict]:
+def fit_heads(tasks: list[HeadTask], *, cfg: dict, heads_dir: Path, results_path: Path) -> list[ResultRow]:
     """Fit (or reuse) every task's head, ``classify.n_jobs`` processes at a time, each with
     ``classify.blas_threads`` BLAS threads: the heads are independent, and one head's solvers (lbfgs,
     libsvm, a kNN query) keep about one core busy. Rows are appended to ``results_path`` in task order as
@@ -196,7 +197,7 @@ def fit_heads(tasks: list[HeadTask], *, cfg: dict, heads_dir: Path, results_path
     return all_rows
 
 
-def _fit_task(task: HeadTask, *, head_cfg: dict, heads_dir: Path, blas: int, log_level: int | None) -> list[dict]:
+def _fit_task(task: HeadTask, *, head_cfg: dict, heads_dir: Path, blas: int, log_level: int | None) -> list[ResultRow]:
     if log_level is not None and not logging.getLogger().handlers:  # a fresh worker process: log as the study does
         logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     with blas_threads(blas):
@@ -220,32 +221,26 @@ def cached_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict
 
 
 def _fit_head(method: str, *, feature_set: str, data: HeadData, head_cfg: dict, head_dir: Path, key: str,
-              job: HeadJob) -> list:
+              job: HeadJob) -> list[ResultRow]:
     grid = head_grid(method, head_cfg)
     log.info("%s %s %s: sweeping %d grid points on %d train rows", job.backbone, method, feature_set,
              len(grid), len(data.train))
     fit = selection.select_and_refit(method, grid, data=data, seed=job.seed, head_cfg=head_cfg,
                                      n_classes=len(job.class_names))
-    row = result_row(kind="head", method=method, feature_set=feature_set, data=data, test_pred=fit.test_pred,
-                     test_scores=fit.test_scores, hyperparams=fit.selection.best, train_s=fit.train_s,
-                     predict_s=fit.predict_s, model=fit.model, job=job)
-    row["selection"] = fit.selection.scores
-    # The chosen point's val score (what the report chooses variants by) and what the scored model
-    # was fit on: select_and_refit refits the chosen point on train+val.
-    row["val_mean_per_class"] = next(s["val_mean_per_class"] for s in fit.selection.scores
-                                     if s["params"] == fit.selection.best)
-    row["fit_on"] = "train+val"
-    row["head_key"] = key
+    # The scored model is the chosen point refit on train+val (select_and_refit); its val score is the point's.
+    row = result_row(kind="head", method=method, feature_set=feature_set, data=data, fit=fit, model=fit.model,
+                     hyperparams=fit.selection.best.params, job=job, selection=fit.selection,
+                     val_mean_per_class=fit.selection.best.val_mean_per_class, fit_on="train+val",
+                     keys={"head_key": key})
     save_head(head_dir, model=fit.model, meta=head_meta(row, job))
     save_rows(head_dir, [row])
     log.info("%s %s %s: val %.4f -> test mean per-class %.4f (%s) in %.1fs", job.backbone, method, feature_set,
-             max(s["val_mean_per_class"] for s in fit.selection.scores), row["metrics"]["mean_per_class"],
-             fit.selection.best, fit.train_s)
+             row.val_mean_per_class, row.metrics.mean_per_class, row.hyperparams, fit.train_s)
     return [row]
 
 
 def cached_fewshot(params: dict, *, method: str, feature_set: str, data: HeadData, fewshot_cfg: dict, head_cfg: dict,
-                   heads_dir: Path, run_dir: Path, job: HeadJob) -> list:
+                   heads_dir: Path, run_dir: Path, job: HeadJob) -> list[ResultRow]:
     seed = job.seed
     # Which split seeds draw curves decides whether this one runs, not what it computes.
     settings = {method: head_cfg, "chosen": params,
@@ -267,41 +262,37 @@ def cached_fewshot(params: dict, *, method: str, feature_set: str, data: HeadDat
         for draw_seed in range(seed, seed + fewshot_cfg["seeds"]):
             fit = fit_fewshot(params, method=method, pool=pool, test=data.test, k=k, seed=draw_seed,
                               head_cfg=head_cfg, n_classes=len(job.class_names))
-            row = result_row(kind="fewshot", method=method, feature_set=feature_set, data=data,
-                             test_pred=fit.test_pred, test_scores=fit.test_scores, hyperparams=params,
-                             train_s=fit.train_s, predict_s=fit.predict_s, model=fit.model,
-                             job=dataclasses.replace(job, seed=draw_seed))
-            row["split_seed"] = seed  # `seed` is the draw's; the split it drew from is this one
-            rows.append({**row, "k_per_class": k, "n_train": fit.n_train, "n_val": 0, "n_fit_rows": fit.n_train,
-                         "fewshot_pool": fewshot_cfg["pool"], "fit_on": fewshot_cfg["pool"]})
+            rows.append(result_row(kind="fewshot", method=method, feature_set=feature_set, data=data, fit=fit,
+                                   model=fit.model, hyperparams=params, job=job, draw_seed=draw_seed,
+                                   k_per_class=k, n_train=fit.n_train, n_val=0, n_fit=fit.n_train,
+                                   n_fit_rows=fit.n_train, fit_on=fewshot_cfg["pool"]))
     save_rows(head_dir, rows)
     return rows
 
 
-def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, test_pred: np.ndarray,
-               test_scores: np.ndarray, hyperparams: dict, train_s: float, predict_s: float, model,
-               job: HeadJob) -> dict:
-    """One results.jsonl row (schema: study/results.py)."""
+def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, fit, model, hyperparams: dict,
+               job: HeadJob, draw_seed: int | None = None, **fields) -> ResultRow:
+    """One head's row: ``fit`` (a HeadFit or FewShotFit) scored on test; ``fields`` are the row's own."""
     fs = job.fs
-    metrics = evaluate(data.test.y, test_pred, test_scores, n_classes=len(job.class_names), n_boot=job.n_boot,
-                       seed=job.seed)
-    return {
-        "kind": kind, "backbone": job.backbone, "method": method, "feature_set": feature_set,
-        "seed": job.seed, "k_per_class": None, "metrics": metrics, "tta": fs.spec.get("tta", "none"),
-        "test_sample_id": data.test.sample_id.tolist(), "test_pred": test_pred.tolist(),
-        "hyperparams": hyperparams, "selection": None, "train_s": train_s, "predict_s": predict_s,
-        "cache_key": fs.key, "manifest_hash": job.manifest_hash,
-        "n_train": int(len(np.unique(data.train.sample_id))), "n_val": int(len(data.val)), "n_test": int(len(data.test)),
-        "n_fit_rows": int(len(data.train) + len(data.val_fit)), "class_names": list(job.class_names),
-        "trainable_params": count_parameters(model), "total_params": None,
+    # A few-shot fit's bootstrap draws with its draw seed, so each draw's interval is its own.
+    metrics = evaluate(data.test.y, fit.test_pred, fit.test_scores, n_classes=len(job.class_names),
+                       n_boot=job.n_boot, seed=job.seed if draw_seed is None else draw_seed)
+    n_train = int(len(np.unique(data.train.sample_id)))
+    defaults = {"n_train": n_train, "n_val": int(len(data.val)), "n_fit": n_train + int(len(data.val)),
+                "n_fit_rows": int(len(data.train) + len(data.val_fit))}
+    return ResultRow(
+        kind=kind, backbone=job.backbone, method=method, feature_set=feature_set, split_seed=job.seed,
+        draw_seed=draw_seed, metrics=Metrics.from_dict(metrics), tta=fs.spec.get("tta", "none"),
+        test_sample_id=tuple(data.test.sample_id.tolist()), test_pred=tuple(fit.test_pred.tolist()),
+        hyperparams=hyperparams, cache_key=fs.key, manifest_hash=job.manifest_hash, n_test=int(len(data.test)),
+        class_names=tuple(job.class_names), trainable_params=count_parameters(model),
         # The compute share of the stored rows this head read (every split's clean and mirrored views, and
         # the augmented views of train/val for 'aug'), as a fine-tune is charged the rows it read: the report
         # compares the arms on total cost, not on the sweep alone.
-        "feature_s": fs.cost_s(rows_read(fs, feature_set)),
+        costs=Costs(train_s=fit.train_s, predict_s=fit.predict_s, feature_s=fs.cost_s(rows_read(fs, feature_set))),
         # Augmented views per training image the head was fit on (0: clean only), counted from its rows.
-        "views": int(len(data.train) // max(len(np.unique(data.train.sample_id)), 1)) - 1,
-        "git_sha": git_sha(),  # the code that computed this row
-    }
+        views=int(len(data.train) // max(n_train, 1)) - 1,
+        git_sha=git_sha(), **{**defaults, **fields})
 
 
 def rows_read(fs, feature_set: str) -> np.ndarray:
@@ -310,7 +301,7 @@ def rows_read(fs, feature_set: str) -> np.ndarray:
     return (view <= 0) | (feature_set == "aug")
 
 
-def head_meta(row: dict, job: HeadJob) -> dict:
+def head_meta(row: ResultRow, job: HeadJob) -> dict:
     """What predict needs beside the fitted pipeline: which backbone made its features, and its classes."""
     fs = job.fs
     # No one backbone's pooled output made these features: predict refuses such a head.
@@ -318,8 +309,8 @@ def head_meta(row: dict, job: HeadJob) -> dict:
     return {"backbone": job.backbone,
             "backbone_spec": None if fused else backbone_spec_of(fs.spec, job.backbone),
             "features_spec": fs.spec, "cache_key": fs.key, "class_names": list(job.class_names),
-            "method": row["method"], "feature_set": row["feature_set"], "hyperparams": row["hyperparams"],
-            "manifest_hash": job.manifest_hash, "seed": row["seed"]}
+            "method": row.method, "feature_set": row.feature_set, "hyperparams": row.hyperparams,
+            "manifest_hash": job.manifest_hash, "seed": row.split_seed}
 
 
 def backbone_spec_of(features_spec: dict, backbone: str) -> dict:

@@ -22,7 +22,7 @@ import sklearn
 from study.atomic import atomic_path, write_text_atomic
 from study.errors import StudyError
 from study.hashing import canonical_json, spec_hash
-from study.results import check_row, read_rows
+from study.results import ResultRow, read_rows, rows_text
 
 MODEL_FILE, META_FILE, ROWS_FILE = "head.joblib", "meta.json", "rows.jsonl"
 # Bump when the rows or the fitting code change in a way that changes the numbers.
@@ -41,18 +41,18 @@ def head_key(*, features_key: str, kind: str, method: str, feature_set: str, set
                       "format": FORMAT_VERSION})
 
 
-def cached_rows(head_dir: Path) -> list[dict] | None:
+def cached_rows(head_dir: Path) -> list[ResultRow] | None:
     """The stored rows of a completed fit, or None if there is none (interrupted, or the head is damaged)."""
     head_dir = Path(head_dir)
     path = head_dir / ROWS_FILE
     if not path.is_file():
         return None
     try:
-        rows = [check_row(r) for r in read_rows(path)]
-    except (OSError, ValueError) as exc:
+        rows = [ResultRow.from_dict(r) for r in read_rows(path)]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         problems = [f"{ROWS_FILE} is unreadable ({exc})"]
     else:
-        problems = head_problems(head_dir) if any(r.get("kind") == "head" for r in rows) else []
+        problems = head_problems(head_dir) if any(r.kind == "head" for r in rows) else []
     if not problems:
         return rows
     log.warning("head %s is damaged (%s): fitting it again", head_dir, "; ".join(problems))
@@ -60,9 +60,8 @@ def cached_rows(head_dir: Path) -> list[dict] | None:
     return None
 
 
-def save_rows(head_dir: Path, rows: list[dict]) -> None:
-    text = "".join(json.dumps(check_row(r), sort_keys=True) + "\n" for r in rows)
-    write_text_atomic(Path(head_dir) / ROWS_FILE, text)
+def save_rows(head_dir: Path, rows: list[ResultRow]) -> None:
+    write_text_atomic(Path(head_dir) / ROWS_FILE, rows_text(rows))
 
 
 def save_head(head_dir: Path, *, model, meta: dict) -> None:

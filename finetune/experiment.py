@@ -50,7 +50,9 @@ from study.atomic import file_lock, write_text_atomic
 from study.hashing import spec_hash
 from study.metrics import evaluate, mean_per_class_accuracy
 from study.precision import resolve_precision
+from study.protocol import choose
 from study.provenance import git_sha
+from study.results import Costs, Metrics, Point, ResultRow, Selection, read_rows, rows_text
 
 log = logging.getLogger(__name__)
 # The layout and key format of finetune/ (2: a grid chosen on val, refit on train+val, fits/<key>/).
@@ -77,13 +79,6 @@ def grid_points(hp: dict, policy: str) -> list[dict]:
 def phase_params(point: dict, train_policy: str) -> dict:
     """A grid point's settings that change ``train_policy``'s training (phase 1 of a probe: no trunk mult)."""
     return {k: v for k, v in point.items() if not (train_policy == "head" and k == "backbone_lr_mult")}
-
-
-def choose(scores: list[tuple[float, float | None]]) -> int:
-    """The chosen point: best val score, ties by lower val log-loss, then the earlier point (study/results.py's rule)."""
-    def loss(x):
-        return math.inf if x is None or math.isnan(x) else x
-    return max(range(len(scores)), key=lambda i: (scores[i][0], -loss(scores[i][1])))
 
 
 # ---------------------------------------------------------------------------------------------- fits
@@ -208,17 +203,18 @@ def run_spec(*, base: dict, policy: str, hp: dict, points: list[dict], inputs: d
 
 
 def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
-                 finetune_dir: Path, store: StoreAccess, rebuild: bool = False, on_epoch_end=None) -> list[dict]:
+                 finetune_dir: Path, store: StoreAccess, rebuild: bool = False, on_epoch_end=None) -> list[ResultRow]:
     """Fine-tune ``backbone`` (extract.backbones.Backbone) with ``policy``: choose among its grid on val, refit
     on train+val, score test once; return its results rows (rank 0).
 
     The frozen prefix's activations come from the activation store (``store``); ``hp["views"]`` is an int."""
     run = _prepare(backbone=backbone, policy=policy, manifest_path=manifest_path, data_root=data_root, hp=hp,
                    seed=seed, device=device, finetune_dir=finetune_dir, store=store, rebuild=rebuild)
-    rows_path = run.dir / "rows.json"
-    if rows_path.is_file() and not rebuild:
+    cached = finished_rows(run.dir / ROWS_FILE) if not rebuild else None
+    if cached is not None:
         log.info("finetune %s %s: cached result in %s", backbone.name, policy, run.dir)
-        return json.loads(rows_path.read_text()) if distributed.is_main() else []
+        return cached if distributed.is_main() else []
+    rows_path = run.dir / ROWS_FILE
     if distributed.is_main():
         run.dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.dir / "spec.json", json.dumps(run.spec, indent=2, sort_keys=True))
@@ -228,29 +224,26 @@ def run_finetune(*, backbone, policy: str, manifest_path: Path, data_root: Path,
     t1 = time.perf_counter()
     logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
     predict_s = time.perf_counter() - t1
-    manifest = run.manifest
-    row = _row(backbone=backbone, policy=policy, hp=hp, seed=seed, points=run.points, tried=tried, best=best,
-               final=final, rows=run.rows, logits=logits, manifest=manifest, names=class_names(manifest),
-               mhash=manifest_hash(manifest), key=run.key, inputs=run.inputs, predict_s=predict_s)
+    row = _row(run, tried=tried, best=best, final=final, logits=logits, predict_s=predict_s)
     _save_predictions(run, chosen=tried[best][-1], test_logits=logits)
     run.rows.release()
-    write_text_atomic(rows_path, json.dumps([row]))
+    write_text_atomic(rows_path, rows_text([row]))
     return [row]
 
 
-def run_predictions(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
+def run_predictions(*, backbone, row: ResultRow, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
                     finetune_dir: Path, store: StoreAccess) -> dict | None:
     """The logits behind a finished fine-tune's row (rank 0; None on other ranks): ``val_logits`` of the chosen
     point's model trained on train (its kept epoch: what its val score was measured on), ``test_logits`` of the
     refit that scored test, with their ``*_labels`` and ``*_sample_id``. Read from the run's sealed
     ``predictions.pt``; when that is missing (a run finished before it was written) or damaged, recomputed
     from the run's kept models, which resume finished, so nothing trains again. Call it on every rank."""
-    policy = row["hyperparams"]["policy"]
+    policy = row.hyperparams["policy"]
     run = _prepare(backbone=backbone, policy=policy, manifest_path=manifest_path, data_root=data_root, hp=hp,
                    seed=seed, device=device, finetune_dir=finetune_dir, store=store, rebuild=False)
-    if run.key != row["run_key"]:
+    if run.key != row.keys.get("run_key"):
         raise ValueError(f"fine-tune {backbone.name} {policy}: this config makes run {run.key}, but the row came "
-                         f"from run {row['run_key']}; its predictions belong to that run's settings")
+                         f"from run {row.keys.get('run_key')}; its predictions belong to that run's settings")
     path, found = run.dir / PREDICTIONS, None
     if distributed.is_main() and path.is_file():
         try:
@@ -330,6 +323,25 @@ def _train(run: _Run, *, on_epoch_end, resume_only: bool = False):
     return tried, best, final
 
 
+ROWS_FILE = "rows.json"  # a finished run's rows (JSON lines; runs before ResultRow wrote one JSON list)
+
+
+def finished_rows(path: Path) -> list[ResultRow] | None:
+    """A finished run's rows (``path``: its rows file), or None when it has none; an unreadable file is set aside
+    (the run's finished fits resume at once, so nothing is trained twice) instead of stopping the study."""
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if text.lstrip().startswith("[") else read_rows(path)
+        return [ResultRow.from_dict(r) for r in raw]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("%s is unreadable (%s): the run is finished again from its kept fits", path, exc)
+        if distributed.is_main():
+            path.replace(path.with_suffix(".unreadable"))
+        return None
+
+
 PREDICTIONS = "predictions.pt"
 PREDICTIONS_FORMAT = 1
 
@@ -351,7 +363,7 @@ def _save_predictions(run: _Run, *, chosen: _Fit, test_logits: np.ndarray) -> di
     return payload
 
 
-def _checked_predictions(payload: dict, *, run: _Run, path: Path, row: dict) -> dict:
+def _checked_predictions(payload: dict, *, run: _Run, path: Path, row: ResultRow) -> dict:
     """The predictions, if they are this run's, on this manifest's val and test rows, and the very models its row
     reports: their val score is the row's, their test argmax its predictions (else ``ValueError``)."""
     if payload.get("run_key") != run.key or payload.get("format") != PREDICTIONS_FORMAT:
@@ -367,10 +379,10 @@ def _checked_predictions(payload: dict, *, run: _Run, path: Path, row: dict) -> 
                 or not np.array_equal(out[f"{split}_labels"], labels):
             raise ValueError(f"its {split} rows are not this manifest's {split} split")
     val = mean_per_class_accuracy(out["val_labels"], out["val_logits"].argmax(1))
-    if not math.isclose(val, row["val_mean_per_class"], rel_tol=0, abs_tol=1e-9) \
-            or out["test_logits"].argmax(1).tolist() != row["test_pred"]:
+    if not math.isclose(val, row.val_mean_per_class, rel_tol=0, abs_tol=1e-9) \
+            or tuple(out["test_logits"].argmax(1).tolist()) != row.test_pred:
         raise ValueError(f"its logits are not the models the row reports (val {val:.4f} vs the row's "
-                         f"{row['val_mean_per_class']:.4f}, or other test predictions)")
+                         f"{row.val_mean_per_class:.4f}, or other test predictions)")
     return out
 
 
@@ -385,73 +397,58 @@ def _curve(fits: list[_Fit]) -> tuple[list[dict], int]:
     return curve, best
 
 
-def _row(*, backbone, policy, hp, seed, points, tried, best, final, rows, logits, manifest, names, mhash, key,
-         inputs, predict_s) -> dict:
-    test = manifest.iloc[rows.positions["test"]].reset_index(drop=True)
-    y_test = test["label"].to_numpy(np.int64)
-    pred = logits.argmax(1)
-    scores = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    net = final[-1].trainer.net
-    trainable, total = count_params(net)
-    phases = parse_policy(policy).phases
-    # A store hit costs nothing now but the pass was part of this result: charge its rows' recorded compute time
-    # (probe+last:k reads two entries one shared pass filled, each charged the whole pass: count it once).
-    prefix_s = max(rows.cost_s(p) for p in phases)
-    chosen = tried[best]
-    grid = []
+def _selection(points: list[dict], tried: list[list[_Fit]], best: int) -> Selection:
+    """Every grid point with its best-epoch val score, the chosen one's curve (phases numbered on) and kept epoch."""
+    out = []
     for point, fits in zip(points, tried):
         r = fits[-1].result
-        grid.append({"params": point, "val_mean_per_class": r.best_score, "val_log_loss": r.best_log_loss,
-                     "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "stopped_early": r.stopped_early,
-                     **({"probe_best_epoch": fits[0].result.best_epoch} if len(fits) > 1 else {})})
+        out.append(Point(params=point, val_mean_per_class=r.best_score, val_log_loss=r.best_log_loss,
+                         best_epoch=r.best_epoch, epochs_run=r.epochs_run, stopped_early=r.stopped_early,
+                         extra={"probe_best_epoch": fits[0].result.best_epoch} if len(fits) > 1 else {}))
+    curve, best_epoch = _curve(tried[best])
+    return Selection(points=tuple(out), chosen=best, best_epoch=best_epoch, curve=tuple(curve),
+                     stopped_early=tried[best][-1].result.stopped_early)
+
+
+def _costs(*, policy: str, rows: FitInputs, tried: list[list[_Fit]], final: list[_Fit], predict_s: float) -> Costs:
+    # A store hit costs nothing now but the pass was part of this result: charge its rows' recorded compute time
+    # (probe+last:k reads two entries one shared pass filled, each charged the whole pass: count it once).
+    prefix_s = max(rows.cost_s(p) for p in parse_policy(policy).phases)
     # Training cost: every distinct fit made on train (probe points share their phase 1) and the refit.
     select_s = sum({f.key: f.result.train_s for fits in tried for f in fits}.values())
     refit_s = sum(f.result.train_s for f in final)
-    curve, best_epoch = _curve(chosen)
+    return Costs(train_s=select_s + refit_s + prefix_s, predict_s=predict_s, select_s=select_s, refit_s=refit_s,
+                 prefix_cache_s=prefix_s, train_epochs_s=select_s + refit_s)
+
+
+def _row(run: _Run, *, tried: list[list[_Fit]], best: int, final: list[_Fit], logits: np.ndarray,
+         predict_s: float) -> ResultRow:
+    rows, manifest, hp, policy = run.rows, run.manifest, run.hp, run.policy
+    names = class_names(manifest)
+    test = manifest.iloc[rows.positions["test"]].reset_index(drop=True)
+    pred = logits.argmax(1)
+    net, chosen = final[-1].trainer.net, tried[best]
+    trainable, total = count_params(net)
     refit_epochs = [f.result.best_epoch + 1 for f in chosen]
-    cached = all(rows.cached(p) for p in phases)
-    return {
-        "kind": "finetune",
-        "backbone": backbone.name,
-        "method": f"ft:{policy}",
-        "feature_set": hp["augment"],
-        "tta": hp["tta"],
-        "seed": seed,
-        "k_per_class": None,
-        "metrics": evaluate(y_test, pred, scores, n_classes=len(names), n_boot=hp["n_boot"], seed=seed),
-        "test_sample_id": test["sample_id"].tolist(),
-        "test_pred": pred.tolist(),
-        "hyperparams": {**_numeric(hp), **points[best], "policy": policy,
-                        "path": "prefix_cache" if cached else "naive", "trainable_units": net.suffix_names,
-                        "best_epoch": chosen[-1].result.best_epoch,
-                        "refit_epochs": refit_epochs if len(refit_epochs) > 1 else refit_epochs[0]},
-        "selection": {"metric": "val_mean_per_class", "grid": grid, "best_epoch": best_epoch,
-                      "best_score": chosen[-1].result.best_score, "best_log_loss": chosen[-1].result.best_log_loss,
-                      "curve": curve, "stopped_early": chosen[-1].result.stopped_early},
-        # The chosen point's val score (what the report chooses variants by); the scored model is the
-        # chosen point refit on train+val for its chosen epoch count(s); its training views: the prefix
-        # cache reuses V fixed augmented views every epoch, the naive loop draws fresh ones.
-        "val_mean_per_class": chosen[-1].result.best_score,
-        "fit_on": "train+val",
-        "views": hp["views"] if cached else 0,
-        "views_fresh": not cached,
-        "train_s": select_s + refit_s + prefix_s,
-        "train_epochs_s": select_s + refit_s,
-        "select_s": select_s,
-        "refit_s": refit_s,
-        "prefix_cache_s": prefix_s,
-        "predict_s": predict_s,
-        "trainable_params": trainable,
-        "total_params": total,
-        "epochs_run": sum(f.result.epochs_run for f in chosen),
-        "cache_key": spec_hash(inputs) if cached else key,
-        "run_key": key,
-        "fit_keys": [f.key for f in final],
-        "manifest_hash": mhash,
-        "n_train": len(rows.positions["train"]),
-        "n_val": len(rows.positions["val"]),
-        "n_fit": len(rows.positions["train+val"]),
-        "n_test": len(test),
-        "class_names": names,
-        "git_sha": git_sha(),
-    }
+    cached = all(rows.cached(p) for p in parse_policy(policy).phases)
+    metrics = evaluate(test["label"].to_numpy(np.int64), pred, torch.softmax(torch.from_numpy(logits), 1).numpy(),
+                       n_classes=len(names), n_boot=hp["n_boot"], seed=run.seed)
+    return ResultRow(
+        kind="finetune", backbone=run.backbone.name, method=f"ft:{policy}", feature_set=hp["augment"], tta=hp["tta"],
+        split_seed=run.seed, metrics=Metrics.from_dict(metrics), test_sample_id=tuple(test["sample_id"].tolist()),
+        test_pred=tuple(pred.tolist()),
+        hyperparams={**_numeric(hp), **run.points[best], "policy": policy,
+                     "path": "prefix_cache" if cached else "naive", "trainable_units": net.suffix_names,
+                     "best_epoch": chosen[-1].result.best_epoch,
+                     "refit_epochs": refit_epochs if len(refit_epochs) > 1 else refit_epochs[0]},
+        selection=_selection(run.points, tried, best),
+        # The chosen point's val score (what the report chooses variants by); the scored model is the chosen point
+        # refit on train+val for its chosen epoch count(s); its training views: the prefix cache reuses V fixed
+        # augmented views every epoch, the naive loop draws fresh ones.
+        val_mean_per_class=chosen[-1].result.best_score, fit_on="train+val", views=hp["views"] if cached else 0,
+        views_fresh=not cached, costs=_costs(policy=policy, rows=rows, tried=tried, final=final, predict_s=predict_s),
+        trainable_params=trainable, total_params=total, epochs_run=sum(f.result.epochs_run for f in chosen),
+        cache_key=spec_hash(run.inputs) if cached else run.key,
+        keys={"run_key": run.key, "fit_keys": [f.key for f in final]},
+        manifest_hash=manifest_hash(manifest), n_train=len(rows.positions["train"]), n_val=len(rows.positions["val"]),
+        n_fit=len(rows.positions["train+val"]), n_test=len(test), class_names=tuple(names), git_sha=git_sha())

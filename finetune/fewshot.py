@@ -2,7 +2,7 @@
 
 The recipe (backbone, policy, grid point) is the one the full-data protocol chose on val for this split
 seed; nothing is re-selected per k. The k images per class are drawn exactly as the head arm draws them
-(``classify.fewshot.draw_indices`` over the train+val pool in manifest order, same draw seeds), so at
+(``study.protocol.draw_indices`` over the train+val pool in manifest order, same draw seeds), so at
 each (k, draw) both arms see the same labelled images. A fit on fewer images keeps the chosen refit's
 training length in *optimizer steps*: its epochs (and the schedule's total and warm-up epochs) are
 scaled by (train+val images) / (k x classes), rounded up, so a 1-shot fit is not starved of updates
@@ -24,29 +24,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classify.fewshot import draw_indices, smallest_class
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from extract.blocks import parse_policy
-from finetune.experiment import _Experiment, choose, experiment_inputs, phase_params, run_spec
+from finetune.experiment import ROWS_FILE, _Experiment, experiment_inputs, finished_rows, phase_params, run_spec
 from finetune.model import count_params
 from study import distributed
 from study.atomic import write_text_atomic
 from study.hashing import spec_hash
 from study.metrics import evaluate
+from study.protocol import draw_indices, smallest_class
 from study.provenance import git_sha
-from study.results import append_skip
+from study.results import Costs, Metrics, ResultRow, append_skip, rows_text
 
 log = logging.getLogger(__name__)
 # Bump when the draws, the step scaling or the reuse of the refit row change what a curve holds.
 FEWSHOT_FORMAT = 2
 
 
-def chosen_recipe(row: dict) -> tuple[str, dict, list[int]]:
+def chosen_recipe(row: ResultRow) -> tuple[str, dict, list[int]]:
     """(policy, grid point, refit epochs per phase) of a fine-tune row: what val chose and the refit ran."""
-    grid = row["selection"]["grid"]
-    point = grid[choose([(g["val_mean_per_class"], g["val_log_loss"]) for g in grid])]["params"]
-    epochs = row["hyperparams"]["refit_epochs"]
-    return row["hyperparams"]["policy"], point, list(epochs) if isinstance(epochs, list) else [int(epochs)]
+    epochs = row.hyperparams["refit_epochs"]
+    return row.hyperparams["policy"], row.selection.best.params, \
+        list(epochs) if isinstance(epochs, list) else [int(epochs)]
 
 
 def scaled_schedule(hp: dict, *, refit_epochs: int, n_full: int, n_k: int) -> tuple[dict, int]:
@@ -57,9 +56,9 @@ def scaled_schedule(hp: dict, *, refit_epochs: int, n_full: int, n_k: int) -> tu
     return overrides, min(math.ceil(refit_epochs * factor), overrides["epochs"])
 
 
-def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
+def run_fewshot(*, backbone, row: ResultRow, manifest_path: Path, data_root: Path, hp: dict, seed: int, device: str,
                 finetune_dir: Path, store, ks: list[int], draws: int, pool: str,
-                run_dir: Path | None = None) -> list[dict]:
+                run_dir: Path | None = None) -> list[ResultRow]:
     """The few-shot rows of the fine-tune ``row`` chose (rank 0; others return [])."""
     manifest = read_manifest(manifest_path)
     names = class_names(manifest)
@@ -72,9 +71,10 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
             "fewshot_format": FEWSHOT_FORMAT, "refit_epochs": refit_epochs, "k": list(ks), "draws": draws,
             "pool": pool}
     out_dir = Path(finetune_dir) / f"fewshot-{spec_hash(spec)}"
-    if (out_dir / "rows.json").is_file():
+    cached = finished_rows(out_dir / ROWS_FILE)
+    if cached is not None:
         log.info("few-shot %s %s: cached result in %s", backbone.name, policy, out_dir)
-        return json.loads((out_dir / "rows.json").read_text()) if distributed.is_main() else []
+        return cached if distributed.is_main() else []
     exp = _Experiment(backbone=backbone, manifest=manifest, hp=hp, seed=seed, device=device,
                       finetune_dir=Path(finetune_dir), rows=rows, base=base, on_epoch_end=None)
     candidates = rows.positions[pool]
@@ -92,7 +92,7 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
         if pool == "train+val" and k * len(np.unique(labels)) == len(candidates):
             # Every draw takes the whole pool: the fit is the chosen refit on train+val itself, so its row is
             # the curve's point (training it again would differ only in batch order).
-            out.append(_refit_point(row, k=k, seed=seed, pool=pool))
+            out.append(_refit_point(row, k=k, pool=pool))
             continue
         for draw in range(seed, seed + draws):
             drawn = candidates[draw_indices(labels, k=k, seed=draw)]
@@ -105,22 +105,21 @@ def run_fewshot(*, backbone, row: dict, manifest_path: Path, data_root: Path, hp
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "spec.json", json.dumps(spec, indent=2, sort_keys=True))
-        write_text_atomic(out_dir / "rows.json", json.dumps(out))
+        write_text_atomic(out_dir / ROWS_FILE, rows_text(out))
     return out if distributed.is_main() else []
 
 
-def _refit_point(row: dict, *, k: int, seed: int, pool: str) -> dict:
+def _refit_point(row: ResultRow, *, k: int, pool: str) -> ResultRow:
     """The chosen fine-tune's own row as the few-shot point at k = the pool size (its refit used every image)."""
-    keep = ("backbone", "method", "feature_set", "tta", "metrics", "test_sample_id", "test_pred", "views",
-            "views_fresh", "train_s", "predict_s", "trainable_params", "total_params", "cache_key", "manifest_hash",
-            "n_test", "class_names", "git_sha")
-    return {**{key: row[key] for key in keep}, "kind": "fewshot", "seed": seed, "split_seed": seed, "k_per_class": k,
-            "hyperparams": {**row["hyperparams"], "same_as": "the chosen refit"}, "selection": None,
-            "val_mean_per_class": None, "fit_on": pool, "fewshot_pool": pool, "feature_s": None, "n_val": 0,
-            "n_train": row["n_fit"], "n_fit_rows": row["n_fit"]}
+    return row.replace(kind="fewshot", draw_seed=row.split_seed, k_per_class=k,
+                       hyperparams={**row.hyperparams, "same_as": "the chosen refit"}, selection=None,
+                       val_mean_per_class=None, fit_on=pool, n_val=0, n_train=row.n_fit, n_fit_rows=row.n_fit,
+                       costs=Costs(train_s=row.costs.train_s, predict_s=row.costs.predict_s), epochs_run=None,
+                       keys={})
 
 
-def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp, names, backbone, pool) -> dict:
+def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp, names, backbone,
+             pool) -> ResultRow:
     # The refit trained on train+val, whatever the pool the draws come from.
     n_full, n_k = len(rows.positions["train+val"]), len(rows.positions[part])
     fits = []
@@ -134,25 +133,21 @@ def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp,
     logits = fits[-1].trainer.predict(rows.source(fits[-1].policy, "test"))
     predict_s = time.perf_counter() - t1
     rows.release(part)  # a draw's activations are read by its fit only
-    y = test["label"].to_numpy(np.int64)
     pred = logits.argmax(1)
-    scores = torch.softmax(torch.from_numpy(logits), 1).numpy()
     trainable, total = count_params(fits[-1].trainer.net)
     # No bootstrap: the curve's spread is over draws and split seeds (as the head arm's few-shot table shows).
-    metrics = evaluate(y, pred, scores, n_classes=len(names), n_boot=0, seed=draw)
+    metrics = evaluate(test["label"].to_numpy(np.int64), pred, torch.softmax(torch.from_numpy(logits), 1).numpy(),
+                       n_classes=len(names), n_boot=0, seed=draw)
     log.info("few-shot %s %s k=%d draw %d: test mean per-class %.4f", backbone.name, policy, k, draw,
              metrics["mean_per_class"])
-    return {
-        "kind": "fewshot", "backbone": backbone.name, "method": f"ft:{policy}", "feature_set": hp["augment"],
-        "tta": hp["tta"], "seed": draw, "split_seed": seed, "k_per_class": k,
-        "metrics": metrics,
-        "test_sample_id": test["sample_id"].tolist(), "test_pred": pred.tolist(),
-        "hyperparams": {**point, "policy": policy, "epochs": [f.result.epochs_run for f in fits]},
-        "selection": None, "val_mean_per_class": None, "fit_on": pool, "fewshot_pool": pool,
-        "views": hp["views"] if rows.cached(fits[-1].policy) else 0, "views_fresh": not rows.cached(fits[-1].policy),
-        "train_s": sum(f.result.train_s for f in fits), "predict_s": predict_s, "feature_s": None,
-        "trainable_params": trainable, "total_params": total,
-        "cache_key": spec_hash([f.key for f in fits]), "manifest_hash": manifest_hash(manifest),
-        "n_train": n_k, "n_val": 0, "n_fit_rows": n_k, "n_test": len(test), "class_names": names,
-        "git_sha": git_sha(),
-    }
+    cached = rows.cached(fits[-1].policy)
+    return ResultRow(
+        kind="fewshot", backbone=backbone.name, method=f"ft:{policy}", feature_set=hp["augment"], tta=hp["tta"],
+        split_seed=seed, draw_seed=draw, k_per_class=k, metrics=Metrics.from_dict(metrics),
+        test_sample_id=tuple(test["sample_id"].tolist()), test_pred=tuple(pred.tolist()),
+        hyperparams={**point, "policy": policy, "epochs": [f.result.epochs_run for f in fits]}, fit_on=pool,
+        views=hp["views"] if cached else 0, views_fresh=not cached,
+        costs=Costs(train_s=sum(f.result.train_s for f in fits), predict_s=predict_s),
+        trainable_params=trainable, total_params=total, cache_key=spec_hash([f.key for f in fits]),
+        manifest_hash=manifest_hash(manifest), n_train=n_k, n_val=0, n_fit=n_k, n_fit_rows=n_k, n_test=len(test),
+        class_names=tuple(names), git_sha=git_sha())

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 
-from classify.fewshot import curve_on_seed
 from extract.backbones import WeightsUnavailable, load_backbone
 from finetune.experiment import StoreAccess, run_finetune
 from finetune.model import PolicyNotApplicable
 from study import distributed
-from study.results import append_rows, append_skip, val_best
+from study.protocol import curve_on_seed
+from study.results import append_rows, append_skip, fused_name, val_best
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,17 @@ def run(ctx) -> None:
         _chosen_fewshot(done, loaded, ctx=ctx, hp=hp, device=device)
 
 
-def _ensembles(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) -> None:
+def _ensembles(done: list, loaded: dict, *, ctx, hp: dict, device: str) -> None:
     """One row per configured ensemble whose backbones were all fine-tuned this seed: each member is its
     backbone's val-chosen fine-tune (over the policies). Under torchrun every rank recomputes missing
     predictions with rank 0, which writes the rows."""
-    from classify.fusion import fused_name
     from finetune.ensemble import ensemble_row
     from finetune.experiment import run_predictions
     from finetune.train import NotFinished
 
     done = distributed.broadcast_object(done if distributed.is_main() else None)
     for parts in hp["ensembles"]:
-        missing = [b for b in parts if not any(r["backbone"] == b for r in done)]
+        missing = [b for b in parts if not any(r.backbone == b for r in done)]
         if missing:
             if distributed.is_main():
                 append_skip(ctx.run_dir, stage="finetune", what=fused_name(parts), reason=f"no fine-tune of {missing}",
@@ -82,7 +81,7 @@ def _ensembles(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) ->
         members = []
         try:
             for name in parts:
-                row = val_best([r for r in done if r["backbone"] == name])
+                row = val_best([r for r in done if r.backbone == name])
                 backbone, store = loaded[name]
                 members.append((row, run_predictions(backbone=backbone, row=row, manifest_path=ctx.manifest_path,
                                                      data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=device,
@@ -95,11 +94,11 @@ def _ensembles(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) ->
             continue
         if distributed.is_main():
             row = ensemble_row(members, n_boot=hp["n_boot"])
-            log.info("finetune ensemble %s: val %.4f", row["backbone"], row["val_mean_per_class"])
+            log.info("finetune ensemble %s: val %.4f", row.backbone, row.val_mean_per_class)
             append_rows(ctx.results_path, [row])
 
 
-def _chosen_fewshot(done: list[dict], loaded: dict, *, ctx, hp: dict, device: str) -> None:
+def _chosen_fewshot(done: list, loaded: dict, *, ctx, hp: dict, device: str) -> None:
     """The few-shot curve of this seed's val-chosen fine-tune (over every backbone and policy). Rank 0 holds the
     rows and chooses; under torchrun every rank trains, so the chosen row is sent to all."""
     from finetune.fewshot import run_fewshot
@@ -107,10 +106,10 @@ def _chosen_fewshot(done: list[dict], loaded: dict, *, ctx, hp: dict, device: st
     row = distributed.broadcast_object((val_best(done) if done else None) if distributed.is_main() else None)
     if row is None:
         return
-    backbone, store = loaded[row["backbone"]]
+    backbone, store = loaded[row.backbone]
     few = ctx.config["classify"]["fewshot"]
-    log.info("few-shot curve of the val-chosen fine-tune: %s %s, val %.4f", row["backbone"], row["method"],
-             row["val_mean_per_class"])
+    log.info("few-shot curve of the val-chosen fine-tune: %s %s, val %.4f", row.backbone, row.method,
+             row.val_mean_per_class)
     rows = run_fewshot(backbone=backbone, row=row, manifest_path=ctx.manifest_path, data_root=ctx.data_root, hp=hp,
                        seed=ctx.seed, device=device, finetune_dir=ctx.finetune_dir, store=store, ks=few["k"],
                        draws=hp["fewshot_draws"], pool=few["pool"], run_dir=ctx.run_dir)

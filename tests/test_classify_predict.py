@@ -31,7 +31,7 @@ def saved_head(request, tmp_path_factory, tiny_manifest, data_root):
     save_head(head_dir, model=fit.model, meta={
         "backbone": "efficientnet_lite0", "backbone_spec": backbone_spec_of(features.spec, "efficientnet_lite0"),
         "features_spec": features.spec, "class_names": names, "cache_key": features.key,
-        "hyperparams": fit.selection.best})
+        "hyperparams": fit.selection.best.params})
     test = manifest[manifest["split"] == "test"].set_index("sample_id").loc[data.test.sample_id]
     paths = [data_root / p for p in test["path"]]
     expected = [names[i] for i in fit.test_pred]

@@ -85,9 +85,9 @@ def test_selection_and_refit_ignore_test_rows(features, manifest, cfg, method):
     a = select_and_refit(method, grid, data=data, seed=0, head_cfg=cfg[method], n_classes=4)
     b = select_and_refit(method, grid, data=_poisoned(data, np.random.default_rng(1)), seed=0, head_cfg=cfg[method],
                          n_classes=4)
-    assert a.selection.scores == b.selection.scores and a.selection.best == b.selection.best
+    assert a.selection.points == b.selection.points and a.selection.best.params == b.selection.best.params
     assert np.array_equal(a.model.predict(data.val.X), b.model.predict(data.val.X))
-    assert len(a.selection.scores) == len(grid)
+    assert len(a.selection.points) == len(grid)
     # Real features of 4 distinct classes: the chosen head is far above chance (0.25) on test.
     assert np.mean(a.test_pred == data.test.y) >= 0.75
 
@@ -95,10 +95,10 @@ def test_selection_and_refit_ignore_test_rows(features, manifest, cfg, method):
 def test_best_has_the_top_val_score_and_ties_go_to_the_lower_val_log_loss(features, manifest, cfg):
     data = head_data(features, manifest, feature_set="clean")
     fit = select_and_refit("lr", head_grid("lr", cfg["lr"]), data=data, seed=0, head_cfg=cfg["lr"], n_classes=4)
-    scores = [s["val_mean_per_class"] for s in fit.selection.scores]
+    scores = [s.val_mean_per_class for s in fit.selection.points]
     assert all(0 <= s <= 1 for s in scores)
-    tied = [s for s in fit.selection.scores if s["val_mean_per_class"] == max(scores)]
-    assert fit.selection.best == min(tied, key=lambda s: s["val_log_loss"])["params"]
+    tied = [s for s in fit.selection.points if s.val_mean_per_class == max(scores)]
+    assert fit.selection.best.params == min(tied, key=lambda s: s.val_log_loss).params
     # Val has 2 images per class: every score is a multiple of 1/8.
     assert all(abs(s * 8 - round(s * 8)) < 1e-9 for s in scores)
 
@@ -107,7 +107,7 @@ def test_results_are_deterministic_for_a_seed(features, manifest, cfg):
     data = head_data(features, manifest, feature_set="aug")
     runs = [select_and_refit("svm", head_grid("svm", cfg["svm"]), data=data, seed=3, head_cfg=cfg["svm"], n_classes=4)
             for _ in range(2)]
-    assert runs[0].selection.scores == runs[1].selection.scores
+    assert runs[0].selection.points == runs[1].selection.points
     assert np.array_equal(runs[0].test_scores, runs[1].test_scores)
 
 
@@ -179,8 +179,8 @@ def test_power_is_a_preprocessing_axis_of_the_grid_and_the_pipeline(features, ma
     assert len(grid) == 16 and {p["power"] for p in grid} == {0.5, 1.0}
     data = head_data(features, manifest, feature_set="clean")
     fit = select_and_refit("lr", grid, data=data, seed=0, head_cfg=head_cfg, n_classes=4)
-    assert len(fit.selection.scores) == 16 and fit.model.named_steps["power"].kw_args == (
-        {"power": 0.5} if fit.selection.best["power"] == 0.5 else None)
+    assert len(fit.selection.points) == 16 and fit.model.named_steps["power"].kw_args == (
+        {"power": 0.5} if fit.selection.best.params["power"] == 0.5 else None)
     # A head saved before the power axis existed (no "power" key) still builds: power 1.
     old = {k: v for k, v in grid[-1].items() if k != "power"}
     assert make_preprocessor(old, n_rows=10, seed=0).named_steps["power"].kw_args is None

@@ -57,7 +57,7 @@ def test_head_rows_follow_the_results_schema(first_run, features):
         assert len(r["test_sample_id"]) == len(r["test_pred"]) == 16
         assert r["class_names"] == ["accordion", "anchor", "barrel", "crab"]
         assert r["metrics"]["ci95"]["mean_per_class"] and len(r["metrics"]["confusion"]) == 4
-        assert r["hyperparams"] in [s["params"] for s in r["selection"]]
+        assert r["hyperparams"] in [s["params"] for s in r["selection"]["points"]]
         assert r["cache_key"] == features.key
         assert r["total_params"] is None and r["train_s"] > 0 and r["predict_s"] > 0
     lr = next(r for r in heads if r["method"] == "lr")
@@ -79,12 +79,12 @@ def test_fewshot_rows_are_the_val_chosen_heads_with_k_draws_and_counts(first_run
     few = [r for r in rows if r["kind"] == "fewshot"]
     chosen = val_best([r for r in rows if r["kind"] == "head"])
     # k = 1, 3, 8 fit (8 images per class in train+val), 2 seeds each; k = 9 is a recorded skip.
-    assert sorted((r["k_per_class"], r["seed"]) for r in few) == [(k, s) for k in (1, 3, 8) for s in (0, 1)]
+    assert sorted((r["k_per_class"], r["draw_seed"]) for r in few) == [(k, s) for k in (1, 3, 8) for s in (0, 1)]
     for r in few:
         assert r["n_train"] == 4 * r["k_per_class"] and r["n_test"] == 16
         assert (r["method"], r["feature_set"], r["hyperparams"]) == (
             chosen["method"], chosen["feature_set"], chosen["hyperparams"])
-    draws = {r["seed"]: r["test_pred"] for r in few if r["k_per_class"] == 1}
+    draws = {r["draw_seed"]: r["test_pred"] for r in few if r["k_per_class"] == 1}
     assert len(draws) == 2
     assert any("k=9" in s["what"] for s in read_skips(ctx.run_dir))
 
@@ -146,7 +146,7 @@ def test_changing_one_heads_settings_refits_only_that_head(first_run, tiny_manif
     classify.stage.run(changed)
     assert fitted == ["knn", "knn"]  # clean and aug
     new = read_rows(changed.results_path)
-    same = lambda r: (r["method"], r["feature_set"], r["kind"], r["k_per_class"], r["seed"])  # noqa: E731
+    same = lambda r: (r["method"], r["feature_set"], r["kind"], r["k_per_class"], r["draw_seed"])  # noqa: E731
     old = {same(r): r for r in rows}
     for r in new:
         if r["kind"] == "head":
@@ -203,12 +203,14 @@ def test_features_from_another_manifest_are_refused(features, tiny_manifest):
 
 
 def test_fewshot_head_is_chosen_among_the_fine_tuned_backbones_when_the_arms_differ():
+    from types import SimpleNamespace
+
     from classify.fewshot import like_for_like
 
-    rows = [{"backbone": b} for b in ("efficientnet_lite0", "efficientnet_lite2", "fused:efficientnet_lite0+efficientnet_lite2",
+    rows = [SimpleNamespace(backbone=b) for b in ("efficientnet_lite0", "efficientnet_lite2", "fused:efficientnet_lite0+efficientnet_lite2",
                                       "fused:efficientnet_lite0+efficientnet_lite1")]
     config = {"stages": ["classify", "finetune"], "finetune": {"backbones": ["efficientnet_lite0", "efficientnet_lite1"]}}
-    assert [r["backbone"] for r in like_for_like(rows, config)] == [
+    assert [r.backbone for r in like_for_like(rows, config)] == [
         "efficientnet_lite0", "fused:efficientnet_lite0+efficientnet_lite1"]
     assert like_for_like(rows, {**config, "finetune": {"backbones": []}}) == rows  # [] = every backbone fine-tuned
     assert like_for_like(rows, {**config, "stages": ["classify"]}) == rows  # no fine-tune arm to match

@@ -62,17 +62,17 @@ def test_stored_predictions_are_the_scored_models(setup, name, policy):
     row = setup["runs"][(name, policy)]
     p = _predictions(setup, name, row)
     assert mean_per_class_accuracy(p["val_labels"], p["val_logits"].argmax(1)) == pytest.approx(
-        row["val_mean_per_class"], abs=1e-12)
+        row.val_mean_per_class, abs=1e-12)
     logits, labels = torch.from_numpy(p["val_logits"]), torch.from_numpy(p["val_labels"])
     loss = float(torch.nn.functional.cross_entropy(logits, labels))
-    assert loss == pytest.approx(row["selection"]["best_log_loss"], abs=1e-5)
-    assert p["test_logits"].argmax(1).tolist() == row["test_pred"]
-    assert p["test_sample_id"] == row["test_sample_id"] and len(p["val_sample_id"]) == row["n_val"]
+    assert loss == pytest.approx(row.selection.best.val_log_loss, abs=1e-5)
+    assert tuple(p["test_logits"].argmax(1).tolist()) == row.test_pred
+    assert tuple(p["test_sample_id"]) == row.test_sample_id and len(p["val_sample_id"]) == row.n_val
 
 
 def test_missing_or_damaged_predictions_are_recomputed_without_training(setup, monkeypatch):
     name = "efficientnet_lite0"
-    path = setup["common"]["finetune_dir"] / setup["rows"][name]["run_key"] / PREDICTIONS
+    path = setup["common"]["finetune_dir"] / setup["rows"][name].keys["run_key"] / PREDICTIONS
     first = _predictions(setup, name)
     trained = []
     real = train_mod.Trainer.train_epoch
@@ -93,7 +93,7 @@ def test_missing_or_damaged_predictions_are_recomputed_without_training(setup, m
 def test_predictions_that_are_not_the_rows_models_are_recomputed(setup):
     """A sealed, readable predictions file whose logits are not the row's models' (stale) is never used."""
     name = "efficientnet_lite1"
-    path = setup["common"]["finetune_dir"] / setup["rows"][name]["run_key"] / PREDICTIONS
+    path = setup["common"]["finetune_dir"] / setup["rows"][name].keys["run_key"] / PREDICTIONS
     good = _predictions(setup, name)
     for split in ("test", "val"):
         payload = read_checkpoint(path)
@@ -106,8 +106,8 @@ def test_predictions_that_are_not_the_rows_models_are_recomputed(setup):
 def test_a_run_whose_kept_models_are_gone_is_refused_not_retrained(setup):
     name = "efficientnet_lite0"
     row = setup["rows"][name]
-    run_dir = setup["common"]["finetune_dir"] / row["run_key"]
-    refit_last = setup["common"]["finetune_dir"] / "fits" / row["fit_keys"][-1] / "last.pt"
+    run_dir = setup["common"]["finetune_dir"] / row.keys["run_key"]
+    refit_last = setup["common"]["finetune_dir"] / "fits" / row.keys["fit_keys"][-1] / "last.pt"
     saved = {f: f.read_bytes() for f in (run_dir / PREDICTIONS, refit_last)}
     try:
         for f in saved:
@@ -130,14 +130,14 @@ def test_the_ensemble_averages_its_members_softmax(setup):
     members = [(setup["rows"][n], _predictions(setup, n)) for n in NAMES]
     row = ensemble_row(members, n_boot=20)
     check_row(row)
-    assert row["backbone"] == "fused:efficientnet_lite0+efficientnet_lite1" and row["method"] == METHOD
+    assert row.backbone == "fused:efficientnet_lite0+efficientnet_lite1" and row.method == METHOD
     val = np.mean([softmax(p["val_logits"].astype(np.float64), axis=1) for _, p in members], axis=0)
     test = np.mean([softmax(p["test_logits"].astype(np.float64), axis=1) for _, p in members], axis=0)
-    assert row["val_mean_per_class"] == pytest.approx(
+    assert row.val_mean_per_class == pytest.approx(
         mean_per_class_accuracy(members[0][1]["val_labels"], val.argmax(1)), abs=1e-12)
-    assert row["test_pred"] == test.argmax(1).tolist()
-    assert row["train_s"] == pytest.approx(sum(r["train_s"] for r, _ in members))
-    assert [m["backbone"] for m in row["hyperparams"]["members"]] == list(NAMES)
+    assert list(row.test_pred) == test.argmax(1).tolist()
+    assert row.train_s == pytest.approx(sum(r.train_s for r, _ in members))
+    assert [m["backbone"] for m in row.hyperparams["members"]] == list(NAMES)
     # Softmax averaged, not logits: member A is sure of class 0 and sure it is not class 1; member B is sure of
     # class 1. Averaged logits pick class 0, averaged probabilities class 1.
     r0, p0 = members[0]
@@ -145,13 +145,13 @@ def test_the_ensemble_averages_its_members_softmax(setup):
     a, b = np.zeros_like(p0["test_logits"]), np.zeros_like(p1["test_logits"])
     a[:, 0], a[:, 1], b[:, 1] = 3.0, -50.0, 5.0
     row = ensemble_row([(r0, {**p0, "test_logits": a}), (r1, {**p1, "test_logits": b})], n_boot=20)
-    assert set(row["test_pred"]) == {1}
+    assert set(row.test_pred) == {1}
     # Members whose rows are not the same images in the same order are refused, never averaged.
-    for key, value in (("views", 7), ("seed", 9), ("views_fresh", True), ("feature_set", "strong"), ("tta", "none"),
-                       ("fit_on", "train"), ("manifest_hash", "x"), ("class_names", ["a"]),
-                       ("test_sample_id", r1["test_sample_id"][::-1])):
+    for key, value in (("views", 7), ("split_seed", 9), ("views_fresh", True), ("feature_set", "strong"),
+                       ("tta", "none"), ("fit_on", "train"), ("manifest_hash", "x"), ("class_names", ("a",)),
+                       ("test_sample_id", r1.test_sample_id[::-1])):
         with pytest.raises(ValueError, match=repr(key)):
-            ensemble_row([members[0], ({**r1, key: value}, p1)], n_boot=20)
+            ensemble_row([members[0], (r1.replace(**{key: value}), p1)], n_boot=20)
     with pytest.raises(ValueError, match="val rows are not the same images"):
         ensemble_row([members[0], (r1, {**p1, "val_sample_id": p1["val_sample_id"][::-1]})], n_boot=20)
     r1, p1 = members[1]
@@ -183,13 +183,13 @@ def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_ma
         '["efficientnet_lite0", "efficientnet_lite2"]]'])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
-    rows = read_rows(ctx.results_path)
+    rows = [r.replace(index=-1) for r in read_results(ctx.results_path)]
     assert rows[:4] == [setup["runs"][(n, p)] for n in NAMES for p in POLICIES]  # cached fine-tunes, re-appended
     (ens,) = rows[4:]
     # Its members are each backbone's val-chosen fine-tune.
-    assert [m["run_key"] for m in ens["hyperparams"]["members"]] == [setup["rows"][n]["run_key"] for n in NAMES]
+    assert [m["run_key"] for m in ens.hyperparams["members"]] == [setup["rows"][n].keys["run_key"] for n in NAMES]
     expected = ensemble_row([(setup["rows"][n], _predictions(setup, n)) for n in NAMES], n_boot=20)
-    assert ens["test_pred"] == expected["test_pred"] and ens["val_mean_per_class"] == expected["val_mean_per_class"]
+    assert ens.test_pred == expected.test_pred and ens.val_mean_per_class == expected.val_mean_per_class
     (skip,) = read_skips(ctx.run_dir)
     assert skip["what"] == "fused:efficientnet_lite0+efficientnet_lite2" and "efficientnet_lite2" in skip["reason"]
     # The report says what the ensemble is, next to the fine-tune arm's protocol line.
@@ -241,7 +241,7 @@ def test_two_gloo_ranks_get_the_predictions_in_step(setup, tmp_path, present):
 
     name = "efficientnet_lite0"
     row = setup["rows"][name]
-    path = setup["common"]["finetune_dir"] / row["run_key"] / PREDICTIONS
+    path = setup["common"]["finetune_dir"] / row.keys["run_key"] / PREDICTIONS
     expected = _predictions(setup, name)
     saved = path.read_bytes()
     if not present:

@@ -60,9 +60,9 @@ def test_fewshot_retrains_the_chosen_recipe_on_the_head_arms_draws(lite0, setup,
     rows = _fewshot(lite0, setup, tiny_manifest, data_root)
     # k = 9 exceeds the 8 train+val images per class: skipped, never a crash; k = 8 takes the whole pool: the
     # chosen refit's own row is the point, once.
-    assert sorted((r["k_per_class"], r["seed"]) for r in rows) == [(1, 0), (1, 1), (3, 0), (3, 1), (8, 0)]
+    assert sorted((r.k_per_class, r.draw_seed) for r in rows) == [(1, 0), (1, 1), (3, 0), (3, 1), (8, 0)]
     whole = rows.pop()
-    assert whole["test_pred"] == row["test_pred"] and whole["metrics"] == row["metrics"] and whole["n_train"] == 32
+    assert whole.test_pred == row.test_pred and whole.metrics == row.metrics and whole.n_train == 32
     check_row(whole)
     policy, point, refit = chosen_recipe(row)
     manifest = read_manifest(tiny_manifest)
@@ -70,19 +70,19 @@ def test_fewshot_retrains_the_chosen_recipe_on_the_head_arms_draws(lite0, setup,
     trainval = np.concatenate([np.flatnonzero(split == "train"), np.flatnonzero(split == "val")])
     for r in rows:
         check_row(r)
-        assert (r["kind"], r["method"], r["split_seed"], r["n_train"], r["n_test"]) == (
-            "fewshot", "ft:last:1", 0, 4 * r["k_per_class"], 16)
-        assert {k: r["hyperparams"][k] for k in point} == point
+        assert (r.kind, r.method, r.split_seed, r.n_train, r.n_test) == (
+            "fewshot", "ft:last:1", 0, 4 * r.k_per_class, 16)
+        assert {k: r.hyperparams[k] for k in point} == point
         # The refit's steps: refit epochs x (32 train+val images / 4k), capped by the stretched schedule.
-        factor = math.ceil(32 / hp["batch_size"]) / math.ceil(4 * r["k_per_class"] / hp["batch_size"])
+        factor = math.ceil(32 / hp["batch_size"]) / math.ceil(4 * r.k_per_class / hp["batch_size"])
         expected = min(math.ceil(refit[0] * factor), math.ceil(hp["epochs"] * factor))
-        assert r["hyperparams"]["epochs"] == [expected]
+        assert r.hyperparams["epochs"] == [expected]
         # The images trained on are the ones the head arm draws with the same seed from the same pool.
         (drawn,) = [pos for name, pos in parts.items()
-                    if name.startswith(f"fewshot:train+val:{r['k_per_class']}:{r['seed']}:")]
-        want = trainval[draw_indices(manifest["label"].to_numpy()[trainval], k=r["k_per_class"], seed=r["seed"])]
+                    if name.startswith(f"fewshot:train+val:{r.k_per_class}:{r.draw_seed}:")]
+        want = trainval[draw_indices(manifest["label"].to_numpy()[trainval], k=r.k_per_class, seed=r.draw_seed)]
         assert np.array_equal(drawn, want)
-    draws = {r["seed"]: r["test_pred"] for r in rows if r["k_per_class"] == 1}
+    draws = {r.draw_seed: r.test_pred for r in rows if r.k_per_class == 1}
     assert len(draws) == 2
 
 

@@ -37,7 +37,7 @@ def test_three_fine_tunes_in_one_process_free_their_activations(lite0, tiny_mani
         watched.append([])
         (row,) = run_finetune(backbone=lite0, policy=policy, manifest_path=tiny_manifest, data_root=data_root,
                               hp=hp, seed=0, device="cpu", finetune_dir=tmp_path / "ft", store=store)
-        assert row["method"] == f"ft:{policy}"
+        assert row.method == f"ft:{policy}"
         gc.collect()
         assert watched[-1], f"{policy} read no activations from the store"
         alive = [ref for run in watched for ref in run if ref() is not None]

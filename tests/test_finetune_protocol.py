@@ -139,20 +139,20 @@ def probe_run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory):
 def test_grid_is_chosen_on_val_and_the_choice_refit_on_train_val(head_run, hp):
     finetune_dir, row = head_run
     check_row(row)  # its val score is its best grid point's
-    sel = row["selection"]
-    assert [g["params"] for g in sel["grid"]] == [{"lr": 3e-3}, {"lr": 1e-2}]
-    best = choose([(g["val_mean_per_class"], g["val_log_loss"]) for g in sel["grid"]])
-    chosen = sel["grid"][best]
-    assert row["val_mean_per_class"] == chosen["val_mean_per_class"] == sel["best_score"]
-    assert row["hyperparams"]["lr"] == chosen["params"]["lr"] and row["hyperparams"]["best_epoch"] == chosen["best_epoch"]
-    assert row["fit_on"] == "train+val" and row["n_fit"] == row["n_train"] + row["n_val"] == 32
-    typed = ResultRow.from_dict(row, index=0)
-    assert typed.n_variants == 2 and typed.selection.best.params == chosen["params"] and typed.fit_on == "train+val"
+    sel = row.selection
+    assert [g.params for g in sel.points] == [{"lr": 3e-3}, {"lr": 1e-2}]
+    best = choose([(g.val_mean_per_class, g.val_log_loss) for g in sel.points])
+    chosen = sel.points[best]
+    assert row.val_mean_per_class == chosen.val_mean_per_class == sel.best.val_mean_per_class
+    assert row.hyperparams["lr"] == chosen.params["lr"] and row.hyperparams["best_epoch"] == chosen.best_epoch
+    assert row.fit_on == "train+val" and row.n_fit == row.n_train + row.n_val == 32
+    typed = ResultRow.from_dict(row.to_dict(), index=0)
+    assert typed.n_variants == 2 and typed.selection.best.params == chosen.params and typed.fit_on == "train+val"
     # The scored model: the chosen lr, refit on train+val for exactly the chosen epoch count, and no more.
-    (refit_key,) = row["fit_keys"]
+    (refit_key,) = row.keys["fit_keys"]
     last = torch.load(finetune_dir / "fits" / refit_key / "last.pt", weights_only=False)
-    assert last["hp"]["lr"] == chosen["params"]["lr"]
-    assert row["hyperparams"]["refit_epochs"] == chosen["best_epoch"] + 1 == last["epoch"] + 1 == len(last["history"])
+    assert last["hp"]["lr"] == chosen.params["lr"]
+    assert row.hyperparams["refit_epochs"] == chosen.best_epoch + 1 == last["epoch"] + 1 == len(last["history"])
     assert all("val_mean_per_class" not in h for h in last["history"])  # val is not looked at in the refit
 
 
@@ -162,7 +162,7 @@ def test_test_is_read_once_after_the_final_refit_and_the_refit_reads_val_views(p
     reads_test = [i for i, e in enumerate(events) if e[0] == "read" and any(s == "test" for s, _ in e[1])]
     assert len(reads_test) == 1 and reads_test[0] > max(i for i, k in enumerate(kinds) if k in ("fit", "refit"))
     assert kinds.count("refit") == 2  # both phases refit
-    assert row["fit_on"] == "train+val"
+    assert row.fit_on == "train+val"
     # The refit reads val images' augmented views (views 0..V of train+val); selection reads val's clean views only.
     last_fit = max(i for i, k in enumerate(kinds) if k == "fit")
     val_aug = [i for i, e in enumerate(events) if e[0] == "read" and ("val", True) in e[1]]
@@ -184,9 +184,9 @@ def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, lite0):
     assert r1[1] == () and r2[1] != ()
     for k, v in r2[2].items():
         assert torch.equal(v, r1[3][k]), k
-    assert row["method"] == "ft:probe+last:1" and row["hyperparams"]["trainable_units"] == list(p2[1])
-    assert isinstance(row["hyperparams"]["refit_epochs"], list) and len(row["hyperparams"]["refit_epochs"]) == 2
-    assert [c["phase"] for c in row["selection"]["curve"]] == sorted(c["phase"] for c in row["selection"]["curve"])
+    assert row.method == "ft:probe+last:1" and row.hyperparams["trainable_units"] == list(p2[1])
+    assert isinstance(row.hyperparams["refit_epochs"], list) and len(row.hyperparams["refit_epochs"]) == 2
+    assert [c["phase"] for c in row.selection.curve] == sorted(c["phase"] for c in row.selection.curve)
     check_row(row)
 
 
@@ -204,8 +204,8 @@ def test_rerun_is_cached_and_a_larger_grid_trains_only_what_is_new(head_run, lit
     assert again == row and trained == []
     bigger = _run(lite0, {**hp, "grid": {"lr": [3e-3, 1e-2, 3e-2]}}, store, tiny_manifest, data_root, finetune_dir,
                   "head")
-    assert bigger["run_key"] != row["run_key"] and len(bigger["selection"]["grid"]) == 3
-    assert bigger["selection"]["grid"][:2] == row["selection"]["grid"]  # the two old points: reused, not retrained
+    assert bigger.keys["run_key"] != row.keys["run_key"] and len(bigger.selection.points) == 3
+    assert bigger.selection.points[:2] == row.selection.points  # the two old points: reused, not retrained
     assert {lr for lr, n in trained if n == 24} == {3e-2}  # on train (24 images): only the new point trains
 
 
@@ -215,8 +215,8 @@ def test_rows_carry_the_git_sha(head_run, probe_run, monkeypatch):
     from finetune import experiment
 
     for row in (head_run[1], probe_run[0]):
-        assert row["git_sha"] == experiment.git_sha() and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", row["git_sha"])
-        sha = row["git_sha"].split("-")[0]
+        assert row.git_sha == experiment.git_sha() and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", row.git_sha)
+        sha = row.git_sha.split("-")[0]
         assert subprocess.run(["git", "-C", str(REPO_ROOT), "cat-file", "-e", f"{sha}^{{commit}}"]).returncode == 0
     uncached = experiment.git_sha.__wrapped__
     for dirty, want in [(True, "abc-dirty"), (False, "abc")]:

@@ -49,11 +49,11 @@ def runs(lite0, hp, dirs, tiny_manifest, data_root):
 def test_finetuning_learns(runs, policy):
     (row,) = runs[policy]
     check_row(row)
-    assert row["method"] == f"ft:{policy}" and row["kind"] == "finetune" and row["feature_set"] == "light"
-    assert max(h["val_mean_per_class"] for h in row["selection"]["curve"]) >= 0.75  # chance is 0.25
-    assert row["metrics"]["mean_per_class"] >= 0.5
-    assert row["n_train"] == 24 and row["n_val"] == 8 and row["n_test"] == 16 == len(row["test_pred"])
-    assert 0 < row["trainable_params"] < row["total_params"]
+    assert row.method == f"ft:{policy}" and row.kind == "finetune" and row.feature_set == "light"
+    assert max(h["val_mean_per_class"] for h in row.selection["curve"]) >= 0.75  # chance is 0.25
+    assert row.metrics.mean_per_class >= 0.5
+    assert row.n_train == 24 and row.n_val == 8 and row.n_test == 16 == len(row.test_pred)
+    assert 0 < row.trainable_params < row.total_params
 
 
 def test_rerun_reappends_cached_rows_without_training(runs, lite0, hp, dirs, tiny_manifest, data_root):

@@ -183,9 +183,9 @@ def test_protocol_text_matches_the_rows(run):
     md = (run_dir / "report.md").read_text()
     protocol = md.split("## Protocol", 1)[1].split("\n## ", 1)[0]
     for arm, name in (("head", "frozen features + head"), ("finetune", "fine-tune")):
-        seed0 = [r for r in raw if r["kind"] == arm and r["seed"] == 0]
+        seed0 = [r for r in raw if r["kind"] == arm and r["split_seed"] == 0]
         (line,) = [x for x in protocol.splitlines() if x.startswith(f"- **{name}**")]
-        settings = sum(len(r["selection"]) if arm == "head" else 1 for r in seed0)
+        settings = sum(len(r["selection"]["points"]) if arm == "head" else 1 for r in seed0)
         assert f"{len(seed0)} variants per seed" in line and f"{settings} settings tried on val" in line
         assert {r["fit_on"] for r in seed0} == {f for f in ("train+val", "train") if f"`{f}`;" in line}
     assert "clean + 2 fixed augmented views per image, cached once and reused every epoch" in protocol

@@ -30,13 +30,14 @@ def two_runs(tmp_path_factory, data_root):
         import classify.selection
         import extract.engine
         import finetune.experiment
+        import finetune.inputs
 
         def refuse(*a, **k):
             raise AssertionError("second run did work that the cache should have saved")
         mp.setattr(extract.engine, "load_backbone", refuse)
         mp.setattr(extract.engine, "PassRunner", refuse)
         mp.setattr(classify.selection, "select_and_refit", refuse)
-        mp.setattr(finetune.experiment, "read_acts", refuse)
+        mp.setattr(finetune.inputs, "read_acts", refuse)
         mp.setattr(finetune.experiment, "Trainer", refuse)
         t0 = time.perf_counter()
         assert run_study.main(args) == 0
@@ -58,7 +59,7 @@ def test_quick_study_writes_a_traceable_report(two_runs):
     for name in ("config.resolved.toml", "provenance.json", "results.csv", "per_class.csv"):
         assert (first / name).is_file(), name
     # Three split seeds over one store: every seed's heads and fine-tunes, and each (image, view) stored once.
-    assert {r["seed"] for r in rows if r["kind"] != "fewshot"} == {0, 1, 2}
+    assert {r["split_seed"] for r in rows if r["kind"] != "fewshot"} == {0, 1, 2}
     from dataset.manifest import read_manifest
     from extract.engine import store_keys, study_requests
     from extract.store import Store
