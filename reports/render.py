@@ -73,6 +73,12 @@ def mean_sd(mean, sd, n: int) -> str:
     return pct(mean) if n < 2 else f"{pct(mean)} ± {pct(sd)}"
 
 
+def figure_links(figures: dict[str, str], **captions: str) -> list[str]:
+    """An image link per figure named in ``captions`` (figure key -> caption) that the run drew, in that order."""
+    return [line for key, caption in captions.items() if key in figures
+            for line in (f"![{caption}]({figures[key]})", "")]
+
+
 def section_headline(inp: ReportInputs) -> list[str]:
     headline = inp.tables.headline
     if headline is None:
@@ -341,10 +347,8 @@ def section_comparison(inp: ReportInputs) -> list[str]:
            "cache (or, for `ft:head`, the feature cache it reuses). *Test-time aug* `hflip`: heads score the mean "
            "embedding of each image and its mirror, fine-tuned models the mean of their two logits.", ""]
     out += md_table(header, body)
-    for key, caption in (("accuracy_by_method", "Accuracy by method"), ("accuracy_vs_cost", "Accuracy against cost")):
-        if key in inp.figures:
-            out += [f"![{caption}]({inp.figures[key]})", ""]
-    return out
+    return out + figure_links(inp.figures, accuracy_by_method="Accuracy by method",
+                              accuracy_vs_cost="Accuracy against cost")
 
 
 def section_augmentation(inp: ReportInputs) -> list[str]:
@@ -391,9 +395,7 @@ def section_fewshot(inp: ReportInputs) -> list[str]:
     out += md_table(["arm", "backbone", "method", "features / aug", "k per class", "distinct draws",
                      "mean per-class % (mean)", "sd", "rows"], body)
     out += ["Draws with identical test predictions (every seed took the whole pool) are one fit, counted once.", ""]
-    if "fewshot" in inp.figures:
-        out += [f"![Few-shot curves]({inp.figures['fewshot']})", ""]
-    return out
+    return out + figure_links(inp.figures, fewshot="Few-shot curves")
 
 
 def fewshot_arm_lines(t: Tables) -> list[str]:
@@ -473,11 +475,8 @@ def section_errors(inp: ReportInputs) -> list[str]:
     out += md_table(["true", "predicted", "images", "of the class's test images"],
                     [[r.true, r.predicted, str(r.images), str(r.class_images)]
                      for r in chosen.confused.head(inp.worst_n).itertuples()])
-    for key, caption in (("confusion", "Confusion matrix of the chosen model"),
-                         ("per_class", "Per-class accuracy of the chosen model")):
-        if key in inp.figures:
-            out += [f"![{caption}]({inp.figures[key]})", ""]
-    return out
+    return out + figure_links(inp.figures, confusion="Confusion matrix of the chosen model",
+                              per_class="Per-class accuracy of the chosen model")
 
 
 def section_published(_: ReportInputs) -> list[str]:
