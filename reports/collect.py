@@ -27,6 +27,7 @@ RESULT_COLUMNS = [
     "n_train", "n_val", "n_test", "hyperparams", "cache_key", "manifest_hash", "git_sha",
 ]
 SUMMARY_COLUMNS = ["backbone", "arm", "method", "feature_set", "n_seeds", "mean", "sd", "val_mean", "chosen", "rows"]
+VARIANT_COLUMNS = SUMMARY_COLUMNS + ["val_loss", "lo", "hi", "cost", "row"]
 VARIANT = ["backbone", "arm", "method", "feature_set"]
 # Names the arms write (not imported from them: that would pull the feature store and torch into reports).
 FUSED_PREFIX = "fused:"  # classify.fusion.PREFIX: a fused feature set, or an ensemble of fine-tunes
@@ -90,27 +91,35 @@ def chosen_per_seed(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (backbone, arm, method, features): test mean per-class accuracy mean ± sd over
-    split seeds, the mean val score, and ``chosen`` for the variant with the best mean val score
-    of its (backbone, arm) — the variant the report names."""
+    """One row per (backbone, arm, method, features) over its split seeds: test mean per-class accuracy
+    (``mean`` ± ``sd``; ``lo``/``hi``, the first seed's 95% CI), the mean val score and log-loss, the mean
+    cost (training + feature seconds), and ``chosen`` for the variant with the best mean val score of its
+    (backbone, arm) — the variant the report names. ``SUMMARY_COLUMNS`` are what ``summary.csv`` keeps."""
     main = main_results(results)
     if main.empty:
-        return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    g = main.groupby(VARIANT, sort=True)
+        return pd.DataFrame(columns=VARIANT_COLUMNS)
+    g = main.assign(cost=main["train_s"] + main["feature_s"].astype(float).fillna(0)).groupby(VARIANT, sort=True)
     summary = pd.DataFrame({
         "n_seeds": g["seed"].nunique(),
         "mean": g["mean_per_class"].mean(),
         # ddof=1: the spread of a method across split seeds, an estimate from a sample of seeds.
         "sd": g["mean_per_class"].std(ddof=1),
         "val_mean": g["val_mean_per_class"].mean(),
-        "_val_loss": g["val_log_loss"].mean(),
+        "val_loss": g["val_log_loss"].mean(),
+        "lo": g["mean_per_class_lo"].first(), "hi": g["mean_per_class_hi"].first(), "cost": g["cost"].mean(),
         "row": g["row"].min(),
         "rows": g["row"].apply(lambda s: ",".join(map(str, sorted(s)))),
     }).reset_index()
-    ordered = _val_order(summary, val="val_mean", loss="_val_loss")
+    ordered = _val_order(summary, val="val_mean", loss="val_loss")
     chosen_idx = set(ordered.groupby(["backbone", "arm"]).head(1).index)
     summary["chosen"] = summary.index.isin(chosen_idx)
-    return summary[SUMMARY_COLUMNS]
+    return summary[VARIANT_COLUMNS]
+
+
+def val_best_per_arm(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each arm's variant with the best mean val score over every backbone (ties: the lower mean val
+    log-loss, then the earlier row), best first: the variants the cost figure rings."""
+    return _val_order(summary, val="val_mean", loss="val_loss").groupby("arm").head(1)
 
 
 def val_ties(summary: pd.DataFrame) -> pd.DataFrame:
@@ -139,8 +148,7 @@ def best_overall(summary: pd.DataFrame, *, arm: str | None = None) -> pd.Series 
         chosen = chosen[chosen.arm == arm]
     if chosen.empty:
         return None
-    return _val_order(chosen.assign(row=chosen.rows.str.split(",").str[0].astype(int), _loss=np.nan),
-                      val="val_mean", loss="_loss").iloc[0]
+    return _val_order(chosen.assign(_loss=np.nan), val="val_mean", loss="_loss").iloc[0]
 
 
 def rows_of(results: pd.DataFrame, variant: pd.Series) -> pd.DataFrame:
@@ -181,10 +189,9 @@ class BackboneVerdict:
         return {"head": sum(x > 0 for x in d), "finetune": sum(x < 0 for x in d), "tie": sum(x == 0 for x in d)}
 
 
-def verdicts(results: pd.DataFrame, rows: list[ResultRow], *, labels_by_id: dict[str, int]) -> list[BackboneVerdict]:
-    """Head vs fine-tune per backbone: per seed the val-chosen pair and McNemar on its paired test
-    correctness; over seeds the mean paired difference, its sd and the wins per arm."""
-    chosen = chosen_per_seed(results)
+def verdicts(chosen: pd.DataFrame, rows: list[ResultRow], *, labels_by_id: dict[str, int]) -> list[BackboneVerdict]:
+    """Head vs fine-tune per backbone, from ``chosen_per_seed``: per seed the val-chosen pair and McNemar on
+    its paired test correctness; over seeds the mean paired difference, its sd and the wins per arm."""
     out = []
     for backbone, part in chosen.groupby("backbone", sort=True):
         seeds = []
@@ -210,12 +217,13 @@ def fewshot_table(results: pd.DataFrame, rows: list[ResultRow]) -> pd.DataFrame:
         for i in part["row"]:
             distinct.setdefault(rows[int(i)].test_pred, rows[int(i)].metrics.mean_per_class)
         values = list(distinct.values())
-        records.append({"backbone": backbone, "method": method, "feature_set": fset, "k_per_class": int(k),
+        records.append({"arm": part.arm.iloc[0], "backbone": backbone, "method": method, "feature_set": fset,
+                        "k_per_class": int(k),
                         "n_draws": len(part), "n_distinct": len(values), "mean": float(np.mean(values)),
                         "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
                         "rows": ", ".join(map(str, part["row"]))})
-    return pd.DataFrame.from_records(records, columns=["backbone", "method", "feature_set", "k_per_class", "n_draws",
-                                                       "n_distinct", "mean", "sd", "rows"])
+    return pd.DataFrame.from_records(records, columns=["arm", "backbone", "method", "feature_set", "k_per_class",
+                                                       "n_draws", "n_distinct", "mean", "sd", "rows"])
 
 
 FEWSHOT_ARM_COLUMNS = ["arm", "k_per_class", "mean", "sd", "n", "n_rows", "variants", "rows"]
@@ -267,15 +275,66 @@ def paired_gaps(results: pd.DataFrame, rows: list[ResultRow]) -> dict[int, tuple
     return out
 
 
-def crossover(arms_table: pd.DataFrame, paired: dict[int, tuple[float, int]] | None = None) -> int | None:
-    """The smallest k at which the fine-tune arm is ahead of the head arm, among the ks both arms measured:
-    on the draws both fitted where ``paired`` (``paired_gaps``) has any for that k, else by the arms' pooled
-    means; None when it never is (or one arm has no curve)."""
+def fewshot_gaps(arms_table: pd.DataFrame, paired: dict[int, tuple[float, int]] | None = None) -> dict[int, float]:
+    """Per k both arms measured (ascending): the fine-tune arm's minus the head arm's test mean per-class
+    accuracy, on the draws both fitted where ``paired`` (``paired_gaps``) has any for that k, else between
+    the arms' pooled means (``fewshot_arms``)."""
     means = {arm: dict(zip(part.k_per_class.astype(int), part["mean"])) for arm, part in arms_table.groupby("arm")}
     head, ft = means.get("head", {}), means.get("finetune", {})
     paired = paired or {}
-    ahead = [k for k in sorted(set(head) & set(ft)) if (paired[k][0] > 0 if k in paired else ft[k] > head[k])]
-    return ahead[0] if ahead else None
+    return {k: paired[k][0] if k in paired else float(ft[k] - head[k]) for k in sorted(set(head) & set(ft))}
+
+
+def crossover(arms_table: pd.DataFrame, paired: dict[int, tuple[float, int]] | None = None) -> int | None:
+    """The smallest k at which the fine-tune arm is ahead of the head arm (``fewshot_gaps`` above 0);
+    None when it never is (or one arm has no curve)."""
+    return next((k for k, gap in fewshot_gaps(arms_table, paired).items() if gap > 0), None)
+
+
+# The heads' feature sets set against clean, in the report's column order, with their names there.
+FEATURE_SET_NAMES = {"aug": "+ augmented views", "stages": "stages (pooled + last:1 cut)"}
+
+
+def compared_feature_sets(results: pd.DataFrame) -> list[str]:
+    """The feature sets of ``FEATURE_SET_NAMES`` that any head of the run was trained on."""
+    trained = set(results[results.kind == "head"].feature_set)
+    return [f for f in FEATURE_SET_NAMES if f in trained]
+
+
+def feature_set_effects(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (backbone, head) trained on clean and on another set of ``FEATURE_SET_NAMES``: on the ``clean``
+    line the mean val and test score over its split seeds; on each other set's line its mean minus clean's,
+    on the split seeds both have (paired by seed). ``val``/``test`` are None where a side has no value;
+    ``n_seeds`` counts the line's seeds, ``rows`` its results rows."""
+    heads = results[results.kind == "head"]
+    records = []
+    for (backbone, method), part in heads.groupby(["backbone", "method"]):
+        by_set = {f: g for f, g in part.groupby("feature_set")}
+        if "clean" not in by_set or not any(f in by_set for f in FEATURE_SET_NAMES):
+            continue
+        clean, key = by_set["clean"], {"backbone": backbone, "method": method}
+        records.append({**key, "feature_set": "clean", "n_seeds": clean.seed.nunique(),
+                        "val": _mean(clean.val_mean_per_class), "test": _mean(clean.mean_per_class),
+                        "rows": list(clean.row)})
+        for f in (f for f in FEATURE_SET_NAMES if f in by_set):
+            same = by_set[f][by_set[f].seed.isin(clean.seed)]
+            ref = clean[clean.seed.isin(same.seed)]
+            records.append({**key, "feature_set": f, "n_seeds": same.seed.nunique(),
+                            "val": _diff(same.val_mean_per_class, ref.val_mean_per_class),
+                            "test": _diff(same.mean_per_class, ref.mean_per_class), "rows": list(same.row)})
+    return pd.DataFrame.from_records(records, columns=["backbone", "method", "feature_set", "n_seeds", "val", "test",
+                                                       "rows"])
+
+
+def _mean(values: pd.Series) -> float | None:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return float(values.mean()) if len(values) else None
+
+
+def _diff(a: pd.Series, b: pd.Series) -> float | None:
+    """Mean of ``a`` minus mean of ``b``; None where either has no value."""
+    ma, mb = _mean(a), _mean(b)
+    return None if ma is None or mb is None else ma - mb
 
 
 def _compact(obj) -> str:

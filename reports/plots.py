@@ -1,8 +1,8 @@
-"""The report's figures (matplotlib, Agg): each function takes tables, writes one PNG, returns its path.
+"""The report's figures (matplotlib, Agg): each function draws fields of ``reports.tables.Tables`` into one PNG.
 
-The comparison figures show one mark per variant (backbone, arm, method, feature set), averaged over
-split seeds, coloured by arm and shaped by backbone, so a study of some fifty variants stays readable;
-``cost_figure`` builds the accuracy-against-cost figure without saving it, for tests that inspect it.
+The comparison figures show one mark per variant (``Tables.variants``: averaged over split seeds), coloured
+by arm and shaped by backbone, so a study of some fifty variants stays readable; ``cost_figure`` builds the
+accuracy-against-cost figure without saving it, for tests that inspect it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from adjustText import adjust_text  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 
-from reports.collect import FUSED_PREFIX, VARIANT, _val_order, crossover  # noqa: E402
+from reports.collect import FUSED_PREFIX  # noqa: E402
 
 KIND_COLOURS = {"head": "tab:blue", "finetune": "tab:orange"}
 ARM_NAMES = {"head": "frozen features + head", "finetune": "fine-tuning"}
@@ -49,20 +49,6 @@ def backbone_markers(backbones) -> dict[str, str]:
     return out
 
 
-def variant_points(main: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant: test mean per-class accuracy (mean over split seeds; the 95% CI is kept when
-    there is one seed), its sd over seeds, the mean cost (training + feature seconds) and the mean val
-    score and log-loss (what the val-best mark is chosen by)."""
-    df = main.assign(cost=main["train_s"] + main["feature_s"].astype(float).fillna(0))
-    g = df.groupby(VARIANT, sort=True)
-    return pd.DataFrame({
-        "n_seeds": g["seed"].nunique(), "mean_per_class": g["mean_per_class"].mean(),
-        "sd": g["mean_per_class"].std(ddof=1), "lo": g["mean_per_class_lo"].first(),
-        "hi": g["mean_per_class_hi"].first(), "cost": g["cost"].mean(), "val_mean": g["val_mean_per_class"].mean(),
-        "val_loss": g["val_log_loss"].mean(), "row": g["row"].min(),
-    }).reset_index()
-
-
 def _name(r) -> str:
     return f"{r.backbone}: {r.method} ({r.feature_set})"
 
@@ -76,12 +62,12 @@ def _marker_handles(markers: dict[str, str]) -> list:
     return [Line2D([], [], linestyle="", marker=m, color="0.3", label=b) for b, m in markers.items()]
 
 
-def accuracy_by_method(main: pd.DataFrame, path: Path) -> Path:
-    """Test mean per-class accuracy per variant, one bar each, coloured by arm: mean ± sd over split
-    seeds when a variant has several, else its 95% bootstrap CI. Height and font follow the bar count
-    so that fifty variants keep one readable label each."""
-    v = variant_points(main).sort_values(["backbone", "arm", "mean_per_class"], ascending=[True, True, False],
-                                         key=lambda c: c.map({"head": 0, "finetune": 1}) if c.name == "arm" else c)
+def accuracy_by_method(variants: pd.DataFrame, path: Path) -> Path:
+    """Test mean per-class accuracy per variant (``Tables.variants``), one bar each, coloured by arm: mean ± sd
+    over split seeds when a variant has several, else its 95% bootstrap CI. Height and font follow the bar
+    count so that fifty variants keep one readable label each."""
+    v = variants.sort_values(["backbone", "arm", "mean"], ascending=[True, True, False],
+                             key=lambda c: c.map({"head": 0, "finetune": 1}) if c.name == "arm" else c)
     v = v.reset_index(drop=True)
     n = len(v)
     over_seeds = bool((v.n_seeds > 1).any())
@@ -91,19 +77,19 @@ def accuracy_by_method(main: pd.DataFrame, path: Path) -> Path:
     else:
         lo, hi = v["lo"].astype(float), v["hi"].astype(float)
         err = (None if lo.isna().any() or hi.isna().any() else
-               np.vstack([v.mean_per_class - lo, hi - v.mean_per_class]).astype(float))
+               np.vstack([v["mean"] - lo, hi - v["mean"]]).astype(float))
         what = "95% bootstrap CI"
     font = 8 if n <= 25 else 7 if n <= 60 else 6
     fig, ax = plt.subplots(figsize=(9, 0.24 * n * font / 8 + 1.8), dpi=DPI)
     y = np.arange(n)
-    ax.barh(y, v["mean_per_class"], xerr=err, color=[KIND_COLOURS.get(a, "grey") for a in v.arm],
+    ax.barh(y, v["mean"], xerr=err, color=[KIND_COLOURS.get(a, "grey") for a in v.arm],
             capsize=2 if n > 25 else 3, error_kw={"elinewidth": 0.8})
     ax.set_yticks(y, [_name(r) for r in v.itertuples()], fontsize=font)
     ax.set_ylim(n - 0.4, -0.6)  # first variant on top: read top-down, heads before fine-tunes per backbone
     for i in np.flatnonzero(v.backbone.to_numpy()[1:] != v.backbone.to_numpy()[:-1]):
         ax.axhline(i + 0.5, color="0.6", lw=0.6)  # a rule between backbones
     below = 0 if err is None else err if err.ndim == 1 else err[0]
-    ax.set_xlim(max(0.0, float(np.nanmin(v["mean_per_class"] - below)) - 0.05), 1.0)
+    ax.set_xlim(max(0.0, float(np.nanmin(v["mean"] - below)) - 0.05), 1.0)
     ax.set_xlabel(f"test mean per-class accuracy ({what})", fontsize=font + 1)
     ax.set_title("Accuracy by variant", fontsize=font + 2)
     ax.legend(handles=_arm_handles(v.arm), fontsize=font, loc="upper left", bbox_to_anchor=(1.01, 1.0),
@@ -114,32 +100,31 @@ def accuracy_by_method(main: pd.DataFrame, path: Path) -> Path:
 def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
     """The variants no other variant beats on both cost and accuracy (cheapest first)."""
     front, best = [], -np.inf
-    for i, r in points.sort_values(["cost", "mean_per_class"], ascending=[True, False]).iterrows():
-        if r.mean_per_class > best:
+    for i, r in points.sort_values(["cost", "mean"], ascending=[True, False]).iterrows():
+        if r["mean"] > best:
             front.append(i)
-            best = r.mean_per_class
+            best = r["mean"]
     return points.loc[front]
 
 
-def cost_figure(main: pd.DataFrame):
+def cost_figure(variants: pd.DataFrame, val_best: pd.DataFrame):
     """(figure, axes, label texts) of accuracy against training cost, unsaved.
 
-    Every variant is a point; only the Pareto-front variants and each arm's val-best variant (ringed)
-    are named, since fifty names on one plot read as none. The names are spread by adjustText, then any
-    pair still touching is pushed apart (``_untangle``), and thin leader lines join each name to its
-    point. Layout is final before the names move: names are placed in data coordinates, so a later
-    ``tight_layout`` would move the axes under them and could make them collide again."""
-    v = variant_points(main)
+    Every variant (``Tables.variants``) is a point; only the Pareto-front variants and each arm's val-best
+    variant (``Tables.val_best_per_arm``, ringed) are named, since fifty names on one plot read as none. The
+    names are spread by adjustText, then any pair still touching is pushed apart (``_untangle``), and thin
+    leader lines join each name to its point. Layout is final before the names move: names are placed in data
+    coordinates, so a later ``tight_layout`` would move the axes under them and could make them collide again."""
+    v = variants
     markers = backbone_markers(v.backbone)
     fig, ax = plt.subplots(figsize=(10, 6), dpi=DPI)
     for (arm, backbone), part in v.groupby(["arm", "backbone"]):
-        ax.scatter(part["cost"], part["mean_per_class"], color=KIND_COLOURS.get(arm, "grey"),
+        ax.scatter(part["cost"], part["mean"], color=KIND_COLOURS.get(arm, "grey"),
                    marker=markers[backbone], s=70 if markers[backbone] == "*" else 36,  # a star reads small
                    alpha=0.85, edgecolors="white", linewidths=0.4, zorder=3)
     front = pareto_front(v)
-    ax.step(front["cost"], front["mean_per_class"], where="post", color="grey", linestyle="--", lw=1, zorder=2)
-    val_best = _val_order(v, val="val_mean", loss="val_loss").groupby("arm").head(1)
-    ax.scatter(val_best["cost"], val_best["mean_per_class"], s=150, facecolors="none", edgecolors="black",
+    ax.step(front["cost"], front["mean"], where="post", color="grey", linestyle="--", lw=1, zorder=2)
+    ax.scatter(val_best["cost"], val_best["mean"], s=150, facecolors="none", edgecolors="black",
                linewidths=1.0, zorder=4)
     if v["cost"].max() > 10 * max(v["cost"].min(), 1e-9):  # log only when costs span orders of magnitude
         ax.set_xscale("log")
@@ -148,14 +133,7 @@ def cost_figure(main: pd.DataFrame):
     ax.set_ylabel("test mean per-class accuracy (mean over split seeds)", fontsize=8)
     ax.set_title("Accuracy against cost: named are the Pareto front and each arm's val-best variant (ringed)",
                  fontsize=9)
-    arms = ax.legend(handles=_arm_handles(v.arm) + [
-        Line2D([], [], color="grey", linestyle="--", label="Pareto front"),
-        Line2D([], [], linestyle="", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
-               label="val-best of its arm")], title="arm", fontsize=7, title_fontsize=8,
-        loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.add_artist(arms)
-    ax.legend(handles=_marker_handles(markers), title="backbone", fontsize=7, title_fontsize=8,
-              loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0)
+    _cost_legends(ax, v.arm, markers)
     fig.tight_layout()
     # Frozen limits, with headroom for the names of the best points: the names and their leader lines
     # must not rescale the axes under the positions they were given.
@@ -163,20 +141,38 @@ def cost_figure(main: pd.DataFrame):
     ax.set_ylim(lo, hi + 0.08 * (hi - lo))
     ax.set_xlim(ax.get_xlim())
     named = pd.concat([front, val_best[~val_best.index.isin(front.index)]])
+    return fig, ax, _name_points(ax, named, v)
+
+
+def _cost_legends(ax, arms, markers: dict[str, str]) -> None:
+    """Beside the axes: the arms' colours and what the line and the rings mean (top), the backbones' markers
+    (bottom)."""
+    legend = ax.legend(handles=_arm_handles(arms) + [
+        Line2D([], [], color="grey", linestyle="--", label="Pareto front"),
+        Line2D([], [], linestyle="", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
+               label="val-best of its arm")], title="arm", fontsize=7, title_fontsize=8,
+        loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.add_artist(legend)
+    ax.legend(handles=_marker_handles(markers), title="backbone", fontsize=7, title_fontsize=8,
+              loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0)
+
+
+def _name_points(ax, named: pd.DataFrame, points: pd.DataFrame) -> list:
+    """Name each of ``named``, kept off every point of ``points`` and off each other, with leader lines."""
     # A pale box keeps a name readable where it must sit over the front line or another point.
     box = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.75}
-    texts = [ax.text(r.cost, r.mean_per_class, _name(r), fontsize=7, zorder=5, bbox=box) for r in named.itertuples()]
+    texts = [ax.text(r.cost, r.mean, _name(r), fontsize=7, zorder=5, bbox=box) for r in named.itertuples()]
     if texts:
-        adjust_text(texts, x=v["cost"].to_numpy(float), y=v["mean_per_class"].to_numpy(float), ax=ax,
+        adjust_text(texts, x=points["cost"].to_numpy(float), y=points["mean"].to_numpy(float), ax=ax,
                     expand=(1.15, 1.4), iter_lim=ADJUST_STEPS)
         _untangle(texts, ax)
         _leader_lines(texts, named, ax)
-    return fig, ax, texts
+    return texts
 
 
-def accuracy_vs_cost(main: pd.DataFrame, path: Path) -> Path:
+def accuracy_vs_cost(variants: pd.DataFrame, val_best: pd.DataFrame, path: Path) -> Path:
     """Accuracy against training wall time, with the Pareto front (nothing both cheaper and better)."""
-    fig, _, _ = cost_figure(main)
+    fig, _, _ = cost_figure(variants, val_best)
     return _save(fig, path, layout=False)
 
 
@@ -203,7 +199,7 @@ def _leader_lines(texts, named: pd.DataFrame, ax, *, min_px: float = 6.0) -> Non
     renderer = ax.figure.canvas.get_renderer()
     for t, r in zip(texts, named.itertuples()):
         box = t.get_window_extent(renderer)
-        px, py = ax.transData.transform((r.cost, r.mean_per_class))
+        px, py = ax.transData.transform((r.cost, r.mean))
         ex, ey = min(max(px, box.x0), box.x1), min(max(py, box.y0), box.y1)
         if np.hypot(ex - px, ey - py) < min_px:
             continue
@@ -228,20 +224,20 @@ def confusion(matrix: list[list[int]], class_names: list[str], title: str, path:
 
 
 def per_class_accuracy(per_class: pd.DataFrame, title: str, path: Path) -> Path:
-    df = per_class.dropna(subset=["accuracy"]).sort_values("accuracy")
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.11 * len(df) + 1)))
-    ax.barh(df["class_name"], df["accuracy"], color="tab:blue")
-    ax.tick_params(axis="y", labelsize=5 if len(df) > 60 else 7)
+    """One model's test accuracy per class, as ordered in ``per_class`` (``ChosenModel.per_class``: worst first)."""
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.11 * len(per_class) + 1)))
+    ax.barh(per_class["class_name"], per_class["accuracy"], color="tab:blue")
+    ax.tick_params(axis="y", labelsize=5 if len(per_class) > 60 else 7)
     ax.set_xlim(0, 1)
     ax.set_xlabel("test accuracy")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
-def fewshot_curves(arms: pd.DataFrame, path: Path, paired: dict | None = None) -> Path:
-    """Each arm's few-shot curve (``reports.collect.fewshot_arms``): mean ± sd over distinct fits of test
-    mean per-class accuracy against training images per class, log k, and a dotted line where the
-    fine-tune's mean first exceeds the head's."""
+def fewshot_curves(arms: pd.DataFrame, path: Path, *, crossover: int | None) -> Path:
+    """Each arm's few-shot curve (``Tables.fewshot_arms``): mean ± sd over distinct fits of test mean per-class
+    accuracy against training images per class, log k, and a dotted line at ``crossover``, the report's verdict
+    on where the fine-tune arm first gets ahead (``Tables.crossover``)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=DPI)
     for arm in ("head", "finetune"):
         part = arms[arms.arm == arm].sort_values("k_per_class")
@@ -249,9 +245,8 @@ def fewshot_curves(arms: pd.DataFrame, path: Path, paired: dict | None = None) -
             continue
         ax.errorbar(part["k_per_class"], part["mean"], yerr=part["sd"].astype(float).fillna(0).to_numpy(),
                     marker="o", capsize=3, color=KIND_COLOURS[arm], label=f"{ARM_NAMES[arm]} (val-chosen)")
-    k0 = crossover(arms, paired)  # the report's verdict: on the draws both arms fitted, where there are any
-    if k0 is not None:
-        ax.axvline(k0, color="grey", linestyle=":", label=f"fine-tuning ahead from k = {k0}")
+    if crossover is not None:
+        ax.axvline(crossover, color="grey", linestyle=":", label=f"fine-tuning ahead from k = {crossover}")
     ks = sorted(set(arms["k_per_class"].astype(int)))
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])

@@ -1,9 +1,9 @@
-"""Render ``report.md`` from a run folder: one function per section, each returning markdown lines.
+"""Render ``report.md``: one function per section, each formatting ``ReportInputs`` into markdown lines.
 
-Inputs: ``results.jsonl`` (every metric), ``skipped.jsonl``, ``provenance.json``,
-``config.resolved.toml`` and the dataset stage's ``summary.json`` + manifest (class names, test
-labels for McNemar). Every number in a table is formatted from a results row whose index is in
-the table's ``row`` column.
+Every number comes from ``reports.tables.Tables`` (computed from ``results.jsonl`` before rendering; nothing
+here computes one) and is formatted from a results row whose index is in the table's ``row`` column; the
+rest is the run's ``skipped.jsonl``, ``provenance.json``, ``config.resolved.toml`` and the dataset stage's
+``summary.json``.
 """
 from __future__ import annotations
 
@@ -13,24 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from reports.collect import (
-    ENSEMBLE,
-    FUSED_PREFIX,
-    best_overall,
-    chosen_per_seed,
-    crossover,
-    fewshot_arms,
-    fewshot_table,
-    main_results,
-    paired_gaps,
-    rows_of,
-    summary_table,
-    val_ties,
-    verdicts,
-)
+from reports.collect import ENSEMBLE, FEATURE_SET_NAMES, FUSED_PREFIX, BackboneVerdict
+from reports.tables import Tables
 from study.results import ResultRow
 
 PUBLISHED = [
@@ -48,23 +34,15 @@ PUBLISHED = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportInputs:
-    rows: list[ResultRow]       # study.results.read_results: index i is line i of results.jsonl
-    results: pd.DataFrame       # reports.collect.results_table
-    per_class: pd.DataFrame     # reports.collect.per_class_table
+    tables: Tables              # every number the report shows
     summary: dict | None        # dataset summary.json
-    labels_by_id: dict[str, int]
     skips: list[dict]
     provenance: dict
     config: dict
     figures: dict[str, str]     # figure name -> file name in the run folder
     worst_n: int = 10
-
-    @property
-    def variants(self) -> pd.DataFrame:
-        """reports.collect.summary_table: mean ± sd over seeds and the val-chosen variant per arm."""
-        return summary_table(self.results)
 
 
 def pct(x) -> str:
@@ -95,25 +73,29 @@ def mean_sd(mean, sd, n: int) -> str:
     return pct(mean) if n < 2 else f"{pct(mean)} ± {pct(sd)}"
 
 
+def figure_links(figures: dict[str, str], **captions: str) -> list[str]:
+    """An image link per figure named in ``captions`` (figure key -> caption) that the run drew, in that order."""
+    return [line for key, caption in captions.items() if key in figures
+            for line in (f"![{caption}]({figures[key]})", "")]
+
+
 def section_headline(inp: ReportInputs) -> list[str]:
-    best = best_overall(inp.variants)
-    if best is None:
+    headline = inp.tables.headline
+    if headline is None:
         return ["No head or fine-tuning result in this run.", ""]
-    rows = rows_of(inp.results, best)
-    first = rows.iloc[0]
+    best, first, other = headline.best, headline.first, headline.other
+    n_variants = len(inp.tables.variants)
     n = int(best.n_seeds)
     test = (f"{pct_ci(first.mean_per_class, first.mean_per_class_lo, first.mean_per_class_hi)}% test mean "
             "per-class accuracy (95% CI)" if n == 1 else
             f"{mean_sd(best['mean'], best.sd, n)}% test mean per-class accuracy (mean ± sd over {n} split seeds)")
-    other_arm = "finetune" if best.arm == "head" else "head"
-    other = best_overall(inp.variants, arm=other_arm)
     runner = "" if other is None else (
         f" The other arm's val-best variant is `{other.backbone}` with `{other.method} ({other.feature_set})`: "
         f"{pct(other.val_mean)}% val, {mean_sd(other['mean'], other.sd, int(other.n_seeds))}% test"
         + (" — level with the chosen one on val at this precision, so val does not separate the two arms here"
            if pct(other.val_mean) == pct(best.val_mean) else "") + ".")
     return [f"**Chosen on val:** `{best.backbone}` with `{best.method} ({best.feature_set})` — "
-            f"{pct(best.val_mean)}% val mean per-class accuracy, the best val score of the run's {len(inp.variants)} "
+            f"{pct(best.val_mean)}% val mean per-class accuracy, the best val score of the run's {n_variants} "
             f"head and fine-tune variants; {test}, {seconds(_cost(first))} s to train including its features "
             f"(split seed {int(first.seed)}; rows {best.rows}).{runner} Every \"chosen\" in this report is picked by "
             "val mean per-class accuracy; test takes no part in any choice and is shown for every row. Per-backbone "
@@ -121,43 +103,48 @@ def section_headline(inp: ReportInputs) -> list[str]:
 
 
 def section_answer(inp: ReportInputs) -> list[str]:
+    t = inp.tables
     out = ["## Findings", "", "### Chosen head vs chosen fine-tune, per backbone", "",
            "Per split seed, each arm's variant with the best val mean per-class accuracy; McNemar's exact test on "
            "their paired top-1 test correctness. Over seeds: the mean and sd of the paired difference (head minus "
            "fine-tune, test mean per-class accuracy) and the seeds each arm wins.", ""]
-    found = verdicts(inp.results, inp.rows, labels_by_id=inp.labels_by_id)
-    for v in found:
-        body = [[str(s.seed), f"`{s.head.method} ({s.head.feature_set})` (row {int(s.head.row)})",
-                 pct(s.head.val_mean_per_class), pct(s.head.mean_per_class),
-                 f"`{s.finetune.method} ({s.finetune.feature_set})` (row {int(s.finetune.row)})",
-                 pct(s.finetune.val_mean_per_class), pct(s.finetune.mean_per_class), f"{100 * s.diff:+.1f}",
-                 f"{s.test.p_value:.3g}", str(s.test.only_a), str(s.test.only_b)] for s in v.seeds]
-        wins = v.wins
-        sd = "" if v.sd_diff is None else f" ± {100 * v.sd_diff:.1f} (sd)"
-        s0 = v.seeds[0]
-        significance = ("" if len(v.seeds) > 1 else
-                        f"; {'significant' if s0.test.p_value < 0.05 else 'not significant'} at 5% (McNemar "
-                        f"p = {s0.test.p_value:.3g}: of {s0.test.n_common} test images {s0.test.only_a} only the head "
-                        f"got right, {s0.test.only_b} only the fine-tune)")
-        out += [f"- **{v.backbone}**: head minus fine-tune {100 * v.mean_diff:+.1f} pts{sd} over {len(v.seeds)} "
-                f"split seed{'s' if len(v.seeds) > 1 else ''}; wins: head {wins['head']}, fine-tune "
-                f"{wins['finetune']}, ties {wins['tie']}{significance}; training cost incl. features (seed "
-                f"{s0.seed}) {seconds(_cost(s0.head))} s vs {seconds(_cost(s0.finetune))} s.", ""]
-        out += md_table(["seed", "chosen head", "val %", "test %", "chosen fine-tune", "val %", "test %",
-                         "Δ pts", "McNemar p", "only head right", "only fine-tune right"], body)
-    paired = {v.backbone for v in found}
-    for backbone, part in chosen_per_seed(inp.results).groupby("backbone"):
+    for v in t.verdicts:
+        out += verdict_lines(v)
+    paired = {v.backbone for v in t.verdicts}
+    for backbone, part in t.chosen_per_seed.groupby("backbone"):
         if backbone not in paired:
             r = part.iloc[0]
             out.append(f"- **{backbone}**: only {_kind_name(r.arm)} results: chosen on val `{r.method} "
                        f"({r.feature_set})`, test {pct(r.mean_per_class)}.")
-    if main_results(inp.results).empty:
+    if t.main.empty:
         out.append("No head or fine-tuning result in this run.")
     return out + [""]
 
 
+def verdict_lines(v: BackboneVerdict) -> list[str]:
+    """One backbone's verdict: over its seeds (with McNemar when there is one seed), then a line per seed."""
+    body = [[str(s.seed), f"`{s.head.method} ({s.head.feature_set})` (row {int(s.head.row)})",
+             pct(s.head.val_mean_per_class), pct(s.head.mean_per_class),
+             f"`{s.finetune.method} ({s.finetune.feature_set})` (row {int(s.finetune.row)})",
+             pct(s.finetune.val_mean_per_class), pct(s.finetune.mean_per_class), f"{100 * s.diff:+.1f}",
+             f"{s.test.p_value:.3g}", str(s.test.only_a), str(s.test.only_b)] for s in v.seeds]
+    wins = v.wins
+    sd = "" if v.sd_diff is None else f" ± {100 * v.sd_diff:.1f} (sd)"
+    s0 = v.seeds[0]
+    significance = ("" if len(v.seeds) > 1 else
+                    f"; {'significant' if s0.test.p_value < 0.05 else 'not significant'} at 5% (McNemar "
+                    f"p = {s0.test.p_value:.3g}: of {s0.test.n_common} test images {s0.test.only_a} only the head "
+                    f"got right, {s0.test.only_b} only the fine-tune)")
+    out = [f"- **{v.backbone}**: head minus fine-tune {100 * v.mean_diff:+.1f} pts{sd} over {len(v.seeds)} "
+           f"split seed{'s' if len(v.seeds) > 1 else ''}; wins: head {wins['head']}, fine-tune "
+           f"{wins['finetune']}, ties {wins['tie']}{significance}; training cost incl. features (seed "
+           f"{s0.seed}) {seconds(_cost(s0.head))} s vs {seconds(_cost(s0.finetune))} s.", ""]
+    return out + md_table(["seed", "chosen head", "val %", "test %", "chosen fine-tune", "val %", "test %",
+                           "Δ pts", "McNemar p", "only head right", "only fine-tune right"], body)
+
+
 def section_seeds(inp: ReportInputs) -> list[str]:
-    v = inp.variants
+    v = inp.tables.variants
     out = ["### Every variant: mean ± sd over split seeds", ""]
     if v.empty:
         return out + ["No head or fine-tuning result in this run.", ""]
@@ -166,7 +153,7 @@ def section_seeds(inp: ReportInputs) -> list[str]:
             for _, r in v.iterrows()]
     out += md_table(["backbone", "arm", "method", "features / aug", "seeds", "val mean per-class % (mean)",
                      "test mean per-class % (mean ± sd)", "chosen on val", "rows"], body)
-    for t in val_ties(v).itertuples():
+    for t in inp.tables.val_ties.itertuples():
         out.append(f"- **Val tie** ({t.backbone}, {_kind_name(t.arm)}): {t.n_tied} variants share the best val score "
                    f"{pct(t.val_mean)}%; `{t.method} ({t.feature_set})` was chosen by the lower val log-loss (then "
                    "row order). The val split cannot rank these variants; their test figures are shown above.")
@@ -219,14 +206,13 @@ def section_dataset(inp: ReportInputs) -> list[str]:
 def section_protocol(inp: ReportInputs) -> list[str]:
     cfg = inp.config
     split = cfg.get("data", {}).get("split", {})
-    few = inp.results[inp.results.kind == "fewshot"]
-    draws = sorted(set(few["seed"].tolist()))
-    res = inp.results
+    res = inp.tables.results
+    draws = sorted(set(res[res.kind == "fewshot"]["seed"].tolist()))
     # Everything below about what each arm did is read from the rows (what the numbers were computed
     # with), not from the config, so the text cannot describe a protocol the run did not follow.
     tta = {arm: ", ".join(sorted(set(res[res.kind.isin(kinds)]["tta"]))) if not res.empty else "–"
            for arm, kinds in (("extract", ["head", "fewshot"]), ("finetune", ["finetune"]))}
-    split_seeds = sorted(set(main_results(res)["seed"].tolist()))
+    split_seeds = sorted(set(inp.tables.main["seed"].tolist()))
     out = [
         "## Protocol", "",
         f"- Splits are made by the dataset stage, one per split seed ({', '.join(map(str, split_seeds)) or '–'}), "
@@ -238,7 +224,7 @@ def section_protocol(inp: ReportInputs) -> list[str]:
         "made by mean per-class accuracy on `val` (ties: lower val log-loss where recorded); `test` scores each "
         "final model once and takes part in no choice.",
     ]
-    out += protocol_arm_lines(inp.rows)
+    out += protocol_arm_lines(inp.tables.rows)
     out += [
         f"- Test-time augmentation: heads `{tta['extract']}`, fine-tuning `{tta['finetune']}` (`hflip`: each "
         "val/test image is also seen mirrored; heads average the two embeddings, fine-tuned models their two "
@@ -246,7 +232,7 @@ def section_protocol(inp: ReportInputs) -> list[str]:
                       "is not like for like.**"),
         "- Metrics on test: top-1; top-5; **mean per-class accuracy** (the mean of per-class recalls, Caltech's "
         "headline metric); macro-F1. 95% intervals are percentile bootstrap over test samples "
-        f"({_n_boot(inp.rows)} resamples); they cover test sampling only — the spread over split seeds is the "
+        f"({_n_boot(inp.tables.rows)} resamples); they cover test sampling only — the spread over split seeds is the "
         "sd in the over-seeds table.",
         "- Cost: training wall seconds (heads: hyperparameter sweep + refit on cached features; fine-tuning: "
         "all epochs incl. prefix-cache build) and inference wall seconds on the test set, on the run's device "
@@ -341,9 +327,9 @@ def _n_boot(rows: list[ResultRow]) -> str:
 
 def section_comparison(inp: ReportInputs) -> list[str]:
     # Ordered by val (the score choices are made on), never by test.
-    main = main_results(inp.results).sort_values(["backbone", "kind", "seed", "val_mean_per_class", "row"],
-                                                 ascending=[True, True, True, False, True])
-    chosen = set(chosen_per_seed(inp.results)["row"])
+    main = inp.tables.main.sort_values(["backbone", "kind", "seed", "val_mean_per_class", "row"],
+                                       ascending=[True, True, True, False, True])
+    chosen = set(inp.tables.chosen_per_seed["row"])
     body = [[str(r.row), r.backbone, r.method, r.feature_set, r.tta, str(r.seed), r.fit_on, str(r.n_variants),
              pct(r.val_mean_per_class), "**chosen**" if r.row in chosen else "",
              pct_ci(r.top1, r.top1_lo, r.top1_hi), pct_ci(r.mean_per_class, r.mean_per_class_lo, r.mean_per_class_hi),
@@ -361,50 +347,20 @@ def section_comparison(inp: ReportInputs) -> list[str]:
            "cache (or, for `ft:head`, the feature cache it reuses). *Test-time aug* `hflip`: heads score the mean "
            "embedding of each image and its mirror, fine-tuned models the mean of their two logits.", ""]
     out += md_table(header, body)
-    for key, caption in (("accuracy_by_method", "Accuracy by method"), ("accuracy_vs_cost", "Accuracy against cost")):
-        if key in inp.figures:
-            out += [f"![{caption}]({inp.figures[key]})", ""]
-    return out
-
-
-def _mean(values: pd.Series) -> float | None:
-    values = pd.to_numeric(values, errors="coerce").dropna()
-    return float(values.mean()) if len(values) else None
-
-
-def _delta(a: pd.Series, b: pd.Series) -> str:
-    """Mean of ``a`` minus mean of ``b`` in points, or a dash where either has no value."""
-    ma, mb = _mean(a), _mean(b)
-    return "–" if ma is None or mb is None else f"{100 * (ma - mb):+.1f}"
-
-
-FEATURE_SET_NAMES = {"aug": "+ augmented views", "stages": "stages (pooled + last:1 cut)"}
+    return out + figure_links(inp.figures, accuracy_by_method="Accuracy by method",
+                              accuracy_vs_cost="Accuracy against cost")
 
 
 def section_augmentation(inp: ReportInputs) -> list[str]:
     """Each feature set against ``clean`` per (backbone, head), on val (what chose) and test, mean over seeds."""
-    heads = inp.results[inp.results.kind == "head"]
-    others = [f for f in FEATURE_SET_NAMES if f in set(heads.feature_set)]
+    others = inp.tables.feature_sets
     body = []
-    for (backbone, method), part in heads.groupby(["backbone", "method"]):
-        by_set = {f: g for f, g in part.groupby("feature_set")}
-        if "clean" not in by_set or not any(f in by_set for f in others):
-            continue
+    for (backbone, method), part in inp.tables.feature_set_effects.groupby(["backbone", "method"]):
+        by_set = {r.feature_set: r for r in part.itertuples()}
         clean = by_set["clean"]
-        cells = [backbone, method, str(clean.seed.nunique()),
-                 f"{pct(_mean(clean.val_mean_per_class))} / {pct(_mean(clean.mean_per_class))}"]
-        rows = list(clean.row)
-        for f in others:
-            g = by_set.get(f)
-            if g is None:
-                cells.append("–")
-                continue
-            same = g[g.seed.isin(clean.seed)]  # paired by split seed
-            ref = clean[clean.seed.isin(same.seed)]
-            cells.append(f"{_delta(same.val_mean_per_class, ref.val_mean_per_class)} / "
-                         f"{_delta(same.mean_per_class, ref.mean_per_class)}")
-            rows += list(same.row)
-        body.append(cells + [", ".join(map(str, sorted(rows)))])
+        cells = [backbone, method, str(clean.n_seeds), f"{pct(clean.val)} / {pct(clean.test)}"]
+        cells += [f"{_points(by_set[f].val)} / {_points(by_set[f].test)}" if f in by_set else "–" for f in others]
+        body.append(cells + [", ".join(map(str, sorted(i for r in by_set.values() for i in r.rows)))])
     out = ["### Effect of the feature sets on the heads", ""]
     if not body:
         return out + ["No head was trained on clean and on another feature set in this run.", ""]
@@ -415,79 +371,81 @@ def section_augmentation(inp: ReportInputs) -> list[str]:
                   "so the val column is the one that decides.", ""]
 
 
+def _points(diff) -> str:
+    """A difference of two fractions in percentage points, signed, or a dash where there is none."""
+    return "–" if diff is None or pd.isna(diff) else f"{100 * diff:+.1f}"
+
+
 # The caption of the per-variant few-shot table (tests find the table by it).
 FEWSHOT_DETAIL = ("Per variant and k (each split seed's chosen variant; mean and sd over its distinct fits, pooled "
                   "over the split seeds that chose it):")
 
 
 def section_fewshot(inp: ReportInputs) -> list[str]:
-    table = fewshot_table(inp.results, inp.rows)
+    t = inp.tables
     out = ["### Few-shot curves", ""]
-    if table.empty:
+    if t.fewshot.empty:
         return out + ["No few-shot results in this run.", ""]
-    arms = fewshot_arms(inp.results, inp.rows)
-    if set(arms.arm) >= {"head", "finetune"}:
-        out += fewshot_arm_lines(arms, paired_gaps(inp.results, inp.rows))
-    few = inp.results[inp.results.kind == "fewshot"]
-    arm_of = dict(zip(few.method, few.arm))
-    body = [[_kind_name(arm_of[r.method]), r.backbone, r.method, r.feature_set, str(r.k_per_class),
+    if set(t.fewshot_arms.arm) >= {"head", "finetune"}:
+        out += fewshot_arm_lines(t)
+    body = [[_kind_name(r.arm), r.backbone, r.method, r.feature_set, str(r.k_per_class),
              str(r.n_distinct) + ("" if r.n_distinct == r.n_draws else f" ({r.n_draws} identical draws)"),
-             pct(r["mean"]), pct(r.sd), r.rows] for _, r in table.iterrows()]
+             pct(r["mean"]), pct(r.sd), r.rows] for _, r in t.fewshot.iterrows()]
     out += [FEWSHOT_DETAIL, ""]
     out += md_table(["arm", "backbone", "method", "features / aug", "k per class", "distinct draws",
                      "mean per-class % (mean)", "sd", "rows"], body)
     out += ["Draws with identical test predictions (every seed took the whole pool) are one fit, counted once.", ""]
-    if "fewshot" in inp.figures:
-        out += [f"![Few-shot curves]({inp.figures['fewshot']})", ""]
-    return out
+    return out + figure_links(inp.figures, fewshot="Few-shot curves")
 
 
-def fewshot_arm_lines(arms: pd.DataFrame, paired: dict | None = None) -> list[str]:
-    """The arms' few-shot curves side by side (``reports.collect.fewshot_arms``) and where, if anywhere,
-    the fine-tune overtakes the head: on the draws both arms fitted (``paired_gaps``) where there are any."""
-    paired = paired or {}
-    by = {arm: {int(r.k_per_class): r for _, r in part.iterrows()} for arm, part in arms.groupby("arm")}
+def fewshot_arm_lines(t: Tables) -> list[str]:
+    """The arms' few-shot curves side by side (``Tables.fewshot_arms``) and where, if anywhere, the fine-tune
+    overtakes the head: on the draws both arms fitted (``Tables.paired_gaps``) where there are any."""
+    by = {arm: {int(r.k_per_class): r for _, r in part.iterrows()} for arm, part in t.fewshot_arms.groupby("arm")}
     head, ft = by.get("head", {}), by.get("finetune", {})
+    gaps, paired = t.fewshot_gaps, t.paired_gaps
 
     def cell(r) -> str:
         return "–" if r is None else f"{mean_sd(r['mean'], r.sd, int(r.n))} (n = {int(r.n)})"
 
-    body, gaps = [], {}
+    body = []
     for k in sorted(set(head) | set(ft)):
-        h, f = head.get(k), ft.get(k)
-        if h is not None and f is not None:
-            gaps[k] = paired[k][0] if k in paired else float(f["mean"] - h["mean"])
-        present = [(a, r) for a, r in (("head", h), ("finetune", f)) if r is not None]
+        present = [(a, r) for a, r in (("head", head.get(k)), ("finetune", ft.get(k))) if r is not None]
         compared = (f"{paired[k][1]} paired" if k in paired else "pooled means") if k in gaps else "–"
-        body.append([str(k), cell(h), cell(f), f"{100 * gaps[k]:+.1f}" if k in gaps else "–", compared,
-                     "; ".join(f"{_kind_name(a)}: {r.variants}" for a, r in present),
+        body.append([str(k), cell(head.get(k)), cell(ft.get(k)), f"{100 * gaps[k]:+.1f}" if k in gaps else "–",
+                     compared, "; ".join(f"{_kind_name(a)}: {r.variants}" for a, r in present),
                      "; ".join(f"{_kind_name(a)}: {r.rows}" for a, r in present)])
     out = md_table(["k per class", "head arm: mean per-class % (mean ± sd, n)",
                     "fine-tune arm: mean per-class % (mean ± sd, n)", "fine-tune − head (pts)", "draws compared",
                     "variants", "rows"], body)
-    k0 = crossover(arms, paired)
+    return out + [f"{_crossover_verdict(gaps, t.crossover)} {FEWSHOT_ARMS_NOTE}{_uneven(t.fewshot_arms)}", ""]
+
+
+# How the arms' curves were made and compared, after the verdict.
+FEWSHOT_ARMS_NOTE = (
+    "Each split seed's curve is that seed's val-chosen variant of each arm (the chosen head over every backbone, "
+    "fused set and feature set; the chosen fine-tune over every single backbone and policy: an ensemble of "
+    "fine-tunes draws no curve, which would retrain every member at every k), refit with its chosen settings, so "
+    "the variants above can differ between seeds. The fine-tune's draws are the head arm's first ones (same draw "
+    "seeds, so the same images; the head arm may take more draws, as it is cheap), and the fine-tune keeps the "
+    "chosen refit's optimizer-step count (its epochs scaled by the ratio of steps per epoch). Where k takes every "
+    "train+val image, the point is the chosen model itself. n counts distinct fits (split seeds x draws; "
+    "identical fits once); the gap and the verdict compare the two arms on the draws both fitted (same split seed "
+    "and draw seed: the same images; 'paired'), and fall back to the arms' pooled means where they share none. "
+    "There is no test of significance: read a gap within the sd as a tie.")
+
+
+def _crossover_verdict(gaps: dict[int, float], k0: int | None) -> str:
     if k0 is not None:
         behind = [k for k, g in gaps.items() if k > k0 and g <= 0]
-        verdict = (f"Fine-tuning overtakes the frozen-feature head from k = {k0} images per class"
-                   + (f" (but not at every larger k: it is not ahead at k = {', '.join(map(str, behind))})"
-                      if behind else "") + ".")
-    elif gaps:
+        return (f"Fine-tuning overtakes the frozen-feature head from k = {k0} images per class"
+                + (f" (but not at every larger k: it is not ahead at k = {', '.join(map(str, behind))})"
+                   if behind else "") + ".")
+    if gaps:
         k_max = min(gaps, key=lambda k: gaps[k])  # the head's largest lead
-        verdict = (f"At no k measured does the fine-tune arm's mean exceed the head arm's (largest gap "
-                   f"{-100 * gaps[k_max]:.1f} pts in the head's favour, at k = {k_max}).")
-    else:
-        verdict = "The two arms measured no k in common, so their curves cannot be compared point by point."
-    return out + [f"{verdict} Each split seed's curve is that seed's val-chosen variant of each arm (the chosen head "
-                  "over every backbone, fused set and feature set; the chosen fine-tune over every single backbone and "
-                  "policy: an ensemble of fine-tunes draws no curve, which would retrain every member at every k), "
-                  "refit with its chosen settings, so the variants above can differ between seeds. The fine-tune's draws "
-                  "are the head arm's first ones (same draw seeds, so the same images; the head arm may take more "
-                  "draws, as it is cheap), and the fine-tune keeps the chosen refit's optimizer-step count (its "
-                  "epochs scaled by the ratio of steps per epoch). Where k takes every train+val image, the point "
-                  "is the chosen model itself. n counts distinct fits (split seeds x draws; identical fits once); "
-                  "the gap and the verdict compare the two arms on the draws both fitted (same split seed and draw "
-                  "seed: the same images; 'paired'), and fall back to the arms' pooled means where they share none. "
-                  "There is no test of significance: read a gap within the sd as a tie." + _uneven(arms), ""]
+        return (f"At no k measured does the fine-tune arm's mean exceed the head arm's (largest gap "
+                f"{-100 * gaps[k_max]:.1f} pts in the head's favour, at k = {k_max}).")
+    return "The two arms measured no k in common, so their curves cannot be compared point by point."
 
 
 def _uneven(arms: pd.DataFrame) -> str:
@@ -501,39 +459,24 @@ def _uneven(arms: pd.DataFrame) -> str:
     return ""
 
 
-def chosen_model(inp: ReportInputs) -> ResultRow | None:
-    """The row the error analysis and its figures describe: the headline's val-chosen variant, at its
-    first split seed."""
-    best = best_overall(inp.variants)
-    return None if best is None else inp.rows[int(rows_of(inp.results, best).iloc[0].row)]
-
-
 def section_errors(inp: ReportInputs) -> list[str]:
-    row = chosen_model(inp)
+    chosen = inp.tables.chosen
     out = ["### Where the chosen model fails", ""]
-    if row is None:
+    if chosen is None:
         return out + ["No result.", ""]
-    names = list(row.class_names) or [str(i) for i in range(len(row.metrics.confusion))]
+    row = chosen.row
     out.append(f"The model chosen on val: `{row.backbone}` `{row.method} ({row.feature_set})`, split seed {row.seed}, "
                f"row {row.index}.")
     out.append("")
-    per = inp.per_class[(inp.per_class.row == row.index)].dropna(subset=["accuracy"]).sort_values("accuracy")
     out += ["Worst classes:", ""]
     out += md_table(["class", "test accuracy %"],
-                    [[r.class_name, pct(r.accuracy)] for r in per.head(inp.worst_n).itertuples()])
-    cm = np.asarray(row.metrics.confusion)
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    pairs = [(int(off[i, j]), i, j) for i, j in zip(*np.nonzero(off))]
-    pairs.sort(reverse=True)
+                    [[r.class_name, pct(r.accuracy)] for r in chosen.per_class.head(inp.worst_n).itertuples()])
     out += ["Most-confused pairs (true → predicted, test images):", ""]
     out += md_table(["true", "predicted", "images", "of the class's test images"],
-                    [[names[i], names[j], str(n), str(int(cm[i].sum()))] for n, i, j in pairs[: inp.worst_n]])
-    for key, caption in (("confusion", "Confusion matrix of the chosen model"),
-                         ("per_class", "Per-class accuracy of the chosen model")):
-        if key in inp.figures:
-            out += [f"![{caption}]({inp.figures[key]})", ""]
-    return out
+                    [[r.true, r.predicted, str(r.images), str(r.class_images)]
+                     for r in chosen.confused.head(inp.worst_n).itertuples()])
+    return out + figure_links(inp.figures, confusion="Confusion matrix of the chosen model",
+                              per_class="Per-class accuracy of the chosen model")
 
 
 def section_published(_: ReportInputs) -> list[str]:
@@ -553,7 +496,11 @@ def section_skipped(inp: ReportInputs) -> list[str]:
 
 
 def section_provenance(inp: ReportInputs) -> list[str]:
-    p = inp.provenance
+    return provenance_lines(inp.provenance)
+
+
+def provenance_lines(p: dict) -> list[str]:
+    """The report's last section, from provenance.json (``reports.stage.record_end`` rewrites it alone)."""
     git = p.get("git", {})
     pkgs = ", ".join(f"{k} {v}" for k, v in (p.get("packages") or {}).items() if v)
     return [

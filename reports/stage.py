@@ -12,8 +12,9 @@ from pathlib import Path
 
 from dataset.manifest import read_manifest
 from reports import plots
-from reports.collect import fewshot_arms, main_results, paired_gaps, per_class_table, results_table
-from reports.render import ReportInputs, chosen_model, read_run_inputs, render, section_provenance
+from reports.collect import SUMMARY_COLUMNS
+from reports.render import ReportInputs, provenance_lines, read_run_inputs, render
+from reports.tables import Tables
 from study.atomic import write_text_atomic
 from study.results import read_results, read_skips
 
@@ -24,52 +25,50 @@ def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int =
     run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
     results_path = run_dir / "results.jsonl"
     rows = read_results(results_path) if results_path.is_file() else []
-    results, per_class = results_table(rows), per_class_table(rows)
-    results.to_csv(run_dir / "results.csv", index=False)
-    per_class.to_csv(run_dir / "per_class.csv", index=False)
+    tables = Tables.from_rows(rows, labels_by_id=_test_labels(dataset_dir / "manifest.csv"))
+    tables.results.to_csv(run_dir / "results.csv", index=False)
+    tables.per_class.to_csv(run_dir / "per_class.csv", index=False)
+    tables.variants[SUMMARY_COLUMNS].drop(columns=["rows"]).to_csv(run_dir / "summary.csv", index=False)
     summary_path = dataset_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    manifest = dataset_dir / "manifest.csv"
-    labels_by_id = {}
-    if manifest.is_file():
-        df = read_manifest(manifest)
-        labels_by_id = dict(zip(df.sample_id, df.label.astype(int)))
     provenance, config = read_run_inputs(run_dir)
-    inputs = ReportInputs(rows=rows, results=results, per_class=per_class, summary=summary,
-                          labels_by_id=labels_by_id, skips=read_skips(run_dir), provenance=provenance,
-                          config=config, figures={}, worst_n=worst_n)
-    inputs.variants.drop(columns=["rows"]).to_csv(run_dir / "summary.csv", index=False)
-    inputs.figures = make_figures(inputs, run_dir=run_dir, dataset_dir=dataset_dir)
+    figures = make_figures(tables, dataset_summary=summary, run_dir=run_dir, dataset_dir=dataset_dir)
+    inputs = ReportInputs(tables=tables, summary=summary, skips=read_skips(run_dir), provenance=provenance,
+                          config=config, figures=figures, worst_n=worst_n)
     report = run_dir / "report.md"
     write_text_atomic(report, render(inputs, title=title))
     return report
 
 
-def make_figures(inp: ReportInputs, *, run_dir: Path, dataset_dir: Path) -> dict[str, str]:
+def _test_labels(manifest: Path) -> dict[str, int]:
+    """Every sample's label by id (McNemar reads the test ones); none without a manifest."""
+    if not manifest.is_file():
+        return {}
+    df = read_manifest(manifest)
+    return dict(zip(df.sample_id, df.label.astype(int)))
+
+
+def make_figures(t: Tables, *, dataset_summary: dict | None, run_dir: Path, dataset_dir: Path) -> dict[str, str]:
     figures = {}
     for key in ("contact_sheet", "augmentations"):
-        name = (inp.summary or {}).get(key)
+        name = (dataset_summary or {}).get(key)
         if name and (dataset_dir / name).is_file():
             shutil.copyfile(dataset_dir / name, run_dir / f"dataset_{name}")
             figures[key] = f"dataset_{name}"
-    main = main_results(inp.results)
-    if not main.empty:
-        figures["accuracy_by_method"] = plots.accuracy_by_method(main, run_dir / "accuracy_by_method.png").name
-        figures["accuracy_vs_cost"] = plots.accuracy_vs_cost(main, run_dir / "accuracy_vs_cost.png").name
-        row = chosen_model(inp)  # the val-chosen model, the one the error analysis names
+    if not t.main.empty:
+        figures["accuracy_by_method"] = plots.accuracy_by_method(t.variants, run_dir / "accuracy_by_method.png").name
+        figures["accuracy_vs_cost"] = plots.accuracy_vs_cost(t.variants, t.val_best_per_arm,
+                                                             run_dir / "accuracy_vs_cost.png").name
+        row = t.chosen.row  # the val-chosen model, the one the error analysis names
         title = f"{row.backbone} {row.method} ({row.feature_set}), chosen on val"
-        names = list(row.class_names) or [str(i) for i in range(len(row.metrics.confusion))]
-        figures["confusion"] = plots.confusion(row.metrics.confusion, names, f"Confusion: {title}",
+        figures["confusion"] = plots.confusion(row.metrics.confusion, t.chosen.class_names, f"Confusion: {title}",
                                                run_dir / "confusion_best.png").name
-        figures["per_class"] = plots.per_class_accuracy(inp.per_class[inp.per_class.row == row.index],
-                                                        f"Per-class accuracy: {title}",
+        figures["per_class"] = plots.per_class_accuracy(t.chosen.per_class, f"Per-class accuracy: {title}",
                                                         run_dir / "per_class_best.png").name
-    curves = [r for r in inp.rows if r.kind == "finetune" and r.selection is not None and r.selection.curve]
-    if curves:
-        figures["training_curves"] = plots.training_curves(curves, run_dir / "training_curves.png").name
-    arms = fewshot_arms(inp.results, inp.rows)
-    if not arms.empty:
-        figures["fewshot"] = plots.fewshot_curves(arms, run_dir / "fewshot.png", paired_gaps(inp.results, inp.rows)).name
+    if t.training_curves:
+        figures["training_curves"] = plots.training_curves(t.training_curves, run_dir / "training_curves.png").name
+    if not t.fewshot_arms.empty:
+        figures["fewshot"] = plots.fewshot_curves(t.fewshot_arms, run_dir / "fewshot.png", crossover=t.crossover).name
     return figures
 
 
@@ -88,9 +87,7 @@ def record_end(*, run_dir: Path) -> None:
     if not sep:
         return
     provenance, _ = read_run_inputs(Path(run_dir))
-    inputs = ReportInputs(rows=[], results=results_table([]), per_class=per_class_table([]), summary=None,
-                          labels_by_id={}, skips=[], provenance=provenance, config={}, figures={})
-    write_text_atomic(report, head + "\n".join(section_provenance(inputs)).rstrip("\n") + "\n")
+    write_text_atomic(report, head + "\n".join(provenance_lines(provenance)).rstrip("\n") + "\n")
 
 
 def run(ctx) -> None:

@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from reports import plots
-from reports.collect import crossover, fewshot_arms, paired_gaps, results_table
+from reports.collect import crossover, fewshot_arms, paired_gaps, results_table, summary_table, val_best_per_arm
 from reports.render import FEWSHOT_DETAIL, ReportInputs, section_fewshot
 from reports.stage import build_report
+from reports.tables import Tables
 from study.results import ResultRow, append_rows
 from tests.report_checks import pct, table_after
 
@@ -118,9 +119,9 @@ def test_crossover_is_the_first_k_both_arms_measured_where_finetune_is_ahead():
 
 
 def _section(curves: dict, *, figures=None) -> str:
-    rows, results = _typed(_fewshot_rows(curves))
-    inp = ReportInputs(rows=rows, results=results, per_class=pd.DataFrame(), summary=None, labels_by_id={},
-                       skips=[], provenance={}, config={}, figures=figures or {})
+    rows, _ = _typed(_fewshot_rows(curves))
+    inp = ReportInputs(tables=Tables.from_rows(rows, labels_by_id={}), summary=None, skips=[], provenance={},
+                       config={}, figures=figures or {})
     return "\n".join(section_fewshot(inp))
 
 
@@ -219,10 +220,10 @@ def _assert_png(path):
 
 
 def test_comparison_figures_of_fifty_variants_are_valid_pngs(tmp_path):
-    main = _many_variants(0)
-    _assert_png(plots.accuracy_vs_cost(main, tmp_path / "cost.png"))
-    _, height = _assert_png(plots.accuracy_by_method(main, tmp_path / "by_method.png"))
-    _, few_height = _assert_png(plots.accuracy_by_method(main[main.backbone == BACKBONES[0]], tmp_path / "few.png"))
+    points = summary_table(_many_variants(0))
+    _assert_png(plots.accuracy_vs_cost(points, val_best_per_arm(points), tmp_path / "cost.png"))
+    _, height = _assert_png(plots.accuracy_by_method(points, tmp_path / "by_method.png"))
+    _, few_height = _assert_png(plots.accuracy_by_method(points[points.backbone == BACKBONES[0]], tmp_path / "few.png"))
     assert height > 2 * few_height  # the bar chart grows with its 50 bars (one per variant, not per seed)
 
 
@@ -236,10 +237,9 @@ def test_backbones_get_fixed_distinct_markers_and_fused_sets_their_own():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_cost_figure_names_the_front_and_val_best_without_overlapping_names(seed):
-    main = _many_variants(seed)
-    fig, ax, texts = plots.cost_figure(main)
+    points = summary_table(_many_variants(seed))
+    fig, ax, texts = plots.cost_figure(points, val_best_per_arm(points))
     try:
-        points = plots.variant_points(main)
         front = plots.pareto_front(points)
         best = {}
         for arm, part in points.groupby("arm"):
@@ -264,9 +264,11 @@ def test_cost_figure_names_the_front_and_val_best_without_overlapping_names(seed
 
 def test_fewshot_figure_is_drawn_from_the_arms_table(tmp_path):
     rows, results = _typed(_fewshot_rows(CURVES))
-    _assert_png(plots.fewshot_curves(fewshot_arms(results, rows), tmp_path / "few.png"))
+    arms = fewshot_arms(results, rows)
+    _assert_png(plots.fewshot_curves(arms, tmp_path / "few.png", crossover=crossover(arms)))
     rows, results = _typed(_fewshot_rows({key: v for key, v in CURVES.items() if key[0] == "head"}))
-    _assert_png(plots.fewshot_curves(fewshot_arms(results, rows), tmp_path / "head_only.png"))
+    arms = fewshot_arms(results, rows)
+    _assert_png(plots.fewshot_curves(arms, tmp_path / "head_only.png", crossover=crossover(arms)))
 
 
 def test_the_verdict_compares_the_arms_on_the_draws_both_fitted():

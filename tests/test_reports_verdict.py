@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reports.collect import results_table, verdicts
+from reports.collect import chosen_per_seed, results_table, verdicts
 from reports.render import FEWSHOT_DETAIL, protocol_arm_lines
 from reports.stage import build_report, record_end
 from study.metrics import evaluate
@@ -128,7 +128,7 @@ def test_verdict_per_seed_uses_that_seeds_val_chosen_pair_and_averages_by_hand(r
     rows = read_results(run_dir / "results.jsonl")
     results = results_table(rows)
     labels = dict(zip(*pd.read_csv(dataset_dir / "manifest.csv")[["sample_id", "label"]].T.values))
-    (v,) = verdicts(results, rows, labels_by_id=labels)
+    (v,) = verdicts(chosen_per_seed(results), rows, labels_by_id=labels)
     expected_pairs = {0: (("lr", "clean"), ("ft:last:1", "light")), 1: (("lr", "aug"), ("ft:last:1", "light"))}
     diffs = []
     for s in v.seeds:
@@ -246,11 +246,17 @@ def test_a_val_tie_is_reported_with_how_it_was_broken():
 
 
 def test_the_report_says_when_val_could_not_rank_the_chosen_variant(run):
+    from dataclasses import replace
+
     from reports.render import ReportInputs, section_seeds
-    results = _results(run[0])
-    tied = results.assign(val_mean_per_class=np.where(results.method == "lr", 0.95, results.val_mean_per_class))
-    inp = ReportInputs(rows=[], results=tied, per_class=pd.DataFrame(), summary=None, labels_by_id={}, skips=[],
+    from reports.tables import Tables
+    run_dir, dataset_dir, _ = run
+    rows = read_results(run_dir / "results.jsonl")
+    tied = [replace(r, val_mean_per_class=0.95) if r.method == "lr" else r for r in rows]
+    labels = dict(zip(*pd.read_csv(dataset_dir / "manifest.csv")[["sample_id", "label"]].T.values))
+    inp = ReportInputs(tables=Tables.from_rows(tied, labels_by_id=labels), summary=None, skips=[],
                        provenance={}, config={}, figures={})
     (note,) = [x for x in section_seeds(inp) if "Val tie" in x]
     assert "2 variants share the best val score 95.0%" in note
-    assert not [x for x in section_seeds(ReportInputs(**{**inp.__dict__, "results": results})) if "Val tie" in x]
+    untied = replace(inp, tables=Tables.from_rows(rows, labels_by_id=labels))
+    assert not [x for x in section_seeds(untied) if "Val tie" in x]
