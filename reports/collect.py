@@ -9,18 +9,18 @@ so a McNemar p-value on the chosen pair is a test of a pair fixed before test wa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from reports.stats import McNemar, mcnemar
-from study.results import ResultRow
+from study.protocol import val_order
+from study.results import ENSEMBLE, FUSED_PREFIX, ResultRow  # noqa: F401 (the arms' names, for render and plots)
 
 RESULT_COLUMNS = [
-    "row", "kind", "arm", "backbone", "method", "feature_set", "tta", "seed", "k_per_class", "fit_on",
-    "n_variants", "views", "val_mean_per_class", "val_log_loss",
+    "row", "kind", "arm", "backbone", "method", "feature_set", "tta", "split_seed", "draw_seed", "k_per_class",
+    "fit_on", "n_variants", "views", "val_mean_per_class", "val_log_loss",
     "top1", "top1_lo", "top1_hi", "mean_per_class", "mean_per_class_lo", "mean_per_class_hi",
     "top5", "macro_f1", "macro_f1_lo", "macro_f1_hi",
     "train_s", "predict_s", "feature_s", "trainable_params", "total_params", "epochs_run",
@@ -30,8 +30,6 @@ SUMMARY_COLUMNS = ["backbone", "arm", "method", "feature_set", "n_seeds", "mean"
 VARIANT_COLUMNS = SUMMARY_COLUMNS + ["val_loss", "lo", "hi", "cost", "row"]
 VARIANT = ["backbone", "arm", "method", "feature_set"]
 # Names the arms write (not imported from them: that would pull the feature store and torch into reports).
-FUSED_PREFIX = "fused:"  # classify.fusion.PREFIX: a fused feature set, or an ensemble of fine-tunes
-ENSEMBLE = "ft:ensemble"  # finetune.ensemble.METHOD
 
 
 def label(row) -> str:
@@ -45,7 +43,8 @@ def results_table(rows: list[ResultRow]) -> pd.DataFrame:
         m = r.metrics
         rec = {
             "row": r.index, "kind": r.kind, "arm": r.arm, "backbone": r.backbone, "method": r.method,
-            "feature_set": r.feature_set, "tta": r.tta, "seed": r.seed, "k_per_class": r.k_per_class,
+            "feature_set": r.feature_set, "tta": r.tta, "split_seed": r.split_seed, "draw_seed": r.draw_seed,
+            "k_per_class": r.k_per_class,
             "fit_on": r.fit_on, "n_variants": r.n_variants, "views": r.views,
             "val_mean_per_class": r.val_mean_per_class, "val_log_loss": r.val_log_loss,
             "top1": m.top1, "mean_per_class": m.mean_per_class, "top5": m.top5, "macro_f1": m.macro_f1,
@@ -58,7 +57,8 @@ def results_table(rows: list[ResultRow]) -> pd.DataFrame:
         for key in ("top1", "mean_per_class", "macro_f1"):
             rec[f"{key}_lo"], rec[f"{key}_hi"] = m.ci95.get(key, (None, None))
         records.append(rec)
-    return pd.DataFrame.from_records(records, columns=RESULT_COLUMNS)
+    # A nullable integer: main rows have no draw seed, and a float column would print seed 1 as 1.0.
+    return pd.DataFrame.from_records(records, columns=RESULT_COLUMNS).astype({"draw_seed": "Int64"})
 
 
 def per_class_table(rows: list[ResultRow]) -> pd.DataFrame:
@@ -66,28 +66,25 @@ def per_class_table(rows: list[ResultRow]) -> pd.DataFrame:
     for r in rows:
         for c, acc in enumerate(r.metrics.per_class_acc):
             records.append({"row": r.index, "kind": r.kind, "backbone": r.backbone, "method": r.method,
-                            "feature_set": r.feature_set, "seed": r.seed, "label": c,
-                            "class_name": r.class_names[c] if c < len(r.class_names) else str(c), "accuracy": acc})
-    return pd.DataFrame.from_records(records, columns=["row", "kind", "backbone", "method", "feature_set", "seed",
-                                                       "label", "class_name", "accuracy"])
+                            "feature_set": r.feature_set, "split_seed": r.split_seed, "draw_seed": r.draw_seed,
+                            "label": c, "class_name": r.class_names[c] if c < len(r.class_names) else str(c),
+                            "accuracy": acc})
+    columns = ["row", "kind", "backbone", "method", "feature_set", "split_seed", "draw_seed", "label", "class_name",
+               "accuracy"]
+    return pd.DataFrame.from_records(records, columns=columns).astype({"draw_seed": "Int64"})
 
 
 def main_results(results: pd.DataFrame) -> pd.DataFrame:
     return results[results.kind.isin(["head", "finetune"])]
 
 
-def _val_order(df: pd.DataFrame, *, val: str, loss: str) -> pd.DataFrame:
-    """Best first: higher val score, then lower val log-loss (unknown counts as worst), then earlier row."""
-    key = df.assign(_val=df[val].astype(float).fillna(-math.inf), _loss=df[loss].astype(float).fillna(math.inf))
-    return key.sort_values(["_val", "_loss", "row"], ascending=[False, True, True]).drop(columns=["_val", "_loss"])
-
-
 def chosen_per_seed(results: pd.DataFrame) -> pd.DataFrame:
     """Per (backbone, arm, split seed): the val-chosen row. Each seed is a full replicate of the
     protocol — choose on that seed's val, score that seed's test once — so the per-seed verdicts
     are what the over-seeds verdict averages."""
-    ordered = _val_order(main_results(results), val="val_mean_per_class", loss="val_log_loss")
-    return ordered.groupby(["backbone", "arm", "seed"], sort=True).head(1).sort_values(["backbone", "arm", "seed"])
+    ordered = val_order(main_results(results), val="val_mean_per_class", loss="val_log_loss")
+    return ordered.groupby(["backbone", "arm", "split_seed"], sort=True).head(1).sort_values(
+        ["backbone", "arm", "split_seed"])
 
 
 def summary_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -100,7 +97,7 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=VARIANT_COLUMNS)
     g = main.assign(cost=main["train_s"] + main["feature_s"].astype(float).fillna(0)).groupby(VARIANT, sort=True)
     summary = pd.DataFrame({
-        "n_seeds": g["seed"].nunique(),
+        "n_seeds": g["split_seed"].nunique(),
         "mean": g["mean_per_class"].mean(),
         # ddof=1: the spread of a method across split seeds, an estimate from a sample of seeds.
         "sd": g["mean_per_class"].std(ddof=1),
@@ -110,7 +107,7 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
         "row": g["row"].min(),
         "rows": g["row"].apply(lambda s: ",".join(map(str, sorted(s)))),
     }).reset_index()
-    ordered = _val_order(summary, val="val_mean", loss="val_loss")
+    ordered = val_order(summary, val="val_mean", loss="val_loss")
     chosen_idx = set(ordered.groupby(["backbone", "arm"]).head(1).index)
     summary["chosen"] = summary.index.isin(chosen_idx)
     return summary[VARIANT_COLUMNS]
@@ -119,7 +116,7 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
 def val_best_per_arm(summary: pd.DataFrame) -> pd.DataFrame:
     """Each arm's variant with the best mean val score over every backbone (ties: the lower mean val
     log-loss, then the earlier row), best first: the variants the cost figure rings."""
-    return _val_order(summary, val="val_mean", loss="val_loss").groupby("arm").head(1)
+    return val_order(summary, val="val_mean", loss="val_loss").groupby("arm").head(1)
 
 
 def val_ties(summary: pd.DataFrame) -> pd.DataFrame:
@@ -148,13 +145,13 @@ def best_overall(summary: pd.DataFrame, *, arm: str | None = None) -> pd.Series 
         chosen = chosen[chosen.arm == arm]
     if chosen.empty:
         return None
-    return _val_order(chosen.assign(_loss=np.nan), val="val_mean", loss="_loss").iloc[0]
+    return val_order(chosen.assign(_loss=np.nan), val="val_mean", loss="_loss").iloc[0]
 
 
 def rows_of(results: pd.DataFrame, variant: pd.Series) -> pd.DataFrame:
     """The rows of one variant, one per split seed, seed order."""
     mask = np.logical_and.reduce([results[c] == variant[c] for c in VARIANT])
-    return results[mask & results.kind.isin(["head", "finetune"])].sort_values("seed")
+    return results[mask & results.kind.isin(["head", "finetune"])].sort_values("split_seed")
 
 
 @dataclass(frozen=True)
@@ -195,7 +192,7 @@ def verdicts(chosen: pd.DataFrame, rows: list[ResultRow], *, labels_by_id: dict[
     out = []
     for backbone, part in chosen.groupby("backbone", sort=True):
         seeds = []
-        for seed, pair in part.groupby("seed", sort=True):
+        for seed, pair in part.groupby("split_seed", sort=True):
             by_arm = {r.arm: r for _, r in pair.iterrows()}
             if {"head", "finetune"} <= set(by_arm):
                 h, f = by_arm["head"], by_arm["finetune"]
@@ -263,7 +260,7 @@ def paired_gaps(results: pd.DataFrame, rows: list[ResultRow]) -> dict[int, tuple
     their pooled means would set one fine-tune draw against the head's average luck."""
     few = results[results.kind == "fewshot"]
     fits: dict[tuple[int, str], dict] = {}
-    for i, arm, k, draw in zip(few["row"], few["arm"], few["k_per_class"], few["seed"]):
+    for i, arm, k, draw in zip(few["row"], few["arm"], few["k_per_class"], few["draw_seed"]):
         r = rows[int(i)]
         fits.setdefault((int(k), arm), {})[(r.test_sample_id, int(draw))] = r.metrics.mean_per_class
     out = {}
@@ -313,13 +310,13 @@ def feature_set_effects(results: pd.DataFrame) -> pd.DataFrame:
         if "clean" not in by_set or not any(f in by_set for f in FEATURE_SET_NAMES):
             continue
         clean, key = by_set["clean"], {"backbone": backbone, "method": method}
-        records.append({**key, "feature_set": "clean", "n_seeds": clean.seed.nunique(),
+        records.append({**key, "feature_set": "clean", "n_seeds": clean.split_seed.nunique(),
                         "val": _mean(clean.val_mean_per_class), "test": _mean(clean.mean_per_class),
                         "rows": list(clean.row)})
         for f in (f for f in FEATURE_SET_NAMES if f in by_set):
-            same = by_set[f][by_set[f].seed.isin(clean.seed)]
-            ref = clean[clean.seed.isin(same.seed)]
-            records.append({**key, "feature_set": f, "n_seeds": same.seed.nunique(),
+            same = by_set[f][by_set[f].split_seed.isin(clean.split_seed)]
+            ref = clean[clean.split_seed.isin(same.split_seed)]
+            records.append({**key, "feature_set": f, "n_seeds": same.split_seed.nunique(),
                             "val": _diff(same.val_mean_per_class, ref.val_mean_per_class),
                             "test": _diff(same.mean_per_class, ref.mean_per_class), "rows": list(same.row)})
     return pd.DataFrame.from_records(records, columns=["backbone", "method", "feature_set", "n_seeds", "val", "test",

@@ -265,7 +265,7 @@ def training_curves(rows, path: Path) -> Path:
     for r in rows:
         curve = r.selection.curve
         epochs = [p["epoch"] for p in curve]
-        name = f"{r.backbone}: {r.method} ({r.feature_set}) seed {r.seed}"
+        name = f"{r.backbone}: {r.method} ({r.feature_set}) seed {r.split_seed}"
         line, = loss_ax.plot(epochs, [p["train_loss"] for p in curve], marker=".", label=name)
         val_ax.plot(epochs, [p["val_mean_per_class"] for p in curve], marker=".", color=line.get_color(), label=name)
         best = [p for p in curve if p["epoch"] == r.selection.best_epoch]

@@ -97,7 +97,8 @@ def section_headline(inp: ReportInputs) -> list[str]:
     return [f"**Chosen on val:** `{best.backbone}` with `{best.method} ({best.feature_set})` — "
             f"{pct(best.val_mean)}% val mean per-class accuracy, the best val score of the run's {n_variants} "
             f"head and fine-tune variants; {test}, {seconds(_cost(first))} s to train including its features "
-            f"(split seed {int(first.seed)}; rows {best.rows}).{runner} Every \"chosen\" in this report is picked by "
+            f"(split seed {int(first.split_seed)}; rows {best.rows}).{runner} Every \"chosen\" in this report is "
+            "picked by "
             "val mean per-class accuracy; test takes no part in any choice and is shown for every row. Per-backbone "
             "verdicts are under Findings.", ""]
 
@@ -207,12 +208,12 @@ def section_protocol(inp: ReportInputs) -> list[str]:
     cfg = inp.config
     split = cfg.get("data", {}).get("split", {})
     res = inp.tables.results
-    draws = sorted(set(res[res.kind == "fewshot"]["seed"].tolist()))
+    draws = sorted(set(res[res.kind == "fewshot"]["draw_seed"].tolist()))
     # Everything below about what each arm did is read from the rows (what the numbers were computed
     # with), not from the config, so the text cannot describe a protocol the run did not follow.
     tta = {arm: ", ".join(sorted(set(res[res.kind.isin(kinds)]["tta"]))) if not res.empty else "–"
            for arm, kinds in (("extract", ["head", "fewshot"]), ("finetune", ["finetune"]))}
-    split_seeds = sorted(set(inp.tables.main["seed"].tolist()))
+    split_seeds = sorted(set(inp.tables.main["split_seed"].tolist()))
     out = [
         "## Protocol", "",
         f"- Splits are made by the dataset stage, one per split seed ({', '.join(map(str, split_seeds)) or '–'}), "
@@ -250,10 +251,10 @@ def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
     main = [r for r in rows if r.kind in ("head", "finetune")]
     if not main:
         return []
-    seed = min(r.seed for r in main)
+    seed = min(r.split_seed for r in main)
     out, fit_on = [], {}
     for arm in ("head", "finetune"):
-        part = [r for r in main if r.arm == arm and r.seed == seed]
+        part = [r for r in main if r.arm == arm and r.split_seed == seed]
         if not part:
             continue
         fit_on[arm] = sorted({r.fit_on for r in part})
@@ -327,10 +328,10 @@ def _n_boot(rows: list[ResultRow]) -> str:
 
 def section_comparison(inp: ReportInputs) -> list[str]:
     # Ordered by val (the score choices are made on), never by test.
-    main = inp.tables.main.sort_values(["backbone", "kind", "seed", "val_mean_per_class", "row"],
+    main = inp.tables.main.sort_values(["backbone", "kind", "split_seed", "val_mean_per_class", "row"],
                                        ascending=[True, True, True, False, True])
     chosen = set(inp.tables.chosen_per_seed["row"])
-    body = [[str(r.row), r.backbone, r.method, r.feature_set, r.tta, str(r.seed), r.fit_on, str(r.n_variants),
+    body = [[str(r.row), r.backbone, r.method, r.feature_set, r.tta, str(r.split_seed), r.fit_on, str(r.n_variants),
              pct(r.val_mean_per_class), "**chosen**" if r.row in chosen else "",
              pct_ci(r.top1, r.top1_lo, r.top1_hi), pct_ci(r.mean_per_class, r.mean_per_class_lo, r.mean_per_class_hi),
              pct(r.macro_f1), seconds(r.train_s), seconds(r.feature_s), seconds(r.predict_s),
@@ -465,7 +466,8 @@ def section_errors(inp: ReportInputs) -> list[str]:
     if chosen is None:
         return out + ["No result.", ""]
     row = chosen.row
-    out.append(f"The model chosen on val: `{row.backbone}` `{row.method} ({row.feature_set})`, split seed {row.seed}, "
+    out.append(f"The model chosen on val: `{row.backbone}` `{row.method} ({row.feature_set})`, split seed "
+               f"{row.split_seed}, "
                f"row {row.index}.")
     out.append("")
     out += ["Worst classes:", ""]

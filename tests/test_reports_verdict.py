@@ -95,13 +95,13 @@ def _results(run_dir):
 
 
 def _row_of(results, method, fset, seed):
-    return results[(results.method == method) & (results.feature_set == fset) & (results.seed == seed)].iloc[0]
+    return results[(results.method == method) & (results.feature_set == fset) & (results.split_seed == seed)].iloc[0]
 
 
 def test_the_fixture_separates_val_best_from_test_best(run):
     results = _results(run[0])
     for arm in ("head", "finetune"):
-        part = results[(results.arm == arm) & (results.seed == 0)]
+        part = results[(results.arm == arm) & (results.split_seed == 0)]
         assert part.loc[part.val_mean_per_class.idxmax(), "row"] != part.loc[part.mean_per_class.idxmax(), "row"]
 
 
@@ -162,7 +162,7 @@ def test_report_names_the_val_best_not_the_test_best(run):
 
 def test_results_csv_has_the_machine_readable_columns(run):
     csv = pd.read_csv(run[0] / "results.csv")
-    assert {"seed", "arm", "fit_on", "val_mean_per_class", "mean_per_class"} <= set(csv.columns)
+    assert {"split_seed", "draw_seed", "arm", "fit_on", "val_mean_per_class", "mean_per_class"} <= set(csv.columns)
     main = csv[csv.kind != "fewshot"]
     assert set(main.arm) == {"head", "finetune"}
     assert set(zip(main.arm, main.fit_on)) == {("head", "train+val"), ("finetune", "train")}
@@ -252,7 +252,7 @@ def test_the_report_says_when_val_could_not_rank_the_chosen_variant(run):
     from reports.tables import Tables
     run_dir, dataset_dir, _ = run
     rows = read_results(run_dir / "results.jsonl")
-    tied = [replace(r, val_mean_per_class=0.95) if r.method == "lr" else r for r in rows]
+    tied = [replace(r, val_mean_per_class=0.95, selection=None) if r.method == "lr" else r for r in rows]
     labels = dict(zip(*pd.read_csv(dataset_dir / "manifest.csv")[["sample_id", "label"]].T.values))
     inp = ReportInputs(tables=Tables.from_rows(tied, labels_by_id=labels), summary=None, skips=[],
                        provenance={}, config={}, figures={})
