@@ -113,28 +113,70 @@ def _log_plan(seeds: list[StudyContext], *, show: bool) -> None:
         print(line) if show else log.info(line)
 
 
+def _configure(args: argparse.Namespace) -> tuple[dict, str, Path, Path]:
+    """The validated config, device, data root and --out; everything checked before any stage or run folder."""
+    data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
+    config = resolve(args)
+    device = resolve_device(config["device"])
+    check_before_work(config, data_root=data_root, out=out)
+    return config, device, data_root, out
+
+
+def _run_stages(ctx: StudyContext, *, plan_only: bool) -> str:
+    """Every stage but the report once per split seed (the store is shared, so a later seed computes only the
+    views no earlier one did), then the report over all seeds' rows; the datasets come first, so that the plan
+    covers every seed's images. Returns the run's status."""
+    seeds = ctx.for_seeds()
+    stages = [s for s in ctx.config["stages"] if s != "report"]
+    if "dataset" in stages:
+        for seed_ctx in seeds:
+            _run_stage(seed_ctx, "dataset")
+    if plan_only or {"extract", "finetune"} & set(stages):
+        _log_plan(seeds, show=plan_only)
+        if plan_only:
+            return "planned"
+    for seed_ctx in seeds:
+        for stage in stages:
+            if stage != "dataset":
+                _run_stage(seed_ctx, stage)
+    if "report" in ctx.config["stages"]:  # the dataset summary shown is the first seed's (same images)
+        _run_stage(seeds[0], "report")
+    return "ok"
+
+
+def _record_end(run_dir: Path, prov: dict, status: str) -> None:
+    try:
+        end_provenance(run_dir=run_dir, prov=prov, status=status)
+        if (run_dir / "report.md").is_file():  # written before the end: now say how the run ended
+            importlib.import_module("reports.stage").record_end(run_dir=run_dir)
+    except StudyError as exc:  # a full disk: the run's own error (if any) was already printed
+        log.warning("could not record the end of the run: %s", exc)
+
+
+def _start_run(config: dict, out: Path) -> Path:
+    """The run folder (rank 0 makes it and writes the resolved config; every rank gets its path)."""
+    run_dir = make_run_dir(out, config["name"]) if distributed.is_main() else None
+    if distributed.is_main():
+        write_text_atomic(run_dir / "config.resolved.toml", dump_config(config))
+    return distributed.broadcast_object(run_dir)  # one run folder, however many ranks
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
     try:
-        config = resolve(args)
-        device = resolve_device(config["device"])
-        check_before_work(config, data_root=data_root, out=out)  # before any stage and before runs/ exists
+        config, device, data_root, out = _configure(args)
     except (StudyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     distributed.init_from_env()
     try:
-        run_dir = make_run_dir(out, config["name"]) if distributed.is_main() else None
-        if distributed.is_main():
-            write_text_atomic(run_dir / "config.resolved.toml", dump_config(config))
+        run_dir = _start_run(config, out)
     except StudyError as exc:  # a full disk or a folder turned read-only since the check
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_dir = distributed.broadcast_object(run_dir)  # one run folder, however many ranks
     prov = start_provenance(run_dir=run_dir, repo=REPO_ROOT, argv=[sys.argv[0], *argv], device=device,
                             write=distributed.is_main())
     log.info("run %s: git %s%s, device %s, stages %s", run_dir.name, prov["git"]["sha"],
@@ -143,26 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                        rebuild_cache=args.rebuild_cache)
     status = "failed"
     try:
-        # Every stage but the report runs once per split seed (the store is shared, so a later seed
-        # computes only the views no earlier one did); the report reads all seeds' rows at once. The
-        # datasets come first, so that the plan covers every seed's images.
-        seeds = ctx.for_seeds()
-        stages = [s for s in config["stages"] if s != "report"]
-        if "dataset" in stages:
-            for seed_ctx in seeds:
-                _run_stage(seed_ctx, "dataset")
-        if args.plan or {"extract", "finetune"} & set(stages):
-            _log_plan(seeds, show=args.plan)
-            if args.plan:
-                status = "planned"
-                return 0
-        for seed_ctx in seeds:
-            for stage in stages:
-                if stage != "dataset":
-                    _run_stage(seed_ctx, stage)
-        if "report" in config["stages"]:  # the dataset summary shown is the first seed's (same images)
-            _run_stage(seeds[0], "report")
-        status = "ok"
+        status = _run_stages(ctx, plan_only=args.plan)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -178,13 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if distributed.is_main():
-            try:
-                end_provenance(run_dir=run_dir, prov=prov, status=status)
-                if (run_dir / "report.md").is_file():  # written before the end: now say how the run ended
-                    importlib.import_module("reports.stage").record_end(run_dir=run_dir)
-            except StudyError as exc:  # a full disk: the run's own error (if any) was already printed
-                log.warning("could not record the end of the run: %s", exc)
-    if not distributed.is_main():
+            _record_end(run_dir, prov, status)
+    if not distributed.is_main() or status == "planned":
         return 0
     report = run_dir / "report.md"
     print(f"run folder: {run_dir}")

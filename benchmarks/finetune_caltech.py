@@ -81,7 +81,7 @@ def main() -> int:
         manifest_path = runs_dir / "manifest.csv"
         runs_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(manifest, manifest_path)
-    hp = config["finetune"]
+    hp = dict(config["finetune"])
     hp.update(epochs=args.epochs, views=args.views, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
               augment=args.augment, precision=args.precision, num_workers=args.num_workers)
     policies_of = {}

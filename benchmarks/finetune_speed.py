@@ -93,7 +93,7 @@ def main() -> int:
     p.add_argument("--num-workers", type=int, default=2)
     args = p.parse_args()
     data_root = Path(args.data_root).resolve()
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     # One recipe (no grid): this measures the speed of a path and the effect of the cut dtype, not a choice.
     hp.update(epochs=args.epochs, views=args.views, num_workers=args.num_workers, patience=args.epochs, n_boot=0,
               grid={})

@@ -1,6 +1,6 @@
 """Schema of the ``[finetune]`` config section (see study/schema.py)."""
 from dataset.transforms import POLICIES, TTA_VIEWS
-from study.schema import ConfigError, Field, float_range, int_range, is_bool, is_str, list_of, one_of
+from study.schema import ConfigError, Field, keyed_fields, float_range, int_range, is_bool, is_str, list_of, one_of
 
 
 def _unfreeze_policy(key: str, value):
@@ -58,34 +58,40 @@ SCHEMA = {
     # backbone's val-chosen fine-tune, their softmax outputs averaged, scored and chosen on val like any other.
     "ensembles": Field([], list_of(list_of(is_str, min_len=2)),
                        "ensembles of fine-tunes, e.g. [[\"efficientnet_lite0\", \"efficientnet_lite2\"]]"),
-    "epochs": Field(15, int_range(1)),
-    "optimizer": Field("adamw", one_of("adamw", "sgd")),
-    "lr": Field(1e-3, float_range(1e-7, 10.0), "head learning rate (peak, after warm-up); a grid axis overrides it"),
-    "backbone_lr_mult": Field(0.1, float_range(0.0, 10.0), "unfrozen blocks train at lr * this; a grid axis overrides it"),
+    "epochs": Field(15, int_range(1), keyed=True),
+    "optimizer": Field("adamw", one_of("adamw", "sgd"), keyed=True),
+    "lr": Field(1e-3, float_range(1e-7, 10.0), "head learning rate (peak, after warm-up); a grid axis overrides it", keyed=True),
+    "backbone_lr_mult": Field(0.1, float_range(0.0, 10.0), "unfrozen blocks train at lr * this; a grid axis overrides it", keyed=True),
     # Every grid point trains on train and is scored on val (its best epoch); the best val score is chosen
     # (ties: lower val log-loss, then the earlier point) and refit on train+val for its epoch count.
     # The default is the former single recipe (lr 1e-3, mult 0.1) and one step up on each axis; axes a
     # policy does not use (backbone_lr_mult for 'head') are not swept for it. {} = the one recipe above.
     "grid": Field({"lr": [1e-3, 3e-3], "backbone_lr_mult": [0.1, 0.3]}, _grid,
                   "hyperparameter grid chosen on val: a table of lists over " + ", ".join(GRID_AXES)),
-    "weight_decay": Field(0.01, float_range(0.0, 1.0)),
-    "momentum": Field(0.9, float_range(0.0, 1.0), "SGD only"),
-    "warmup_epochs": Field(1, int_range(0)),
-    "label_smoothing": Field(0.1, float_range(0.0, 0.99)),
-    "dropout": Field(0.0, float_range(0.0, 0.99), "dropout before the new linear head"),
-    "aux_weight": Field(0.4, float_range(0.0, 10.0), "Inception v3 aux-logits loss weight when its trunk trains"),
-    "batch_size": Field(32, int_range(1, 4096)),
-    "patience": Field(5, int_range(1), "early stopping: epochs without a better val mean per-class accuracy"),
-    "augment": Field("light", one_of(*POLICIES), "augmentation policy of the training views"),
-    "views": Field("extract", _views, "augmented views per training image: \"extract\" (extract.views) or 0..64"),
+    "weight_decay": Field(0.01, float_range(0.0, 1.0), keyed=True),
+    "momentum": Field(0.9, float_range(0.0, 1.0), "SGD only", keyed=True),
+    "warmup_epochs": Field(1, int_range(0), keyed=True),
+    "label_smoothing": Field(0.1, float_range(0.0, 0.99), keyed=True),
+    "dropout": Field(0.0, float_range(0.0, 0.99), "dropout before the new linear head", keyed=True),
+    "aux_weight": Field(0.4, float_range(0.0, 10.0), "Inception v3 aux-logits loss weight when its trunk trains", keyed=True),
+    "batch_size": Field(32, int_range(1, 4096), keyed=True),
+    "patience": Field(5, int_range(1), "early stopping: epochs without a better val mean per-class accuracy", keyed=True),
+    "augment": Field("light", one_of(*POLICIES), "augmentation policy of the training views", keyed=True),
+    "views": Field("extract", _views, "augmented views per training image: \"extract\" (extract.views) or 0..64", keyed=True),
     # Val (early stopping) and test average the logits of each image and its mirror, as the heads
     # average the two embeddings with extract.tta = "hflip": keep the two equal for a like-for-like comparison.
-    "tta": Field("hflip", one_of(*TTA_VIEWS), "test-time augmentation at val/test ('none' or 'hflip')"),
-    "prefix_cache": Field(True, is_bool, "false: the naive loop (full forward, fresh augmentation every step)"),
+    "tta": Field("hflip", one_of(*TTA_VIEWS), "test-time augmentation at val/test ('none' or 'hflip')", keyed=True),
+    "prefix_cache": Field(True, is_bool, "false: the naive loop (full forward, fresh augmentation every step)", keyed=True),
     "num_workers": Field(2, int_range(0, 64)),
-    "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16")),
-    "n_boot": Field(1000, int_range(0)),
+    "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16"), keyed=True),
+    "n_boot": Field(1000, int_range(0), keyed=True),
     # The val-chosen fine-tune retrained on k images per class (k: classify.fewshot.k, drawn from
     # classify.fewshot.pool like the heads' draws, same seeds): draws per split seed; 0 turns it off.
     "fewshot_draws": Field(1, int_range(0, 100), "few-shot draws per k of the val-chosen fine-tune (0: none)"),
 }
+
+
+# The fields that change a fit's numbers (its cache key; a key not declared here changes no key).
+RECIPE_KEYS = tuple(k for k in keyed_fields(SCHEMA) if k != "n_boot")
+# A fine-tune's row depends on its fits and on the bootstrap of its test interval.
+ROW_KEYS = keyed_fields(SCHEMA)

@@ -41,7 +41,7 @@ from dataset.transforms import policy_spec
 from extract.blocks import parse_policy
 from extract.store import FORMAT_VERSION, library_versions
 from finetune.checkpoint import read_checkpoint, save_checkpoint
-from finetune.config import GRID_AXES
+from finetune.config import GRID_AXES, RECIPE_KEYS, ROW_KEYS
 from finetune.inputs import FitInputs, StoreAccess, stores_for
 from finetune.model import build_split_net, count_params
 from finetune.train import FitResult, NotFinished, Trainer
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 # The layout and key format of finetune/ (2: a grid chosen on val, refit on train+val, fits/<key>/).
 FIT_FORMAT = 2
 # Keys of the [finetune] section that do not change a fit's numbers (so they stay out of its key).
-NOT_NUMERIC = ("policies", "num_workers", "grid", "fewshot_draws", "backbones", "ensembles")
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -97,8 +96,10 @@ class _Fit:
         return self.trainer.net.head_state()
 
 
-def _numeric(hp: dict) -> dict:
-    return {k: v for k, v in hp.items() if k not in NOT_NUMERIC}
+def keyed(hp: dict, keys: tuple[str, ...] = ROW_KEYS) -> dict:
+    """The fields of ``hp`` that change the numbers (declared in finetune/config.py): what a key is built from,
+    whatever else ``hp`` carries (run settings, a name, keys a newer config added)."""
+    return {k: hp[k] for k in keys}
 
 
 class _Experiment:
@@ -111,8 +112,7 @@ class _Experiment:
         self._fits: dict[str, _Fit] = {}
 
     def fit_spec(self, *, policy: str, params: dict, fit_on: str, epochs: int | None, init: str | None) -> dict:
-        hp = _numeric({**self.hp, **params})
-        hp.pop("n_boot")  # test bootstrap only
+        hp = keyed({**self.hp, **params}, RECIPE_KEYS)
         if policy == "head":
             hp.pop("backbone_lr_mult")  # no trunk trains
         parts = ("train", "val") if fit_on == "train" else (fit_on,)
@@ -198,7 +198,7 @@ def run_spec(*, base: dict, policy: str, hp: dict, points: list[dict], inputs: d
     store row it reads (test included; None on the naive path), so changed activations redo what read them."""
     swept = {k for p in points for k in p}
     return {**base, "unit": "run", "policy": policy,
-            "hyperparams": {k: v for k, v in _numeric(hp).items() if k not in swept}, "grid": points,
+            "hyperparams": {k: v for k, v in keyed(hp).items() if k not in swept}, "grid": points,
             "inputs": inputs}
 
 
@@ -437,7 +437,7 @@ def _row(run: _Run, *, tried: list[list[_Fit]], best: int, final: list[_Fit], lo
         kind="finetune", backbone=run.backbone.name, method=f"ft:{policy}", feature_set=hp["augment"], tta=hp["tta"],
         split_seed=run.seed, metrics=Metrics.from_dict(metrics), test_sample_id=tuple(test["sample_id"].tolist()),
         test_pred=tuple(pred.tolist()),
-        hyperparams={**_numeric(hp), **run.points[best], "policy": policy,
+        hyperparams={**keyed(hp), **run.points[best], "policy": policy,
                      "path": "prefix_cache" if cached else "naive", "trainable_units": net.suffix_names,
                      "best_epoch": chosen[-1].result.best_epoch,
                      "refit_epochs": refit_epochs if len(refit_epochs) > 1 else refit_epochs[0]},

@@ -11,7 +11,7 @@ from typing import Any
 
 import tomli_w
 
-from study.schema import ConfigError
+from study.schema import ConfigError, plain
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.toml"
@@ -56,4 +56,4 @@ def read_config_file(path: str | Path | None) -> dict:
 
 
 def dump_config(config: dict) -> str:
-    return tomli_w.dumps(config)
+    return tomli_w.dumps(plain(config))

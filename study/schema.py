@@ -6,6 +6,7 @@ dotted key, the bad value and what is allowed — before any work starts.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,6 +25,42 @@ class Field:
     default: Any = _REQUIRED
     check: Callable[[str, Any], Any] | None = None
     help: str = ""
+    # Changes the numbers of what is computed with it: part of the cache key of every artefact that reads it
+    # (a key is built from the keyed fields, so a new key that is not keyed changes no key).
+    keyed: bool = False
+
+
+def keyed_fields(schema: dict) -> tuple[str, ...]:
+    """The names of ``schema``'s keyed fields, in declaration order."""
+    return tuple(k for k, f in schema.items() if isinstance(f, Field) and f.keyed)
+
+
+class Section(dict):
+    """A validated config table: read-only (a stage cannot change what the run recorded), its keys also
+    attributes (``config.finetune.epochs``); ``{**section, key: value}`` makes a changed plain copy."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config table has no key {name!r}; it has {sorted(self)}") from None
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a validated config table is read-only; make a changed copy with {**table, key: value}")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _read_only
+
+    def __reduce__(self):  # pickled (worker processes, torch.distributed) as a plain table, rebuilt read-only
+        return Section, (dict(self),)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every Section (nested) turned back into a plain dict, e.g. to write it as TOML."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -110,8 +147,9 @@ def tables_of(schema: dict) -> Callable[[str, Any], Any]:
     return check
 
 
-def validate(config: dict, schema: dict, *, prefix: str = "") -> dict:
-    """Return ``config`` with defaults filled in; raise ConfigError naming any bad key or value."""
+def validate(config: dict, schema: dict, *, prefix: str = "") -> Section:
+    """Return ``config`` with defaults filled in, as a read-only Section; raise ConfigError naming any bad key or
+    value."""
     if not isinstance(config, dict):
         raise ConfigError(f"config key '{prefix}' must be a table, got {config!r}")
     unknown = sorted(set(config) - set(schema))
@@ -130,11 +168,11 @@ def validate(config: dict, schema: dict, *, prefix: str = "") -> dict:
         if key not in config:
             if spec.default is _REQUIRED:
                 raise ConfigError(f"config key '{dotted}' is required" + (f" ({spec.help})" if spec.help else ""))
-            out[key] = spec.default
+            out[key] = copy.deepcopy(spec.default)  # never the schema's own list, which a caller could change
             continue
         value = config[key]
         out[key] = spec.check(dotted, value) if spec.check else value
-    return out
+    return Section(out)
 
 
 def _join(prefix: str, key: str) -> str:

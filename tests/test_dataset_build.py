@@ -147,7 +147,7 @@ def test_duplicates_are_recorded_and_never_cross_splits(data_root, tmp_path):
 def test_same_split_policy_keeps_copies_together(data_root, tmp_path):
     user = {"name": "user", "path": str(_copies_folder(tmp_path, data_root))}
     cfg = data_cfg([caltech(n=16, classes=["accordion", "anchor"]), user], too_few="drop")
-    cfg["dedup"]["policy"] = "same_split"
+    cfg = {**cfg, "dedup": {**cfg["dedup"], "policy": "same_split"}}
     df = read_manifest(build_dataset(data_cfg=cfg, data_root=data_root, out_dir=tmp_path / "o", seed=0).manifest_path)
     dups = pd.read_csv(tmp_path / "o" / "duplicates.csv")
     split = df.set_index("sample_id")["split"]

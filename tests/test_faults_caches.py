@@ -69,7 +69,7 @@ def ft(features, tiny_manifest):
     from finetune.train import CachedSource
     from pipeline.config import load_config
 
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     hp.update(epochs=3, patience=10, views=1, batch_size=8, lr=3e-3, warmup_epochs=1, num_workers=0,
               precision="fp32", tta="none")
     manifest = read_manifest(tiny_manifest)

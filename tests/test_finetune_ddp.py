@@ -27,7 +27,7 @@ def _data():
 
 
 def _train(ckpt_dir, batch_size: int) -> dict:
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     hp.update(epochs=2, batch_size=batch_size, lr=1e-2, warmup_epochs=0, patience=5,
               precision="fp32")  # compared with a tolerance of 1e-5: bf16 (the "auto" of a bf16 CPU) rounds more
     # Head policy: no BatchNorm trains, so DDP's averaged gradients equal one process's big-batch gradient.

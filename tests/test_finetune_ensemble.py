@@ -28,7 +28,7 @@ POLICIES = ("head", "probe+last:1")  # probe+last:1: two phases, the chosen mode
 
 @pytest.fixture(scope="module")
 def hp():
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
               grid={"lr": [3e-3, 1e-2]}, ensembles=[])
     return hp

@@ -32,7 +32,7 @@ def test_the_schedule_keeps_the_refits_optimizer_steps():
 
 @pytest.fixture(scope="module")
 def setup(lite0, tiny_manifest, data_root, tmp_path_factory):
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     hp.update(epochs=3, views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
               grid={"lr": [3e-3, 1e-2]})
     store = StoreAccess(root=tmp_path_factory.mktemp("store"),

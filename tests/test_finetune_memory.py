@@ -20,7 +20,7 @@ pytestmark = pytest.mark.needs_data
 
 def test_three_fine_tunes_in_one_process_free_their_activations(lite0, tiny_manifest, data_root, tmp_path,
                                                                 monkeypatch):
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     hp.update(epochs=1, views=1, batch_size=8, n_boot=0, num_workers=0, warmup_epochs=0, precision="fp32",
               grid={"lr": [3e-3]})
     store = StoreAccess(root=tmp_path / "store",

@@ -70,7 +70,7 @@ def test_choice_ties_break_on_val_loss_then_the_earlier_point():
 
 @pytest.fixture(scope="module")
 def hp():
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     hp.update(epochs=3, views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
               grid={"lr": [3e-3, 1e-2]})
     return hp

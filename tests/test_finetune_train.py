@@ -22,7 +22,7 @@ from study.results import check_row
 
 @pytest.fixture(scope="module")
 def hp():
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     # fp32: cached-vs-naive and feature-cache comparisons need it on CPUs where "auto" is bf16.
     hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
               grid={})  # one point (lr 3e-3): the grid and the refit are tested in test_finetune_protocol.py
@@ -50,7 +50,7 @@ def test_finetuning_learns(runs, policy):
     (row,) = runs[policy]
     check_row(row)
     assert row.method == f"ft:{policy}" and row.kind == "finetune" and row.feature_set == "light"
-    assert max(h["val_mean_per_class"] for h in row.selection["curve"]) >= 0.75  # chance is 0.25
+    assert max(h["val_mean_per_class"] for h in row.selection.curve) >= 0.75  # chance is 0.25
     assert row.metrics.mean_per_class >= 0.5
     assert row.n_train == 24 and row.n_val == 8 and row.n_test == 16 == len(row.test_pred)
     assert 0 < row.trainable_params < row.total_params
@@ -159,7 +159,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(runs, lite0, hp, di
 def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs, tiny_manifest, data_root, tmp_path):
     from finetune import stage
     from study.context import StudyContext
-    from study.results import read_rows, read_skips
+    from study.results import read_results, read_skips
 
     out_dir = dirs["finetune_dir"].parent  # the layout StudyContext expects: finetune/, store/, dataset/
     (out_dir / "dataset").mkdir(exist_ok=True)
@@ -171,8 +171,8 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
         'extract.precision="fp32"', "finetune.fewshot_draws=0", "finetune.backbones=[]", "finetune.ensembles=[]"])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
-    (row,) = read_rows(ctx.results_path)
-    assert row == runs["head"][0]
+    (row,) = read_results(ctx.results_path)
+    assert row.replace(index=-1) == runs["head"][0]
     (skip,) = read_skips(ctx.run_dir)
     assert skip["what"] == "resnet18" and "/nowhere/r18.pth" in skip["fix"]
 
@@ -193,7 +193,7 @@ def test_head_policy_reads_the_rows_the_heads_read_and_makes_no_pass(runs, lite0
     cache = load_prefix(pooled, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"], view_seed=0)
     assert cache.path == fs.path
     # The run's inputs are exactly the pooled rows: train and val images' views 0..V, val and test's view 0 + mirror.
-    spec = json.loads((dirs["finetune_dir"] / runs["head"][0]["run_key"] / "spec.json").read_text())
+    spec = json.loads((dirs["finetune_dir"] / runs["head"][0].keys["run_key"] / "spec.json").read_text())
     split = manifest["split"]
     order = [(m, v) for s in ("train", "val") for m in np.flatnonzero(split == s) for v in (0, 1)]
     order += [(m, v) for s in ("val", "test") for m in np.flatnonzero(split == s) for v in (0, -1)]
@@ -224,7 +224,7 @@ def test_changed_store_bytes_retrain_what_read_them(runs, lite0, hp, dirs, tiny_
                         device="cpu", finetune_dir=dirs["finetune_dir"],
                         store=dataclasses.replace(dirs["store"], root=tmp_path / "store"),
                         on_epoch_end=lambda e, s: epochs.append(e))
-    assert epochs and rows[0]["run_key"] != runs["head"][0]["run_key"]
+    assert epochs and rows[0].keys["run_key"] != runs["head"][0].keys["run_key"]
 
 
 def test_stage_draws_no_fewshot_curve_on_a_later_split_seed_with_split_seeds_first(runs, dirs, tiny_manifest,
@@ -232,7 +232,7 @@ def test_stage_draws_no_fewshot_curve_on_a_later_split_seed_with_split_seeds_fir
     import finetune.fewshot
     from finetune import stage
     from study.context import StudyContext
-    from study.results import read_rows
+    from study.results import read_results
 
     out_dir = dirs["finetune_dir"].parent
     (out_dir / "dataset").mkdir(exist_ok=True)
@@ -250,7 +250,7 @@ def test_stage_draws_no_fewshot_curve_on_a_later_split_seed_with_split_seeds_fir
                            device="cpu")
         stage.run(ctx)  # split seed 0 is the second of seeds = [5, 0]
         assert called == expected
-        assert read_rows(ctx.results_path) == runs["head"]
+        assert [r.replace(index=-1) for r in read_results(ctx.results_path)] == runs["head"]
 
 
 def test_resume_only_returns_a_finished_run_and_refuses_to_train(tmp_path, monkeypatch):
@@ -260,7 +260,7 @@ def test_resume_only_returns_a_finished_run_and_refuses_to_train(tmp_path, monke
     from finetune.train import NotFinished
     from tests.test_finetune_ddp import CLASSES, _data
 
-    hp = load_config()["finetune"]
+    hp = dict(load_config()["finetune"])
     hp.update(epochs=8, patience=1, batch_size=8, lr=1e-2, warmup_epochs=0, precision="fp32")
     train, val = _data()
 

@@ -51,3 +51,62 @@ def test_finetune_backbones_must_be_extracted_backbones_and_default_to_all():
         "efficientnet_lite1"]
     with pytest.raises(ConfigError, match=r"finetune.backbones.*resnet18"):
         load_config(overrides=['finetune.backbones=["resnet18"]'])
+
+
+def test_a_validated_config_is_read_only_and_survives_pickling():
+    import pickle
+
+    from study.config import dump_config
+    from study.schema import Section
+
+    cfg = load_config()
+    assert cfg.finetune.epochs == cfg["finetune"]["epochs"] and isinstance(cfg.finetune, Section)
+    with pytest.raises(TypeError, match="read-only"):
+        cfg["finetune"]["epochs"] = 1
+    with pytest.raises(TypeError, match="read-only"):
+        cfg.finetune.update(epochs=1)
+    with pytest.raises(AttributeError, match="no key 'epoch'"):
+        cfg.finetune.epoch  # noqa: B018
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and isinstance(again.classify.lr, Section)
+    changed = {**cfg.finetune, "epochs": 1}  # a changed copy is a plain table
+    assert changed["epochs"] == 1 and cfg.finetune.epochs != 1
+    assert "epochs" in dump_config(cfg)
+    # Defaults are copies: changing one run's list does not change the next run's default.
+    load_config().classify.heads.append("x")
+    assert "x" not in load_config().classify.heads
+
+
+def test_a_fine_tunes_keys_change_only_with_a_declared_field():
+    """The fit and run keys are built from the [finetune] fields declared keyed (finetune/config.py), so a key the
+    config gains that is not declared — or a run setting like the worker count — leaves every key as it was."""
+    import pandas as pd
+
+    from finetune.config import RECIPE_KEYS, SCHEMA
+    from finetune.experiment import _Experiment, run_spec
+    from study.hashing import spec_hash
+
+    class Inputs:  # what fit_spec asks of a fine-tune's inputs: whether a policy reads the store, and its rows
+        def cached(self, policy):
+            return True
+
+        def identity(self, policy, parts):
+            return f"rows of {policy} {parts}"
+
+    def keys(hp):
+        manifest = pd.DataFrame({"label": [0, 1], "class_name": ["a", "b"]})
+        exp = _Experiment(backbone=None, manifest=manifest, hp=hp, seed=0, device="cpu", finetune_dir=".",
+                          rows=Inputs(), base={"backbone": "b"}, on_epoch_end=None)
+        fit = exp.fit_spec(policy="last:1", params={"lr": 1e-3}, fit_on="train", epochs=None, init=None)
+        run = run_spec(base={"backbone": "b"}, policy="last:1", hp=hp, points=[{"lr": 1e-3}], inputs={})
+        return spec_hash(fit), spec_hash(run)
+
+    hp = {**load_config()["finetune"], "views": 2}
+    base = keys(hp)
+    assert keys({**hp, "a_key_added_later": 1, "num_workers": 7, "fewshot_draws": 3}) == base
+    assert set(RECIPE_KEYS) < set(SCHEMA) and "num_workers" not in RECIPE_KEYS
+    for field, value in (("weight_decay", 0.5), ("epochs", 2), ("augment", "none")):
+        assert field in RECIPE_KEYS
+        changed = keys({**hp, field: value})
+        assert changed[0] != base[0] and changed[1] != base[1], field
+    assert keys({**hp, "n_boot": 7})[0] == base[0] != keys({**hp, "n_boot": 7})[1]  # the bootstrap: the row only
