@@ -27,7 +27,8 @@ FORMAT = 1  # bump when the pooling of the cut changes
 
 def load_stages_set(pooled: Store, cut: Store, *, manifest, tta: str, policy: str, view_seed: int) -> FeatureSet:
     """The ``stages`` set of ``manifest``'s images: [pooled | spatial mean of the cut] per clean/test-time view."""
-    from extract.engine import store_keys, study_requests
+    from dataset.views import study_requests
+    from extract.engine import store_keys
 
     base = load_feature_set(pooled, manifest=manifest, views=0, tta=tta, policy=policy, view_seed=view_seed)
     keys = store_keys(manifest, study_requests(manifest, views=0, tta=tta), policy=policy, view_seed=view_seed)

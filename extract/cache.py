@@ -49,7 +49,8 @@ def load_feature_set(store: Store, *, manifest, views: int, tta: str, policy: st
     """The pooled rows of ``manifest`` from ``store`` (all must be stored: run the extract stage first)."""
     from dataset.manifest import manifest_hash
     from dataset.transforms import policy_spec
-    from extract.engine import store_keys, study_requests
+    from dataset.views import study_requests
+    from extract.engine import store_keys
 
     requests = study_requests(manifest, views=views, tta=tta)
     keys = store_keys(manifest, requests, policy=policy, view_seed=view_seed)

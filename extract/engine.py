@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset.images import ImageLoadError, load_rgb
-from dataset.transforms import augment_transform, eval_transform, make_view, policy_spec, tta_views
+from dataset.transforms import augment_transform, eval_transform, make_view, policy_spec
+from dataset.views import study_requests
 from extract.backbones import backbone_spec as make_backbone_spec
 from extract.backbones import load_backbone
 from extract.store import Store, entry_spec, view_name
@@ -88,15 +89,6 @@ def _unit_names(backbone: str, block_list) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------- requests
-
-
-def study_requests(manifest: pd.DataFrame, *, views: int, tta: str) -> list[tuple[int, int]]:
-    """The (manifest row, view) pairs a study reads: view 0 and the test-time views of every image, and
-    augmented views 1..``views`` of the train and val images (test images are never augmented)."""
-    n = len(manifest)
-    rows = [(m, v) for v in (0, *tta_views(tta)) for m in range(n)]
-    trainval = np.flatnonzero(manifest["split"].to_numpy() != "test")
-    return rows + [(int(m), v) for v in range(1, views + 1) for m in trainval]
 
 
 def store_keys(manifest: pd.DataFrame, requests, *, policy: str, view_seed: int) -> list[tuple[str, str]]:

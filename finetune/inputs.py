@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
-from finetune.prefix_cache import part_views, read_acts
+from dataset.manifest import SPLITS
+from dataset.views import PARTS, TRAIN_PARTS, part_views, study_requests
+from extract.engine import PassSettings, ensure_rows, store_keys
+from finetune.prefix_cache import read_acts
 from finetune.train import CachedSource, ImageSource
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class FitInputs:
         self.backbone, self.manifest, self.hp, self.data_root = backbone, manifest, hp, data_root
         self.stores, self.view_seed = stores, view_seed  # one-phase policy -> store entry (absent: naive)
         split = manifest["split"].to_numpy()
-        self.positions = {s: np.flatnonzero(split == s) for s in SPLITS}
-        for s, pos in self.positions.items():
-            if len(pos) == 0:
+        for s in SPLITS:
+            if not (split == s).any():
                 raise ValueError(f"the manifest has no '{s}' rows; fine-tuning needs train, val and test splits")
-        self.positions["train+val"] = np.concatenate([self.positions["train"], self.positions["val"]])
-        self.train_parts = {"train", "train+val"}  # parts read with their augmented views, one drawn per epoch
+        self.positions = {part: np.concatenate([np.flatnonzero(split == s) for s in splits])
+                          for part, splits in PARTS.items()}
+        self.train_parts = set(TRAIN_PARTS)  # parts read with their augmented views, one drawn per epoch
         # Per instance, never a module-level cache (functools.cache on a method kept every _Rows, and with it
         # every split's activations, alive until the process exited).
         self._indexes: dict = {}

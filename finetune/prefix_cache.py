@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dataset.transforms import tta_views
+from dataset.manifest import SPLITS
+from dataset.views import part_views
 from finetune.data import split_rows
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -35,14 +34,6 @@ class PrefixCache:
     key: str  # content identity of every row read (store entry + row digests, in order)
     path: Path  # the store entry
     build_s: float  # compute seconds of these rows (their share of the passes that made them)
-
-
-def part_views(part: str, *, views: int, tta: str) -> list[int]:
-    """The view ids read per image: train (and the train+val refit) 0..V; val and test view 0 and its
-    test-time views."""
-    if part in ("train", "train+val"):
-        return list(range(views + 1))
-    return [0, *tta_views(tta)]
 
 
 def read_acts(store, keys: list[tuple[str, str]], *, n_views: int, index=None) -> torch.Tensor:

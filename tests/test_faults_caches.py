@@ -29,8 +29,9 @@ import study.atomic
 import study.results
 from classify.store import HeadDamaged, load_head
 from dataset.manifest import read_manifest
+from dataset.views import study_requests
 from extract.cache import load_feature_set
-from extract.engine import PassSettings, ensure_rows, study_requests
+from extract.engine import PassSettings, ensure_rows
 from extract.store import Store, StoreDamaged
 from finetune.checkpoint import CheckpointDamaged, load_checkpoint, save_checkpoint
 from study.context import StudyContext

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dataset.manifest import read_manifest
-from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
+from dataset.views import study_requests
+from extract.engine import PassSettings, ensure_rows, store_keys
 from finetune.data import split_rows
 from finetune.experiment import StoreAccess, run_finetune
 from finetune.model import build_split_net

@@ -60,7 +60,8 @@ def test_quick_study_writes_a_traceable_report(two_runs):
     # Three split seeds over one store: every seed's heads and fine-tunes, and each (image, view) stored once.
     assert {r["seed"] for r in rows if r["kind"] != "fewshot"} == {0, 1, 2}
     from dataset.manifest import read_manifest
-    from extract.engine import store_keys, study_requests
+    from dataset.views import study_requests
+    from extract.engine import store_keys
     from extract.store import Store
 
     out = first.parent.parent
