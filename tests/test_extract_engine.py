@@ -171,8 +171,8 @@ def test_a_dropped_class_computes_nothing_and_an_added_one_only_its_images(refer
 @pytest.mark.parametrize("policy", ["last:1", "last:2"])
 def test_logits_from_the_stored_cut_equal_the_full_forward(policy, small, data_root, tmp_path):
     """The suffix run on stored (float16) activations gives the full network's logits within float16's tolerance."""
+    from finetune.inputs import load_prefix
     from finetune.model import build_split_net
-    from finetune.prefix_cache import load_prefix
 
     result = _ensure(small, tmp_path, data_root, views=0, tta="none", policies=[policy])
     cache = load_prefix(result.stores[policy], manifest=small, views=0, tta="none", policy="light", view_seed=0)

@@ -66,7 +66,7 @@ def features(tmp_path_factory, tiny_manifest):
 def ft(features, tiny_manifest):
     """ft:head on the pooled store rows: a few epochs of a linear head, seconds on a CPU."""
     from extract.backbones import load_backbone
-    from finetune.prefix_cache import load_prefix
+    from finetune.inputs import load_prefix
     from finetune.train import CachedSource
     from pipeline.config import load_config
 

@@ -14,8 +14,8 @@ from dataset.views import study_requests
 from extract.engine import PassSettings, ensure_rows, store_keys
 from finetune.data import split_rows
 from finetune.experiment import StoreAccess, run_finetune
+from finetune.inputs import load_prefix
 from finetune.model import build_split_net
-from finetune.prefix_cache import load_prefix
 from finetune.train import CachedSource, ImageSource, Trainer
 from pipeline.config import load_config
 from study.results import check_row

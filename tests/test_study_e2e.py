@@ -29,6 +29,7 @@ def two_runs(tmp_path_factory, data_root):
         # or train: make all impossible.
         import classify.selection
         import extract.engine
+        import extract.read
         import finetune.experiment
 
         def refuse(*a, **k):
@@ -36,7 +37,7 @@ def two_runs(tmp_path_factory, data_root):
         mp.setattr(extract.engine, "load_backbone", refuse)
         mp.setattr(extract.engine, "PassRunner", refuse)
         mp.setattr(classify.selection, "select_and_refit", refuse)
-        mp.setattr(finetune.experiment, "read_acts", refuse)
+        mp.setattr(extract.read.EntryReader, "tensor", refuse)
         mp.setattr(finetune.experiment, "Trainer", refuse)
         t0 = time.perf_counter()
         assert run_study.main(args) == 0
