@@ -22,12 +22,13 @@ import torch
 
 from dataset.images import load_rgb
 from dataset.manifest import write_manifest
+from dataset.tensors import ImageUnreadable
 from dataset.transforms import eval_transform
 from dataset.views import study_requests
 from extract import backbones, engine
 from extract.cache import load_feature_set
 from extract.config import SCHEMA
-from extract.engine import ImageUnreadable, PassSettings, ensure_rows
+from extract.engine import PassSettings, ensure_rows
 from extract.store import Store, StoreDamaged
 from study.context import StudyContext
 from study.schema import validate
