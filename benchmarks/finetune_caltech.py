@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def dataset(args, config: dict, out: Path, data_root: Path):
+def dataset(args, config: dict, *, out: Path, data_root: Path):
     """The manifest (its N smallest classes with --classes), where it is, and the runs folder."""
     build = build_dataset(data_cfg=config["data"], data_root=data_root, out_dir=out / "caltech101", seed=0)
     manifest_path, runs_dir = build.manifest_path, out / "caltech101_finetune"
@@ -146,7 +146,7 @@ def main() -> int:
     out, data_root = Path(args.out), Path(args.data_root)
     config = load_config(REPO / "configs" / "caltech101.toml",
                          overrides=[f"finetune.grid={args.grid}"] if args.grid else [])
-    manifest, manifest_path, runs_dir = dataset(args, config, out, data_root)
+    manifest, manifest_path, runs_dir = dataset(args, config, out=out, data_root=data_root)
     hp = config["finetune"]
     hp.update(epochs=args.epochs, views=args.views, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
               augment=args.augment, precision=args.precision, num_workers=args.num_workers)

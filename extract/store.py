@@ -246,17 +246,17 @@ class Store:
                     out = np.empty((len(wanted), *data.shape[1:]), dtype)
                 for lo, hi in _spans(rows, chunk_rows=(data.chunks or data.shape)[0], row_bytes=_row_bytes(data),
                                      n=data.shape[0]):
-                    block = self._slice(seg, data, lo, hi)
+                    block = self._slice(seg, data, lo=lo, hi=hi)
                     first, last = np.searchsorted(rows, [lo, hi])
                     for r, pos in pairs[first:last]:
-                        self._check_row(seg, r, block[r - lo], index.rows[wanted[pos]][2])
+                        self._check_row(seg, r, row=block[r - lo], digest=index.rows[wanted[pos]][2])
                         out[pos] = block[r - lo]
         if out is None:
             return np.empty((0,), dtype)
         return out
 
     @staticmethod
-    def _check_row(seg: Path, r: int, row: np.ndarray, digest: bytes) -> None:
+    def _check_row(seg: Path, r: int, *, row: np.ndarray, digest: bytes) -> None:
         if row_digest(row) != digest:
             raise StoreDamaged(f"{seg}: row {r} does not match its digest (the file was altered); "
                                "rerun with --rebuild-cache")
@@ -280,10 +280,10 @@ class Store:
         return data
 
     def _column(self, seg: Path, f: h5py.File, name: str) -> np.ndarray:
-        return self._slice(seg, self._dataset(seg, f, name), None, None)
+        return self._slice(seg, self._dataset(seg, f, name), lo=None, hi=None)
 
     @staticmethod
-    def _slice(seg: Path, data: h5py.Dataset, lo: int | None, hi: int | None) -> np.ndarray:
+    def _slice(seg: Path, data: h5py.Dataset, *, lo: int | None, hi: int | None) -> np.ndarray:
         try:
             return data[lo:hi]
         except OSError as exc:  # h5py reports a fletcher32 mismatch as an OSError

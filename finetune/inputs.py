@@ -19,6 +19,7 @@ from finetune.train import CachedSource, ImageSource
 
 @dataclass
 class PrefixSplit:
+    """One split's activations, as ``load_prefix`` returns them."""
     acts: torch.Tensor  # (N, V, ...) in the store entry's dtype (float16 by default)
     labels: torch.Tensor  # (N,) int64
     sample_id: list[str]
@@ -26,6 +27,7 @@ class PrefixSplit:
 
 @dataclass
 class PrefixCache:
+    """Every split's activations of one manifest from one store entry (``load_prefix``)."""
     splits: dict[str, PrefixSplit]
     key: str  # content identity of every row read (store entry + row digests, in order)
     path: Path  # the store entry
