@@ -112,7 +112,8 @@ def phase_naive(args) -> dict:
 
 def _pass(args, store_dir, *, precision: str, policies: list[str]):
     from dataset.manifest import read_manifest
-    from extract.engine import PassSettings, ensure_rows, study_requests
+    from dataset.views import study_requests
+    from extract.engine import PassSettings, ensure_rows
 
     manifest = read_manifest(args.manifest)
     settings = PassSettings(precision=precision, batch_size=args.batch_size, num_workers=args.num_workers,

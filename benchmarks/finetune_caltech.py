@@ -32,15 +32,16 @@ sys.path.insert(0, str(REPO))
 
 from dataset.build import build_dataset  # noqa: E402
 from dataset.manifest import read_manifest, smallest_classes, write_manifest  # noqa: E402
+from dataset.views import study_requests  # noqa: E402
 from extract.backbones import load_backbone  # noqa: E402
-from extract.engine import PassSettings, ensure_rows, study_requests  # noqa: E402
+from extract.engine import PassSettings, ensure_rows  # noqa: E402
 from finetune.ensemble import ensemble_row  # noqa: E402
 from finetune.experiment import StoreAccess, run_finetune, run_predictions  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from study.results import val_best  # noqa: E402
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
     p.add_argument("--out", default=str(REPO / "out" / "bench"))
@@ -68,10 +69,21 @@ def main() -> int:
                    "single ones, e.g. 'efficientnet_lite0+efficientnet_lite2,efficientnet_lite1+efficientnet_lite2': "
                    "each member is its backbone's val-chosen policy, their softmax averaged (finetune/ensemble.py)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    out, data_root = Path(args.out), Path(args.data_root)
-    config = load_config(REPO / "configs" / "caltech101.toml",
-                         overrides=[f"finetune.grid={args.grid}"] if args.grid else [])
+    args.policies_of = {}
+    for spec in args.policies_for:
+        name, sep, listed = spec.partition("=")
+        if not sep or name not in args.backbones.split(",") or not listed:
+            p.error(f"--policies-for {spec!r}: allowed: BACKBONE=P1,P2 with BACKBONE one of --backbones")
+        args.policies_of[name] = listed.split(",")
+    args.ensemble_parts = [spec.split("+") for spec in args.ensembles.split(",") if spec]
+    for parts in args.ensemble_parts:
+        if len(set(parts)) < 2 or not set(parts) <= set(args.backbones.split(",")):
+            p.error(f"--ensembles {'+'.join(parts)}: allowed: two or more different names from --backbones")
+    return args
+
+
+def dataset(args, config: dict, *, out: Path, data_root: Path):
+    """The manifest (its N smallest classes with --classes), where it is, and the runs folder."""
     build = build_dataset(data_cfg=config["data"], data_root=data_root, out_dir=out / "caltech101", seed=0)
     manifest_path, runs_dir = build.manifest_path, out / "caltech101_finetune"
     manifest = read_manifest(manifest_path)
@@ -81,29 +93,19 @@ def main() -> int:
         manifest_path = runs_dir / "manifest.csv"
         runs_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(manifest, manifest_path)
-    hp = dict(config["finetune"])
-    hp.update(epochs=args.epochs, views=args.views, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
-              augment=args.augment, precision=args.precision, num_workers=args.num_workers)
-    policies_of = {}
-    for spec in args.policies_for:
-        name, sep, listed = spec.partition("=")
-        if not sep or name not in args.backbones.split(",") or not listed:
-            p.error(f"--policies-for {spec!r}: allowed: BACKBONE=P1,P2 with BACKBONE one of --backbones")
-        policies_of[name] = listed.split(",")
-    settings = PassSettings(device=args.device, precision=args.precision, cut_dtype=args.cut_dtype,
-                            batch_size=args.batch_size, num_workers=args.num_workers)
-    store = StoreAccess(root=out / "store", settings=settings, view_seed=0)
-    ensembles = [spec.split("+") for spec in args.ensembles.split(",") if spec]
-    for parts in ensembles:
-        if len(set(parts)) < 2 or not set(parts) <= set(args.backbones.split(",")):
-            p.error(f"--ensembles {'+'.join(parts)}: allowed: two or more different names from --backbones")
-    rows, loaded = [], {}
+    return manifest, manifest_path, runs_dir
+
+
+def single_runs(args, *, manifest, manifest_path: Path, runs_dir: Path, data_root: Path, hp: dict,
+                store: StoreAccess, loaded: dict) -> list[dict]:
+    """Every (backbone, policy) fine-tune's row; ``loaded`` gets each backbone."""
+    rows = []
     for name in args.backbones.split(","):
-        policies = policies_of.get(name, args.policies.split(","))
+        policies = args.policies_of.get(name, args.policies.split(","))
         # The extract stage's role: one pass stores every cut's missing rows (each run_finetune then finds them).
         done = ensure_rows(manifest=manifest, backbone=name, store_root=store.root, policy=hp["augment"],
                            requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]),
-                           view_seed=store.view_seed, policies=policies, settings=settings, data_root=data_root)
+                           view_seed=store.view_seed, policies=policies, settings=store.settings, data_root=data_root)
         print(f"{name}: activation store {store.root}: computed {done.computed} image-views now ({done.seconds:.0f}s)"
               f" for {', '.join(done.stores)}", flush=True)
         backbone = loaded[name] = load_backbone(name)
@@ -116,7 +118,14 @@ def main() -> int:
                   f"{row['metrics']['mean_per_class']:.4f} top1 {row['metrics']['top1']:.4f}; train "
                   f"{row['train_s']:.0f}s (prefix cache {row['prefix_cache_s']:.0f}s), {row['epochs_run']} epochs",
                   flush=True)
-    for parts in ensembles:
+    return rows
+
+
+def ensemble_runs(args, rows: list[dict], *, manifest_path: Path, runs_dir: Path, data_root: Path, hp: dict,
+                  store: StoreAccess, loaded: dict) -> list[dict]:
+    """Each --ensembles row: its members are their backbones' val-chosen single runs."""
+    out = []
+    for parts in args.ensemble_parts:
         members = []
         for name in parts:
             member = val_best([r for r in rows if r["backbone"] == name])  # its backbone's val-chosen policy
@@ -124,10 +133,30 @@ def main() -> int:
                                                     data_root=data_root, hp=hp, seed=0, device=args.device,
                                                     finetune_dir=runs_dir / "finetune", store=store)))
         row = ensemble_row(members, n_boot=hp["n_boot"])
-        rows.append(row)
+        out.append(row)
         print(f"{row['backbone']} {row['method']} ({row['selection']['grid'][0]['params']['members']}): val "
               f"{row['val_mean_per_class']:.4f} test mean/class {row['metrics']['mean_per_class']:.4f} top1 "
               f"{row['metrics']['top1']:.4f}; train {row['train_s']:.0f}s (the sum of its members')", flush=True)
+    return out
+
+
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    out, data_root = Path(args.out), Path(args.data_root)
+    config = load_config(REPO / "configs" / "caltech101.toml",
+                         overrides=[f"finetune.grid={args.grid}"] if args.grid else [])
+    manifest, manifest_path, runs_dir = dataset(args, config, out=out, data_root=data_root)
+    hp = dict(config["finetune"])
+    hp.update(epochs=args.epochs, views=args.views, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
+              augment=args.augment, precision=args.precision, num_workers=args.num_workers)
+    settings = PassSettings(device=args.device, precision=args.precision, cut_dtype=args.cut_dtype,
+                            batch_size=args.batch_size, num_workers=args.num_workers)
+    store = StoreAccess(root=out / "store", settings=settings, view_seed=0)
+    where = {"manifest_path": manifest_path, "runs_dir": runs_dir, "data_root": data_root, "hp": hp, "store": store}
+    loaded: dict = {}
+    rows = single_runs(args, manifest=manifest, loaded=loaded, **where)
+    rows += ensemble_runs(args, rows, loaded=loaded, **where)
     best = val_best(rows)  # chosen on val only (ties: lower val log-loss, then the earlier run)
     m = best["metrics"]
     print(f"best_ft_mean_per_class={m['mean_per_class']:.4f} best_ft={best['backbone']}:{best['method']} "

@@ -40,7 +40,7 @@ from extract.backbones import load_backbone  # noqa: E402
 from extract.engine import PassSettings, open_stores, plan_layers  # noqa: E402
 from extract.store import describe  # noqa: E402
 from finetune.experiment import StoreAccess, run_finetune  # noqa: E402
-from finetune.prefix_cache import load_prefix  # noqa: E402
+from finetune.inputs import load_prefix  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from study.hashing import file_sha256  # noqa: E402
 
@@ -130,7 +130,7 @@ def main() -> int:
         print(f"cut store {dtype}: {info['rows']} rows, {info['bytes_per_row'] / 1024:.1f} KiB per row, "
               f"{info['disk_mb']:.1f} MiB on disk; the fine-tune reads it as {read_as[dtype].replace('torch.', '')}")
     if read_as["float16"] == read_as["float32"]:
-        print(f"note: finetune.prefix_cache.load_prefix hands both entries to training as "
+        print(f"note: finetune.inputs.load_prefix hands both entries to training as "
               f"{read_as['float32'].replace('torch.', '')}, so the float32 entry adds no precision to what trains")
     speedup = naive["epoch_s"] / cached["epoch_s"]
     gap = 100 * (cached["val"] - naive["val"])

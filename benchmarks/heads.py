@@ -73,8 +73,9 @@ def caltech_manifest(args):
 def load_caltech_features(args, manifest, backbone: str) -> dict:
     """{feature set name: FeatureSet} of one backbone: the pooled set (read as clean/aug) and 'stages'."""
     from classify.stacked import CUT, STAGES, load_stages_set
+    from dataset.views import study_requests
     from extract.cache import load_feature_set
-    from extract.engine import PassSettings, ensure_rows, study_requests
+    from extract.engine import PassSettings, ensure_rows
 
     stages = STAGES in args.feature_sets.split(",")
     settings = PassSettings(precision=args.precision, batch_size=args.batch_size, num_workers=args.num_workers)

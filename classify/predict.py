@@ -18,8 +18,8 @@ import torch
 
 from classify.heads import probabilities
 from classify.store import load_head
-from dataset.images import ImageLoadError, load_rgb
-from dataset.transforms import MIRROR_VIEW, eval_transform, tta_views
+from dataset.tensors import ImageUnreadable, ImageViews
+from dataset.transforms import tta_views
 from study.errors import StudyError
 from study.hashing import spec_differences
 from study.precision import autocast
@@ -92,27 +92,28 @@ def predict_images(head_dir: str | Path, paths: list[Path], *, backbone=None, de
     model, meta = load_head(head_dir)
     backbone = backbone or load_backbone(meta["backbone"])
     check_backbone(meta, backbone, head_dir=head_dir)
-    transform = eval_transform(backbone.data_config)
     net = backbone.model.to(device).eval()
-    tta = tta_views(meta.get("features_spec", {}).get("tta", "none"))
+    # The views the head's features averaged: view 0, and its mirror when ``extract.tta = "hflip"``.
+    views = [0, *tta_views(meta.get("features_spec", {}).get("tta", "none"))]
+    images = ImageViews(paths=paths, content_ids=None, views=[views] * len(paths), data_config=backbone.data_config,
+                        policy="none", seed=0)
     # Embed as the cache did: its resolved precision (a bf16 cache read by an fp32 embedding drifts ~1e-2).
     precision = meta.get("features_spec", {}).get("precision", "fp32")
     results, failed = [], []
     for start in range(0, len(paths), batch_size):
         batch, tensors = [], []
-        for path in paths[start:start + batch_size]:
+        for i in range(start, min(start + batch_size, len(paths))):
             try:
-                tensors.append(transform(load_rgb(path)))
-                batch.append(path)
-            except ImageLoadError as exc:
-                failed.append((path, exc.reason))
+                tensors.append(images[i][0])
+                batch.append(paths[i])
+            except ImageUnreadable as exc:
+                failed.append((paths[i], exc.reason))
         if batch:
+            x = torch.stack(tensors)
             with torch.inference_mode(), autocast(precision, device):
-                x = torch.stack(tensors).to(device)
-                feats = net(x).float()
-                if MIRROR_VIEW in tta:  # the head was fitted on the mean of each image and its mirror
-                    feats = (feats + net(torch.flip(x, dims=[-1])).float()) / 2
-                feats = feats.cpu().numpy()
+                outs = [net(x[:, j].contiguous().to(device)).float() for j in range(len(views))]
+                # The head was fitted on the mean of each image's views.
+                feats = (outs[0] if len(outs) == 1 else sum(outs[1:], outs[0]) / len(outs)).cpu().numpy()
             results += _label(model, feats, batch, meta["class_names"])
     return results, failed
 

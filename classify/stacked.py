@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from extract.blocks import STACKED_CUT, STACKED_SET
-from extract.cache import FeatureSet, load_feature_set
+from extract.cache import FeatureSet, feature_keys, load_feature_set
+from extract.read import EntryReader
 from extract.store import Store
 from study.hashing import spec_hash
 
@@ -27,28 +28,24 @@ FORMAT = 1  # bump when the pooling of the cut changes
 
 def load_stages_set(pooled: Store, cut: Store, *, manifest, tta: str, policy: str, view_seed: int) -> FeatureSet:
     """The ``stages`` set of ``manifest``'s images: [pooled | spatial mean of the cut] per clean/test-time view."""
-    from extract.engine import store_keys, study_requests
-
     base = load_feature_set(pooled, manifest=manifest, views=0, tta=tta, policy=policy, view_seed=view_seed)
-    keys = store_keys(manifest, study_requests(manifest, views=0, tta=tta), policy=policy, view_seed=view_seed)
-    index = cut.index()
-    dtype = np.dtype(cut.spec["storage_dtype"])
-    first = cut.read(keys[:1], index, dtype=dtype)
-    if first.ndim != 4:
-        raise ValueError(f"{cut.dir}: the 'stages' set pools (C, H, W) feature maps; this cut has rows of shape "
-                         f"{first.shape[1:]} (a token sequence?): drop 'stages' from classify.feature_sets")
-    chunk = max(1, _CHUNK_BYTES // first[0].nbytes)
-    parts = []
-    for start in range(0, len(keys), chunk):
-        acts = cut.read(keys[start:start + chunk], index, dtype=dtype)
-        # (n, C, H, W) -> (n, C): the global average pool the network itself applies after its last stage.
-        parts.append(acts.mean(axis=(2, 3), dtype=np.float32))
+    _, keys = feature_keys(manifest, views=0, tta=tta, policy=policy, view_seed=view_seed)
+    reader = EntryReader(cut)
+    parts = [_spatial_mean(acts, cut) for acts in reader.chunks(keys, max_bytes=_CHUNK_BYTES)]
     pooled_cut = np.concatenate(parts) if parts else np.empty((0, 0), np.float32)
     if len(pooled_cut) != len(base.features):
         raise ValueError(f"{cut.dir}: {len(pooled_cut)} cut rows for {len(base.features)} pooled rows")
     spec = {**base.spec, "stages": {"cut": cut.key, "layer": cut.spec["layer"], "reduce": "mean"}}
     return FeatureSet(features=np.concatenate([base.features, pooled_cut], axis=1), labels=base.labels,
                       sample_id=base.sample_id, view=base.view, spec=spec,
-                      key=spec_hash({"stages": [base.key, cut.identity(keys, index)], "reduce": "mean",
+                      key=spec_hash({"stages": [base.key, reader.identity(keys)], "reduce": "mean",
                                      "format": FORMAT}), path=base.path,
                       split=base.split, extract_s=base.extract_s, row_cost_s=base.row_cost_s)
+
+
+def _spatial_mean(acts: np.ndarray, cut: Store) -> np.ndarray:
+    if acts.ndim != 4:
+        raise ValueError(f"{cut.dir}: the 'stages' set pools (C, H, W) feature maps; this cut has rows of shape "
+                         f"{acts.shape[1:]} (a token sequence?): drop 'stages' from classify.feature_sets")
+    # (n, C, H, W) -> (n, C): the global average pool the network itself applies after its last stage.
+    return acts.mean(axis=(2, 3), dtype=np.float32)

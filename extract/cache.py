@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.read import EntryReader
 from extract.store import FORMAT_VERSION, Store, library_versions  # noqa: F401 (library_versions re-exported)
 from study.hashing import spec_hash
 
@@ -45,24 +46,29 @@ def feature_set_spec(store: Store, *, views: int, tta: str, policy: dict, view_s
             "manifest_hash": manifest_hash}
 
 
+def feature_keys(manifest, *, views: int, tta: str, policy: str, view_seed: int) -> tuple[list, list]:
+    """The (manifest row, view) requests of a feature set, view-major, and their store keys."""
+    from dataset.views import study_requests
+    from extract.engine import store_keys
+
+    requests = study_requests(manifest, views=views, tta=tta)
+    return requests, store_keys(manifest, requests, policy=policy, view_seed=view_seed)
+
+
 def load_feature_set(store: Store, *, manifest, views: int, tta: str, policy: str, view_seed: int) -> FeatureSet:
     """The pooled rows of ``manifest`` from ``store`` (all must be stored: run the extract stage first)."""
     from dataset.manifest import manifest_hash
     from dataset.transforms import policy_spec
-    from extract.engine import store_keys, study_requests
 
-    requests = study_requests(manifest, views=views, tta=tta)
-    keys = store_keys(manifest, requests, policy=policy, view_seed=view_seed)
-    index = store.index()
-    features = store.read(keys, index)
+    requests, keys = feature_keys(manifest, views=views, tta=tta, policy=policy, view_seed=view_seed)
+    reader = EntryReader(store)
+    features = reader.array(keys)
     m = np.array([r[0] for r in requests], dtype=np.int64)
-    mhash = manifest_hash(manifest)
     spec = feature_set_spec(store, views=views, tta=tta, policy=policy_spec(policy), view_seed=view_seed,
-                            manifest_hash=mhash)
-    key = spec_hash({"spec": spec, "rows": store.identity(keys, index)})
-    costs = index.row_costs(keys)
+                            manifest_hash=manifest_hash(manifest))
+    key = spec_hash({"spec": spec, "rows": reader.identity(keys)})
+    costs = reader.costs(keys)
     return FeatureSet(features=features.reshape(len(keys), -1), labels=manifest["label"].to_numpy(np.int64)[m],
                       sample_id=manifest["sample_id"].to_numpy(dtype=str)[m],
                       view=np.array([r[1] for r in requests], dtype=np.int64), spec=spec, key=key, path=store.dir,
                       split=manifest["split"].to_numpy(dtype=str)[m], extract_s=float(costs.sum()), row_cost_s=costs)
-

@@ -27,25 +27,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset.images import ImageLoadError, load_rgb
-from dataset.transforms import augment_transform, eval_transform, make_view, policy_spec, tta_views
+from dataset.tensors import ImageViews
+from dataset.transforms import policy_spec
+from dataset.views import study_requests
 from extract.backbones import backbone_spec as make_backbone_spec
 from extract.backbones import load_backbone
 from extract.store import Store, entry_spec, view_name
 from study import distributed
-from study.hashing import file_sha256
 from study.precision import PRECISIONS, autocast, resolve_precision  # noqa: F401 (PRECISIONS re-exported)
 
 log = logging.getLogger(__name__)
 SEGMENT_BYTES = 64 << 20  # a segment is flushed once any layer buffers this much...
 SEGMENT_SECONDS = 60.0  # ...or this long after the last one: a kill loses at most about this much work
-
-
-class ImageUnreadable(RuntimeError):
-    """An image the manifest lists but extraction cannot use; names the sample."""
 
 
 # ---------------------------------------------------------------- layers
@@ -90,55 +86,10 @@ def _unit_names(backbone: str, block_list) -> tuple[str, ...]:
 # ---------------------------------------------------------------- requests
 
 
-def study_requests(manifest: pd.DataFrame, *, views: int, tta: str) -> list[tuple[int, int]]:
-    """The (manifest row, view) pairs a study reads: view 0 and the test-time views of every image, and
-    augmented views 1..``views`` of the train and val images (test images are never augmented)."""
-    n = len(manifest)
-    rows = [(m, v) for v in (0, *tta_views(tta)) for m in range(n)]
-    trainval = np.flatnonzero(manifest["split"].to_numpy() != "test")
-    return rows + [(int(m), v) for v in range(1, views + 1) for m in trainval]
-
-
 def store_keys(manifest: pd.DataFrame, requests, *, policy: str, view_seed: int) -> list[tuple[str, str]]:
     """The store's (sha256, view name) key of each (manifest row, view) request."""
     spec, sha = policy_spec(policy), manifest["sha256"].tolist()
     return [(sha[m], view_name(v, policy=spec, view_seed=view_seed)) for m, v in requests]
-
-
-# ---------------------------------------------------------------- images -> tensors
-
-
-class ViewDataset(Dataset):
-    """Item i: request i (a manifest row and a view id) as a normalised tensor."""
-
-    def __init__(self, *, requests: list[tuple[int, int]], manifest: pd.DataFrame, paths: list[Path],
-                 data_config: dict, policy: str, view_seed: int):
-        self.requests, self.paths, self.view_seed = requests, paths, view_seed
-        self.sha256, self.sample_id = manifest["sha256"].tolist(), manifest["sample_id"].tolist()
-        self.clean = eval_transform(data_config)
-        self.augment = augment_transform(data_config, policy)
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        m, view = self.requests[i]
-        img = self._load(m)
-        return make_view(img, clean=self.clean, augment=self.augment, seed=self.view_seed,
-                         content_id=self.sha256[m], view=view), i
-
-    def _load(self, m: int):
-        path, sample_id = self.paths[m], self.sample_id[m]
-        try:
-            img = load_rgb(path)
-        except ImageLoadError as exc:
-            raise ImageUnreadable(f"sample {sample_id!r} ({path}) cannot be read: {exc.reason} {exc.detail}. "
-                                  "The manifest lists it as usable: rebuild the dataset (--stages dataset) "
-                                  "so it is excluded, or restore the file") from exc
-        if self.sha256[m] and file_sha256(path) != self.sha256[m]:
-            raise ImageUnreadable(f"sample {sample_id!r} ({path}) changed since the manifest was built "
-                                  "(sha256 differs); rebuild the dataset (--stages dataset)")
-        return img
 
 
 # ---------------------------------------------------------------- the forward
@@ -314,8 +265,10 @@ def _compute(result: PassResult, *, todo, missing, keys, requests, manifest, bac
     runner = PassRunner(bb, layers=result.layers, device=settings.device,
                         precision=resolve_precision(settings.precision, settings.device),
                         channels_last=settings.channels_last)
-    dataset = ViewDataset(requests=requests, manifest=manifest, paths=_image_paths(manifest, data_root),
-                          data_config=bb.data_config, policy=policy, view_seed=view_seed)
+    # One image per request, each with its one view: an item's index is its request's position.
+    dataset = ImageViews.of_manifest(manifest.iloc[[m for m, _ in requests]], data_root=data_root,
+                                     views=[[v] for _, v in requests], data_config=bb.data_config, policy=policy,
+                                     seed=view_seed, verify=True)
     loader = DataLoader(dataset, batch_sampler=mine, num_workers=settings.num_workers,
                         pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False)
     writer = _SegmentWriter(result.stores, missing, segment_rows=settings.segment_rows)
@@ -323,7 +276,7 @@ def _compute(result: PassResult, *, todo, missing, keys, requests, manifest, bac
     with tqdm(total=sum(map(len, mine)), unit="img", desc=f"extract {bb.name} ({len(result.layers)} layers)",
               disable=not settings.progress, position=distributed.rank(), dynamic_ncols=True) as bar:
         for images, index in loader:
-            outputs = runner(images)
+            outputs = runner(images[:, 0])
             writer.add([keys[i] for i in index.tolist()], outputs)
             result.computed += len(index)
             bar.update(len(index))
@@ -367,13 +320,6 @@ class _SegmentWriter:
                 self.stored[name] += len(keep)
         self.keys, self.data = [], {name: [] for name in self.stores}
         self.nbytes, self.since = 0, time.perf_counter()
-
-
-def _image_paths(manifest, data_root) -> list[Path]:
-    from study.config import REPO_ROOT
-
-    root = Path(data_root) if data_root is not None else REPO_ROOT.parent / "shared" / "datasets"
-    return [Path(p) if Path(p).is_absolute() else root / p for p in manifest["path"]]
 
 
 def main(argv: list[str] | None = None) -> int:

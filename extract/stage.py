@@ -13,9 +13,10 @@ import json
 import logging
 import os
 
+from dataset.views import study_requests
 from extract.backbones import WeightsUnavailable, backbone_spec
 from extract.blocks import STACKED_CUT, STACKED_SET
-from extract.engine import PassSettings, ensure_rows, study_requests
+from extract.engine import PassSettings, ensure_rows
 from study import distributed
 from study.atomic import write_text_atomic
 from study.results import append_skip

@@ -1,6 +1,7 @@
 """What a fine-tune's fits read: per part (train, val, train+val, test, a few-shot draw) the store rows of each
-one-phase policy's entry (pooled for ``head``, the cut for ``last:k``), or the images on the naive path.
-A part's activations are held while the fits that read it run, and released as soon as they are done."""
+one-phase policy's entry (pooled for ``head``, the cut for ``last:k``: the frozen prefix's output, stored once
+per image and view by the shared pass), or the images on the naive path. A part's activations are held while
+the fits that read it run, and released as soon as they are done."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,11 +10,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
-from finetune.prefix_cache import part_views, read_acts
+from dataset.manifest import SPLITS
+from dataset.views import PARTS, TRAIN_PARTS, part_views, study_requests
+from extract.engine import PassSettings, ensure_rows, store_keys
+from extract.read import EntryReader
 from finetune.train import CachedSource, ImageSource
 
-SPLITS = ("train", "val", "test")
+
+@dataclass
+class PrefixSplit:
+    """One split's activations, as ``load_prefix`` returns them."""
+    acts: torch.Tensor  # (N, V, ...) in the store entry's dtype (float16 by default)
+    labels: torch.Tensor  # (N,) int64
+    sample_id: list[str]
+
+
+@dataclass
+class PrefixCache:
+    """Every split's activations of one manifest from one store entry (``load_prefix``)."""
+    splits: dict[str, PrefixSplit]
+    key: str  # content identity of every row read (store entry + row digests, in order)
+    path: Path  # the store entry
+    build_s: float  # compute seconds of these rows (their share of the passes that made them)
 
 
 @dataclass(frozen=True)
@@ -34,15 +52,15 @@ class FitInputs:
         self.backbone, self.manifest, self.hp, self.data_root = backbone, manifest, hp, data_root
         self.stores, self.view_seed = stores, view_seed  # one-phase policy -> store entry (absent: naive)
         split = manifest["split"].to_numpy()
-        self.positions = {s: np.flatnonzero(split == s) for s in SPLITS}
-        for s, pos in self.positions.items():
-            if len(pos) == 0:
+        for s in SPLITS:
+            if not (split == s).any():
                 raise ValueError(f"the manifest has no '{s}' rows; fine-tuning needs train, val and test splits")
-        self.positions["train+val"] = np.concatenate([self.positions["train"], self.positions["val"]])
-        self.train_parts = {"train", "train+val"}  # parts read with their augmented views, one drawn per epoch
+        self.positions = {part: np.concatenate([np.flatnonzero(split == s) for s in splits])
+                          for part, splits in PARTS.items()}
+        self.train_parts = set(TRAIN_PARTS)  # parts read with their augmented views, one drawn per epoch
         # Per instance, never a module-level cache (functools.cache on a method kept every _Rows, and with it
         # every split's activations, alive until the process exited).
-        self._indexes: dict = {}
+        self._readers: dict[str, EntryReader] = {}
         self._memo: dict = {}
 
     def add_train_part(self, name: str, positions: np.ndarray) -> None:
@@ -60,10 +78,10 @@ class FitInputs:
         requests = [(int(m), v) for m in self.positions[part] for v in self.views(part)]
         return store_keys(self.manifest, requests, policy=self.hp["augment"], view_seed=self.view_seed)
 
-    def _index(self, policy: str):
-        if policy not in self._indexes:
-            self._indexes[policy] = self.stores[policy].index()
-        return self._indexes[policy]
+    def _reader(self, policy: str) -> EntryReader:
+        if policy not in self._readers:
+            self._readers[policy] = EntryReader(self.stores[policy])
+        return self._readers[policy]
 
     def release(self, *parts: str) -> None:
         """Drop the activations of ``parts`` (every part when none is named): the fits that read them are done."""
@@ -74,13 +92,14 @@ class FitInputs:
         """The content identity of the rows ``parts`` read (no data read); None on the naive path."""
         if not self.cached(policy):
             return None
-        return self.stores[policy].identity([k for p in parts for k in self.keys(p)], self._index(policy))
+        return self._reader(policy).identity([k for p in parts for k in self.keys(p)])
 
-    def cost_s(self, policy: str) -> float:
-        """Compute seconds of every store row this policy reads (their share of the passes that made them)."""
+    def cost_s(self, policy: str, parts: tuple[str, ...] = ("train+val", "val", "test")) -> float:
+        """Compute seconds of every store row ``parts`` read (their share of the passes that made them); by
+        default the rows a fine-tune of this policy reads."""
         if not self.cached(policy):
             return 0.0
-        return self._index(policy).cost_s([k for p in ("train+val", "val", "test") for k in self.keys(p)])
+        return float(self._reader(policy).costs([k for p in parts for k in self.keys(p)]).sum())
 
     def source(self, policy: str, part: str):
         if (policy, part) in self._memo:
@@ -88,8 +107,7 @@ class FitInputs:
         labels = torch.tensor(self.manifest["label"].to_numpy(np.int64)[self.positions[part]])
         train = part in self.train_parts
         if self.cached(policy):
-            acts = read_acts(self.stores[policy], self.keys(part), n_views=len(self.views(part)),
-                             index=self._index(policy))
+            acts = self._reader(policy).tensor(self.keys(part), n_views=len(self.views(part)))
             src = CachedSource(acts, labels, eval_views=1 if train else acts.shape[1])
         else:
             rows = self.manifest.iloc[self.positions[part]].reset_index(drop=True)
@@ -113,3 +131,18 @@ def stores_for(*, backbone, policies: list[str], manifest, hp: dict, access: Sto
                          policies=[p for p in policies if p != "head"], settings=access.settings,
                          weights_file=access.weights_file, data_root=data_root, rebuild=rebuild)
     return {p: result.stores["pooled" if p == "head" else p] for p in policies}
+
+
+def load_prefix(store, *, manifest, views: int, tta: str, policy: str, view_seed: int) -> PrefixCache:
+    """Every split's activations of ``manifest``'s images from ``store``, read as a fine-tune reads them (for
+    tests and benchmarks; a fine-tune reads part by part through ``FitInputs.source``)."""
+    inputs = FitInputs(backbone=None, manifest=manifest, hp={"views": views, "tta": tta, "augment": policy},
+                       data_root=None, stores={"prefix": store}, view_seed=view_seed)
+    sample_id = manifest["sample_id"].to_numpy(dtype=object)
+    splits = {}
+    for split in SPLITS:
+        src = inputs.source("prefix", split)
+        splits[split] = PrefixSplit(acts=src.acts, labels=src.labels,
+                                    sample_id=sample_id[inputs.positions[split]].tolist())
+    return PrefixCache(splits=splits, key=inputs.identity("prefix", SPLITS), path=store.dir,
+                       build_s=inputs.cost_s("prefix", SPLITS))

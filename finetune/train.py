@@ -22,11 +22,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from dataset.tensors import ImageViews
 from dataset.transforms import tta_views, view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
-from finetune.data import EpochItems, ManifestViews, persistent_loader
 from study import distributed
 from study.errors import StudyError
 from study.metrics import mean_per_class_accuracy
@@ -103,11 +104,12 @@ class ImageSource:
 
     def _loader(self, batch_size: int, seed: int):
         if (batch_size, seed) not in self._loaders:
-            data = ManifestViews(rows=self._rows, data_root=self._data_root, data_config=self._data_config,
-                                 policy=self.policy, seed=seed, views=[self.eval_view_ids] * len(self))
-            sampler = EpochItems()
-            self._loaders[(batch_size, seed)] = (
-                persistent_loader(data, sampler, batch_size=batch_size, num_workers=self.num_workers), sampler)
+            data = ImageViews.of_manifest(self._rows, data_root=self._data_root, data_config=self._data_config,
+                                          policy=self.policy, seed=seed, views=[self.eval_view_ids] * len(self))
+            sampler = _EpochItems()
+            loader = DataLoader(data, sampler=sampler, batch_size=batch_size, num_workers=self.num_workers,
+                                persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+            self._loaders[(batch_size, seed)] = (loader, sampler)
         return self._loaders[(batch_size, seed)]
 
     def batches(self, *, epoch: int, seed: int, batch_size: int, train: bool) -> Iterator:
@@ -123,6 +125,19 @@ class ImageSource:
         sampler.items = [(int(i), view) for i in shard(torch.randperm(len(self), generator=g))]
         for images, index in loader:
             yield images[:, 0], self.labels[index]
+
+
+class _EpochItems(Sampler):
+    """A sampler whose items the caller sets before each epoch, so one loader (and its workers) serves them all."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(list(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class NotFinished(StudyError):

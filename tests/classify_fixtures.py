@@ -27,8 +27,9 @@ def tiny_lite0_features(tmp_path_factory, tiny_manifest, *, tta: str = "none"):
 
     The store lives under the session's base temp dir, so every test module that asks reads the same rows."""
     from dataset.manifest import read_manifest
+    from dataset.views import study_requests
     from extract.cache import load_feature_set
-    from extract.engine import PassSettings, ensure_rows, study_requests
+    from extract.engine import PassSettings, ensure_rows
 
     manifest = read_manifest(tiny_manifest)
     result = ensure_rows(manifest=manifest, backbone="efficientnet_lite0", policy="light", view_seed=0,

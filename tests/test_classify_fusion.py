@@ -24,8 +24,9 @@ def lite0(tmp_path_factory, tiny_manifest):
 @pytest.fixture(scope="module")
 def lite1(tmp_path_factory, tiny_manifest):
     from dataset.manifest import read_manifest
+    from dataset.views import study_requests
     from extract.cache import load_feature_set
-    from extract.engine import PassSettings, ensure_rows, study_requests
+    from extract.engine import PassSettings, ensure_rows
 
     manifest = read_manifest(tiny_manifest)
     result = ensure_rows(manifest=manifest, backbone="efficientnet_lite1", policy="light", view_seed=0,

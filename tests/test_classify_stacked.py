@@ -13,8 +13,9 @@ from classify.predict import HeadMismatch, refuse_fused
 from classify.stacked import CUT, STAGES, load_stages_set
 from classify.store import load_head
 from dataset.manifest import read_manifest
+from dataset.views import study_requests
 from extract.cache import load_feature_set
-from extract.engine import PassSettings, ensure_rows, study_requests
+from extract.engine import PassSettings, ensure_rows
 from extract.stage import cut_policies
 from pipeline.config import load_config
 from study.context import StudyContext

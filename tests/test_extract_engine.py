@@ -22,11 +22,13 @@ import torch
 
 from dataset.images import load_rgb
 from dataset.manifest import write_manifest
+from dataset.tensors import ImageUnreadable
 from dataset.transforms import eval_transform
+from dataset.views import study_requests
 from extract import backbones, engine
 from extract.cache import load_feature_set
 from extract.config import SCHEMA
-from extract.engine import ImageUnreadable, PassSettings, ensure_rows, study_requests
+from extract.engine import PassSettings, ensure_rows
 from extract.store import Store, StoreDamaged
 from study.context import StudyContext
 from study.schema import validate
@@ -170,8 +172,8 @@ def test_a_dropped_class_computes_nothing_and_an_added_one_only_its_images(refer
 @pytest.mark.parametrize("policy", ["last:1", "last:2"])
 def test_logits_from_the_stored_cut_equal_the_full_forward(policy, small, data_root, tmp_path):
     """The suffix run on stored (float16) activations gives the full network's logits within float16's tolerance."""
+    from finetune.inputs import load_prefix
     from finetune.model import build_split_net
-    from finetune.prefix_cache import load_prefix
 
     result = _ensure(small, tmp_path, data_root, views=0, tta="none", policies=[policy])
     cache = load_prefix(result.stores[policy], manifest=small, views=0, tta="none", policy="light", view_seed=0)

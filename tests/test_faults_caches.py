@@ -29,8 +29,9 @@ import study.atomic
 import study.results
 from classify.store import HeadDamaged, load_head
 from dataset.manifest import read_manifest
+from dataset.views import study_requests
 from extract.cache import load_feature_set
-from extract.engine import PassSettings, ensure_rows, study_requests
+from extract.engine import PassSettings, ensure_rows
 from extract.store import Store, StoreDamaged
 from finetune.checkpoint import CheckpointDamaged, load_checkpoint, save_checkpoint
 from study.context import StudyContext
@@ -65,7 +66,7 @@ def features(tmp_path_factory, tiny_manifest):
 def ft(features, tiny_manifest):
     """ft:head on the pooled store rows: a few epochs of a linear head, seconds on a CPU."""
     from extract.backbones import load_backbone
-    from finetune.prefix_cache import load_prefix
+    from finetune.inputs import load_prefix
     from finetune.train import CachedSource
     from pipeline.config import load_config
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dataset.manifest import read_manifest
-from extract.engine import PassSettings, ensure_rows, store_keys, study_requests
-from finetune.data import split_rows
+from dataset.views import study_requests
+from extract.engine import PassSettings, ensure_rows, store_keys
 from finetune.experiment import StoreAccess, run_finetune
+from finetune.inputs import load_prefix
 from finetune.model import build_split_net
-from finetune.prefix_cache import load_prefix
 from finetune.train import CachedSource, ImageSource, Trainer
 from pipeline.config import load_config
 from study.results import check_row
@@ -86,7 +86,7 @@ def test_prefix_cache_path_gives_the_naive_logits(runs, lite0, hp, dirs, tiny_ma
     assert cache.splits["train"].acts.dtype == torch.float16 and cache.splits["train"].acts.shape[1] == 2
     assert cache.splits["val"].acts.shape[1] == cache.splits["test"].acts.shape[1] == 2  # view 0 + mirror
     trainer = Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="x")
-    val = split_rows(manifest, "val")
+    val = manifest[manifest["split"] == "val"].reset_index(drop=True)
     naive = trainer.predict(ImageSource(rows=val, data_root=data_root, data_config=lite0.data_config,
                                         policy="light", num_workers=0, tta="hflip"))
     cached = trainer.predict(CachedSource(cache.splits["val"].acts, cache.splits["val"].labels, eval_views=2))
@@ -113,7 +113,8 @@ def test_frozen_parameters_and_bn_buffers_do_not_move(lite0, hp, tiny_manifest, 
     net = build_split_net(lite0, policy="last:1", n_classes=4)
     prefix_before = {k: v.clone() for k, v in net.prefix.state_dict().items()}
     suffix_before = {k: v.clone() for k, v in net.trainable_state().items()}
-    rows = split_rows(read_manifest(tiny_manifest), "train").iloc[::3].reset_index(drop=True)  # 8 images
+    manifest = read_manifest(tiny_manifest)
+    rows = manifest[manifest["split"] == "train"].iloc[::3].reset_index(drop=True)  # 8 images
     source = ImageSource(rows=rows, data_root=data_root, data_config=lite0.data_config, policy="light", num_workers=0)
     trainer = Trainer(net=net, hp={**hp, "epochs": 1}, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="x")
     trainer._bind(from_prefix=False)

@@ -29,15 +29,15 @@ def two_runs(tmp_path_factory, data_root):
         # or train: make all impossible.
         import classify.selection
         import extract.engine
+        import extract.read
         import finetune.experiment
-        import finetune.inputs
 
         def refuse(*a, **k):
             raise AssertionError("second run did work that the cache should have saved")
         mp.setattr(extract.engine, "load_backbone", refuse)
         mp.setattr(extract.engine, "PassRunner", refuse)
         mp.setattr(classify.selection, "select_and_refit", refuse)
-        mp.setattr(finetune.inputs, "read_acts", refuse)
+        mp.setattr(extract.read.EntryReader, "tensor", refuse)
         mp.setattr(finetune.experiment, "Trainer", refuse)
         t0 = time.perf_counter()
         assert run_study.main(args) == 0
@@ -61,7 +61,8 @@ def test_quick_study_writes_a_traceable_report(two_runs):
     # Three split seeds over one store: every seed's heads and fine-tunes, and each (image, view) stored once.
     assert {r["split_seed"] for r in rows if r["kind"] != "fewshot"} == {0, 1, 2}
     from dataset.manifest import read_manifest
-    from extract.engine import store_keys, study_requests
+    from dataset.views import study_requests
+    from extract.engine import store_keys
     from extract.store import Store
 
     out = first.parent.parent
