@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from classify.heads import class_scores
+from classify.search import result_row
 from classify.selection import HeadData, Rows, concat, refit
+from classify.store import cached_rows, head_key, save_rows
 from study.protocol import draw_indices, smallest_class
-from study.results import ResultRow, fused_parts
+from study.results import ResultRow, append_skip, fused_parts
 
 
 @dataclass(frozen=True)
@@ -76,3 +80,36 @@ def fit_fewshot(point: dict, *, method: str = "lr", pool: Rows, test: Rows, k: i
     n_images = len(np.unique(rows.sample_id))
     return FewShotFit(k_per_class=k, seed=seed, n_train=n_images, test_pred=np.asarray(pred, dtype=np.int64),
                       test_scores=scores, train_s=train_s, predict_s=time.perf_counter() - t1, model=model)
+
+
+def cached_fewshot(params: dict, *, method: str, feature_set: str, data: HeadData, fewshot_cfg: dict, head_cfg: dict,
+                   heads_dir: Path, run_dir: Path, job) -> list[ResultRow]:
+    """The chosen head (method, settings, feature set) refit on k images per class for each k and draw, each draw
+    scored on test; cached in its own ``heads/<key>/`` folder."""
+    seed = job.seed
+    # Which split seeds draw curves decides whether this one runs, not what it computes.
+    settings = {method: head_cfg, "chosen": params,
+                "fewshot": {k: v for k, v in fewshot_cfg.items() if k != "split_seeds"}}
+    head_dir = Path(heads_dir) / head_key(features_key=job.fs.key, kind="fewshot", method=method,
+                                          feature_set=feature_set, settings=settings, seed=seed, n_boot=job.n_boot)
+    rows = cached_rows(head_dir)
+    if rows is not None:
+        return rows
+    pool = fewshot_pool(data, pool=fewshot_cfg["pool"])
+    rows, largest = [], max_k(pool)
+    for k in tqdm(fewshot_cfg["k"], desc=f"few-shot {job.backbone} {method}", unit="k"):
+        if k > largest:
+            append_skip(run_dir, stage="classify", what=f"{job.backbone} few-shot k={k}",
+                        reason=f"the smallest class has {largest} images in the '{fewshot_cfg['pool']}' pool",
+                        fix="lower classify.fewshot.k" + (" or set classify.fewshot.pool='train+val'"
+                                                          if fewshot_cfg["pool"] == "train" else ""))
+            continue
+        for draw_seed in range(seed, seed + fewshot_cfg["seeds"]):
+            fit = fit_fewshot(params, method=method, pool=pool, test=data.test, k=k, seed=draw_seed,
+                              head_cfg=head_cfg, n_classes=len(job.class_names))
+            rows.append(result_row(kind="fewshot", method=method, feature_set=feature_set, data=data, fit=fit,
+                                   model=fit.model, hyperparams=params, job=job, draw_seed=draw_seed,
+                                   k_per_class=k, n_train=fit.n_train, n_val=0, n_fit=fit.n_train,
+                                   n_fit_rows=fit.n_train, fit_on=fewshot_cfg["pool"]))
+    save_rows(head_dir, rows)
+    return rows

@@ -26,8 +26,10 @@ import torch
 
 from dataset.manifest import class_names, manifest_hash, read_manifest
 from extract.blocks import parse_policy
-from finetune.experiment import ROWS_FILE, _Experiment, experiment_inputs, finished_rows, phase_params, run_spec
+from finetune.config import ROW_KEYS
+from finetune.experiment import _Experiment, experiment_inputs, keyed, phase_params
 from finetune.model import count_params
+from finetune.search import ROWS_FILE, finished_rows
 from study import distributed
 from study.atomic import write_text_atomic
 from study.hashing import spec_hash
@@ -42,10 +44,10 @@ FEWSHOT_FORMAT = 2
 
 
 def chosen_recipe(row: ResultRow) -> tuple[str, dict, list[int]]:
-    """(policy, grid point, refit epochs per phase) of a fine-tune row: what val chose and the refit ran."""
+    """(policy, setting, refit epochs per phase) of a fine-tune row: what val chose and the refit ran."""
     epochs = row.hyperparams["refit_epochs"]
-    return row.hyperparams["policy"], row.selection.best.params, \
-        list(epochs) if isinstance(epochs, list) else [int(epochs)]
+    point = {k: v for k, v in row.selection.best.params.items() if k != "policy"}
+    return row.hyperparams["policy"], point, list(epochs) if isinstance(epochs, list) else [int(epochs)]
 
 
 def scaled_schedule(hp: dict, *, refit_epochs: int, n_full: int, n_k: int) -> tuple[dict, int]:
@@ -67,9 +69,9 @@ def run_fewshot(*, backbone, row: ResultRow, manifest_path: Path, data_root: Pat
     rows, base = experiment_inputs(backbone=backbone, phases=phases, manifest=manifest, hp=hp, seed=seed,
                                    device=device, store=store, data_root=Path(data_root))
     inputs = {p: rows.identity(p, ("train+val", "test")) for p in phases}
-    spec = {**run_spec(base=base, policy=policy, hp=hp, points=[point], inputs=inputs), "unit": "fewshot",
-            "fewshot_format": FEWSHOT_FORMAT, "refit_epochs": refit_epochs, "k": list(ks), "draws": draws,
-            "pool": pool}
+    spec = {**base, "unit": "fewshot", "fewshot_format": FEWSHOT_FORMAT, "policy": policy, "point": point,
+            "hyperparams": {k: v for k, v in keyed(hp, ROW_KEYS).items() if k not in point}, "inputs": inputs,
+            "refit_epochs": refit_epochs, "k": list(ks), "draws": draws, "pool": pool}
     out_dir = Path(finetune_dir) / f"fewshot-{spec_hash(spec)}"
     cached = finished_rows(out_dir / ROWS_FILE)
     if cached is not None:
@@ -124,7 +126,7 @@ def _fit_one(exp, rows, *, policy, point, refit_epochs, part, k, draw, seed, hp,
     n_full, n_k = len(rows.positions["train+val"]), len(rows.positions[part])
     fits = []
     for phase, epochs in zip(parse_policy(policy).phases, refit_epochs):
-        overrides, n_epochs = scaled_schedule(hp, refit_epochs=epochs, n_full=n_full, n_k=n_k)
+        overrides, n_epochs = scaled_schedule({**hp, **point}, refit_epochs=epochs, n_full=n_full, n_k=n_k)
         fits.append(exp.fit(policy=phase, params={**phase_params(point, phase), **overrides}, fit_on=part,
                             epochs=n_epochs, init=fits[-1] if fits else None))
     manifest = rows.manifest

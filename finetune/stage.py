@@ -1,20 +1,22 @@
-"""Finetune stage: every configured backbone x unfreeze policy, fine-tuned on the manifest's splits, then
-the configured ensembles of those fine-tunes (``finetune.ensembles``: finetune/ensemble.py).
+"""Finetune stage: every configured backbone's fine-tunes searched by the tuner on the manifest's splits
+(finetune/search.py: the policy and its settings chosen on val), then the configured ensembles of those
+fine-tunes (``finetune.ensembles``: finetune/ensemble.py).
 
-Backbones whose weights are unavailable are recorded as skips (the run continues); finished runs are
-cached in ``ctx.finetune_dir/<run key>/`` and their rows re-appended on a rerun. The few-shot curve is the
-val-chosen single fine-tune's: an ensemble's would retrain every member at every k.
+Backbones whose weights are unavailable, and policies a backbone cannot take, are recorded as skips (the run
+continues); finished searches are cached in ``ctx.finetune_dir/<run key>/`` and their rows and trials re-appended
+on a rerun. The few-shot curve is the val-chosen single fine-tune's: an ensemble's would retrain every member at
+every k.
 """
 from __future__ import annotations
 
 import logging
 
 from extract.backbones import WeightsUnavailable, load_backbone
-from finetune.experiment import StoreAccess, run_finetune
-from finetune.model import PolicyNotApplicable
+from finetune.inputs import StoreAccess
+from finetune.search import applicable, run_finetune
 from study import distributed
 from study.protocol import curve_on_seed
-from study.results import append_rows, append_skip, fused_name, val_best
+from study.results import append_rows, append_skip, append_trials, fused_name, val_best
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +43,31 @@ def run(ctx) -> None:
         store = StoreAccess(root=ctx.store_dir, settings=pass_settings(ecfg, device=ctx.device),
                             view_seed=ecfg["view_seed"], weights_file=weights.get(name))
         loaded[name] = (backbone, store)
-        for policy in hp["policies"]:
-            try:
-                rows = run_finetune(backbone=backbone, policy=policy, manifest_path=ctx.manifest_path,
-                                    data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=device,
-                                    finetune_dir=ctx.finetune_dir, store=store, rebuild=ctx.rebuild_cache)
-            except PolicyNotApplicable as exc:
-                if distributed.is_main():
-                    append_skip(ctx.run_dir, stage="finetune", what=f"{name} {policy}", reason=str(exc),
-                                fix="change finetune.policies")
-                log.warning("finetune: skipping %s %s: %s", name, policy, exc)
-                continue
-            if rows:
-                append_rows(ctx.results_path, rows)
-                done += rows
+        done += _search(backbone, store, ctx=ctx, hp=hp, device=device)
     if hp["ensembles"]:
         _ensembles(done, loaded, ctx=ctx, hp=hp, device=device)
     if hp["fewshot_draws"] and ctx.config["classify"]["fewshot"]["k"] and curve_on_seed(ctx.config):
         _chosen_fewshot(done, loaded, ctx=ctx, hp=hp, device=device)
+
+
+def _search(backbone, store, *, ctx, hp: dict, device: str) -> list:
+    """One backbone's search (its rows, rank 0), the policies it cannot take recorded as skips."""
+    policies, refused = applicable(backbone, list(hp["policies"]))
+    for policy, reason in refused:
+        if distributed.is_main():
+            append_skip(ctx.run_dir, stage="finetune", what=f"{backbone.name} {policy}", reason=reason,
+                        fix="change finetune.policies")
+        log.warning("finetune: %s cannot take %s: %s", backbone.name, policy, reason)
+    if not policies:
+        return []
+    searched = run_finetune(backbone=backbone, manifest_path=ctx.manifest_path, data_root=ctx.data_root,
+                            hp={**hp, "policies": policies}, tune_cfg=ctx.config["tune"],
+                            tune_root=ctx.out_dir / "tune", seed=ctx.seed, device=device,
+                            finetune_dir=ctx.finetune_dir, store=store, rebuild=ctx.rebuild_cache)
+    if searched.rows:
+        append_rows(ctx.results_path, searched.rows)
+        append_trials(ctx.run_dir, searched.trials)
+    return searched.rows
 
 
 def _ensembles(done: list, loaded: dict, *, ctx, hp: dict, device: str) -> None:
@@ -66,7 +75,7 @@ def _ensembles(done: list, loaded: dict, *, ctx, hp: dict, device: str) -> None:
     backbone's val-chosen fine-tune (over the policies). Under torchrun every rank recomputes missing
     predictions with rank 0, which writes the rows."""
     from finetune.ensemble import ensemble_row
-    from finetune.experiment import run_predictions
+    from finetune.search import run_predictions
     from finetune.train import NotFinished
 
     done = distributed.broadcast_object(done if distributed.is_main() else None)
@@ -84,7 +93,8 @@ def _ensembles(done: list, loaded: dict, *, ctx, hp: dict, device: str) -> None:
                 row = val_best([r for r in done if r.backbone == name])
                 backbone, store = loaded[name]
                 members.append((row, run_predictions(backbone=backbone, row=row, manifest_path=ctx.manifest_path,
-                                                     data_root=ctx.data_root, hp=hp, seed=ctx.seed, device=device,
+                                                     data_root=ctx.data_root, hp=hp, tune_cfg=ctx.config["tune"],
+                                                     tune_root=ctx.out_dir / "tune", seed=ctx.seed, device=device,
                                                      finetune_dir=ctx.finetune_dir, store=store)))
         except NotFinished as exc:  # every rank sees the same files, so every rank skips alike
             if distributed.is_main():

@@ -25,6 +25,7 @@ def study_schema() -> dict:
     from extract.config import SCHEMA as extract_schema
     from finetune.config import SCHEMA as finetune_schema
     from reports.config import SCHEMA as report_schema
+    from study.tune import SCHEMA as tune_schema
 
     return {
         "name": Field("study", is_str, "a short name used in the run folder"),
@@ -32,6 +33,9 @@ def study_schema() -> dict:
         # Several split seeds: one split per seed over the same images, every head and fine-tune per seed;
         # the report gives mean +- sd over seeds. Empty: just `seed`.
         "seeds": Field([], list_of(int_range(0, 2**31 - 1))),
+        # Split seeds for development: search spaces, budgets and defaults are chosen on their val, and benchmarks
+        # use them by default; the evaluation seeds above are kept off that loop.
+        "dev_seeds": Field([100, 101], list_of(int_range(0, 2**31 - 1))),
         "device": Field("auto", one_of("auto", "cpu", "cuda", "mps")),
         "stages": Field(list(STAGES), _stages_check),
         "data": data_schema,
@@ -39,6 +43,7 @@ def study_schema() -> dict:
         "classify": classify_schema,
         "finetune": finetune_schema,
         "report": report_schema,
+        "tune": tune_schema,
     }
 
 
@@ -60,6 +65,10 @@ def check_config(config: dict) -> None:
 
     # Heads and fine-tuning choose their settings on val, so an empty val is refused only when they run.
     check_data(config["data"], needs_val=bool({"classify", "finetune"} & set(config["stages"])))
+    _check_seeds(config)
+    epochs = config["tune"]["finetune"]["epochs"]
+    if min(epochs if isinstance(epochs, list) else [epochs["low"]]) < 1:
+        raise ConfigError(f"config key 'tune.finetune.epochs' has value {epochs!r}; allowed: whole numbers >= 1")
     backbones = config["extract"]["backbones"]
     # A fusion naming a backbone the run does not extract (say, --set extract.backbones='["efficientnet_lite0"]'
     # against the default fusions) is a recorded skip of the classify stage, not a refusal.
@@ -85,6 +94,18 @@ def check_config(config: dict) -> None:
             raise ConfigError(f"config key 'extract.weights.{name}' names a backbone that is not in "
                               f"extract.backbones {backbones}; allowed: one of those; fix the name or add "
                               f"'{name}' to extract.backbones")
+
+
+def _check_seeds(config: dict) -> None:
+    seeds = config["seeds"]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"config key 'seeds' has value {seeds!r}; allowed: distinct split seeds (a repeated seed "
+                          "would count its rows twice)")
+    both = sorted(set(seeds or [config["seed"]]) & set(config["dev_seeds"]))
+    if both:
+        raise ConfigError(f"config key 'dev_seeds' has value {config['dev_seeds']!r}; allowed: split seeds that are "
+                          f"not evaluation seeds ({both} are in 'seeds'/'seed'): development stays off the splits "
+                          "the report scores")
 
 
 def check_before_work(config: dict, *, data_root: Path, out: Path) -> None:

@@ -29,6 +29,16 @@ def choose(scores: Sequence[tuple[float | None, float | None]]) -> int:
     return min(range(len(scores)), key=lambda i: rank_key(scores[i][0], scores[i][1], i))
 
 
+def choose_trial(trials: Sequence) -> int:
+    """The index of the chosen trial among a tuner study's completed ``trials`` (each with ``val``, ``seconds`` and
+    ``number``): the best val score; an exact tie goes to the cheaper trial, then the earlier one. A val log-loss
+    breaks no tie here: a study's trials differ in method or label smoothing, so their losses share no scale."""
+    if not trials:
+        raise ValueError("choose_trial: no completed trial")
+    return min(range(len(trials)), key=lambda i: (-_known(trials[i].val, otherwise=-math.inf), trials[i].seconds,
+                                                  trials[i].number))
+
+
 def val_order(df, *, val: str, loss: str, order: str = "row"):
     """``df`` (pandas) sorted best first by ``rank_key`` over its columns ``val``, ``loss`` and ``order``."""
     key = df.assign(_val=df[val].astype(float).fillna(-math.inf), _loss=df[loss].astype(float).fillna(math.inf))

@@ -316,6 +316,43 @@ def val_best(rows: list):
     return rows[choose([(r.val_mean_per_class, r.val_log_loss) for r in typed])]
 
 
+@dataclass(frozen=True)
+class TrialRow:
+    """One tuner trial (study/tune.py) as the report reads it: what the arm tried on val, and what it cost."""
+    arm: str                      # head | finetune
+    backbone: str
+    split_seed: int
+    number: int                   # the trial's number in its study (0-based, in the order trials started)
+    state: str                    # COMPLETE | PRUNED
+    params: dict
+    val_mean_per_class: float | None  # a pruned trial: the last val it reported
+    seconds: float
+    study: str
+    val_log_loss: float | None = None
+    best_epoch: int | None = None
+    curve: tuple[float, ...] = ()  # fine-tunes: val after each epoch of the scored phase
+    at_edge: tuple[str, ...] = ()  # numeric parameters within 5% of an end of their declared range
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "curve": list(self.curve), "at_edge": list(self.at_edge)}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "TrialRow":
+        return cls(**{**row, "curve": tuple(row.get("curve") or ()), "at_edge": tuple(row.get("at_edge") or ())})
+
+
+def append_trials(run_dir: str | Path, trials: list[TrialRow]) -> None:
+    if trials:
+        path = Path(run_dir) / "trials.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _append_whole(path, "".join(json.dumps(t.to_dict(), sort_keys=True) + "\n" for t in trials))
+
+
+def read_trials(run_dir: str | Path) -> list[TrialRow]:
+    path = Path(run_dir) / "trials.jsonl"
+    return [TrialRow.from_dict(r) for r in read_rows(path)] if path.is_file() else []
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 

@@ -1,0 +1,239 @@
+"""The head arm's search: one tuner study per (backbone or fusion, split seed) over every head and feature set.
+
+Each of ``tune.trials`` trials (study/tune.py) draws a method among ``classify.heads``, a feature set among those
+built for this backbone, and that method's settings from ``[tune.head]``; it fits the pipeline on train and is
+scored on clean val (mean per-class accuracy). The chosen trial (study/protocol.py ``choose_trial``) is refit on
+train+val and scores test once; no test row reaches a fit or a choice. ``heads/<key>/`` holds the fitted pipeline,
+its meta.json, the row (``rows.jsonl``) and the trials (``trials.json``): a rerun of the same search re-appends
+them without fitting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sklearn
+from sklearn.metrics import log_loss
+
+from classify.heads import class_scores, count_parameters, make_pipeline
+from classify.selection import HeadData, concat
+from classify.store import FORMAT_VERSION, cached_rows, save_head, save_rows
+from study import tune
+from study.atomic import file_lock, write_text_atomic
+from study.hashing import spec_hash
+from study.metrics import evaluate, mean_per_class_accuracy
+from study.protocol import choose_trial
+from study.provenance import git_sha
+from study.results import Costs, Metrics, Point, ResultRow, Selection, TrialRow
+
+log = logging.getLogger("study.classify")
+TRIALS_FILE = "trials.json"
+_METHOD_AXES = {"lr": ("lr_C",), "svm": ("svm_C", "svm_kernel"), "knn": ("knn_k", "knn_metric", "knn_weights")}
+
+
+@dataclass(frozen=True)
+class HeadJob:
+    """What every head of one feature set shares: where its rows come from and how it is scored."""
+    backbone: str  # a backbone name, or "fused:a+b"
+    fs: object  # extract.cache.FeatureSet (its identity, spec and per-row costs; the features may be stripped)
+    seed: int  # the split seed
+    n_boot: int
+    class_names: tuple[str, ...]
+    manifest_hash: str
+
+
+@dataclass(frozen=True)
+class HeadSearch:
+    """One head study's inputs: a backbone's (or fusion's) feature sets as head rows, and their FeatureSets."""
+    backbone: str
+    data: dict  # feature set name -> HeadData (built once, in the process that read the store)
+    jobs: dict  # feature set name -> HeadJob
+
+
+# ---------------------------------------------------------------------------------------------- a trial
+
+
+def point_of(params: dict) -> tuple[str, str, dict]:
+    """(method, feature set, pipeline settings) of a trial's parameters (classify.heads.make_pipeline's point)."""
+    method = params["method"]
+    point = {"power": params["power"], "norm": params["norm"], "pca": 0}
+    if method == "lr":
+        point["C"] = params["lr_C"]
+    elif method == "svm":
+        point.update(C=params["svm_C"], kernel=params["svm_kernel"])
+    else:
+        point.update(k=params["knn_k"], metric=params["knn_metric"], weights=params["knn_weights"])
+    return method, params["feature_set"], point
+
+
+def _suggest(trial, space: dict, *, methods: list[str], feature_sets: list[str]) -> dict:
+    method = trial.suggest_categorical("method", methods)
+    params = {"method": method, "feature_set": trial.suggest_categorical("feature_set", feature_sets)}
+    for name in ("norm", "power", *_METHOD_AXES[method]):
+        params[name] = space[name].suggest(trial)
+    return params
+
+
+def _objective(search: HeadSearch, *, space: dict, methods: list[str], solver: dict):
+    def objective(trial) -> tune.Outcome:
+        method, feature_set, point = point_of(_suggest(trial, space, methods=methods, feature_sets=list(search.data)))
+        data = search.data[feature_set]
+        model = make_pipeline(method, point, seed=search.jobs[feature_set].seed, head_cfg=solver,
+                              n_rows=len(data.train)).fit(data.train.X, data.train.y)
+        val = mean_per_class_accuracy(data.val.y, model.predict(data.val.X))
+        loss = float(log_loss(data.val.y, model.predict_proba(data.val.X), labels=model[-1].classes_)) \
+            if hasattr(model[-1], "predict_proba") else None
+        return tune.Outcome(val=val, val_log_loss=loss)
+    return objective
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+
+def search_key(search: HeadSearch, *, cfg: dict, tune_cfg: dict) -> str:
+    """What the search's numbers depend on: the content identity of every feature set it may read, what it may
+    try, its budget and seed, how it is scored, and scikit-learn's version."""
+    job = next(iter(search.jobs.values()))
+    return spec_hash({"kind": "head-search", "features": {name: j.fs.key for name, j in search.jobs.items()},
+                      "methods": list(cfg["heads"]), "space": tune_cfg["head"], "solver": cfg["lr"],
+                      "tune": {k: tune_cfg[k] for k in ("trials", "sampler", "startup_trials", "seed")},
+                      "seed": job.seed, "n_boot": job.n_boot, "sklearn": sklearn.__version__,
+                      "format": FORMAT_VERSION})
+
+
+def search_heads(search: HeadSearch, *, cfg: dict, tune_cfg: dict, out_dir: Path,
+                 heads_dir: Path) -> tuple[list[ResultRow], list[TrialRow]]:
+    """The head arm's row and trials for one backbone (reused from ``heads/<key>/`` when this search finished)."""
+    key = search_key(search, cfg=cfg, tune_cfg=tune_cfg)
+    head_dir, name = Path(heads_dir) / key, f"head-{key[:24]}"
+    # One search per head folder at a time: a second study on this --out waits, then reuses the finished head.
+    with file_lock(Path(heads_dir) / f".{key}.lock", what=f"searching the heads of {search.backbone}"):
+        cached = _cached(head_dir)
+        if cached is not None:
+            log.info("%s heads: reusing %s", search.backbone, head_dir)
+            return cached
+        space = tune.parse_space(tune_cfg["head"], integers=tune.HEAD_INTEGERS)
+        study = tune.open_study(name=name, cfg=tune_cfg, out_dir=out_dir)
+        tune.run_trials(study, _objective(search, space=space, methods=list(cfg["heads"]), solver=cfg["lr"]),
+                        trials=tune_cfg["trials"], lock=tune.budget_lock(out_dir, name),
+                        stale_after_s=tune_cfg["stale_after_s"])
+        trials = tune.finished(study)
+        row = _refit_chosen(search, trials=trials, solver=cfg["lr"], head_dir=head_dir, key=key)
+        records = trial_rows(search, trials, space=space, study=name)
+        write_text_atomic(head_dir / TRIALS_FILE, json.dumps([t.to_dict() for t in records]))
+        save_rows(head_dir, [row])  # written last: a folder without it is an unfinished search
+        return [row], records
+
+
+def _cached(head_dir: Path) -> tuple[list[ResultRow], list[TrialRow]] | None:
+    rows = cached_rows(head_dir)
+    if rows is None or not (head_dir / TRIALS_FILE).is_file():
+        return None
+    try:
+        return rows, [TrialRow.from_dict(t) for t in json.loads((head_dir / TRIALS_FILE).read_text())]
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("%s is unreadable (%s): the search is finished again", head_dir / TRIALS_FILE, exc)
+        return None
+
+
+def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: Path, key: str) -> ResultRow:
+    """The chosen trial's pipeline refit on train+val, then -- and only then -- test predicted once."""
+    complete = [t for t in trials if t.state == "COMPLETE"]
+    chosen = complete[choose_trial(complete)]
+    method, feature_set, point = point_of(chosen.params)
+    data, job = search.data[feature_set], search.jobs[feature_set]
+    t0 = time.perf_counter()
+    rows = concat(data.train, data.val_fit)
+    model = make_pipeline(method, point, seed=job.seed, head_cfg=solver, n_rows=len(rows)).fit(rows.X, rows.y)
+    refit_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scores = class_scores(model, data.test.X, n_classes=len(job.class_names))
+    pred = np.asarray(model.predict(data.test.X), dtype=np.int64)
+    fit = _Scored(test_pred=pred, test_scores=scores, train_s=sum(t.seconds for t in trials) + refit_s,
+                  predict_s=time.perf_counter() - t1)
+    points = [Point(params=t.params, val_mean_per_class=t.val, val_log_loss=t.val_log_loss,
+                    extra={"trial": t.number}) for t in complete]
+    row = result_row(kind="head", method=method, feature_set=feature_set, data=data, fit=fit, model=model,
+                     hyperparams=point, job=job, selection=Selection(points=tuple(points),
+                                                                     chosen=complete.index(chosen)),
+                     val_mean_per_class=chosen.val, fit_on="train+val", keys={"head_key": key})
+    save_head(head_dir, model=model, meta=head_meta(row, job))
+    log.info("%s heads: %d trials -> %s %s %s, val %.4f -> test mean per-class %.4f", search.backbone, len(trials),
+             method, feature_set, point, chosen.val, row.metrics.mean_per_class)
+    return row
+
+
+@dataclass(frozen=True)
+class _Scored:
+    test_pred: np.ndarray
+    test_scores: np.ndarray
+    train_s: float
+    predict_s: float
+
+
+def trial_rows(search: HeadSearch, trials: list, *, space: dict, study: str) -> list[TrialRow]:
+    seed = next(iter(search.jobs.values())).seed
+    return [TrialRow(arm="head", backbone=search.backbone, split_seed=seed, number=t.number, state=t.state,
+                     params=t.params, val_mean_per_class=t.val, val_log_loss=t.val_log_loss, seconds=t.seconds,
+                     study=study, at_edge=tuple(k for k, v in t.params.items() if k in space and space[k].at_edge(v)))
+            for t in trials]
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, fit, model, hyperparams: dict,
+               job: HeadJob, draw_seed: int | None = None, **fields) -> ResultRow:
+    """One head's row: ``fit`` (test predictions and scores, seconds) scored on test; ``fields`` are the row's own."""
+    fs = job.fs
+    # A few-shot fit's bootstrap draws with its draw seed, so each draw's interval is its own.
+    metrics = evaluate(data.test.y, fit.test_pred, fit.test_scores, n_classes=len(job.class_names),
+                       n_boot=job.n_boot, seed=job.seed if draw_seed is None else draw_seed)
+    n_train = int(len(np.unique(data.train.sample_id)))
+    defaults = {"n_train": n_train, "n_val": int(len(data.val)), "n_fit": n_train + int(len(data.val)),
+                "n_fit_rows": int(len(data.train) + len(data.val_fit))}
+    return ResultRow(
+        kind=kind, backbone=job.backbone, method=method, feature_set=feature_set, split_seed=job.seed,
+        draw_seed=draw_seed, metrics=Metrics.from_dict(metrics), tta=fs.spec.get("tta", "none"),
+        test_sample_id=tuple(data.test.sample_id.tolist()), test_pred=tuple(fit.test_pred.tolist()),
+        hyperparams=hyperparams, cache_key=fs.key, manifest_hash=job.manifest_hash, n_test=int(len(data.test)),
+        class_names=tuple(job.class_names), trainable_params=count_parameters(model),
+        # The compute share of the stored rows this head read (every split's clean and mirrored views, and
+        # the augmented views of train/val for 'aug'), as a fine-tune is charged the rows it read: the report
+        # compares the arms on total cost, not on the fits alone.
+        costs=Costs(train_s=fit.train_s, predict_s=fit.predict_s, feature_s=fs.cost_s(rows_read(fs, feature_set))),
+        # Augmented views per training image the head was fit on (0: clean only), counted from its rows.
+        views=int(len(data.train) // max(n_train, 1)) - 1,
+        git_sha=git_sha(), **{**defaults, **fields})
+
+
+def rows_read(fs, feature_set: str) -> np.ndarray:
+    """The feature rows a head of ``feature_set`` reads: clean and test-time views, plus augmented ones for 'aug'."""
+    view = np.asarray(fs.view)
+    return (view <= 0) | (feature_set == "aug")
+
+
+def head_meta(row: ResultRow, job: HeadJob) -> dict:
+    """What predict needs beside the fitted pipeline: which backbone made its features, and its classes."""
+    fs = job.fs
+    # No one backbone's pooled output made these features: predict refuses such a head.
+    fused = "fused" in fs.spec or "stages" in fs.spec
+    return {"backbone": job.backbone,
+            "backbone_spec": None if fused else backbone_spec_of(fs.spec, job.backbone),
+            "features_spec": fs.spec, "cache_key": fs.key, "class_names": list(job.class_names),
+            "method": row.method, "feature_set": row.feature_set, "hyperparams": row.hyperparams,
+            "manifest_hash": job.manifest_hash, "seed": row.split_seed}
+
+
+def backbone_spec_of(features_spec: dict, backbone: str) -> dict:
+    """The backbone part of a feature cache's spec (what predict compares with the loaded backbone)."""
+    spec = features_spec.get("backbone")
+    if isinstance(spec, dict):
+        return spec
+    raise ValueError(f"the feature cache spec for {backbone} has no 'backbone' table (keys: {sorted(features_spec)}); "
+                     "it was written by an older extract stage: rerun it")
+
