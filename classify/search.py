@@ -117,9 +117,10 @@ def search_heads(search: HeadSearch, *, cfg: dict, tune_cfg: dict, out_dir: Path
             log.info("%s heads: reusing %s", search.backbone, head_dir)
             return cached
         space = tune.parse_space(tune_cfg["head"], integers=tune.HEAD_INTEGERS)
-        study = tune.open_study(name=name, cfg=tune_cfg, out_dir=out_dir)
+        tune_dir = Path(out_dir) / "tune"
+        study = tune.open_study(name=name, cfg=tune_cfg, tune_dir=tune_dir)
         tune.run_trials(study, _objective(search, space=space, methods=list(cfg["heads"]), solver=cfg["lr"]),
-                        trials=tune_cfg["trials"], lock=tune.budget_lock(out_dir, name),
+                        trials=tune_cfg["trials"], lock=tune.budget_lock(tune_dir, name),
                         stale_after_s=tune_cfg["stale_after_s"])
         trials = tune.finished(study)
         row = _refit_chosen(search, trials=trials, solver=cfg["lr"], head_dir=head_dir, key=key)

@@ -70,7 +70,7 @@ class _Run:
     dir: Path
     hp: dict
     tune_cfg: dict
-    tune_root: Path
+    tune_dir: Path
     seed: int
     device: str
     finetune_dir: Path
@@ -92,7 +92,7 @@ def applicable(backbone, policies: list[str]) -> tuple[list[str], list[tuple[str
     return ok, refused
 
 
-def _prepare(*, backbone, manifest_path, data_root, hp, tune_cfg, tune_root, seed, device, finetune_dir, store,
+def _prepare(*, backbone, manifest_path, data_root, hp, tune_cfg, tune_dir, seed, device, finetune_dir, store,
              rebuild) -> _Run:
     manifest = read_manifest(manifest_path)
     policies, _ = applicable(backbone, list(hp["policies"]))
@@ -109,18 +109,18 @@ def _prepare(*, backbone, manifest_path, data_root, hp, tune_cfg, tune_root, see
             "hyperparams": {k: v for k, v in keyed(hp, ROW_KEYS).items() if k not in space}, "inputs": inputs}
     key = spec_hash(spec)
     return _Run(backbone=backbone, manifest=manifest, policies=policies, space=space, rows=rows, base=base, spec=spec,
-                key=key, dir=Path(finetune_dir) / key, hp=hp, tune_cfg=tune_cfg, tune_root=Path(tune_root), seed=seed,
+                key=key, dir=Path(finetune_dir) / key, hp=hp, tune_cfg=tune_cfg, tune_dir=Path(tune_dir), seed=seed,
                 device=device, finetune_dir=Path(finetune_dir))
 
 
-def run_finetune(*, backbone, manifest_path: Path, data_root: Path, hp: dict, tune_cfg: dict, tune_root: Path,
+def run_finetune(*, backbone, manifest_path: Path, data_root: Path, hp: dict, tune_cfg: dict, tune_dir: Path,
                  seed: int, device: str, finetune_dir: Path, store: StoreAccess, rebuild: bool = False,
                  on_epoch_end=None) -> Searched:
     """Search ``backbone``'s fine-tunes (extract.backbones.Backbone) on val, refit the chosen one on train+val and
     score test once: its results row and trials (rank 0; other ranks get none). ``hp`` is the [finetune] section
     with ``views`` an int; the frozen prefix's activations come from the activation store (``store``)."""
     run = _prepare(backbone=backbone, manifest_path=manifest_path, data_root=data_root, hp=hp, tune_cfg=tune_cfg,
-                   tune_root=tune_root, seed=seed, device=device, finetune_dir=finetune_dir, store=store,
+                   tune_dir=tune_dir, seed=seed, device=device, finetune_dir=finetune_dir, store=store,
                    rebuild=rebuild)
     cached = None if rebuild else finished(run)
     if cached is not None:
@@ -204,10 +204,9 @@ def _search(run: _Run, exp: _Experiment) -> list[tune.TrialRecord]:
 
     trials = None
     if distributed.is_main():
-        study = tune.open_study(name=run.name, cfg=run.tune_cfg, out_dir=run.tune_root.parent,
+        study = tune.open_study(name=run.name, cfg=run.tune_cfg, tune_dir=run.tune_dir,
                                 max_epochs=_max_epochs(run.space))
-        tune.run_trials(study, objective, trials=run.tune_cfg["trials"],
-                        lock=tune.budget_lock(run.tune_root.parent, run.name),
+        tune.run_trials(study, objective, trials=run.tune_cfg["trials"], lock=tune.budget_lock(run.tune_dir, run.name),
                         stale_after_s=run.tune_cfg["stale_after_s"])
         distributed.broadcast_object(None)  # the budget is met: the other ranks stop waiting for settings
         trials = tune.finished(study)
@@ -354,14 +353,14 @@ def _row(run: _Run, *, trials, chosen, fits, final, logits: np.ndarray, predict_
 
 
 def run_predictions(*, backbone, row: ResultRow, manifest_path: Path, data_root: Path, hp: dict, tune_cfg: dict,
-                    tune_root: Path, seed: int, device: str, finetune_dir: Path, store: StoreAccess) -> dict | None:
+                    tune_dir: Path, seed: int, device: str, finetune_dir: Path, store: StoreAccess) -> dict | None:
     """The logits behind a finished fine-tune's row (rank 0; None on other ranks): ``val_logits`` of the chosen
     trial's model trained on train (its kept epoch: what its val score was measured on), ``test_logits`` of the
     refit that scored test, with their ``*_labels`` and ``*_sample_id``. Read from the run's sealed
     ``predictions.pt``; when that is missing or damaged, recomputed from the run's kept models, which resume
     finished, so nothing trains again. Call it on every rank."""
     run = _prepare(backbone=backbone, manifest_path=manifest_path, data_root=data_root, hp=hp, tune_cfg=tune_cfg,
-                   tune_root=tune_root, seed=seed, device=device, finetune_dir=finetune_dir, store=store,
+                   tune_dir=tune_dir, seed=seed, device=device, finetune_dir=finetune_dir, store=store,
                    rebuild=False)
     if run.key != row.keys.get("run_key"):
         raise ValueError(f"fine-tune {backbone.name}: this config makes run {run.key}, but the row came from run "

@@ -62,7 +62,7 @@ def _search(backbone, store, *, ctx, hp: dict, device: str) -> list:
         return []
     searched = run_finetune(backbone=backbone, manifest_path=ctx.manifest_path, data_root=ctx.data_root,
                             hp={**hp, "policies": policies}, tune_cfg=ctx.config["tune"],
-                            tune_root=ctx.out_dir / "tune", seed=ctx.seed, device=device,
+                            tune_dir=ctx.out_dir / "tune", seed=ctx.seed, device=device,
                             finetune_dir=ctx.finetune_dir, store=store, rebuild=ctx.rebuild_cache)
     if searched.rows:
         append_rows(ctx.results_path, searched.rows)
@@ -94,7 +94,7 @@ def _ensembles(done: list, loaded: dict, *, ctx, hp: dict, device: str) -> None:
                 backbone, store = loaded[name]
                 members.append((row, run_predictions(backbone=backbone, row=row, manifest_path=ctx.manifest_path,
                                                      data_root=ctx.data_root, hp=hp, tune_cfg=ctx.config["tune"],
-                                                     tune_root=ctx.out_dir / "tune", seed=ctx.seed, device=device,
+                                                     tune_dir=ctx.out_dir / "tune", seed=ctx.seed, device=device,
                                                      finetune_dir=ctx.finetune_dir, store=store)))
         except NotFinished as exc:  # every rank sees the same files, so every rank skips alike
             if distributed.is_main():

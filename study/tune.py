@@ -6,7 +6,7 @@ the arm's declared search space (``[tune.head]`` / ``[tune.finetune]``: a list i
 fine-tune trial reports val after every epoch, and the pruner (Hyperband by default) may stop it; a pruned trial
 counts as a trial.
 
-Trials live in Optuna storage: a journal file under ``--out`` by default, or an RDB URL (``tune.storage``), so a
+Trials live in Optuna storage: a journal file under ``--out`` (``<out>/tune/journal.log``) by default, or an RDB URL (``tune.storage``), so a
 killed run resumes its studies. A finished trial is never run again; a trial cut off mid-way (its worker process
 is gone) is marked failed and run again with the same parameters, its fits resuming from their checkpoints.
 Several workers sharing the storage and ``--out`` share a study's budget: a new trial starts only under a lock
@@ -148,15 +148,15 @@ SCHEMA = {
 # ---------------------------------------------------------------------------------------------- storage
 
 
-def storage(*, url: str, out_dir: Path):
-    """The Optuna storage: ``url`` (an RDB URL), or the journal file ``<out>/tune/journal.log``."""
+def storage(*, url: str, tune_dir: Path):
+    """The Optuna storage: ``url`` (an RDB URL), or the journal file ``<tune_dir>/journal.log``."""
     import optuna
 
     if url:
         return optuna.storages.RDBStorage(url)
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
-    path = Path(out_dir) / "tune" / "journal.log"
+    path = Path(tune_dir) / "journal.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
@@ -286,17 +286,19 @@ def beat(trial) -> None:
     trial.set_user_attr("beat", time.time())
 
 
-def open_study(*, name: str, cfg: dict, out_dir: Path, max_epochs: int | None = None):
+def open_study(*, name: str, cfg: dict, tune_dir: Path, max_epochs: int | None = None):
+    """The study ``name`` in the storage (created, or resumed with every trial an earlier run finished)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=name, storage=storage(url=cfg["storage"], out_dir=out_dir),
+    return optuna.create_study(study_name=name, storage=storage(url=cfg["storage"], tune_dir=tune_dir),
                                sampler=sampler(cfg, name=name), pruner=pruner(cfg, max_epochs=max_epochs),
                                direction="maximize", load_if_exists=True)
 
 
-def budget_lock(out_dir: Path, name: str) -> Path:
-    return Path(out_dir) / "tune" / f".{name}.lock"
+def budget_lock(tune_dir: Path, name: str) -> Path:
+    """The lock a study's workers take to start a trial (beside the journal; on --out for an RDB storage)."""
+    return Path(tune_dir) / f".{name}.lock"
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -39,7 +39,7 @@ def objective(trial):
         time.sleep(600)
     time.sleep(pause)
     return tune.Outcome(val=-abs(params["x"] - 1.0) + {"a": 0.0, "b": 0.1, "c": 0.2}[params["kind"]])
-study = tune.open_study(name=name, cfg=cfg, out_dir=Path(out))
+study = tune.open_study(name=name, cfg=cfg, tune_dir=Path(out))
 tune.run_trials(study, objective, trials=cfg["trials"], lock=tune.budget_lock(Path(out), name))
 """
 
@@ -68,11 +68,11 @@ def _objective(seen: list, *, prune=lambda n: False):
 
 
 def test_the_budget_is_met_exactly_and_a_rerun_runs_nothing(tmp_path):
-    study = tune.open_study(name="s", cfg=CFG, out_dir=tmp_path)
+    study = tune.open_study(name="s", cfg=CFG, tune_dir=tmp_path)
     seen = []
     tune.run_trials(study, _objective(seen), trials=CFG["trials"], lock=tune.budget_lock(tmp_path, "s"))
     assert len(seen) == 8 and [t.number for t in tune.finished(study)] == list(range(8))
-    again = tune.open_study(name="s", cfg=CFG, out_dir=tmp_path)  # the journal under --out: a later run's view
+    again = tune.open_study(name="s", cfg=CFG, tune_dir=tmp_path)  # the journal under --out: a later run's view
     tune.run_trials(again, _objective(seen), trials=CFG["trials"], lock=tune.budget_lock(tmp_path, "s"))
     assert len(seen) == 8 and len(tune.finished(again)) == 8
     record = tune.finished(again)[0]
@@ -81,7 +81,7 @@ def test_the_budget_is_met_exactly_and_a_rerun_runs_nothing(tmp_path):
 
 
 def test_a_pruned_trial_counts_as_a_trial_and_is_recorded_as_pruned(tmp_path):
-    study = tune.open_study(name="p", cfg=CFG, out_dir=tmp_path)
+    study = tune.open_study(name="p", cfg=CFG, tune_dir=tmp_path)
     seen = []
     tune.run_trials(study, _objective(seen, prune=lambda n: n % 3 == 1), trials=6, lock=tune.budget_lock(tmp_path, "p"))
     records = tune.finished(study)
@@ -91,7 +91,7 @@ def test_a_pruned_trial_counts_as_a_trial_and_is_recorded_as_pruned(tmp_path):
 
 
 def test_an_objective_error_fails_the_trial_and_queues_its_setting_again(tmp_path):
-    study = tune.open_study(name="e", cfg=CFG, out_dir=tmp_path)
+    study = tune.open_study(name="e", cfg=CFG, tune_dir=tmp_path)
     space, seen = tune.parse_space(SPACE), []
 
     def flaky(trial):
@@ -119,7 +119,7 @@ def test_a_run_killed_mid_trial_resumes_without_rerunning_a_finished_trial(tmp_p
     again = _worker(tmp_path, "k")
     assert again.wait(timeout=300) == 0
     calls = _calls(tmp_path / "calls.jsonl")
-    study = tune.open_study(name="k", cfg=CFG, out_dir=tmp_path)
+    study = tune.open_study(name="k", cfg=CFG, tune_dir=tmp_path)
     records = tune.finished(study)
     assert len(records) == CFG["trials"] and all(r.state == "COMPLETE" for r in records)
     settings = [json.dumps(c["params"], sort_keys=True) for c in calls]
@@ -140,7 +140,7 @@ def test_two_workers_share_one_budget_and_choose_what_one_process_chooses(tmp_pa
     settings = [json.dumps(c["params"], sort_keys=True) for c in calls]
     assert len(calls) == CFG["trials"] and len(set(settings)) == len(settings)  # exactly the budget, none twice
     assert len({c["number"] for c in calls}) == CFG["trials"]
-    best = [max(tune.finished(tune.open_study(name="w", cfg=CFG, out_dir=d)), key=lambda r: r.val) for d in (one, two)]
+    best = [max(tune.finished(tune.open_study(name="w", cfg=CFG, tune_dir=d)), key=lambda r: r.val) for d in (one, two)]
     assert best[0].params == best[1].params and best[0].val == best[1].val
 
 
