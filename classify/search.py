@@ -109,7 +109,9 @@ def search_heads(search: HeadSearch, *, cfg: dict, tune_cfg: dict, out_dir: Path
                  heads_dir: Path) -> tuple[list[ResultRow], list[TrialRow]]:
     """The head arm's row and trials for one backbone (reused from ``heads/<key>/`` when this search finished)."""
     key = search_key(search, cfg=cfg, tune_cfg=tune_cfg)
-    head_dir, name = Path(heads_dir) / key, f"head-{key[:24]}"
+    # The study goes on with a larger budget (its first trials are the smaller budget's); the row's key changes.
+    head_dir = Path(heads_dir) / key
+    name = "head-" + search_key(search, cfg=cfg, tune_cfg={**tune_cfg, "trials": 0})[:24]
     # One search per head folder at a time: a second study on this --out waits, then reuses the finished head.
     with file_lock(Path(heads_dir) / f".{key}.lock", what=f"searching the heads of {search.backbone}"):
         cached = _cached(head_dir)
@@ -157,7 +159,7 @@ def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: P
     fit = _Scored(test_pred=pred, test_scores=scores, train_s=sum(t.seconds for t in trials) + refit_s,
                   predict_s=time.perf_counter() - t1)
     points = [Point(params=t.params, val_mean_per_class=t.val, val_log_loss=t.val_log_loss,
-                    extra={"trial": t.number}) for t in complete]
+                    extra={"trial": t.number, "seconds": t.seconds}) for t in complete]
     row = result_row(kind="head", method=method, feature_set=feature_set, data=data, fit=fit, model=model,
                      hyperparams=point, job=job, selection=Selection(points=tuple(points),
                                                                      chosen=complete.index(chosen)),

@@ -77,7 +77,10 @@ class _Run:
 
     @property
     def name(self) -> str:
-        return f"ft-{self.key[:24]}"
+        """The tuner study's name: the spec without the budget, so a larger budget goes on with the same study
+        (its first trials are the smaller budget's) while the row's key changes."""
+        tune_spec = {k: v for k, v in self.spec["tune"].items() if k != "trials"}
+        return "ft-" + spec_hash({**self.spec, "tune": tune_spec})[:24]
 
 
 def applicable(backbone, policies: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -103,14 +106,20 @@ def _prepare(*, backbone, manifest_path, data_root, hp, tune_cfg, tune_dir, seed
                                    device=device, store=store, data_root=Path(data_root), rebuild=rebuild)
     space = tune.parse_space(tune_cfg["finetune"], integers=tune.FINETUNE_INTEGERS)
     inputs = {p: rows.identity(p, ("train+val", "val", "test")) for p in phases}
-    spec = {**base, "unit": "search", "search_format": SEARCH_FORMAT, "policies": policies,
-            "space": {k: asdict(v) for k, v in space.items()},
-            "tune": {k: tune_cfg[k] for k in ("trials", "sampler", "startup_trials", "pruner", "seed")},
-            "hyperparams": {k: v for k, v in keyed(hp, ROW_KEYS).items() if k not in space}, "inputs": inputs}
+    spec = search_spec(base=base, policies=policies, space=space, tune_cfg=tune_cfg, hp=hp, inputs=inputs)
     key = spec_hash(spec)
     return _Run(backbone=backbone, manifest=manifest, policies=policies, space=space, rows=rows, base=base, spec=spec,
                 key=key, dir=Path(finetune_dir) / key, hp=hp, tune_cfg=tune_cfg, tune_dir=Path(tune_dir), seed=seed,
                 device=device, finetune_dir=Path(finetune_dir))
+
+
+def search_spec(*, base: dict, policies: list[str], space: dict, tune_cfg: dict, hp: dict, inputs: dict) -> dict:
+    """What a search's row depends on: the policies and the space it searches, its budget and sampler, the recipe's
+    fixed fields (declared in finetune/config.py) and the content identity of every store row it reads."""
+    return {**base, "unit": "search", "search_format": SEARCH_FORMAT, "policies": policies,
+            "space": {k: asdict(v) for k, v in space.items()},
+            "tune": {k: tune_cfg[k] for k in ("trials", "sampler", "startup_trials", "pruner", "seed")},
+            "hyperparams": {k: v for k, v in keyed(hp, ROW_KEYS).items() if k not in space}, "inputs": inputs}
 
 
 def run_finetune(*, backbone, manifest_path: Path, data_root: Path, hp: dict, tune_cfg: dict, tune_dir: Path,
@@ -301,7 +310,7 @@ def _selection(trials: list[tune.TrialRecord], chosen: tune.TrialRecord, fits: l
     complete = [t for t in trials if t.state == "COMPLETE"]
     points = [Point(params=t.params, val_mean_per_class=t.val, val_log_loss=t.val_log_loss,
                     best_epoch=t.attrs.get("best_epoch"), epochs_run=t.attrs.get("epochs_run"),
-                    extra={"trial": t.number}) for t in complete]
+                    extra={"trial": t.number, "seconds": t.seconds}) for t in complete]
     curve, best_epoch = _curve(fits)
     return Selection(points=tuple(points), chosen=complete.index(chosen), best_epoch=best_epoch, curve=tuple(curve),
                      stopped_early=fits[-1].result.stopped_early)

@@ -22,3 +22,10 @@ def search(*, backbone, policies, hp: dict, tune_cfg=None, tune_dir=None, finetu
     policies = [policies] if isinstance(policies, str) else list(policies)
     return run_finetune(backbone=backbone, hp={**hp, "policies": policies}, tune_cfg=tune_cfg or tune_config(),
                         tune_dir=tune_dir or finetune_dir.parent / "tune", finetune_dir=finetune_dir, **kw)
+
+
+def recipe(**changes) -> dict:
+    """A whole recipe for a Trainer built by hand: the default [finetune] section and the FIXED setting."""
+    from pipeline.config import load_config
+
+    return {**load_config()["finetune"], **{k: v[0] for k, v in FIXED.items()}, **changes}

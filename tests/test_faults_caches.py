@@ -39,6 +39,7 @@ from study.errors import StudyError, WriteFailed
 from study.results import read_rows
 from tests.classify_fixtures import EXTRACT_CONFIG, small_classify_config, tiny_lite0_features
 from tests.conftest import REPO
+from tests.finetune_fixtures import recipe
 
 pytestmark = pytest.mark.needs_data
 
@@ -68,9 +69,8 @@ def ft(features, tiny_manifest):
     from extract.backbones import load_backbone
     from finetune.inputs import load_prefix
     from finetune.train import CachedSource
-    from pipeline.config import load_config
 
-    hp = dict(load_config()["finetune"])
+    hp = recipe()
     hp.update(epochs=3, patience=10, views=1, batch_size=8, lr=3e-3, warmup_epochs=1, num_workers=0,
               precision="fp32", tta="none")
     manifest = read_manifest(tiny_manifest)
@@ -372,8 +372,9 @@ def study_config(tmp_path: Path, stages: str) -> Path:
                     '[data.split]\nprotocol = "fraction"\ntrain_fraction = 0.5\nval_fraction = 0.25\n'
                     '[extract]\nviews = 0\ntta = "none"\nprecision = "fp32"\nnum_workers = 0\nbatch_size = 8\n'
                     '[classify]\nheads = ["lr"]\nfeature_sets = ["clean"]\nbootstrap = 20\n'
-                    '[classify.lr]\nC = [0.1, 1.0]\nnorm = ["l2"]\n[classify.fewshot]\nk = []\n'
-                    '[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n')
+                    '[classify.fewshot]\nk = []\n[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n'
+                    '[tune]\ntrials = 2\nsampler = "random"\n[tune.head]\nnorm = ["l2"]\n'
+                    'lr_C = {low = 0.1, high = 1.0, log = true}\n')
     return path
 
 

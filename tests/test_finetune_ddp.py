@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from extract.backbones import load_backbone
 from finetune.model import build_split_net
 from finetune.train import CachedSource, Trainer
-from pipeline.config import load_config
+from tests.finetune_fixtures import recipe
 
 N_TRAIN, N_VAL, DIM, CLASSES = 32, 8, 512, 4
 
@@ -27,7 +27,7 @@ def _data():
 
 
 def _train(ckpt_dir, batch_size: int) -> dict:
-    hp = dict(load_config()["finetune"])
+    hp = recipe()
     hp.update(epochs=2, batch_size=batch_size, lr=1e-2, warmup_epochs=0, patience=5,
               precision="fp32")  # compared with a tolerance of 1e-5: bf16 (the "auto" of a bf16 CPU) rounds more
     # Head policy: no BatchNorm trains, so DDP's averaged gradients equal one process's big-batch gradient.

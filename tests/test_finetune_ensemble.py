@@ -16,21 +16,28 @@ from extract.engine import PassSettings
 from finetune import train as train_mod
 from finetune.checkpoint import read_checkpoint, save_checkpoint
 from finetune.ensemble import METHOD, ensemble_row
-from finetune.experiment import PREDICTIONS, StoreAccess, run_finetune, run_predictions
+from finetune.inputs import StoreAccess
+from finetune.search import PREDICTIONS, run_finetune, run_predictions
 from finetune.train import NotFinished
 from pipeline.config import load_config
 from study.metrics import mean_per_class_accuracy
-from study.results import check_row, val_best
+from study.results import check_row
+from tests.finetune_fixtures import recipe, tune_config
 
 NAMES = ("efficientnet_lite0", "efficientnet_lite1")
 POLICIES = ("head", "probe+last:1")  # probe+last:1: two phases, the chosen model is phase 2's
+# Two trials per backbone, one fixed recipe: each search chooses its policy on val.
+TUNE = dict(trials=2)
+TUNE_SET = ("tune.trials=2", "tune.startup_trials=1", 'tune.sampler="random"', 'tune.pruner="none"',
+            "tune.finetune.lr=[3e-3]", "tune.finetune.backbone_lr_mult=[0.1]", "tune.finetune.weight_decay=[0.01]",
+            "tune.finetune.label_smoothing=[0.1]", "tune.finetune.epochs=[3]")
 
 
 @pytest.fixture(scope="module")
 def hp():
-    hp = dict(load_config()["finetune"])
-    hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
-              grid={"lr": [3e-3, 1e-2]}, ensembles=[])
+    hp = recipe()
+    hp.update(views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32", ensembles=[],
+              policies=list(POLICIES))
     return hp
 
 
@@ -41,26 +48,30 @@ def setup(lite0, hp, tiny_manifest, data_root, tmp_path_factory):
                                                                    progress=False))
     backbones = {"efficientnet_lite0": lite0, "efficientnet_lite1": load_backbone("efficientnet_lite1")}
     common = dict(manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0, device="cpu",
-                  finetune_dir=root / "finetune", store=store)
-    runs = {(name, policy): run_finetune(backbone=bb, policy=policy, **common)[0]
-            for name, bb in backbones.items() for policy in POLICIES}
-    # Each backbone's val-chosen fine-tune: the ensemble's members.
-    rows = {name: val_best([runs[(name, p)] for p in POLICIES]) for name in NAMES}
+                  finetune_dir=root / "finetune", store=store, tune_cfg=tune_config(**TUNE), tune_dir=root / "tune")
+    # Each backbone's val-chosen fine-tune (its search over POLICIES): the ensemble's members.
+    rows = {name: run_finetune(backbone=bb, **common).rows[0] for name, bb in backbones.items()}
+    # A two-phase fine-tune whatever the searches chose: its scored model is phase 2's.
+    probe_hp = {**hp, "policies": ["probe+last:1"]}
+    runs = {**{(name, "chosen"): (row, hp) for name, row in rows.items()},
+            ("efficientnet_lite0", "probe+last:1"): (run_finetune(backbone=lite0, **{**common, "hp": probe_hp}).rows[0],
+                                                     probe_hp)}
     return {"root": root, "backbones": backbones, "common": common, "runs": runs, "rows": rows}
 
 
-def _predictions(setup, name, row=None):
-    return run_predictions(backbone=setup["backbones"][name], row=row or setup["rows"][name], **setup["common"])
+def _predictions(setup, name, row=None, hp=None):
+    common = {**setup["common"], **({"hp": hp} if hp else {})}
+    return run_predictions(backbone=setup["backbones"][name], row=row or setup["rows"][name], **common)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,policy", [("efficientnet_lite0", "chosen"), ("efficientnet_lite1", "chosen"),
+                                         ("efficientnet_lite0", "probe+last:1")])
 def test_stored_predictions_are_the_scored_models(setup, name, policy):
     """Val logits are the chosen point's model trained on train, at its kept epoch: their val score and val
     log-loss are the ones its selection recorded (a refit, trained on val, would score a lower loss); test
     logits are the refit's (the row's test predictions)."""
-    row = setup["runs"][(name, policy)]
-    p = _predictions(setup, name, row)
+    row, hp = setup["runs"][(name, policy)]
+    p = _predictions(setup, name, row, hp)
     assert mean_per_class_accuracy(p["val_labels"], p["val_logits"].argmax(1)) == pytest.approx(
         row.val_mean_per_class, abs=1e-12)
     logits, labels = torch.from_numpy(p["val_logits"]), torch.from_numpy(p["val_labels"])
@@ -123,7 +134,7 @@ def test_a_row_from_other_settings_is_refused(setup):
     name = "efficientnet_lite0"
     with pytest.raises(ValueError, match="came from run"):
         run_predictions(backbone=setup["backbones"][name], row=setup["rows"][name],
-                        **{**setup["common"], "hp": {**setup["common"]["hp"], "label_smoothing": 0.2}})
+                        **{**setup["common"], "hp": {**setup["common"]["hp"], "dropout": 0.2}})
 
 
 def test_the_ensemble_averages_its_members_softmax(setup):
@@ -168,24 +179,22 @@ def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_ma
     from finetune import stage
     from reports.render import protocol_arm_lines
     from study.context import StudyContext
-    from study.results import read_results, read_rows, read_skips
+    from study.results import read_results, read_skips
 
     out_dir = setup["root"]  # the layout StudyContext expects: finetune/, store/, dataset/
     (out_dir / "dataset").mkdir(exist_ok=True)
     (out_dir / "dataset" / "manifest.csv").write_bytes(tiny_manifest.read_bytes())
     config = load_config(overrides=[
-        f"extract.backbones={list(NAMES)}", f"finetune.policies={list(POLICIES)}", "finetune.epochs=3",
-        "finetune.views=1",
-        "finetune.batch_size=8", "finetune.lr=3e-3", "finetune.grid={lr=[3e-3, 1e-2]}", "finetune.n_boot=20",
-        "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "finetune.fewshot_draws=0",
-        "finetune.backbones=[]",
+        f"extract.backbones={list(NAMES)}", f"finetune.policies={list(POLICIES)}", "finetune.views=1",
+        "finetune.batch_size=8", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
+        'extract.precision="fp32"', "finetune.fewshot_draws=0", "finetune.backbones=[]", *TUNE_SET,
         'finetune.ensembles=[["efficientnet_lite0", "efficientnet_lite1"], '
         '["efficientnet_lite0", "efficientnet_lite2"]]'])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
     rows = [r.replace(index=-1) for r in read_results(ctx.results_path)]
-    assert rows[:4] == [setup["runs"][(n, p)] for n in NAMES for p in POLICIES]  # cached fine-tunes, re-appended
-    (ens,) = rows[4:]
+    assert rows[:2] == [setup["rows"][n] for n in NAMES]  # cached fine-tunes, re-appended
+    (ens,) = rows[2:]
     # Its members are each backbone's val-chosen fine-tune.
     assert [m["run_key"] for m in ens.hyperparams["members"]] == [setup["rows"][n].keys["run_key"] for n in NAMES]
     expected = ensemble_row([(setup["rows"][n], _predictions(setup, n)) for n in NAMES], n_boot=20)
@@ -197,7 +206,7 @@ def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_ma
     assert any(line.startswith("- `ft:ensemble` (`fused:efficientnet_lite0+efficientnet_lite1`)") for line in lines)
     # Each (method, augmentation) once, with how many backbones ran it.
     (arm,) = [line for line in lines if line.startswith("- **fine-tune**")]
-    assert "(`ft:ensemble (light)`, `ft:head (light)` x2, `ft:probe+last:1 (light)` x2)" in arm
+    assert "`ft:ensemble (light)`" in arm
 
 
 def test_config_refuses_an_ensemble_of_one_backbone_twice_or_out_of_the_fusions_order():

@@ -11,11 +11,10 @@ from classify.fewshot import draw_indices
 from dataset.manifest import read_manifest
 from extract.engine import PassSettings
 from finetune import train as train_mod
-from finetune.experiment import StoreAccess, run_finetune
 from finetune.fewshot import chosen_recipe, run_fewshot, scaled_schedule
-from finetune.inputs import FitInputs
-from pipeline.config import load_config
+from finetune.inputs import FitInputs, StoreAccess
 from study.results import check_row
+from tests.finetune_fixtures import recipe, search, tune_config
 
 pytestmark = pytest.mark.needs_data
 
@@ -32,14 +31,14 @@ def test_the_schedule_keeps_the_refits_optimizer_steps():
 
 @pytest.fixture(scope="module")
 def setup(lite0, tiny_manifest, data_root, tmp_path_factory):
-    hp = dict(load_config()["finetune"])
-    hp.update(epochs=3, views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
-              grid={"lr": [3e-3, 1e-2]})
+    hp = recipe()
+    hp.update(views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32")
     store = StoreAccess(root=tmp_path_factory.mktemp("store"),
                         settings=PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False))
     finetune_dir = tmp_path_factory.mktemp("ft")
-    (row,) = run_finetune(backbone=lite0, policy="last:1", manifest_path=tiny_manifest, data_root=data_root, hp=hp,
-                          seed=0, device="cpu", finetune_dir=finetune_dir, store=store)
+    (row,) = search(backbone=lite0, policies="last:1", manifest_path=tiny_manifest, data_root=data_root, hp=hp,
+                    seed=0, device="cpu", finetune_dir=finetune_dir, store=store,
+                    tune_cfg=tune_config(trials=2, finetune={"lr": [3e-3, 1e-2]})).rows
     return hp, store, finetune_dir, row
 
 
@@ -75,8 +74,8 @@ def test_fewshot_retrains_the_chosen_recipe_on_the_head_arms_draws(lite0, setup,
         assert {k: r.hyperparams[k] for k in point} == point
         # The refit's steps: refit epochs x (32 train+val images / 4k), capped by the stretched schedule.
         factor = math.ceil(32 / hp["batch_size"]) / math.ceil(4 * r.k_per_class / hp["batch_size"])
-        expected = min(math.ceil(refit[0] * factor), math.ceil(hp["epochs"] * factor))
-        assert r.hyperparams["epochs"] == [expected]
+        expected = min(math.ceil(refit[0] * factor), math.ceil(point["epochs"] * factor))
+        assert r.hyperparams["trained_epochs"] == [expected]
         # The images trained on are the ones the head arm draws with the same seed from the same pool.
         (drawn,) = [pos for name, pos in parts.items()
                     if name.startswith(f"fewshot:train+val:{r.k_per_class}:{r.draw_seed}:")]

@@ -5,6 +5,7 @@ Small and real: the tiny 4-class Caltech manifest, EfficientNet-Lite0's real wei
 from __future__ import annotations
 
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,13 +14,15 @@ from dataset.manifest import read_manifest
 from extract.blocks import parse_policy
 from extract.engine import PassSettings, plan_layers
 from finetune import train as train_mod
-from finetune.config import GRID_AXES
-from finetune.experiment import StoreAccess, choose, grid_points, run_finetune
+from finetune.config import SEARCH_AXES
+from finetune.inputs import StoreAccess
 from finetune.model import build_split_net
 from pipeline.config import load_config
 from study.config import REPO_ROOT
-from study.results import ResultRow, check_row
+from study.protocol import choose, choose_trial
+from study.results import ResultRow, TrialRow, check_row
 from study.schema import ConfigError
+from tests.finetune_fixtures import recipe, search, tune_config
 
 # ------------------------------------------------------------------------------------ no training
 
@@ -43,26 +46,40 @@ def test_probe_policy_stores_its_cut_once():
     assert both[1].spec == plan_layers("efficientnet_lite0", ["last:2"])[1].spec
 
 
-def test_grid_config_and_points():
-    cfg = load_config("configs/gpu.toml")["finetune"]  # the full study sweeps both axes
-    assert len(cfg["grid"]["lr"]) >= 2 and len(cfg["grid"]["backbone_lr_mult"]) >= 2
-    hp = {**cfg, "grid": {"backbone_lr_mult": [0.1, 0.3], "lr": [1e-3, 3e-3]}}
-    # lr is the outer axis whatever the table's order; each point names both learning rates.
-    assert grid_points(hp, "last:1") == [{"lr": 1e-3, "backbone_lr_mult": 0.1}, {"lr": 1e-3, "backbone_lr_mult": 0.3},
-                                         {"lr": 3e-3, "backbone_lr_mult": 0.1}, {"lr": 3e-3, "backbone_lr_mult": 0.3}]
-    assert grid_points(hp, "head") == [{"lr": 1e-3}, {"lr": 3e-3}]  # no trunk trains: the mult is not swept
-    assert grid_points({**cfg, "grid": {}}, "probe+last:2") == [{"lr": cfg["lr"], "backbone_lr_mult": cfg["backbone_lr_mult"]}]
-    for bad, match in [("finetune.grid={momentum=[0.9]}", "finetune.grid.momentum"),
-                       ("finetune.grid={lr=[]}", "finetune.grid.lr"),
-                       ("finetune.grid={lr=[0.1, 0.1]}", "distinct"), ("finetune.grid=3", "table of lists")]:
+def test_the_space_is_declared_and_the_trunk_multiplier_drawn_only_for_policies_that_train_blocks():
+    import optuna
+
+    from finetune.search import _suggest
+    from study import tune
+
+    cfg = load_config("configs/gpu.toml")  # the full study searches every axis, over more policies
+    assert set(cfg["tune"]["finetune"]) == set(SEARCH_AXES) and len(cfg["finetune"]["policies"]) >= 4
+    space = tune.parse_space(cfg["tune"]["finetune"], integers=tune.FINETUNE_INTEGERS)
+    assert space["lr"].log and space["epochs"].integer
+    run = SimpleNamespace(policies=["head", "last:1"], space=space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [_suggest(study.ask(), run) for _ in range(20)]
+    assert {p for p, _ in drawn} == {"head", "last:1"}
+    for policy, point in drawn:
+        assert ("backbone_lr_mult" in point) == (policy == "last:1")  # no trunk parameter trains for 'head'
+        assert set(point) - {"backbone_lr_mult"} == {"lr", "weight_decay", "label_smoothing", "epochs"}
+        assert space["epochs"].low <= point["epochs"] <= space["epochs"].high
+    for bad, match in [("tune.finetune.momentum=[0.9]", "tune.finetune.momentum"),
+                       ("tune.finetune.lr=[]", "tune.finetune.lr"), ("finetune.grid={lr=[0.1]}", "finetune.grid"),
+                       ("tune.finetune.epochs={low=0, high=3}", "tune.finetune.epochs")]:
         with pytest.raises(ConfigError, match=match):
             load_config(overrides=[bad])
-    assert set(GRID_AXES) >= {"lr", "backbone_lr_mult"}
 
 
-def test_choice_ties_break_on_val_loss_then_the_earlier_point():
+def test_choices_go_to_the_best_val_then_the_cheaper_then_the_earlier():
+    T = SimpleNamespace
     assert choose([(0.8, 0.5), (0.9, 0.9), (0.9, 0.4), (0.9, 0.4)]) == 2
     assert choose([(0.9, None), (0.9, float("nan")), (0.5, 0.1)]) == 0
+    trials = [T(val=0.8, seconds=1, number=0), T(val=0.9, seconds=9, number=1), T(val=0.9, seconds=3, number=2),
+              T(val=0.9, seconds=3, number=3)]
+    assert choose_trial(trials) == 2  # an exact val tie: the cheaper, then the earlier; no log-loss across recipes
+    with pytest.raises(ValueError, match="no completed trial"):
+        choose_trial([])
 
 
 # ------------------------------------------------------------------------------------ real fine-tunes
@@ -70,9 +87,8 @@ def test_choice_ties_break_on_val_loss_then_the_earlier_point():
 
 @pytest.fixture(scope="module")
 def hp():
-    hp = dict(load_config()["finetune"])
-    hp.update(epochs=3, views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
-              grid={"lr": [3e-3, 1e-2]})
+    hp = recipe()
+    hp.update(views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32")
     return hp
 
 
@@ -82,9 +98,15 @@ def store(tmp_path_factory):
     return StoreAccess(root=tmp_path_factory.mktemp("store"), settings=settings)
 
 
-def _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, policy, on_epoch_end=None):
-    (row,) = run_finetune(backbone=lite0, policy=policy, manifest_path=tiny_manifest, data_root=data_root, hp=hp,
-                          seed=0, device="cpu", finetune_dir=finetune_dir, store=store, on_epoch_end=on_epoch_end)
+# Two trials over a continuous lr (so they differ), one fixed recipe otherwise.
+TWO = {"trials": 2, "finetune": {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}}
+
+
+def _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, policy, on_epoch_end=None, tune=None):
+    searched = search(backbone=lite0, policies=policy, manifest_path=tiny_manifest, data_root=data_root, hp=hp,
+                      seed=0, device="cpu", finetune_dir=finetune_dir, store=store, on_epoch_end=on_epoch_end,
+                      tune_cfg=tune_config(**(tune or {})))
+    (row,) = searched.rows
     return row
 
 
@@ -122,32 +144,34 @@ class Spy:
 @pytest.fixture(scope="module")
 def head_run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory):
     finetune_dir = tmp_path_factory.mktemp("ft-head")
-    return finetune_dir, _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head")
+    return finetune_dir, _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune=TWO)
 
 
 @pytest.fixture(scope="module")
 def probe_run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory):
-    """probe+last:1 with one grid point, in a fresh folder, every fit and store read recorded."""
+    """probe+last:1 with one trial of one recipe, in a fresh folder, every fit and store read recorded."""
     spy = Spy(read_manifest(tiny_manifest))
     with pytest.MonkeyPatch.context() as mp:
         spy.install(mp)
-        row = _run(lite0, {**hp, "grid": {}, "lr": 1e-2}, store, tiny_manifest, data_root,
-                   tmp_path_factory.mktemp("ft-probe"), "probe+last:1")
+        row = _run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory.mktemp("ft-probe"), "probe+last:1",
+                   tune={"finetune": {"lr": [1e-2]}})
     return row, spy.events
 
 
-def test_grid_is_chosen_on_val_and_the_choice_refit_on_train_val(head_run, hp):
+def test_the_best_trial_is_chosen_on_val_and_refit_on_train_val(head_run, hp):
     finetune_dir, row = head_run
-    check_row(row)  # its val score is its best grid point's
+    check_row(row)  # its val score is its chosen trial's
     sel = row.selection
-    assert [g.params for g in sel.points] == [{"lr": 3e-3}, {"lr": 1e-2}]
-    best = choose([(g.val_mean_per_class, g.val_log_loss) for g in sel.points])
-    chosen = sel.points[best]
+    lrs = [g.params["lr"] for g in sel.points]
+    assert len(lrs) == 2 and lrs[0] != lrs[1] and all(g.params["policy"] == "head" for g in sel.points)
+    chosen = sel.points[choose_trial([SimpleNamespace(val=g.val_mean_per_class, seconds=g.extra["seconds"],
+                                                      number=g.extra["trial"]) for g in sel.points])]
+    assert chosen.val_mean_per_class == max(g.val_mean_per_class for g in sel.points)
     assert row.val_mean_per_class == chosen.val_mean_per_class == sel.best.val_mean_per_class
     assert row.hyperparams["lr"] == chosen.params["lr"] and row.hyperparams["best_epoch"] == chosen.best_epoch
     assert row.fit_on == "train+val" and row.n_fit == row.n_train + row.n_val == 32
     typed = ResultRow.from_dict(row.to_dict(), index=0)
-    assert typed.n_variants == 2 and typed.selection.best.params == chosen.params and typed.fit_on == "train+val"
+    assert typed.n_variants == 2 and typed.selection.best == chosen and typed.fit_on == "train+val"
     # The scored model: the chosen lr, refit on train+val for exactly the chosen epoch count, and no more.
     (refit_key,) = row.keys["fit_keys"]
     last = torch.load(finetune_dir / "fits" / refit_key / "last.pt", weights_only=False)
@@ -171,7 +195,8 @@ def test_test_is_read_once_after_the_final_refit_and_the_refit_reads_val_views(p
 
 def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, lite0):
     row, events = probe_run
-    fits = [e for e in events if e[0] == "fit"]
+    # The first call of each fit (the chosen trial's fits are called again after the search: they resume finished).
+    fits = list({e[4]: e for e in reversed([e for e in events if e[0] == "fit"])}.values())
     (p1,) = [e for e in fits if e[1] == ()]  # head: no unit trains
     (p2,) = [e for e in fits if e[1] != ()]
     best = torch.load(p1[4] / "best.pt", weights_only=False)["model"]
@@ -190,8 +215,8 @@ def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, lite0):
     check_row(row)
 
 
-def test_rerun_is_cached_and_a_larger_grid_trains_only_what_is_new(head_run, lite0, hp, store, tiny_manifest,
-                                                                    data_root, monkeypatch):
+def test_rerun_is_cached_and_a_larger_budget_trains_only_the_new_trial(head_run, lite0, hp, store, tiny_manifest,
+                                                                       data_root, monkeypatch):
     finetune_dir, row = head_run
     trained = []
     epoch = train_mod.Trainer.train_epoch
@@ -200,19 +225,21 @@ def test_rerun_is_cached_and_a_larger_grid_trains_only_what_is_new(head_run, lit
         trained.append((trainer.hp["lr"], len(source)))
         return epoch(trainer, source, **k)
     monkeypatch.setattr(train_mod.Trainer, "train_epoch", spy)
-    again = _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head")
+    again = _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune=TWO)
     assert again == row and trained == []
-    bigger = _run(lite0, {**hp, "grid": {"lr": [3e-3, 1e-2, 3e-2]}}, store, tiny_manifest, data_root, finetune_dir,
-                  "head")
+    bigger = _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune={**TWO, "trials": 3})
     assert bigger.keys["run_key"] != row.keys["run_key"] and len(bigger.selection.points) == 3
-    assert bigger.selection.points[:2] == row.selection.points  # the two old points: reused, not retrained
-    assert {lr for lr, n in trained if n == 24} == {3e-2}  # on train (24 images): only the new point trains
+    assert bigger.selection.points[:2] == row.selection.points  # the study went on: its two trials kept, not retrained
+    new_lr = bigger.selection.points[2].params["lr"]
+    assert {lr for lr, n in trained if n == 24} == {new_lr}  # on train (24 images): only the new trial trains
+    trials = [t for t in read_trials_of(finetune_dir, bigger)]
+    assert [t.number for t in trials] == [0, 1, 2] and all(t.state == "COMPLETE" for t in trials)
 
 
 def test_rows_carry_the_git_sha(head_run, probe_run, monkeypatch):
     import re
 
-    from finetune import experiment
+    from finetune import search as experiment  # the module that writes the rows
 
     for row in (head_run[1], probe_run[0]):
         assert row.git_sha == experiment.git_sha() and re.fullmatch(r"[0-9a-f]{40}(-dirty)?", row.git_sha)
@@ -224,3 +251,10 @@ def test_rows_carry_the_git_sha(head_run, probe_run, monkeypatch):
         assert uncached() == want
     monkeypatch.setattr("study.provenance.git_state", lambda repo: {"sha": None, "dirty": None})
     assert uncached() is None
+
+
+def read_trials_of(finetune_dir, row) -> list[TrialRow]:
+    """The trials a fine-tune's search stored next to its row."""
+    import json
+
+    return [TrialRow.from_dict(t) for t in json.loads((finetune_dir / row.keys["run_key"] / "trials.json").read_text())]

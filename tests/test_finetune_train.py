@@ -12,20 +12,26 @@ import torch
 from dataset.manifest import read_manifest
 from dataset.views import study_requests
 from extract.engine import PassSettings, ensure_rows, store_keys
-from finetune.experiment import StoreAccess, run_finetune
-from finetune.inputs import load_prefix
+from finetune.inputs import StoreAccess, load_prefix
 from finetune.model import build_split_net
 from finetune.train import CachedSource, ImageSource, Trainer
 from pipeline.config import load_config
 from study.results import check_row
+from tests.finetune_fixtures import recipe, search
+
+# The same search as tests/finetune_fixtures.py's, as --set overrides of a whole study config.
+TUNE = ("tune.trials=1", "tune.startup_trials=1", 'tune.sampler="random"', 'tune.pruner="none"', "tune.finetune.lr=[3e-3]",
+        "tune.finetune.backbone_lr_mult=[0.1]", "tune.finetune.weight_decay=[0.01]",
+        "tune.finetune.label_smoothing=[0.1]", "tune.finetune.epochs=[3]")
 
 
 @pytest.fixture(scope="module")
 def hp():
-    hp = dict(load_config()["finetune"])
+    hp = recipe()
     # fp32: cached-vs-naive and feature-cache comparisons need it on CPUs where "auto" is bf16.
-    hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32",
-              grid={})  # one point (lr 3e-3): the grid and the refit are tested in test_finetune_protocol.py
+    # The recipe a Trainer takes directly; the searches below draw the same one (tests/finetune_fixtures.py FIXED).
+    hp.update(epochs=3, views=1, batch_size=8, lr=3e-3, backbone_lr_mult=0.1, weight_decay=0.01, label_smoothing=0.1,
+              n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32")
     return hp
 
 
@@ -40,8 +46,8 @@ def dirs(tmp_path_factory):
 def runs(lite0, hp, dirs, tiny_manifest, data_root):
     out = {}
     for policy in ("head", "last:1"):
-        out[policy] = run_finetune(backbone=lite0, policy=policy, manifest_path=tiny_manifest, data_root=data_root,
-                                   hp=hp, seed=0, device="cpu", **dirs)
+        out[policy] = search(backbone=lite0, policies=policy, manifest_path=tiny_manifest, data_root=data_root,
+                             hp=hp, seed=0, device="cpu", **dirs).rows
     return out
 
 
@@ -58,8 +64,8 @@ def test_finetuning_learns(runs, policy):
 
 def test_rerun_reappends_cached_rows_without_training(runs, lite0, hp, dirs, tiny_manifest, data_root):
     epochs = []
-    again = run_finetune(backbone=lite0, policy="last:1", manifest_path=tiny_manifest, data_root=data_root, hp=hp,
-                         seed=0, device="cpu", on_epoch_end=lambda e, s: epochs.append(e), **dirs)
+    again = search(backbone=lite0, policies="last:1", manifest_path=tiny_manifest, data_root=data_root, hp=hp,
+                   seed=0, device="cpu", on_epoch_end=lambda e, s: epochs.append(e), **dirs).rows
     assert again == runs["last:1"] and epochs == []
 
 
@@ -167,9 +173,9 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     (out_dir / "dataset" / "manifest.csv").write_bytes(tiny_manifest.read_bytes())
     config = load_config(overrides=[
         'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
-        'finetune.policies=["head"]', "finetune.epochs=3", "finetune.views=1", "finetune.batch_size=8",
-        "finetune.lr=3e-3", "finetune.grid={}", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
-        'extract.precision="fp32"', "finetune.fewshot_draws=0", "finetune.backbones=[]", "finetune.ensembles=[]"])
+        'finetune.policies=["head"]', "finetune.views=1", "finetune.batch_size=8", "finetune.n_boot=20",
+        "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "finetune.fewshot_draws=0",
+        "finetune.backbones=[]", "finetune.ensembles=[]", *TUNE])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
     (row,) = read_results(ctx.results_path)
@@ -221,10 +227,10 @@ def test_changed_store_bytes_retrain_what_read_them(runs, lite0, hp, dirs, tiny_
     copy.write_segment(keys, data, compute_s=1.0)
     assert copy.key == source.key  # same entry, same row keys: only the bytes differ
     epochs = []
-    rows = run_finetune(backbone=lite0, policy="head", manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
-                        device="cpu", finetune_dir=dirs["finetune_dir"],
-                        store=dataclasses.replace(dirs["store"], root=tmp_path / "store"),
-                        on_epoch_end=lambda e, s: epochs.append(e))
+    rows = search(backbone=lite0, policies="head", manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
+                  device="cpu", finetune_dir=dirs["finetune_dir"],
+                  store=dataclasses.replace(dirs["store"], root=tmp_path / "store"),
+                  on_epoch_end=lambda e, s: epochs.append(e)).rows
     assert epochs and rows[0].keys["run_key"] != runs["head"][0].keys["run_key"]
 
 
@@ -242,9 +248,9 @@ def test_stage_draws_no_fewshot_curve_on_a_later_split_seed_with_split_seeds_fir
     monkeypatch.setattr(finetune.fewshot, "run_fewshot", lambda **kw: called.append(kw["seed"]) or [])
     for split_seeds, expected in (("first", []), ("all", [0])):
         config = load_config(overrides=[
-            'extract.backbones=["efficientnet_lite0"]', 'finetune.policies=["head"]', "finetune.epochs=3",
-            "finetune.views=1", "finetune.batch_size=8", "finetune.lr=3e-3", "finetune.grid={}", "finetune.n_boot=20",
-            "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "finetune.fewshot_draws=1",
+            'extract.backbones=["efficientnet_lite0"]', 'finetune.policies=["head"]', "finetune.views=1",
+            "finetune.batch_size=8", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
+            'extract.precision="fp32"', "finetune.fewshot_draws=1", *TUNE,
             f'classify.fewshot.split_seeds="{split_seeds}"', "seeds=[5, 0]", "seed=0"])
         called.clear()
         ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / split_seeds,
@@ -261,7 +267,7 @@ def test_resume_only_returns_a_finished_run_and_refuses_to_train(tmp_path, monke
     from finetune.train import NotFinished
     from tests.test_finetune_ddp import CLASSES, _data
 
-    hp = dict(load_config()["finetune"])
+    hp = recipe()
     hp.update(epochs=8, patience=1, batch_size=8, lr=1e-2, warmup_epochs=0, precision="fp32")
     train, val = _data()
 

@@ -60,30 +60,33 @@ def test_a_validated_config_is_read_only_and_survives_pickling():
     from study.schema import Section
 
     cfg = load_config()
-    assert cfg.finetune.epochs == cfg["finetune"]["epochs"] and isinstance(cfg.finetune, Section)
+    assert cfg.finetune.patience == cfg["finetune"]["patience"] and isinstance(cfg.finetune, Section)
     with pytest.raises(TypeError, match="read-only"):
-        cfg["finetune"]["epochs"] = 1
+        cfg["finetune"]["patience"] = 1
     with pytest.raises(TypeError, match="read-only"):
-        cfg.finetune.update(epochs=1)
-    with pytest.raises(AttributeError, match="no key 'epoch'"):
-        cfg.finetune.epoch  # noqa: B018
+        cfg.finetune.update(patience=1)
+    with pytest.raises(AttributeError, match="no key 'patiencee'"):
+        cfg.finetune.patiencee  # noqa: B018
     again = pickle.loads(pickle.dumps(cfg))
-    assert again == cfg and isinstance(again.classify.lr, Section)
-    changed = {**cfg.finetune, "epochs": 1}  # a changed copy is a plain table
-    assert changed["epochs"] == 1 and cfg.finetune.epochs != 1
-    assert "epochs" in dump_config(cfg)
+    assert again == cfg and isinstance(again.classify.lr, Section) and isinstance(again.tune.finetune, Section)
+    changed = {**cfg.finetune, "patience": 1}  # a changed copy is a plain table
+    assert changed["patience"] == 1 and cfg.finetune.patience != 1
+    assert "patience" in dump_config(cfg)
     # Defaults are copies: changing one run's list does not change the next run's default.
     load_config().classify.heads.append("x")
     assert "x" not in load_config().classify.heads
 
 
 def test_a_fine_tunes_keys_change_only_with_a_declared_field():
-    """The fit and run keys are built from the [finetune] fields declared keyed (finetune/config.py), so a key the
-    config gains that is not declared — or a run setting like the worker count — leaves every key as it was."""
+    """The fit and search keys are built from the [finetune] fields declared keyed (finetune/config.py) and the
+    searched axes, so a key the config gains that is not declared — or a run setting like the worker count —
+    leaves every key as it was."""
     import pandas as pd
 
-    from finetune.config import RECIPE_KEYS, SCHEMA
-    from finetune.experiment import _Experiment, run_spec
+    from finetune.config import FIXED_KEYS, SCHEMA, SEARCH_AXES
+    from finetune.experiment import _Experiment
+    from finetune.search import search_spec
+    from study import tune
     from study.hashing import spec_hash
 
     class Inputs:  # what fit_spec asks of a fine-tune's inputs: whether a policy reads the store, and its rows
@@ -93,20 +96,29 @@ def test_a_fine_tunes_keys_change_only_with_a_declared_field():
         def identity(self, policy, parts):
             return f"rows of {policy} {parts}"
 
-    def keys(hp):
+    cfg = load_config()
+    space = tune.parse_space(cfg.tune.finetune, integers=tune.FINETUNE_INTEGERS)
+
+    def keys(hp, point=None):
         manifest = pd.DataFrame({"label": [0, 1], "class_name": ["a", "b"]})
         exp = _Experiment(backbone=None, manifest=manifest, hp=hp, seed=0, device="cpu", finetune_dir=".",
                           rows=Inputs(), base={"backbone": "b"}, on_epoch_end=None)
-        fit = exp.fit_spec(policy="last:1", params={"lr": 1e-3}, fit_on="train", epochs=None, init=None)
-        run = run_spec(base={"backbone": "b"}, policy="last:1", hp=hp, points=[{"lr": 1e-3}], inputs={})
+        fit = exp.fit_spec(policy="last:1", params=point or {"lr": 1e-3, "backbone_lr_mult": 0.1, "epochs": 3,
+                                                              "weight_decay": 0.01, "label_smoothing": 0.1},
+                           fit_on="train", epochs=None, init=None)
+        run = search_spec(base={"backbone": "b"}, policies=["last:1"], space=space, tune_cfg=cfg.tune, hp=hp,
+                          inputs={})
         return spec_hash(fit), spec_hash(run)
 
-    hp = {**load_config()["finetune"], "views": 2}
+    hp = {**cfg.finetune, "views": 2}
     base = keys(hp)
     assert keys({**hp, "a_key_added_later": 1, "num_workers": 7, "fewshot_draws": 3}) == base
-    assert set(RECIPE_KEYS) < set(SCHEMA) and "num_workers" not in RECIPE_KEYS
-    for field, value in (("weight_decay", 0.5), ("epochs", 2), ("augment", "none")):
-        assert field in RECIPE_KEYS
+    assert set(FIXED_KEYS) < set(SCHEMA) and "num_workers" not in FIXED_KEYS
+    for field, value in (("dropout", 0.5), ("batch_size", 7), ("augment", "none")):
+        assert field in FIXED_KEYS
         changed = keys({**hp, field: value})
         assert changed[0] != base[0] and changed[1] != base[1], field
     assert keys({**hp, "n_boot": 7})[0] == base[0] != keys({**hp, "n_boot": 7})[1]  # the bootstrap: the row only
+    assert keys(hp, {"lr": 2e-3, "backbone_lr_mult": 0.1, "epochs": 3, "weight_decay": 0.01,
+                     "label_smoothing": 0.1})[0] != base[0]  # a searched axis changes the fit
+    assert set(SEARCH_AXES) == set(cfg.tune.finetune)
