@@ -19,6 +19,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -181,8 +182,10 @@ def sampler(cfg: dict, *, name: str):
     seed = int(spec_hash([cfg["seed"], name])[:8], 16)
     if cfg["sampler"] == "random":
         return _PerTrialRandom(seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg["startup_trials"], multivariate=True,
-                                      group=True, warn_independent_sampling=False)
+    with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna's words, stable in use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg["startup_trials"], multivariate=True,
+                                          group=True)
 
 
 def pruner(cfg: dict, *, max_epochs: int | None):
