@@ -20,7 +20,7 @@ from study.results import ENSEMBLE, FUSED_PREFIX, ResultRow  # noqa: F401 (the a
 
 RESULT_COLUMNS = [
     "row", "kind", "arm", "backbone", "method", "feature_set", "tta", "split_seed", "draw_seed", "k_per_class",
-    "fit_on", "n_variants", "views", "val_mean_per_class", "val_log_loss",
+    "fit_on", "n_variants", "chosen_trial", "views", "val_mean_per_class", "val_log_loss",
     "top1", "top1_lo", "top1_hi", "mean_per_class", "mean_per_class_lo", "mean_per_class_hi",
     "top5", "macro_f1", "macro_f1_lo", "macro_f1_hi",
     "train_s", "predict_s", "feature_s", "trainable_params", "total_params", "epochs_run",
@@ -45,7 +45,8 @@ def results_table(rows: list[ResultRow]) -> pd.DataFrame:
             "row": r.index, "kind": r.kind, "arm": r.arm, "backbone": r.backbone, "method": r.method,
             "feature_set": r.feature_set, "tta": r.tta, "split_seed": r.split_seed, "draw_seed": r.draw_seed,
             "k_per_class": r.k_per_class,
-            "fit_on": r.fit_on, "n_variants": r.n_variants, "views": r.views,
+            "fit_on": r.fit_on, "n_variants": r.n_variants,
+            "chosen_trial": r.selection.best.extra.get("trial") if r.selection else None, "views": r.views,
             "val_mean_per_class": r.val_mean_per_class, "val_log_loss": r.val_log_loss,
             "top1": m.top1, "mean_per_class": m.mean_per_class, "top5": m.top5, "macro_f1": m.macro_f1,
             "train_s": r.train_s, "predict_s": r.predict_s, "feature_s": r.feature_s,
@@ -58,7 +59,8 @@ def results_table(rows: list[ResultRow]) -> pd.DataFrame:
             rec[f"{key}_lo"], rec[f"{key}_hi"] = m.ci95.get(key, (None, None))
         records.append(rec)
     # A nullable integer: main rows have no draw seed, and a float column would print seed 1 as 1.0.
-    return pd.DataFrame.from_records(records, columns=RESULT_COLUMNS).astype({"draw_seed": "Int64"})
+    return pd.DataFrame.from_records(records, columns=RESULT_COLUMNS).astype({"draw_seed": "Int64",
+                                                                              "chosen_trial": "Int64"})
 
 
 def per_class_table(rows: list[ResultRow]) -> pd.DataFrame:

@@ -276,3 +276,27 @@ def training_curves(rows, path: Path) -> Path:
     val_ax.set(xlabel="epoch", ylabel="val mean per-class accuracy", title="Val accuracy (ringed: epoch kept)")
     val_ax.legend(fontsize=6)
     return _save(fig, path)
+
+
+def anytime_curves(curves: pd.DataFrame, path: Path) -> Path:
+    """Per backbone, each arm's best val so far against trials (left) and against cumulative seconds (right),
+    one thin line per split seed and their mean: what each arm found for what it was allowed to try."""
+    backbones = sorted(curves.backbone.unique())
+    fig, axes = plt.subplots(len(backbones), 2, figsize=(9, 2.6 * len(backbones) + 0.6), squeeze=False)
+    colours = {"head": "tab:blue", "finetune": "tab:orange"}
+    for row, backbone in zip(axes, backbones):
+        part = curves[curves.backbone == backbone]
+        for arm, arm_part in part.groupby("arm"):
+            for _, seed in arm_part.groupby("split_seed"):
+                row[0].step(seed.trials, 100 * seed.best_val, where="post", color=colours[arm], alpha=0.3, lw=0.8)
+                row[1].step(seed.seconds, 100 * seed.best_val, where="post", color=colours[arm], alpha=0.3, lw=0.8)
+            mean = arm_part.groupby("trials").best_val.mean()
+            row[0].step(mean.index, 100 * mean.to_numpy(), where="post", color=colours[arm], lw=2,
+                        label="frozen features + head" if arm == "head" else "fine-tune")
+        row[0].set_ylabel(f"{backbone}\nbest val %", fontsize=8)
+        row[0].legend(loc="lower right", fontsize=7)
+        row[1].set_xscale("log")
+    axes[-1][0].set_xlabel("trials")
+    axes[-1][1].set_xlabel("cumulative seconds (log)")
+    fig.suptitle("Best val mean per-class accuracy so far (thin: each split seed; thick: their mean)", fontsize=9)
+    return _save(fig, path)

@@ -144,6 +144,29 @@ def verdict_lines(v: BackboneVerdict) -> list[str]:
                            "Δ pts", "McNemar p", "only head right", "only fine-tune right"], body)
 
 
+def section_budget(inp: ReportInputs) -> list[str]:
+    """What each arm was allowed to try and what it found by each trial: the verdict against the budget."""
+    t = inp.tables
+    if t.budget.empty:
+        return []
+    out = ["### Both arms' tuning budgets", "",
+           "Each (backbone, arm, split seed) ran the same number of tuner trials (`tune.trials`; a pruned fine-tune "
+           "trial counts as one), each drawn by the same sampler from its arm's declared space and scored on val. "
+           "*Still rising*: split seeds on which the best val so far improved during the last third of the trials "
+           "(a larger budget might have found more). *At an edge*: chosen values within 5% of an end of their "
+           "range (the space may be too narrow there).", ""]
+    body = [[r.backbone, _kind_name(r.arm), r.trials, str(r.pruned), seconds(r.seconds_per_seed), pct(r.best_val),
+             f"{r.rising_seeds} of {r.split_seeds}", r.chosen_at_edge or "none"] for r in t.budget.itertuples()]
+    out += md_table(["backbone", "arm", "trials per split seed", "pruned", "trial seconds per seed",
+                     "best val % (mean over seeds)", "still rising at the end", "chosen values at an edge"], body)
+    if not t.at_equal_trials.empty:
+        out += ["The arms after the same number of trials (best val % so far, mean over split seeds):", ""]
+        out += md_table(["backbone", "trials", "frozen features + head", "fine-tune", "head − fine-tune (pts)"],
+                        [[r.backbone, str(r.trials), pct(r.head), pct(r.finetune), f"{100 * r.lead:+.1f}"]
+                         for r in t.at_equal_trials.itertuples()])
+    return out + figure_links(inp.figures, anytime="Best val so far against trials and seconds")
+
+
 def section_seeds(inp: ReportInputs) -> list[str]:
     v = inp.tables.variants
     out = ["### Every variant: mean ± sd over split seeds", ""]
@@ -221,11 +244,11 @@ def section_protocol(inp: ReportInputs) -> list[str]:
         f"`{split.get('protocol', '?')}` "
         + (f"({split.get('train_per_class')} training images per class, of which {split.get('val_per_class')} are "
            f"validation; the rest of each class is test)." if split.get("protocol") == "per_class" else "."),
-        "- Every choice — a head's grid point, a fine-tune's epoch, each arm's chosen variant and the headline — is "
-        "made by mean per-class accuracy on `val` (ties: lower val log-loss where recorded); `test` scores each "
-        "final model once and takes part in no choice.",
+        "- Every choice — a tuner trial of either arm, a fine-tune's epoch, each arm's chosen variant and the "
+        "headline — is made by mean per-class accuracy on `val` (within a search an exact tie goes to the cheaper "
+        "trial); `test` scores each final model once and takes part in no choice.",
     ]
-    out += protocol_arm_lines(inp.tables.rows)
+    out += protocol_arm_lines(inp.tables.rows, inp.tables.trials)
     out += [
         f"- Test-time augmentation: heads `{tta['extract']}`, fine-tuning `{tta['finetune']}` (`hflip`: each "
         "val/test image is also seen mirrored; heads average the two embeddings, fine-tuned models their two "
@@ -244,10 +267,10 @@ def section_protocol(inp: ReportInputs) -> list[str]:
     return out
 
 
-def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
-    """One line per arm saying what it did: variants and grid sizes, what the chosen model was fit
-    on, which training views it saw. Built from the rows of one split seed (every seed runs the same
-    protocol), and a warning when the arms were fit on different data."""
+def protocol_arm_lines(rows: list[ResultRow], trials: pd.DataFrame | None = None) -> list[str]:
+    """One line per arm saying what it did: its search (trials per backbone and split seed, what it chose), what
+    the chosen model was fit on, which training views it saw. Built from the rows (and trials) of one split seed
+    (every seed runs the same protocol), and a warning when the arms were fit on different data."""
     main = [r for r in rows if r.kind in ("head", "finetune")]
     if not main:
         return []
@@ -258,29 +281,18 @@ def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
         if not part:
             continue
         fit_on[arm] = sorted({r.fit_on for r in part})
-        grids = {}
-        for r in part:
-            grids.setdefault(r.method, set()).add(r.n_variants)
-        grid = ", ".join(f"`{m}` {'/'.join(map(str, sorted(n)))}" for m, n in sorted(grids.items()))
-        swept = "; ".join(sorted({f"`{r.method}` {_grid_text(r)}" for r in part}))
-        total = sum(r.n_variants for r in part)
         views = "; ".join(sorted({_views_text(r) for r in part}))
         fit = " / ".join(f"`{f}`" for f in fit_on[arm])
-        refit = [f for f in fit_on[arm] if f != "train"]
-        what = ("each sweeps its grid on val and the chosen point is refit on " if arm == "head" else
-                "each trains every grid point on train, keeps its best val epoch (early stopping), and the chosen "
-                "point is then refit for that many epochs on " if refit else
-                "each keeps the epoch with the best val score (early stopping) of a model fit on ")
-        out.append(f"- **{_kind_name(arm)}**: {len(part)} variants per seed ({_variant_list(part)}), "
-                   f"{total} settings tried on val in all (grid points per variant: {grid}; grids: {swept}); "
-                   f"{what}{fit}; "
-                   f"training views: {views}.")
+        searched = [r for r in part if r.method != ENSEMBLE]
+        out.append(f"- **{_kind_name(arm)}**: {len(searched)} tuner search(es) per split seed ({_searches(arm)}), "
+                   f"{_trial_counts(searched, trials, arm=arm, seed=seed)}; chosen on val this seed: "
+                   f"{_variant_list(part)}; the chosen trial is refit on {fit}; training views: {views}.")
         ensembles = sorted({r.backbone for r in part if r.method == ENSEMBLE})
         if ensembles:
             out.append(f"- `{ENSEMBLE}` ({', '.join(f'`{b}`' for b in ensembles)}): the fine-tune arm's counterpart "
                        "of a fused feature set — each named backbone's val-chosen fine-tune of the seed, their softmax "
-                       "outputs averaged; nothing more trains, its val score is the average's on val, its cost the "
-                       "sum of its members' (not of the other policies val compared each member with).")
+                       "outputs averaged; it runs no trials of its own (its members ran theirs), its val score is the "
+                       "average's on val, its cost the sum of its members' searches.")
     if len({tuple(v) for v in fit_on.values()}) > 1:
         out.append("- **The arms' final models were fit on different data ("
                    + ", ".join(f"{_kind_name(a)}: {' / '.join(v)}" for a, v in fit_on.items())
@@ -288,20 +300,23 @@ def protocol_arm_lines(rows: list[ResultRow]) -> list[str]:
     return out
 
 
-def _grid_text(r: ResultRow) -> str:
-    """The values a row's selection swept, e.g. 'C ∈ {0.1, 1.0} x norm ∈ {l2}'; 'one fixed recipe' when
-    nothing varied (a fine-tune that only chose its epoch)."""
-    points = r.selection.points if r.selection else ()
-    keys = sorted({k for p in points for k in p.params})
-    values = {k: sorted({json.dumps(p.params.get(k), sort_keys=True) for p in points}) for k in keys}
-    varied = [k for k in keys if len(values[k]) > 1]
-    if not varied:
-        return "one fixed recipe"
-    return " x ".join(f"{k} ∈ {{{', '.join(v.strip(chr(34)) for v in values[k])}}}" for k in varied)
+def _searches(arm: str) -> str:
+    return ("one per backbone and fused set: method, feature set and the method's settings (`[tune.head]`)"
+            if arm == "head" else "one per backbone: policy, learning rate, trunk multiplier, weight decay, label "
+            "smoothing and epochs (`[tune.finetune]`), pruned on val epoch by epoch")
+
+
+def _trial_counts(part: list[ResultRow], trials: pd.DataFrame | None, *, arm: str, seed: int) -> str:
+    if trials is None or trials.empty:
+        return f"{sum(r.n_variants for r in part)} settings scored on val in all"
+    mine = trials[(trials.arm == arm) & (trials.split_seed == seed)]
+    counts = "/".join(str(n) for n in sorted(set(mine.groupby("backbone").size())))
+    pruned = int((mine.state == "PRUNED").sum())
+    return f"{counts} trials each ({pruned} pruned in all)"
 
 
 def _variant_list(part: list[ResultRow]) -> str:
-    """Each (method, feature set) once, with how many backbones (and fused sets) ran it, e.g. `lr (aug)` x4."""
+    """Each (method, feature set) once, with how many backbones (and fused sets) chose it, e.g. `lr (aug)` x4."""
     counts = Counter(f"`{r.method} ({r.feature_set})`" for r in part)
     return ", ".join(name + (f" x{n}" if n > 1 else "") for name, n in sorted(counts.items()))
 
@@ -534,7 +549,7 @@ def section_training(inp: ReportInputs) -> list[str]:
             "epoch is the one kept (best val).", "", f"![Training curves]({inp.figures['training_curves']})", ""]
 
 
-SECTIONS = (section_dataset, section_protocol, section_comparison, section_answer, section_seeds,
+SECTIONS = (section_dataset, section_protocol, section_comparison, section_answer, section_budget, section_seeds,
             section_augmentation, section_fewshot, section_training, section_errors, section_published,
             section_skipped, section_provenance)
 

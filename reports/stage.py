@@ -1,6 +1,7 @@
-"""Report stage: rebuild report.md, results.csv, summary.csv, per_class.csv and the PNG figures of a run folder.
+"""Report stage: rebuild report.md, results.csv, summary.csv, per_class.csv, trials.csv and the PNG figures of a run
+folder.
 
-Reads only the run's own files (results.jsonl, skipped.jsonl, provenance.json, config.resolved.toml)
+Reads only the run's own files (results.jsonl, trials.jsonl, skipped.jsonl, provenance.json, config.resolved.toml)
 and the dataset stage's summary.json + manifest; computes no metric.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from reports.collect import SUMMARY_COLUMNS
 from reports.render import ReportInputs, provenance_lines, read_run_inputs, render
 from reports.tables import Tables
 from study.atomic import write_text_atomic
-from study.results import read_results, read_skips
+from study.results import read_results, read_skips, read_trials
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,11 @@ def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int =
     run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
     results_path = run_dir / "results.jsonl"
     rows = read_results(results_path) if results_path.is_file() else []
-    tables = Tables.from_rows(rows, labels_by_id=_test_labels(dataset_dir / "manifest.csv"))
+    tables = Tables.from_rows(rows, labels_by_id=_test_labels(dataset_dir / "manifest.csv"),
+                              trials=read_trials(run_dir))
     tables.results.to_csv(run_dir / "results.csv", index=False)
+    if not tables.trials.empty:
+        tables.trials.to_csv(run_dir / "trials.csv", index=False)
     tables.per_class.to_csv(run_dir / "per_class.csv", index=False)
     tables.variants[SUMMARY_COLUMNS].drop(columns=["rows"]).to_csv(run_dir / "summary.csv", index=False)
     summary_path = dataset_dir / "summary.json"
@@ -65,6 +69,8 @@ def make_figures(t: Tables, *, dataset_summary: dict | None, run_dir: Path, data
                                                run_dir / "confusion_best.png").name
         figures["per_class"] = plots.per_class_accuracy(t.chosen.per_class, f"Per-class accuracy: {title}",
                                                         run_dir / "per_class_best.png").name
+    if not t.anytime.empty:
+        figures["anytime"] = plots.anytime_curves(t.anytime, run_dir / "anytime.png").name
     if t.training_curves:
         figures["training_curves"] = plots.training_curves(t.training_curves, run_dir / "training_curves.png").name
     if not t.fewshot_arms.empty:

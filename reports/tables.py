@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from reports.budget import anytime, at_equal_trials, budget, trials_table
 from reports.collect import (
     BackboneVerdict,
     best_overall,
@@ -27,7 +28,7 @@ from reports.collect import (
     val_ties,
     verdicts,
 )
-from study.results import ResultRow
+from study.results import ResultRow, TrialRow
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: frames have no single truth value to compare by
@@ -81,11 +82,18 @@ class Tables:
     headline: Headline | None
     chosen: ChosenModel | None
     training_curves: list[ResultRow]    # the fine-tunes that recorded a per-epoch curve
+    trials: pd.DataFrame                # budget.trials_table: every tuner trial (trials.csv)
+    anytime: pd.DataFrame               # budget.anytime: best val so far per trial and seconds
+    budget: pd.DataFrame                # budget.budget: per (backbone, arm)
+    at_equal_trials: pd.DataFrame       # budget.at_equal_trials: the arms after the same number of trials
 
     @classmethod
-    def from_rows(cls, rows: list[ResultRow], *, labels_by_id: dict[str, int]) -> Tables:
-        """``labels_by_id`` (the manifest's test labels) scores the McNemar tests of the verdicts."""
+    def from_rows(cls, rows: list[ResultRow], *, labels_by_id: dict[str, int],
+                  trials: list[TrialRow] = ()) -> Tables:
+        """``labels_by_id`` (the manifest's test labels) scores the McNemar tests of the verdicts; ``trials`` are
+        the run's tuner trials (trials.jsonl)."""
         results = results_table(rows)
+        trial_lines = trials_table(list(trials))
         per_class = per_class_table(rows)
         variants = summary_table(results)
         chosen = chosen_per_seed(results)
@@ -101,6 +109,8 @@ class Tables:
             fewshot_gaps=fewshot_gaps(arms, paired), crossover=crossover(arms, paired), headline=headline,
             chosen=None if headline is None else ChosenModel.of(rows[int(headline.first.row)], per_class),
             training_curves=[r for r in rows if r.kind == "finetune" and r.selection is not None and r.selection.curve],
+            trials=trial_lines, anytime=anytime(trial_lines), budget=budget(trial_lines, chosen),
+            at_equal_trials=at_equal_trials(trial_lines),
         )
 
 
