@@ -149,6 +149,9 @@ def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: P
     chosen = complete[choose_trial(complete)]
     method, feature_set, point = point_of(chosen.params)
     data, job = search.data[feature_set], search.jobs[feature_set]
+    # The chosen trial's model (fit on train) again, for its val predictions: what a paired comparison on val reads.
+    val_pred = make_pipeline(method, point, seed=job.seed, head_cfg=solver,
+                             n_rows=len(data.train)).fit(data.train.X, data.train.y).predict(data.val.X)
     t0 = time.perf_counter()
     rows = concat(data.train, data.val_fit)
     model = make_pipeline(method, point, seed=job.seed, head_cfg=solver, n_rows=len(rows)).fit(rows.X, rows.y)
@@ -163,7 +166,8 @@ def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: P
     row = result_row(kind="head", method=method, feature_set=feature_set, data=data, fit=fit, model=model,
                      hyperparams=point, job=job, selection=Selection(points=tuple(points),
                                                                      chosen=complete.index(chosen)),
-                     val_mean_per_class=chosen.val, fit_on="train+val", keys={"head_key": key})
+                     val_mean_per_class=chosen.val, fit_on="train+val", keys={"head_key": key},
+                     val_sample_id=tuple(data.val.sample_id.tolist()), val_pred=tuple(int(p) for p in val_pred))
     save_head(head_dir, model=model, meta=head_meta(row, job))
     log.info("%s heads: %d trials -> %s %s %s, val %.4f -> test mean per-class %.4f", search.backbone, len(trials),
              method, feature_set, point, chosen.val, row.metrics.mean_per_class)

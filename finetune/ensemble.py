@@ -88,4 +88,5 @@ def ensemble_row(members: list[tuple[ResultRow, dict]], *, n_boot: int) -> Resul
         cache_key=spec_hash({"ensemble": [r.cache_key for r in rows]}),
         keys={"run_key": spec_hash({"ensemble": [r.keys.get("run_key") for r in rows]})},
         manifest_hash=first.manifest_hash, n_train=first.n_train, n_val=first.n_val, n_fit=first.n_fit,
-        n_test=first.n_test, class_names=first.class_names, git_sha=git_sha())
+        n_test=first.n_test, class_names=first.class_names, git_sha=git_sha(),
+        val_sample_id=tuple(p0["val_sample_id"]), val_pred=tuple(int(p) for p in val.argmax(1)))

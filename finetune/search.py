@@ -146,8 +146,9 @@ def run_finetune(*, backbone, manifest_path: Path, data_root: Path, hp: dict, tu
     t1 = time.perf_counter()
     logits = final[-1].trainer.predict(run.rows.source(final[-1].policy, "test"))
     predict_s = time.perf_counter() - t1
-    row = _row(run, trials=trials, chosen=chosen, fits=fits, final=final, logits=logits, predict_s=predict_s)
-    _save_predictions(run, chosen=fits[-1], test_logits=logits)
+    payload = _save_predictions(run, chosen=fits[-1], test_logits=logits)
+    row = _row(run, trials=trials, chosen=chosen, fits=fits, final=final, logits=logits, predict_s=predict_s,
+               val_logits=payload["val_logits"].numpy())
     run.rows.release()
     records = trial_rows(run, trials)
     write_text_atomic(run.dir / TRIALS_FILE, json.dumps([t.to_dict() for t in records]))
@@ -326,7 +327,8 @@ def _costs(run: _Run, *, trials: list[tune.TrialRecord], final: list[_Fit], pred
                  prefix_cache_s=prefix_s, train_epochs_s=select_s + refit_s)
 
 
-def _row(run: _Run, *, trials, chosen, fits, final, logits: np.ndarray, predict_s: float) -> ResultRow:
+def _row(run: _Run, *, trials, chosen, fits, final, logits: np.ndarray, predict_s: float,
+         val_logits: np.ndarray) -> ResultRow:
     rows, manifest, hp = run.rows, run.manifest, run.hp
     policy = chosen.params["policy"]
     names = class_names(manifest)
@@ -355,7 +357,9 @@ def _row(run: _Run, *, trials, chosen, fits, final, logits: np.ndarray, predict_
         cache_key=spec_hash(run.spec["inputs"]) if cached else run.key,
         keys={"run_key": run.key, "fit_keys": [f.key for f in final]},
         manifest_hash=manifest_hash(manifest), n_train=len(rows.positions["train"]), n_val=len(rows.positions["val"]),
-        n_fit=len(rows.positions["train+val"]), n_test=len(test), class_names=tuple(names), git_sha=git_sha())
+        n_fit=len(rows.positions["train+val"]), n_test=len(test), class_names=tuple(names), git_sha=git_sha(),
+        val_sample_id=tuple(manifest["sample_id"].to_numpy()[rows.positions["val"]].tolist()),
+        val_pred=tuple(int(p) for p in val_logits.argmax(1)))
 
 
 # ---------------------------------------------------------------------------------------------- predictions

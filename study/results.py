@@ -148,15 +148,20 @@ class ResultRow:
     n_fit: int | None = None        # images the scored model was fit on
     n_fit_rows: int | None = None   # feature rows a head was fit on (its augmented views count)
     keys: dict = field(default_factory=dict)  # where its artefacts are: head_key, run_key, fit_keys
+    # The val predictions of the model whose val score the row reports (the chosen setting trained on train):
+    # what a paired comparison of two variants on val reads.
+    val_sample_id: tuple[str, ...] = ()
+    val_pred: tuple[int, ...] = ()
     git_sha: str | None = None      # the code that computed the row (None: written before it was recorded)
     index: int = -1                 # its line in results.jsonl (0-based): what the report cites; -1 before
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"results row kind {self.kind!r}; allowed: {KINDS}")
-        if len(self.test_sample_id) != len(self.test_pred):
-            raise ValueError(f"results row {self.method}: {len(self.test_sample_id)} test ids, "
-                             f"{len(self.test_pred)} predictions")
+        for split in ("test", "val"):
+            ids, pred = getattr(self, f"{split}_sample_id"), getattr(self, f"{split}_pred")
+            if len(ids) != len(pred):
+                raise ValueError(f"results row {self.method}: {len(ids)} {split} ids, {len(pred)} predictions")
         if self.selection is not None and self.val_mean_per_class is not None:
             # The row's val score is its chosen setting's: never above the best setting it tried on val.
             best = self.selection.best.val_mean_per_class
@@ -210,7 +215,7 @@ class ResultRow:
         out["selection"] = None if self.selection is None else {
             **dataclasses.asdict(self.selection), "points": [dataclasses.asdict(p) for p in self.selection.points],
             "curve": list(self.selection.curve)}
-        for key in ("test_sample_id", "test_pred", "class_names"):
+        for key in ("test_sample_id", "test_pred", "class_names", "val_sample_id", "val_pred"):
             out[key] = list(out[key])
         return out
 
@@ -223,7 +228,8 @@ class ResultRow:
         costs = Costs(**{f.name: row[f.name] for f in dataclasses.fields(Costs) if f.name in row})
         kw.update(index=index, metrics=Metrics.from_dict(row["metrics"]), costs=costs, keys=_keys(row),
                   test_sample_id=tuple(row["test_sample_id"]), test_pred=tuple(row["test_pred"]),
-                  class_names=tuple(row["class_names"]),
+                  class_names=tuple(row["class_names"]), val_sample_id=tuple(row.get("val_sample_id") or ()),
+                  val_pred=tuple(row.get("val_pred") or ()),
                   selection=None if sel is None else Selection(
                       points=tuple(Point(**p) for p in sel["points"]), chosen=sel["chosen"], metric=sel["metric"],
                       best_epoch=sel["best_epoch"], curve=tuple(sel["curve"]), stopped_early=sel["stopped_early"]))
