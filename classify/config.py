@@ -14,7 +14,8 @@ SCHEMA = {
                           "the feature sets the tuner chooses among"),
     # Fused feature sets: each entry names backbones (of extract.backbones) whose pooled features are
     # concatenated into one more backbone, "fused:a+b", with a head search of its own.
-    "fusions": Field([], list_of(list_of(is_str, min_len=2)), "e.g. [[\"efficientnet_lite0\", \"efficientnet_lite2\"]]"),
+    "fusions": Field([], list_of(list_of(is_str, min_len=2)),
+                     "e.g. [[\"efficientnet_lite0\", \"efficientnet_lite2\"]]"),
     "bootstrap": Field(1000, int_range(0)),
     # OpenBLAS threads while fitting heads (0 = the library default). On the shared 2-core box one
     # thread fits a Caltech LR ~20x faster than two (0.6 s vs 13 s): spinning BLAS threads starve.

@@ -1,7 +1,7 @@
 """Fused feature sets: several backbones' pooled features of the same rows, concatenated.
 
 A fused set is offered to every head and chosen on val like any other. Each part is normalised the
-way the head's grid chooses, since the pipeline's signed power and StandardScaler act per dimension
+way the head's search chooses, since the pipeline's signed power and StandardScaler act per dimension
 (a part counts in proportion to its width; the "l2" norm option instead rescales the whole row). The
 rows of every part must be the same (sample, view) in the same order — they are, when the parts were
 read for one manifest with one views/tta/policy setting — and anything else is an error, never a

@@ -1,29 +1,30 @@
-"""Head pipelines (scikit-learn) and their hyperparameter grids, built from the ``[classify]`` config.
+"""Head pipelines (scikit-learn), built from one point of the head arm's search (classify/search.py).
 
 A head is ``Pipeline([("power", ...), ("norm", ...), ("pca", ...), ("clf", ...)])``, so normalisation
-and PCA are fitted on the training rows only. A grid point is a flat dict: ``power``, ``norm`` and
-``pca`` (preprocessing) plus the classifier's own keys (``C``; ``kernel``; ``k``, ``metric``, ``weights``).
+and PCA are fitted on the training rows only. A point is a flat dict: ``power``, ``norm`` and ``pca``
+(preprocessing) plus the classifier's own keys (``C``; ``kernel``; ``k``, ``metric``, ``weights``), drawn
+by the tuner from ``[tune.head]`` (study/tune.py).
 
 ``power`` is signed power normalisation, ``sign(x) * |x| ** power`` per coordinate (Perronnin et al.
 2010, "Improving the Fisher kernel"): pooled CNN features are sparse and heavy-tailed (Lite0 on
 Caltech: 45% zeros, a few coordinates up to 6), and a square root evens out the bursty ones before
-scaling. Measured on Lite0 features of Caltech 101 (benchmarks/heads.py), ``power=0.5`` raised the
+scaling. Measured on Lite0 features of Caltech 101 with the earlier grid sweeps, ``power=0.5`` raised the
 best val mean per-class accuracy of every LR setting (standard: 0.916 -> 0.920; l2: 0.912 -> 0.914).
 
 SVM choice, measured on Lite0 features of Caltech 101 (train/val of 65 classes: 1625 train, 325
 val rows; standardised; one BLAS thread; the 2-core box shared with other jobs), per fit:
 
-    liblinear LinearSVC, dual='auto'      its 12-point sweep had not finished after 3 min (stopped)
+    liblinear LinearSVC, dual='auto'      a 12-point C sweep had not finished after 3 min (stopped)
     liblinear LinearSVC, dual             11 s (C=1e-4) .. 104 s (C=1e-2); best val 0.929
     libsvm SVC linear kernel              6.6-7.6 s per C;  best val 0.929 (C=1e-3)
     libsvm SVC RBF kernel (gamma=scale)   7.3-8.2 s per C;  best val 0.914 (C=10)
     SVC on a BLAS Gram matrix (GramSVC)   0.4-0.5 s per C;  the same val accuracy at every C
 
-On the full set (``python benchmarks/heads.py``: 102 classes, 2550 train / 510 val / 6085 test,
-GramSVC, clean features, one BLAS thread, shared box) the two kernels' val sweeps took 7.4 s
-(linear, 12 points, best val 0.906, test 0.911) and 9.3 s (RBF, 10 points, best val 0.902,
-test 0.920). Val prefers linear, and val is what selects, so the default grid is linear; add
-"rbf" to ``classify.svm.kernel`` (with C around 1-10) to let val choose between them.
+On the full set (102 classes, 2550 train / 510 val / 6085 test, GramSVC, clean features, one BLAS
+thread, shared box) the earlier grid sweeps of the two kernels took 7.4 s (linear, 12 points, best val
+0.906, test 0.911) and 9.3 s (RBF, 10 points, best val 0.902, test 0.920). Val preferred linear, and val
+is what chooses, so the default space offers the linear kernel only; add "rbf" to
+``tune.head.svm_kernel`` (and let ``svm_C`` reach 1-10) to let val choose between them.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import ParameterGrid
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
@@ -42,11 +42,6 @@ from sklearn.svm._base import _one_vs_one_coef  # private, as SVC.coef_ builds i
 from threadpoolctl import threadpool_limits
 
 METHODS = ("lr", "svm", "knn")
-PREP_KEYS = ("power", "norm", "pca")
-# The classifier parameter swept along a warm-started path (ascending), per method.
-PATH_KEY = {"lr": "C", "svm": "C", "knn": "k"}
-_GRID_KEYS = {"lr": ("power", "norm", "pca", "C"), "svm": ("power", "norm", "pca", "kernel", "C"),
-              "knn": ("power", "norm", "pca", "k", "metric", "weights")}
 
 
 def blas_threads(n: int):
@@ -54,31 +49,9 @@ def blas_threads(n: int):
     return threadpool_limits(limits=n, user_api="blas") if n else contextlib.nullcontext()
 
 
-def head_grid(method: str, head_cfg: dict) -> list[dict]:
-    """All grid points of ``method`` from its config table, grouped by preprocessing, path key ascending."""
-    if method not in METHODS:
-        raise ValueError(f"head {method!r}; allowed: {METHODS}")
-    axes = {key: list(head_cfg[key]) for key in _GRID_KEYS[method]}
-    points = list(ParameterGrid(axes))
-    return sorted(points, key=lambda p: (*(_sort_token(p[k]) for k in _GRID_KEYS[method] if k != PATH_KEY[method]),
-                                          p[PATH_KEY[method]]))
-
-
-def _sort_token(value) -> tuple:
-    return (isinstance(value, str), value)
-
-
-def prep_params(point: dict) -> dict:
-    return {k: point[k] for k in PREP_KEYS if k in point}
-
-
-def clf_params(point: dict) -> dict:
-    return {k: v for k, v in point.items() if k not in PREP_KEYS}
-
-
 def scale_by_sqrt_dim(X: np.ndarray) -> np.ndarray:
     """Unit-length rows times sqrt(D): every coordinate has RMS 1, the scale StandardScaler gives,
-    so one C grid suits both normalisations."""
+    so one C range suits both normalisations."""
     return X * np.sqrt(X.shape[1]).astype(X.dtype)
 
 
@@ -114,12 +87,12 @@ def make_preprocessor(point: dict, *, n_rows: int, seed: int) -> Pipeline:
     return Pipeline(steps)
 
 
-def make_classifier(method: str, point: dict, *, seed: int, head_cfg: dict, warm_start: bool = False):
-    """The classifier of one grid point. ``warm_start`` lets a C path reuse the previous solution."""
+def make_classifier(method: str, point: dict, *, seed: int, head_cfg: dict):
+    """The classifier of one point; ``head_cfg`` is logistic regression's solver table (``classify.lr``)."""
     if method == "lr":
         # lbfgs on several classes fits the multinomial (softmax) loss.
         return LogisticRegression(C=point["C"], solver="lbfgs", max_iter=head_cfg["max_iter"], tol=head_cfg["tol"],
-                                  warm_start=warm_start, random_state=seed)
+                                  random_state=seed)
     if method == "svm":
         return GramSVC(C=point["C"], kernel=point["kernel"], random_state=seed)
     if method == "knn":

@@ -167,7 +167,8 @@ def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: P
                      hyperparams=point, job=job, selection=Selection(points=tuple(points),
                                                                      chosen=complete.index(chosen)),
                      val_mean_per_class=chosen.val, fit_on="train+val", keys={"head_key": key},
-                     val_sample_id=tuple(data.val.sample_id.tolist()), val_pred=tuple(int(p) for p in val_pred))
+                     val_sample_id=tuple(data.val.sample_id.tolist()), val_pred=tuple(int(p) for p in val_pred),
+                     feature_s=search_feature_s(search))
     save_head(head_dir, model=model, meta=head_meta(row, job))
     log.info("%s heads: %d trials -> %s %s %s, val %.4f -> test mean per-class %.4f", search.backbone, len(trials),
              method, feature_set, point, chosen.val, row.metrics.mean_per_class)
@@ -194,9 +195,11 @@ def trial_rows(search: HeadSearch, trials: list, *, space: dict, study: str) -> 
 
 
 def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, fit, model, hyperparams: dict,
-               job: HeadJob, draw_seed: int | None = None, **fields) -> ResultRow:
-    """One head's row: ``fit`` (test predictions and scores, seconds) scored on test; ``fields`` are the row's own."""
+               job: HeadJob, draw_seed: int | None = None, feature_s: float | None = None, **fields) -> ResultRow:
+    """One head's row: ``fit`` (test predictions and scores, seconds) scored on test; ``feature_s`` the compute
+    share of the stored rows it is charged (None: those of ``feature_set``); ``fields`` are the row's own."""
     fs = job.fs
+    feature_s = fs.cost_s(rows_read(fs, feature_set)) if feature_s is None else feature_s
     # A few-shot fit's bootstrap draws with its draw seed, so each draw's interval is its own.
     metrics = evaluate(data.test.y, fit.test_pred, fit.test_scores, n_classes=len(job.class_names),
                        n_boot=job.n_boot, seed=job.seed if draw_seed is None else draw_seed)
@@ -212,10 +215,25 @@ def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, fit,
         # The compute share of the stored rows this head read (every split's clean and mirrored views, and
         # the augmented views of train/val for 'aug'), as a fine-tune is charged the rows it read: the report
         # compares the arms on total cost, not on the fits alone.
-        costs=Costs(train_s=fit.train_s, predict_s=fit.predict_s, feature_s=fs.cost_s(rows_read(fs, feature_set))),
+        costs=Costs(train_s=fit.train_s, predict_s=fit.predict_s, feature_s=feature_s),
         # Augmented views per training image the head was fit on (0: clean only), counted from its rows.
         views=int(len(data.train) // max(n_train, 1)) - 1,
         git_sha=git_sha(), **{**defaults, **fields})
+
+
+def search_feature_s(search: HeadSearch) -> float | None:
+    """The compute share of every stored row a search read: its trials fit on every feature set it offers, so it
+    is charged all of their rows, each (image, view) once ('stages' reads the pooled rows 'clean' reads, and one
+    pass made both parts)."""
+    cost = {}
+    for name, job in search.jobs.items():
+        fs = job.fs
+        if fs.row_cost_s is None:
+            return None
+        read = rows_read(fs, name)
+        cost.update(zip(zip(np.asarray(fs.sample_id)[read].tolist(), np.asarray(fs.view)[read].tolist()),
+                        np.asarray(fs.row_cost_s)[read].tolist()))
+    return float(sum(cost.values()))
 
 
 def rows_read(fs, feature_set: str) -> np.ndarray:

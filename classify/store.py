@@ -2,12 +2,13 @@
 
 ``heads/<key>/`` holds ``head.joblib`` (the fitted Pipeline), ``meta.json`` (backbone name and spec,
 class names, features cache key, chosen hyperparameters, and the sha256 of ``head.joblib``) and
-``rows.jsonl`` (the result rows the fit produced). The key hashes everything that changes the numbers:
-the features' content identity, the head's method, feature set and its own config table, the seed, the
-bootstrap count and the scikit-learn version -- so changing one head's settings re-fits that head only,
-and a rerun re-appends the stored rows without fitting. ``rows.jsonl`` is written last: a head dir
-without it is an interrupted fit and is redone; so is one whose model or meta.json is missing, truncated
-or altered (a warning says so) -- a rerun restores the head instead of reusing it half-present.
+``rows.jsonl`` (the result rows the fit produced). A head search's key (classify/search.py ``search_key``)
+hashes everything its numbers depend on: the content identity of every feature set it may read, the
+methods, the declared space, the budget and sampler seed, the split seed, the bootstrap count and the
+scikit-learn version; a few-shot curve's (``head_key``) the chosen head and the draws. So a change re-fits
+only what it changes, and a rerun re-appends the stored rows without fitting. ``rows.jsonl`` is written last:
+a head dir without it is an interrupted fit and is redone; so is one whose model or meta.json is missing,
+truncated or altered (a warning says so) -- a rerun restores the head instead of reusing it half-present.
 """
 from __future__ import annotations
 

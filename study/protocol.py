@@ -30,13 +30,13 @@ def choose(scores: Sequence[tuple[float | None, float | None]]) -> int:
 
 
 def choose_trial(trials: Sequence) -> int:
-    """The index of the chosen trial among a tuner study's completed ``trials`` (each with ``val``, ``seconds`` and
-    ``number``): the best val score; an exact tie goes to the cheaper trial, then the earlier one. A val log-loss
-    breaks no tie here: a study's trials differ in method or label smoothing, so their losses share no scale."""
+    """The index of the chosen trial among a tuner study's completed ``trials`` (each with ``val`` and ``number``):
+    the best val score; an exact tie goes to the earlier trial. Not to the cheaper one: wall seconds differ from run
+    to run, and a choice must be the same whenever the same trials are scored. A val log-loss breaks no tie either:
+    a study's trials differ in method or label smoothing, so their losses share no scale."""
     if not trials:
         raise ValueError("choose_trial: no completed trial")
-    return min(range(len(trials)), key=lambda i: (-_known(trials[i].val, otherwise=-math.inf), trials[i].seconds,
-                                                  trials[i].number))
+    return min(range(len(trials)), key=lambda i: (-_known(trials[i].val, otherwise=-math.inf), trials[i].number))
 
 
 def val_order(df, *, val: str, loss: str, order: str = "row"):

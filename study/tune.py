@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from study.atomic import file_lock
 from study.hashing import spec_hash
-from study.schema import ConfigError, Field, float_range, int_range, is_str, one_of
+from study.schema import ConfigError, Field, float_range, int_range, is_str, one_of, pattern
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "median", "none")
@@ -98,21 +98,39 @@ def parse_space(table: dict, *, integers: tuple[str, ...] = ()) -> dict[str, Par
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _axis(default, help: str = "") -> Field:
-    return Field(default, space_param, help)
+def _axis(default, help: str = "", *, each: Callable[[str, Any], Any] | None = None) -> Field:
+    """A declared axis; ``each`` checks every value it can take (each choice, or both ends of a range), so a value
+    the fit would refuse is refused with the config, not mid-search."""
+    def check(key: str, value):
+        value = space_param(key, value)
+        if each is not None:
+            named = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else \
+                [(f"{key}.low", value["low"]), (f"{key}.high", value["high"])]
+            for name, v in named:
+                each(name, v)
+        return value
+    return Field(default, check, help)
+
+
+def _number(description: str, ok: Callable[[float], bool]) -> Callable[[str, Any], Any]:
+    return pattern(description, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v))
 
 
 # The heads' space: the method and feature set come from classify.heads / classify.feature_sets; these are the
 # settings each method's pipeline takes (classify/heads.py). Wide, log-scaled where a value is a scale.
 HEAD_SPACE = {
-    "norm": _axis(["standard", "l2"], "feature normalisation fitted on the training rows"),
-    "power": _axis([0.5, 1.0], "signed power per feature before the norm (0.5 = signed square root)"),
-    "lr_C": _axis({"low": 1e-5, "high": 100.0, "log": True}, "logistic regression's inverse regularisation"),
-    "svm_C": _axis({"low": 1e-6, "high": 10.0, "log": True}, "the linear SVM's C"),
-    "svm_kernel": _axis(["linear"], "SVM kernels ('linear', 'rbf')"),
-    "knn_k": _axis({"low": 1, "high": 64, "log": True}, "neighbours (whole numbers)"),
-    "knn_metric": _axis(["cosine", "euclidean"]),
-    "knn_weights": _axis(["uniform", "distance"]),
+    "norm": _axis(["standard", "l2"], "feature normalisation fitted on the training rows",
+                  each=one_of("standard", "l2", "none")),
+    "power": _axis([0.5, 1.0], "signed power per feature before the norm (0.5 = signed square root)",
+                   each=_number("a number with 0 < power <= 1", lambda v: 0 < v <= 1)),
+    "lr_C": _axis({"low": 1e-5, "high": 100.0, "log": True}, "logistic regression's inverse regularisation",
+                  each=_number("a number > 0", lambda v: v > 0)),
+    "svm_C": _axis({"low": 1e-6, "high": 10.0, "log": True}, "the linear SVM's C",
+                   each=_number("a number > 0", lambda v: v > 0)),
+    "svm_kernel": _axis(["linear"], "SVM kernels ('linear', 'rbf')", each=one_of("linear", "rbf")),
+    "knn_k": _axis({"low": 1, "high": 64, "log": True}, "neighbours (whole numbers)", each=int_range(1)),
+    "knn_metric": _axis(["cosine", "euclidean"], each=one_of("cosine", "euclidean", "manhattan")),
+    "knn_weights": _axis(["uniform", "distance"], each=one_of("uniform", "distance")),
 }
 HEAD_INTEGERS = ("knn_k",)
 # The fine-tunes' space: the policy comes from finetune.policies; a trial trains for its epochs (the cosine

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from classify.features import head_data
-from classify.heads import head_grid
+from classify.heads import class_scores
 from classify.predict import HeadMismatch, image_paths, main, predict_images
-from classify.selection import select_and_refit
-from classify.stage import backbone_spec_of
+from classify.search import backbone_spec_of
+from classify.selection import concat, refit
 from classify.store import save_head
 from dataset.manifest import read_manifest
 from extract.backbones import load_backbone
@@ -20,22 +20,24 @@ pytestmark = pytest.mark.needs_data
 
 @pytest.fixture(scope="module", params=["none", "hflip"])
 def saved_head(request, tmp_path_factory, tiny_manifest, data_root):
-    """A head fitted on the tiny features, without and with mirror averaging (extract.tta)."""
+    """An LR head fitted on the tiny features' train+val rows (a point the search could choose), without and with
+    mirror averaging (extract.tta), saved as the stage saves one."""
     features = tiny_lite0_features(tmp_path_factory, tiny_manifest, tta=request.param)
     manifest = read_manifest(tiny_manifest)
     cfg = small_classify_config()
     data = head_data(features, manifest, feature_set="clean")
-    fit = select_and_refit("lr", head_grid("lr", cfg["lr"]), data=data, seed=0, head_cfg=cfg["lr"], n_classes=4)
+    point = {"power": 0.5, "norm": "standard", "pca": 0, "C": 1.0}
+    model = refit("lr", point, rows=concat(data.train, data.val_fit), seed=0, head_cfg=cfg["lr"])
+    scores = class_scores(model, data.test.X, n_classes=4)
     head_dir = tmp_path_factory.mktemp("head")
     names = ["accordion", "anchor", "barrel", "crab"]
-    save_head(head_dir, model=fit.model, meta={
+    save_head(head_dir, model=model, meta={
         "backbone": "efficientnet_lite0", "backbone_spec": backbone_spec_of(features.spec, "efficientnet_lite0"),
-        "features_spec": features.spec, "class_names": names, "cache_key": features.key,
-        "hyperparams": fit.selection.best.params})
+        "features_spec": features.spec, "class_names": names, "cache_key": features.key, "hyperparams": point})
     test = manifest[manifest["split"] == "test"].set_index("sample_id").loc[data.test.sample_id]
     paths = [data_root / p for p in test["path"]]
-    expected = [names[i] for i in fit.test_pred]
-    return head_dir, paths, expected, fit.test_scores.max(axis=1)
+    expected = [names[i] for i in model.predict(data.test.X)]
+    return head_dir, paths, expected, scores.max(axis=1)
 
 
 def test_saved_head_predicts_the_same_classes_from_the_images(saved_head):

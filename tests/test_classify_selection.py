@@ -1,6 +1,10 @@
-"""Model selection on real Lite0 features of 4 Caltech classes: test rows never reach fitting or selection."""
+"""The head arm's search on real Lite0 features of 4 Caltech classes: test rows never reach a fit or the choice,
+the chosen trial is the best on val (exact ties to the cheaper trial), a seed fixes the search, and the rows and
+pipelines the trials fit are what they should be."""
 import dataclasses
+import math
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,14 +15,22 @@ from sklearn.svm import SVC
 
 from classify.features import head_data
 from classify.fewshot import draw_per_class, fewshot_pool
-from classify.heads import GramSVC, head_grid, make_power, make_preprocessor
-from classify.selection import HeadData, Rows, select_and_refit
+from classify.heads import GramSVC, make_pipeline, make_power, make_preprocessor
+from classify.search import point_of, search_heads
+from classify.selection import HeadData, Rows
+from classify.stage import head_search
+from classify.store import load_head
 from dataset.manifest import read_manifest
+from study import tune
+from study.protocol import choose_trial
 from study.schema import ConfigError
-from tests.classify_fixtures import small_classify_config, tiny_lite0_features
+from tests.classify_fixtures import small_classify_config, small_tune_config, steady_trial_clock, tiny_lite0_features
 
 pytestmark = pytest.mark.needs_data
 FITTED = (StandardScaler, Normalizer, LogisticRegression, GramSVC, KNeighborsClassifier)
+CLASSIFIER = {"lr": "LogisticRegression", "svm": "GramSVC", "knn": "KNeighborsClassifier"}
+AXES = {"lr": {"lr_C"}, "svm": {"svm_C", "svm_kernel"}, "knn": {"knn_k", "knn_metric", "knn_weights"}}
+TIMINGS = ("train_s", "predict_s", "refit_s", "select_s")
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +43,18 @@ def manifest(tiny_manifest):
     return read_manifest(tiny_manifest)
 
 
-@pytest.fixture(scope="module")
-def cfg():
-    return small_classify_config()
+def search_of(features, manifest, tmp_path, *, cfg=None, seed: int = 0):
+    """The search the classify stage builds for this backbone: one HeadData per configured feature set."""
+    cfg = cfg or small_classify_config()
+    return head_search({"clean": features, "aug": features}, backbone="efficientnet_lite0", manifest=manifest,
+                       cfg=cfg, seed=seed, run_dir=tmp_path)
+
+
+def run_search(search, out, *, cfg=None, tune_cfg=None):
+    """(the head row, the trial rows) of one search under ``out``."""
+    (row,), trials = search_heads(search, cfg=cfg or small_classify_config(), tune_cfg=tune_cfg or small_tune_config(),
+                                  out_dir=out, heads_dir=out / "heads")
+    return row, trials
 
 
 def _poisoned(data: HeadData, rng) -> HeadData:
@@ -41,6 +62,15 @@ def _poisoned(data: HeadData, rng) -> HeadData:
     X = 1e3 + rng.standard_normal(data.test.X.shape).astype(data.test.X.dtype)
     return HeadData(train=data.train, val=data.val, val_fit=data.val_fit,
                     test=Rows(X, rng.permutation(data.test.y), data.test.sample_id))
+
+
+def poisoned(search, seed: int):
+    rng = np.random.default_rng(seed)
+    return dataclasses.replace(search, data={name: _poisoned(d, rng) for name, d in search.data.items()})
+
+
+def timeless(record) -> dict:
+    return {k: v for k, v in record.to_dict().items() if k not in (*TIMINGS, "seconds")}
 
 
 @pytest.fixture
@@ -62,53 +92,152 @@ def _row_set(X: np.ndarray) -> set:
 
 
 @pytest.mark.parametrize("method", ["lr", "svm", "knn"])
-@pytest.mark.parametrize("feature_set", ["clean", "aug"])
-def test_no_test_row_reaches_any_fit(features, manifest, cfg, fit_log, method, feature_set):
-    data = head_data(features, manifest, feature_set=feature_set)
-    data = _poisoned(data, np.random.default_rng(0))
-    select_and_refit(method, head_grid(method, cfg[method]), data=data, seed=0, head_cfg=cfg[method], n_classes=4)
-    assert fit_log, "the recorder saw no fit"
-    test_rows = _row_set(data.test.X)
-    allowed_y = {len(data.train): data.train.y, len(data.train) + len(data.val_fit):
-                 np.concatenate([data.train.y, data.val_fit.y])}
+def test_no_test_row_reaches_any_fit_of_the_search_or_the_refit(features, manifest, fit_log, tmp_path, method):
+    """Every trial fits on train (clean, or with its augmented views for 'aug') and the refit on train+val; the
+    test rows, poisoned, reach none of them."""
+    cfg = small_classify_config(heads=[method])
+    search = poisoned(search_of(features, manifest, tmp_path, cfg=cfg), seed=0)
+    _, trials = run_search(search, tmp_path / "out", cfg=cfg)
+    test_rows = set().union(*(_row_set(d.test.X) for d in search.data.values()))
+    train_y = {len(d.train): d.train.y for d in search.data.values()}
+    refit_y = {len(d.train) + len(d.val_fit): np.concatenate([d.train.y, d.val_fit.y]) for d in search.data.values()}
+    assert len(train_y) == len(refit_y) == 2 and not set(train_y) & set(refit_y)  # 24, 48 vs 32, 64 rows
+    labelled = [(name, y) for name, _, y in fit_log if name in CLASSIFIER.values()]
+    assert {name for name, _ in labelled} == {CLASSIFIER[method]}
+    assert sum(len(y) in train_y for _, y in labelled) >= len(trials) == 8  # every trial fit on train
+    assert sum(len(y) in refit_y for _, y in labelled) == 1  # and one refit on train+val
     for name, X, y in fit_log:
         assert not (_row_set(X) & test_rows), f"{name}.fit saw a test row"
         assert np.abs(X).max() < 1e2, f"{name}.fit saw the poisoned test features"
         if y is not None:  # classifiers: labels are exactly train's, or train+val's for the refit
-            assert len(y) in allowed_y and np.array_equal(y, allowed_y[len(y)]), name
+            expected = {**train_y, **refit_y}.get(len(y))
+            assert expected is not None and np.array_equal(y, expected), name
 
 
-@pytest.mark.parametrize("method", ["lr", "svm", "knn"])
-def test_selection_and_refit_ignore_test_rows(features, manifest, cfg, method):
-    data = head_data(features, manifest, feature_set="clean")
-    grid = head_grid(method, cfg[method])
-    a = select_and_refit(method, grid, data=data, seed=0, head_cfg=cfg[method], n_classes=4)
-    b = select_and_refit(method, grid, data=_poisoned(data, np.random.default_rng(1)), seed=0, head_cfg=cfg[method],
-                         n_classes=4)
-    assert a.selection.points == b.selection.points and a.selection.best.params == b.selection.best.params
-    assert np.array_equal(a.model.predict(data.val.X), b.model.predict(data.val.X))
-    assert len(a.selection.points) == len(grid)
+def test_the_search_and_its_choice_ignore_test_rows(features, manifest, tmp_path, monkeypatch):
+    steady_trial_clock(monkeypatch)
+    search = search_of(features, manifest, tmp_path)
+    row, trials = run_search(search, tmp_path / "a")
+    bad_row, bad_trials = run_search(poisoned(search, seed=1), tmp_path / "b")
+    assert [timeless(t) for t in trials] == [timeless(t) for t in bad_trials]
+    assert (row.method, row.feature_set, row.hyperparams) == (bad_row.method, bad_row.feature_set,
+                                                              bad_row.hyperparams)
+    assert row.selection == bad_row.selection and row.val_mean_per_class == bad_row.val_mean_per_class
+    model, bad_model = (load_head(out / "heads" / r.keys["head_key"])[0]
+                        for out, r in ((tmp_path / "a", row), (tmp_path / "b", bad_row)))
+    val = search.data[row.feature_set].val.X
+    assert np.array_equal(model.predict(val), bad_model.predict(val))
     # Real features of 4 distinct classes: the chosen head is far above chance (0.25) on test.
-    assert np.mean(a.test_pred == data.test.y) >= 0.75
+    assert row.metrics.mean_per_class >= 0.75
 
 
-def test_best_has_the_top_val_score_and_ties_go_to_the_lower_val_log_loss(features, manifest, cfg):
-    data = head_data(features, manifest, feature_set="clean")
-    fit = select_and_refit("lr", head_grid("lr", cfg["lr"]), data=data, seed=0, head_cfg=cfg["lr"], n_classes=4)
-    scores = [s.val_mean_per_class for s in fit.selection.points]
-    assert all(0 <= s <= 1 for s in scores)
-    tied = [s for s in fit.selection.points if s.val_mean_per_class == max(scores)]
-    assert fit.selection.best.params == min(tied, key=lambda s: s.val_log_loss).params
-    # Val has 2 images per class: every score is a multiple of 1/8.
-    assert all(abs(s * 8 - round(s * 8)) < 1e-9 for s in scores)
+def test_the_chosen_trial_has_the_best_score_and_an_exact_tie_goes_to_the_earlier_trial(features, manifest,
+                                                                                         tmp_path, monkeypatch):
+    # LR and the SVM share their best score on these rows: the tie-break chooses, the same way in every run
+    # (the earlier trial; wall seconds would differ from run to run).
+    cfg = small_classify_config(heads=["lr", "svm"])
+    search = search_of(features, manifest, tmp_path, cfg=cfg)
+    row, trials = run_search(search, tmp_path / "real", cfg=cfg)
+
+    def score(t):  # 2 val images per class: the search chose by cross-validation on train+val
+        return t.cv if t.cv is not None else t.val_mean_per_class
+    best = max(score(t) for t in trials)
+    tied = [t for t in trials if score(t) == best]
+    assert row.selection.best.extra["trial"] == min(t.number for t in tied)
+    assert len(row.selection.points) == len(trials) == 8
+    # Val has 2 images per class: every val score is a multiple of 1/8.
+    assert all(abs(t.val_mean_per_class * 8 - round(t.val_mean_per_class * 8)) < 1e-9 for t in trials)
+    again, _ = run_search(search, tmp_path / "again", cfg=cfg)
+    assert again.selection.best.extra["trial"] == row.selection.best.extra["trial"]
 
 
-def test_results_are_deterministic_for_a_seed(features, manifest, cfg):
-    data = head_data(features, manifest, feature_set="aug")
-    runs = [select_and_refit("svm", head_grid("svm", cfg["svm"]), data=data, seed=3, head_cfg=cfg["svm"], n_classes=4)
-            for _ in range(2)]
-    assert runs[0].selection.points == runs[1].selection.points
-    assert np.array_equal(runs[0].test_scores, runs[1].test_scores)
+def test_choose_trial_ranks_val_then_trial_number():
+    def t(number, val, seconds):
+        return SimpleNamespace(number=number, val=val, seconds=seconds)
+    trials = [t(0, 0.5, 0.1), t(1, 0.75, 3.0), t(2, 0.75, 2.0), t(3, 0.75, 2.0), t(4, None, 0.0), t(5, 0.7, 0.0)]
+    assert choose_trial(trials) == 1  # best val; of the three at 0.75, the earliest (not the cheapest)
+    assert choose_trial([t(0, float("nan"), 0.0), t(1, 0.1, 9.0)]) == 1  # an unknown val ranks last
+    with pytest.raises(ValueError, match="no completed trial"):
+        choose_trial([])
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_search_is_deterministic_for_a_seed(features, manifest, tmp_path, monkeypatch, sampler):
+    steady_trial_clock(monkeypatch)
+    search = search_of(features, manifest, tmp_path, seed=3)
+    tune_cfg = small_tune_config(sampler=sampler, startup_trials=4)
+    (a, a_trials), (b, b_trials) = (run_search(search, tmp_path / d, tune_cfg=tune_cfg) for d in "ab")
+    assert [timeless(t) for t in a_trials] == [timeless(t) for t in b_trials]
+    assert timeless(a) == timeless(b)
+    _, other = run_search(search, tmp_path / "c", tune_cfg=small_tune_config(sampler=sampler, startup_trials=4,
+                                                                            seed=1))
+    assert [t.params for t in other] != [t.params for t in a_trials]  # the seed is what fixes the draws
+
+
+def test_each_trial_draws_its_methods_settings_only_and_the_row_is_its_pipeline(features, manifest, tmp_path):
+    row, trials = run_search(search_of(features, manifest, tmp_path), tmp_path / "out")
+    assert {t.params["method"] for t in trials} == {"lr", "svm", "knn"}
+    assert {t.params["feature_set"] for t in trials} == {"clean", "aug"}
+    for t in trials:
+        assert set(t.params) == {"method", "feature_set", "norm", "power", *AXES[t.params["method"]]}
+    method, feature_set, point = point_of(row.selection.best.params)
+    assert (row.method, row.feature_set, row.hyperparams) == (method, feature_set, point)
+    assert point_of({"method": "lr", "feature_set": "aug", "norm": "l2", "power": 0.5, "lr_C": 2.0}) == (
+        "lr", "aug", {"power": 0.5, "norm": "l2", "pca": 0, "C": 2.0})
+    assert point_of({"method": "svm", "feature_set": "clean", "norm": "standard", "power": 1.0, "svm_C": 0.1,
+                     "svm_kernel": "rbf"})[2] == {"power": 1.0, "norm": "standard", "pca": 0, "C": 0.1,
+                                                  "kernel": "rbf"}
+    assert point_of({"method": "knn", "feature_set": "clean", "norm": "l2", "power": 1.0, "knn_k": 3,
+                     "knn_metric": "cosine", "knn_weights": "distance"})[2] == {
+        "power": 1.0, "norm": "l2", "pca": 0, "k": 3, "metric": "cosine", "weights": "distance"}
+
+
+def test_trials_name_the_settings_at_an_edge_of_their_range(features, manifest, tmp_path):
+    """A chosen value within 5% of an end of its range (log space for log ranges) is flagged: the range may be
+    too narrow. Recomputed here from the declared space."""
+    cfg = small_classify_config(heads=["knn"])
+    tune_cfg = small_tune_config(head={"knn_k": {"low": 1, "high": 16, "log": True}})
+    _, trials = run_search(search_of(features, manifest, tmp_path, cfg=cfg), tmp_path / "out", cfg=cfg,
+                           tune_cfg=tune_cfg)
+
+    def at_edge(k):  # log(1) = 0 .. log(16): within 5% of the width of either end
+        return min(math.log(k), math.log(16) - math.log(k)) <= 0.05 * math.log(16)
+    assert [t.at_edge for t in trials] == [("knn_k",) if at_edge(t.params["knn_k"]) else () for t in trials]
+    assert {t.at_edge for t in trials} == {("knn_k",), ()}  # both kinds drawn: the test tells them apart
+    assert not tune.Param("norm", choices=("l2",)).at_edge("l2")
+
+
+def test_a_search_is_charged_every_feature_set_it_read_not_only_the_chosen_one(features, manifest, tmp_path):
+    """Its trials fit on 'aug' rows too, so a search that chose a clean head still read the augmented views."""
+    search = search_of(features, manifest, tmp_path)
+    aug = search.data["aug"]
+    shuffled = Rows(aug.train.X, np.random.default_rng(0).permutation(aug.train.y), aug.train.sample_id)
+    row, trials = run_search(dataclasses.replace(search, data={**search.data, "aug": dataclasses.replace(
+        aug, train=shuffled)}), tmp_path / "out")
+    assert row.feature_set == "clean" and "aug" in {t.params["feature_set"] for t in trials}
+    assert row.costs.feature_s == pytest.approx(features.cost_s(np.ones(len(features.view), bool)))
+    assert row.costs.feature_s > features.cost_s(features.view <= 0) > 0
+
+
+def test_space_values_are_validated_with_the_key_named():
+    with pytest.raises(ConfigError, match=r"tune\.head\.norm\[0\].*'l3'"):
+        small_tune_config(head={"norm": ["l3"]})
+    with pytest.raises(ConfigError, match=r"tune\.head\.knn_k\.low.* 0"):
+        small_tune_config(head={"knn_k": {"low": 0, "high": 5}})
+    with pytest.raises(ConfigError, match=r"tune\.head\.knn_k\.high.* 4\.5"):
+        small_tune_config(head={"knn_k": {"low": 1, "high": 4.5}})
+    with pytest.raises(ConfigError, match=r"tune\.head\.lr_C\.low.* -1"):
+        small_tune_config(head={"lr_C": {"low": -1.0, "high": 1.0}})
+    with pytest.raises(ConfigError, match=r"tune\.head\.lr_C.*L > 0 when log"):
+        small_tune_config(head={"lr_C": {"low": 0.0, "high": 1.0, "log": True}})
+    with pytest.raises(ConfigError, match=r"tune\.head\.svm_kernel\[1\].*'poly'"):
+        small_tune_config(head={"svm_kernel": ["linear", "poly"]})
+    with pytest.raises(ConfigError, match=r"tune\.head\.svm_C.*list of distinct choices"):
+        small_tune_config(head={"svm_C": [0.1, 0.1]})
+    with pytest.raises(ConfigError, match=r"classify\.heads\[1\].*'mlp'"):
+        small_classify_config(heads=["lr", "mlp"])
+    with pytest.raises(ConfigError, match=r"classify\.feature_sets\[0\].*'raw'"):
+        small_classify_config(feature_sets=["raw"])
 
 
 def test_aug_feature_set_adds_views_to_fitting_rows_only(features, manifest):
@@ -128,21 +257,6 @@ def test_fewshot_draws_k_per_class_from_the_pool_seeded(features, manifest):
     assert np.bincount(pool.y[a]).tolist() == [3, 3, 3, 3]
     with pytest.raises(ValueError, match="only 8 images"):
         draw_per_class(pool, k=9, seed=0)
-
-
-def test_grid_config_is_validated_with_the_key_named():
-    with pytest.raises(ConfigError, match=r"classify\.lr\.norm\[0\].*'l3'"):
-        small_classify_config(lr={"norm": ["l3"]})
-    with pytest.raises(ConfigError, match=r"classify\.knn\.k\[0\]"):
-        small_classify_config(knn={"k": [0]})
-
-
-def test_grid_walks_c_upwards_within_each_normalisation(cfg):
-    grid = head_grid("lr", cfg["lr"])
-    assert len(grid) == 8
-    for norm in ("standard", "l2"):
-        cs = [p["C"] for p in grid if p["norm"] == norm]
-        assert cs == sorted(cs) == [0.01, 0.1, 1.0, 10.0]
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
@@ -166,23 +280,25 @@ def test_gram_svc_matches_libsvm_with_its_own_kernel(features, manifest, kernel)
 def test_signed_power_keeps_the_sign_and_rejects_out_of_range_powers():
     X = np.array([[-4.0, 0.0, 9.0]], dtype=np.float32)
     np.testing.assert_allclose(make_power(0.5).fit_transform(X), [[-2.0, 0.0, 3.0]])
-    assert make_power(1.0).fit_transform(X) is X or np.array_equal(make_power(1.0).fit_transform(X), X)
+    assert np.array_equal(make_power(1.0).fit_transform(X), X)
     with pytest.raises(ValueError, match=r"power 0\.0; allowed: 0 < power <= 1"):
         make_power(0.0)
-    with pytest.raises(ConfigError, match=r"classify\.lr\.power\[1\].*1\.5"):
-        small_classify_config(lr={"power": [0.5, 1.5]})
+    with pytest.raises(ConfigError, match=r"tune\.head\.power\[1\].*1\.5"):
+        small_tune_config(head={"power": [0.5, 1.5]})
 
 
-def test_power_is_a_preprocessing_axis_of_the_grid_and_the_pipeline(features, manifest, cfg):
-    head_cfg = {**cfg["lr"], "power": [1.0, 0.5]}
-    grid = head_grid("lr", head_cfg)
-    assert len(grid) == 16 and {p["power"] for p in grid} == {0.5, 1.0}
-    data = head_data(features, manifest, feature_set="clean")
-    fit = select_and_refit("lr", grid, data=data, seed=0, head_cfg=head_cfg, n_classes=4)
-    assert len(fit.selection.points) == 16 and fit.model.named_steps["power"].kw_args == (
-        {"power": 0.5} if fit.selection.best.params["power"] == 0.5 else None)
+def test_power_is_an_axis_of_the_search_and_a_step_of_the_pipeline(features, manifest, tmp_path):
+    cfg = small_classify_config(heads=["lr"])
+    row, trials = run_search(search_of(features, manifest, tmp_path, cfg=cfg), tmp_path / "out", cfg=cfg)
+    assert {t.params["power"] for t in trials} == {0.5, 1.0}
+    model, meta = load_head(tmp_path / "out" / "heads" / row.keys["head_key"])
+    assert meta["hyperparams"]["power"] == row.hyperparams["power"]
+    assert model.named_steps["power"].kw_args == ({"power": 0.5} if row.hyperparams["power"] == 0.5 else None)
+    point = {"power": 0.5, "norm": "standard", "pca": 0, "C": 1.0}
+    assert make_pipeline("lr", point, seed=0, head_cfg=cfg["lr"], n_rows=10).named_steps["power"].kw_args == {
+        "power": 0.5}
     # A head saved before the power axis existed (no "power" key) still builds: power 1.
-    old = {k: v for k, v in grid[-1].items() if k != "power"}
+    old = {k: v for k, v in point.items() if k != "power"}
     assert make_preprocessor(old, n_rows=10, seed=0).named_steps["power"].kw_args is None
 
 

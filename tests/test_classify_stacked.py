@@ -1,5 +1,6 @@
 """The 'stages' feature set: a backbone's pooled features beside the spatial mean of its last:1 cut, from the
 store the shared pass filled (real Lite0, the tiny 4-class manifest, fp32 pass)."""
+import functools
 import json
 import os
 import shutil
@@ -17,10 +18,11 @@ from dataset.views import study_requests
 from extract.cache import load_feature_set
 from extract.engine import PassSettings, ensure_rows
 from extract.stage import cut_policies
+from extract.store import Store
 from pipeline.config import load_config
 from study.context import StudyContext
-from study.results import read_rows
-from tests.classify_fixtures import small_classify_config
+from study.results import read_rows, read_skips, read_trials
+from tests.classify_fixtures import small_classify_config, small_tune_config
 
 pytestmark = pytest.mark.needs_data
 SETTINGS = PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False)
@@ -73,34 +75,41 @@ def test_the_pass_stores_the_last1_cut_when_the_heads_ask_for_stages():
         == ["head"]
 
 
-def test_the_classify_stage_offers_stages_to_every_head_and_predict_refuses_it(stored, tmp_path, tiny_manifest):
-    manifest, root, result = stored
-    out = tmp_path / "out"
-    run_dir = out / "runs" / "a"
+def _run_stage(out, name, *, cfg, layers: dict, tiny_manifest, pooled: str):
+    """The classify stage in run ``name`` over the store entries ``layers`` ({layer: entry folder under out})."""
+    run_dir = out / "runs" / name
     run_dir.mkdir(parents=True)
-    shutil.copytree(root, out / "store")
     ecfg = {"views": 1, "tta": "hflip", "policy": "light", "view_seed": 0}
-    cfg = small_classify_config(feature_sets=["clean", STAGES], fewshot={"k": []})
-    ctx = StudyContext(config={"seed": 0, "classify": cfg, "extract": ecfg}, data_root=out, out_dir=out,
-                       run_dir=run_dir, device="cpu")
+    ctx = StudyContext(config={"seed": 0, "classify": cfg, "tune": small_tune_config(), "extract": ecfg},
+                       data_root=out, out_dir=out, run_dir=run_dir, device="cpu")
     ctx.dataset_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(tiny_manifest, ctx.manifest_path)
-    rel = {name: os.path.relpath(out / "store" / s.dir.name, out) for name, s in result.stores.items()}
-    (run_dir / "features.json").write_text(json.dumps([{"backbone": "efficientnet_lite0", "store": rel["pooled"],
-                                                        "layers": rel}]))
+    (run_dir / "features.json").write_text(json.dumps([{"backbone": "efficientnet_lite0", "store": pooled,
+                                                        "layers": layers}]))
     classify.stage.run(ctx)
-    rows = read_rows(ctx.results_path)
-    by = {(r["method"], r["feature_set"]): r for r in rows}
-    assert set(by) == {(m, f) for m in ("lr", "svm", "knn") for f in ("clean", STAGES)}
-    assert by[("lr", STAGES)]["trainable_params"] == 4 * (1280 + 192) + 4
-    assert by[("lr", STAGES)]["cache_key"] != by[("lr", "clean")]["cache_key"]
-    assert by[("lr", STAGES)]["feature_s"] == pytest.approx(by[("lr", "clean")]["feature_s"])
-    _, meta = load_head(ctx.heads_dir / by[("lr", STAGES)]["head_key"])
+    return ctx, read_rows(ctx.results_path)
+
+
+def test_the_classify_stage_offers_stages_to_the_search_and_predict_refuses_it(stored, tmp_path, tiny_manifest):
+    manifest, root, result = stored
+    out = tmp_path / "out"
+    shutil.copytree(root, out / "store")
+    rel = {name: os.path.relpath(out / "store" / s.dir.name, out) for name, s in result.stores.items()}
+    run = functools.partial(_run_stage, out, layers=rel, tiny_manifest=tiny_manifest, pooled=rel["pooled"])
+    clean = load_feature_set(Store.open(out / rel["pooled"]), manifest=manifest, views=1, tta="hflip",
+                             policy="light", view_seed=0)
+    ctx, (row,) = run("both", cfg=small_classify_config(feature_sets=["clean", STAGES], fewshot={"k": []}))
+    assert {t.params["feature_set"] for t in read_trials(ctx.run_dir)} == {"clean", STAGES}
+    # Both sets read the clean (and mirrored) pooled rows, the cut made in the same pass: charged once.
+    assert row["feature_s"] == pytest.approx(clean.cost_s(clean.view <= 0))
+    ctx, (row,) = run("stages", cfg=small_classify_config(heads=["lr"], feature_sets=[STAGES], fewshot={"k": []}))
+    assert row["feature_set"] == STAGES and row["trainable_params"] == 4 * (1280 + 192) + 4
+    assert row["cache_key"] != clean.key and row["feature_s"] == pytest.approx(clean.cost_s(clean.view <= 0))
+    _, meta = load_head(ctx.heads_dir / row["head_key"])
     with pytest.raises(HeadMismatch, match="stages"):
         refuse_fused(meta, head_dir=ctx.heads_dir)
     # Without the cut in the store, 'stages' is a recorded skip, not a crash.
-    (run_dir / "features.json").write_text(json.dumps([{"backbone": "efficientnet_lite0", "store": rel["pooled"],
-                                                        "layers": {"pooled": rel["pooled"]}}]))
-    classify.stage.run(ctx)
-    skips = [json.loads(line) for line in (run_dir / "skipped.jsonl").read_text().splitlines()]
-    assert any(s["what"] == f"efficientnet_lite0 {STAGES}" for s in skips)
+    ctx, rows = run("no-cut", cfg=small_classify_config(feature_sets=["clean", STAGES], fewshot={"k": []}),
+                    layers={"pooled": rel["pooled"]})
+    assert [r["feature_set"] for r in rows] == ["clean"]
+    assert any(s["what"] == f"efficientnet_lite0 {STAGES}" for s in read_skips(ctx.run_dir))

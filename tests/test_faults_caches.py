@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+import classify.search
 import classify.stage
 import run_study
 import study.atomic
@@ -37,7 +38,7 @@ from finetune.checkpoint import CheckpointDamaged, load_checkpoint, save_checkpo
 from study.context import StudyContext
 from study.errors import StudyError, WriteFailed
 from study.results import read_rows
-from tests.classify_fixtures import EXTRACT_CONFIG, small_classify_config, tiny_lite0_features
+from tests.classify_fixtures import EXTRACT_CONFIG, small_classify_config, small_tune_config, tiny_lite0_features
 from tests.conftest import REPO
 from tests.finetune_fixtures import recipe
 
@@ -194,14 +195,18 @@ def test_checkpoints_are_sealed_and_written_atomically(tmp_path):
 
 # ====================================================================== 2-4. heads and the store
 
+# One trial: fresh searches in different folders choose alike (an exact val tie between trials would go to the
+# cheaper one by wall seconds, which differ from run to run).
+ONE_TRIAL = small_tune_config(trials=1, head={"norm": ["l2"], "lr_C": {"low": 0.1, "high": 1.0, "log": True}})
+
 
 def classify_ctx(out: Path, name: str, *, manifest: Path, store_entry: Path) -> StudyContext:
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True)
     cfg = small_classify_config(heads=["lr"], feature_sets=["clean"],
                                 fewshot={"k": [], "seeds": 1, "pool": "train+val"})
-    ctx = StudyContext(config={"seed": 0, "classify": cfg, "extract": EXTRACT_CONFIG}, data_root=out, out_dir=out,
-                       run_dir=run_dir, device="cpu")
+    ctx = StudyContext(config={"seed": 0, "classify": cfg, "tune": ONE_TRIAL, "extract": EXTRACT_CONFIG},
+                       data_root=out, out_dir=out, run_dir=run_dir, device="cpu")
     if not ctx.manifest_path.is_file():
         ctx.dataset_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(manifest, ctx.manifest_path)
@@ -228,12 +233,12 @@ def clean_head(tmp_path_factory, tiny_manifest, features):
 
 
 class Fits:
-    """Counts head sweeps (patched in): a reused head makes none."""
+    """Counts head fits (the chosen trial's refit, patched in): a reused head makes none."""
 
     def __init__(self, monkeypatch):
         self.n = 0
-        real = classify.selection.select_and_refit
-        monkeypatch.setattr(classify.stage.selection, "select_and_refit", lambda *a, **k: self._count() or real(*a, **k))
+        real = classify.search._refit_chosen
+        monkeypatch.setattr(classify.search, "_refit_chosen", lambda *a, **k: self._count() or real(*a, **k))
 
     def _count(self):
         self.n += 1
@@ -373,7 +378,7 @@ def study_config(tmp_path: Path, stages: str) -> Path:
                     '[extract]\nviews = 0\ntta = "none"\nprecision = "fp32"\nnum_workers = 0\nbatch_size = 8\n'
                     '[classify]\nheads = ["lr"]\nfeature_sets = ["clean"]\nbootstrap = 20\n'
                     '[classify.fewshot]\nk = []\n[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n'
-                    '[tune]\ntrials = 2\nsampler = "random"\n[tune.head]\nnorm = ["l2"]\n'
+                    '[tune]\ntrials = 1\nsampler = "random"\n[tune.head]\nnorm = ["l2"]\n'
                     'lr_C = {low = 0.1, high = 1.0, log = true}\n')
     return path
 

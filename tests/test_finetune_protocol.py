@@ -71,13 +71,13 @@ def test_the_space_is_declared_and_the_trunk_multiplier_drawn_only_for_policies_
             load_config(overrides=[bad])
 
 
-def test_choices_go_to_the_best_val_then_the_cheaper_then_the_earlier():
+def test_choices_go_to_the_best_val_then_the_earlier():
     T = SimpleNamespace
     assert choose([(0.8, 0.5), (0.9, 0.9), (0.9, 0.4), (0.9, 0.4)]) == 2
     assert choose([(0.9, None), (0.9, float("nan")), (0.5, 0.1)]) == 0
     trials = [T(val=0.8, seconds=1, number=0), T(val=0.9, seconds=9, number=1), T(val=0.9, seconds=3, number=2),
               T(val=0.9, seconds=3, number=3)]
-    assert choose_trial(trials) == 2  # an exact val tie: the cheaper, then the earlier; no log-loss across recipes
+    assert choose_trial(trials) == 1  # an exact val tie: the earlier (never wall seconds, nor log-loss across recipes)
     with pytest.raises(ValueError, match="no completed trial"):
         choose_trial([])
 

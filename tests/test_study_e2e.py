@@ -5,7 +5,7 @@ import time
 import pytest
 
 import run_study
-from study.results import read_rows
+from study.results import read_rows, read_trials
 from tests.report_checks import assert_comparison_traces, assert_pngs_valid
 
 pytestmark = [pytest.mark.slow]
@@ -27,7 +27,8 @@ def two_runs(tmp_path_factory, data_root):
     with pytest.MonkeyPatch.context() as mp:
         # A cache hit must not load the pretrained model, run a forward, fit a head, read prefix activations
         # or train: make all impossible.
-        import classify.selection
+        import classify.fewshot
+        import classify.search
         import extract.engine
         import extract.read
         import finetune.experiment
@@ -36,7 +37,8 @@ def two_runs(tmp_path_factory, data_root):
             raise AssertionError("second run did work that the cache should have saved")
         mp.setattr(extract.engine, "load_backbone", refuse)
         mp.setattr(extract.engine, "PassRunner", refuse)
-        mp.setattr(classify.selection, "select_and_refit", refuse)
+        mp.setattr(classify.search, "make_pipeline", refuse)
+        mp.setattr(classify.fewshot, "fit_fewshot", refuse)
         mp.setattr(extract.read.EntryReader, "tensor", refuse)
         mp.setattr(finetune.experiment, "Trainer", refuse)
         t0 = time.perf_counter()
@@ -53,7 +55,12 @@ def test_quick_study_writes_a_traceable_report(two_runs):
     rows = read_rows(first / "results.jsonl")
     kinds = {r["kind"] for r in rows}
     assert {"head", "finetune", "fewshot"} <= kinds
-    assert {r["method"] for r in rows if r["kind"] == "head"} >= {"lr", "svm", "knn"}
+    # One head search per (backbone, split seed); its trials tried every head.
+    assert sorted((r["backbone"], r["split_seed"]) for r in rows if r["kind"] == "head") == [
+        ("efficientnet_lite0", s) for s in (0, 1, 2)]
+    trials = read_trials(first)
+    assert {t.params["method"] for t in trials if t.arm == "head"} == {"lr", "svm", "knn"}
+    assert len([t for t in trials if t.arm == "head"]) == 3 * 6  # quick.toml: tune.trials = 6 per split seed
     assert assert_comparison_traces(first) >= 4
     assert_pngs_valid(first)
     for name in ("config.resolved.toml", "provenance.json", "results.csv", "per_class.csv"):
