@@ -48,10 +48,20 @@ class HeadJob:
 
 @dataclass(frozen=True)
 class HeadSearch:
-    """One head study's inputs: a backbone's (or fusion's) feature sets as head rows, and their FeatureSets."""
+    """One head study's inputs: a backbone's (or fusion's) feature sets as head rows, and their FeatureSets. A
+    few-shot search (``fewshot`` = (k, draw seed)) trains on k drawn images per class and refits on them alone."""
     backbone: str
     data: dict  # feature set name -> HeadData (built once, in the process that read the store)
     jobs: dict  # feature set name -> HeadJob
+    fewshot: tuple[int, int] | None = None
+
+    def row_fields(self, data: HeadData) -> dict:
+        """The fields that tell a few-shot row from a full one (what it was fit on, its k and draw)."""
+        if self.fewshot is None:
+            return {"kind": "head", "fit_on": "train+val"}
+        n = int(len(np.unique(data.train.sample_id)))
+        return {"kind": "fewshot", "fit_on": "train", "k_per_class": self.fewshot[0], "draw_seed": self.fewshot[1],
+                "n_fit": n}
 
 
 # ---------------------------------------------------------------------------------------------- a trial
@@ -99,6 +109,9 @@ def search_key(search: HeadSearch, *, cfg: dict, tune_cfg: dict) -> str:
     try, its budget and seed, how it is scored, and scikit-learn's version."""
     job = next(iter(search.jobs.values()))
     return spec_hash({"kind": "head-search", "features": {name: j.fs.key for name, j in search.jobs.items()},
+                      # A few-shot search trains on its draw: which images (by content) are in its key.
+                      **({"fewshot": list(search.fewshot), "drawn": spec_hash(sorted(
+                          map(str, next(iter(search.data.values())).train.sample_id)))} if search.fewshot else {}),
                       "methods": list(cfg["heads"]), "space": tune_cfg["head"], "solver": cfg["lr"],
                       "tune": {k: tune_cfg[k] for k in ("trials", "sampler", "startup_trials", "seed")},
                       "seed": job.seed, "n_boot": job.n_boot, "sklearn": sklearn.__version__,
@@ -144,7 +157,8 @@ def _cached(head_dir: Path) -> tuple[list[ResultRow], list[TrialRow]] | None:
 
 
 def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: Path, key: str) -> ResultRow:
-    """The chosen trial's pipeline refit on train+val, then -- and only then -- test predicted once."""
+    """The chosen trial's pipeline refit on train+val (a few-shot search: on its draw alone), then -- and only
+    then -- test predicted once."""
     complete = [t for t in trials if t.state == "COMPLETE"]
     chosen = complete[choose_trial(complete)]
     method, feature_set, point = point_of(chosen.params)
@@ -163,10 +177,9 @@ def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: P
                   predict_s=time.perf_counter() - t1)
     points = [Point(params=t.params, val_mean_per_class=t.val, val_log_loss=t.val_log_loss,
                     extra={"trial": t.number, "seconds": t.seconds}) for t in complete]
-    row = result_row(kind="head", method=method, feature_set=feature_set, data=data, fit=fit, model=model,
-                     hyperparams=point, job=job, selection=Selection(points=tuple(points),
-                                                                     chosen=complete.index(chosen)),
-                     val_mean_per_class=chosen.val, fit_on="train+val", keys={"head_key": key},
+    row = result_row(method=method, feature_set=feature_set, data=data, fit=fit, model=model, hyperparams=point,
+                     job=job, selection=Selection(points=tuple(points), chosen=complete.index(chosen)),
+                     val_mean_per_class=chosen.val, keys={"head_key": key}, **search.row_fields(data),
                      val_sample_id=tuple(data.val.sample_id.tolist()), val_pred=tuple(int(p) for p in val_pred))
     save_head(head_dir, model=model, meta=head_meta(row, job))
     log.info("%s heads: %d trials -> %s %s %s, val %.4f -> test mean per-class %.4f", search.backbone, len(trials),
@@ -193,8 +206,8 @@ def trial_rows(search: HeadSearch, trials: list, *, space: dict, study: str) -> 
 # ---------------------------------------------------------------------------------------------- rows
 
 
-def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, fit, model, hyperparams: dict,
-               job: HeadJob, draw_seed: int | None = None, **fields) -> ResultRow:
+def result_row(*, method: str, feature_set: str, data: HeadData, fit, model, hyperparams: dict, job: HeadJob,
+               kind: str = "head", draw_seed: int | None = None, **fields) -> ResultRow:
     """One head's row: ``fit`` (test predictions and scores, seconds) scored on test; ``fields`` are the row's own."""
     fs = job.fs
     # A few-shot fit's bootstrap draws with its draw seed, so each draw's interval is its own.
