@@ -78,3 +78,4 @@ def test_a_rerun_reappends_the_curve_without_training(setup, monkeypatch):
         raise AssertionError("a cached few-shot search was trained again")
     monkeypatch.setattr(train_mod.Trainer, "train_epoch", refuse)
     assert run_fewshot(**common) == first
+
