@@ -7,11 +7,11 @@ fine-tune trial reports val after every epoch, and the pruner (Hyperband by defa
 counts as a trial.
 
 Trials live in Optuna storage: a journal file under ``--out`` (``<out>/tune/journal.log``) by default, or an RDB
-URL (``tune.storage``), so a
-killed run resumes its studies. A finished trial is never run again; a trial cut off mid-way (its worker process
-is gone) is marked failed and run again with the same parameters, its fits resuming from their checkpoints.
-Several workers sharing the storage and ``--out`` share a study's budget: a new trial starts only under a lock
-while fewer than ``trials`` are finished or running, so the budget is met exactly.
+URL (``tune.storage``), so a killed run resumes its studies. A finished trial is never run again; a trial cut off
+mid-way (its worker process is gone) is marked failed and run again with the same parameters, its fits resuming
+from their checkpoints. Several workers sharing the storage and ``--out`` share a study's budget: a new trial
+starts only under a lock while fewer than ``trials`` are finished or running, so the budget is met exactly, and
+the choice waits until every trial of the budget has finished.
 """
 from __future__ import annotations
 
