@@ -50,7 +50,7 @@ def config_for(args, seed: int) -> dict:
 
     return load_config(REPO / "configs" / "default.toml", overrides=[
         *args.overrides, f'extract.backbones=["{args.backbone}"]', "classify.fusions=[]", "finetune.ensembles=[]",
-        "classify.fewshot.k=[]", "finetune.fewshot_draws=0", f"seed={seed}", "seeds=[]", "dev_seeds=[]",
+        "fewshot.k=[]", f"seed={seed}", "seeds=[]", "dev_seeds=[]",
         'name="budget"'])
 
 

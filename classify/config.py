@@ -27,15 +27,4 @@ SCHEMA = {
         "max_iter": Field(300, int_range(10)),
         "tol": Field(1e-4, float_range(1e-10, 1.0)),
     },
-    "fewshot": {
-        "k": Field([1, 5, 10, 20, 30], list_of(int_range(1), min_len=0),
-                   "images per class; [] turns the few-shot curve off"),
-        "seeds": Field(3, int_range(1, 100), "draws per k (seed, seed+1, ...)"),
-        # The few-shot heads reuse the full set's val-chosen hyperparameters, so val is not needed
-        # for selection and may join the pool; that makes k = 30 the standard Caltech protocol.
-        "pool": Field("train+val", one_of("train", "train+val"), "the labelled images the k per class are drawn from"),
-        # Both arms' curves retrain per k and draw; a fine-tune's costs as much as its full refit (its steps
-        # are matched), so on a CPU drawing them on the first split seed only is most of a study's saving.
-        "split_seeds": Field("all", one_of("all", "first"), "the split seeds that draw few-shot curves (both arms)"),
-    },
 }

@@ -14,10 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import sklearn
 from sklearn.metrics import log_loss
+from sklearn.model_selection import StratifiedKFold
 
 from classify.heads import class_scores, count_parameters, make_pipeline
 from classify.selection import HeadData, concat
@@ -48,10 +50,20 @@ class HeadJob:
 
 @dataclass(frozen=True)
 class HeadSearch:
-    """One head study's inputs: a backbone's (or fusion's) feature sets as head rows, and their FeatureSets."""
+    """One head study's inputs: a backbone's (or fusion's) feature sets as head rows, and their FeatureSets. A
+    few-shot search (``fewshot`` = (k, draw seed)) trains on k drawn images per class and refits on them alone."""
     backbone: str
     data: dict  # feature set name -> HeadData (built once, in the process that read the store)
     jobs: dict  # feature set name -> HeadJob
+    fewshot: tuple[int, int] | None = None
+
+    def row_fields(self, data: HeadData) -> dict:
+        """The fields that tell a few-shot row from a full one (what it was fit on, its k and draw)."""
+        if self.fewshot is None:
+            return {"kind": "head", "fit_on": "train+val"}
+        n = int(len(np.unique(data.train.sample_id)))
+        return {"kind": "fewshot", "fit_on": "train", "k_per_class": self.fewshot[0], "draw_seed": self.fewshot[1],
+                "n_fit": n}
 
 
 # ---------------------------------------------------------------------------------------------- a trial
@@ -78,17 +90,60 @@ def _suggest(trial, space: dict, *, methods: list[str], feature_sets: list[str])
     return params
 
 
-def _objective(search: HeadSearch, *, space: dict, methods: list[str], solver: dict):
+def _objective(search: HeadSearch, *, space: dict, methods: list[str], solver: dict, folds: int):
+    """A trial's score: its val mean per-class accuracy, or (``folds`` > 1: val is too small to choose by) its
+    stratified ``folds``-fold cross-validated one on train+val; the val score is kept beside it either way."""
     def objective(trial) -> tune.Outcome:
         method, feature_set, point = point_of(_suggest(trial, space, methods=methods, feature_sets=list(search.data)))
-        data = search.data[feature_set]
-        model = make_pipeline(method, point, seed=search.jobs[feature_set].seed, head_cfg=solver,
+        data, seed = search.data[feature_set], search.jobs[feature_set].seed
+        model = make_pipeline(method, point, seed=seed, head_cfg=solver,
                               n_rows=len(data.train)).fit(data.train.X, data.train.y)
         val = mean_per_class_accuracy(data.val.y, model.predict(data.val.X))
         loss = float(log_loss(data.val.y, model.predict_proba(data.val.X), labels=model[-1].classes_)) \
             if hasattr(model[-1], "predict_proba") else None
+        if folds > 1:
+            cv = cv_score(method, point, data, seed=seed, solver=solver, folds=folds)
+            return tune.Outcome(val=cv, attrs={"val": val, "cv": cv})
         return tune.Outcome(val=val, val_log_loss=loss)
     return objective
+
+
+# Val images per class below which the head arm chooses by cross-validation on train+val (issue: 5 val images per
+# class tie often and cannot rank several families); a saturated val is re-ranked the same way.
+CV_BELOW = 10
+
+
+def cv_folds(search: HeadSearch) -> int:
+    """The folds of the cross-validation a search chooses by: 0 (choose on val) when val has at least CV_BELOW
+    images of every class, else up to 5, as many as the smallest class's train+val images allow (0 below 2)."""
+    data = next(iter(search.data.values()))
+    counts = np.bincount(data.val.y)[np.unique(data.train.y)] if len(data.val) else np.zeros(1, int)
+    if counts.min() >= CV_BELOW:
+        return 0
+    return _possible_folds(data)
+
+
+def _possible_folds(data: HeadData) -> int:
+    rows = concat(data.train, data.val_fit)
+    _, first = np.unique(rows.sample_id, return_index=True)
+    smallest = int(np.bincount(rows.y[first])[np.unique(rows.y[first])].min())
+    return min(5, smallest) if smallest >= 2 else 0
+
+
+def cv_score(method: str, point: dict, data: HeadData, *, seed: int, solver: dict, folds: int) -> float:
+    """Mean per-class accuracy of ``point`` under stratified ``folds``-fold cross-validation over the train+val
+    images: each fold fits on the other images' rows (their augmented views too) and scores its images' clean
+    rows. Test takes no part."""
+    rows = concat(data.train, data.val_fit)
+    ids, first = np.unique(rows.sample_id, return_index=True)  # an image's first row is its clean (view 0) row
+    labels = rows.y[first]
+    scores = []
+    for keep, held in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(first, labels):
+        fit = ~np.isin(rows.sample_id, ids[held])
+        model = make_pipeline(method, point, seed=seed, head_cfg=solver, n_rows=int(fit.sum()))
+        model.fit(rows.X[fit], rows.y[fit])
+        scores.append(mean_per_class_accuracy(labels[held], model.predict(rows.X[first[held]])))
+    return float(np.mean(scores))
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -99,6 +154,9 @@ def search_key(search: HeadSearch, *, cfg: dict, tune_cfg: dict) -> str:
     try, its budget and seed, how it is scored, and scikit-learn's version."""
     job = next(iter(search.jobs.values()))
     return spec_hash({"kind": "head-search", "features": {name: j.fs.key for name, j in search.jobs.items()},
+                      # A few-shot search trains on its draw: which images (by content) are in its key.
+                      **({"fewshot": list(search.fewshot), "drawn": spec_hash(sorted(
+                          map(str, next(iter(search.data.values())).train.sample_id)))} if search.fewshot else {}),
                       "methods": list(cfg["heads"]), "space": tune_cfg["head"], "solver": cfg["lr"],
                       "tune": {k: tune_cfg[k] for k in ("trials", "sampler", "startup_trials", "seed")},
                       "seed": job.seed, "n_boot": job.n_boot, "sklearn": sklearn.__version__,
@@ -121,11 +179,13 @@ def search_heads(search: HeadSearch, *, cfg: dict, tune_cfg: dict, out_dir: Path
         space = tune.parse_space(tune_cfg["head"], integers=tune.HEAD_INTEGERS)
         tune_dir = Path(out_dir) / "tune"
         study = tune.open_study(name=name, cfg=tune_cfg, tune_dir=tune_dir)
-        tune.run_trials(study, _objective(search, space=space, methods=list(cfg["heads"]), solver=cfg["lr"]),
+        folds = cv_folds(search)
+        tune.run_trials(study, _objective(search, space=space, methods=list(cfg["heads"]), solver=cfg["lr"],
+                                          folds=folds),
                         trials=tune_cfg["trials"], lock=tune.budget_lock(tune_dir, name),
                         stale_after_s=tune_cfg["stale_after_s"])
         trials = tune.finished(study)
-        row = _refit_chosen(search, trials=trials, solver=cfg["lr"], head_dir=head_dir, key=key)
+        row = _refit_chosen(search, trials=trials, solver=cfg["lr"], head_dir=head_dir, key=key, folds=folds)
         records = trial_rows(search, trials, space=space, study=name)
         write_text_atomic(head_dir / TRIALS_FILE, json.dumps([t.to_dict() for t in records]))
         save_rows(head_dir, [row])  # written last: a folder without it is an unfinished search
@@ -143,10 +203,39 @@ def _cached(head_dir: Path) -> tuple[list[ResultRow], list[TrialRow]] | None:
         return None
 
 
-def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: Path, key: str) -> ResultRow:
-    """The chosen trial's pipeline refit on train+val, then -- and only then -- test predicted once."""
+def _choose(search: HeadSearch, complete: list, *, solver: dict, folds: int) -> tuple[int, str, dict]:
+    """(index of the chosen trial, the metric that chose it, cross-validated scores by trial number). On val unless
+    val is too small (``folds``: the trials were scored by cross-validation), or saturated, or tied across
+    methods: then the trials tied at the best val are re-ranked by cross-validation on train+val."""
+    if folds > 1:
+        return choose_trial(complete), f"{folds}-fold cross-validation on train+val (val < {CV_BELOW} per class)", {}
+    best = complete[choose_trial(complete)]
+    tied = [t for t in complete if t.val == best.val]
+    saturated = best.val >= 1.0 - 1e-12
+    if not saturated and len({t.params["method"] for t in tied}) < 2:
+        return complete.index(best), "val_mean_per_class", {}
+    cv = {}
+    for t in tied:
+        method, feature_set, point = point_of(t.params)
+        data = search.data[feature_set]
+        if _possible_folds(data) > 1:
+            cv[t.number] = cv_score(method, point, data, seed=search.jobs[feature_set].seed, solver=solver,
+                                    folds=_possible_folds(data))
+    if not cv:
+        return complete.index(best), "val_mean_per_class (saturated; too few images to cross-validate)", {}
+    ranked = [SimpleNamespace(val=cv[t.number], seconds=t.seconds, number=t.number) for t in tied if t.number in cv]
+    winner = ranked[choose_trial(ranked)].number
+    why = "val saturated" if saturated else "val tied across methods"
+    return next(i for i, t in enumerate(complete) if t.number == winner), f"cross-validation on train+val ({why})", cv
+
+
+def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: Path, key: str,
+                  folds: int) -> ResultRow:
+    """The chosen trial's pipeline refit on train+val (a few-shot search: on its draw alone), then -- and only
+    then -- test predicted once."""
     complete = [t for t in trials if t.state == "COMPLETE"]
-    chosen = complete[choose_trial(complete)]
+    index, metric, cv = _choose(search, complete, solver=solver, folds=folds)
+    chosen = complete[index]
     method, feature_set, point = point_of(chosen.params)
     data, job = search.data[feature_set], search.jobs[feature_set]
     # The chosen trial's model (fit on train) again, for its val predictions: what a paired comparison on val reads.
@@ -161,17 +250,21 @@ def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: P
     pred = np.asarray(model.predict(data.test.X), dtype=np.int64)
     fit = _Scored(test_pred=pred, test_scores=scores, train_s=sum(t.seconds for t in trials) + refit_s,
                   predict_s=time.perf_counter() - t1)
-    points = [Point(params=t.params, val_mean_per_class=t.val, val_log_loss=t.val_log_loss,
-                    extra={"trial": t.number, "seconds": t.seconds}) for t in complete]
-    row = result_row(kind="head", method=method, feature_set=feature_set, data=data, fit=fit, model=model,
-                     hyperparams=point, job=job, selection=Selection(points=tuple(points),
-                                                                     chosen=complete.index(chosen)),
-                     val_mean_per_class=chosen.val, fit_on="train+val", keys={"head_key": key},
+    # A point's val score is its val score, whatever chose (a cross-validated score is kept beside it).
+    points = [Point(params=t.params, val_mean_per_class=t.attrs.get("val", t.val), val_log_loss=t.val_log_loss,
+                    extra={"trial": t.number, "seconds": t.seconds,
+                           **({"cv": t.attrs.get("cv", cv.get(t.number))} if folds > 1 or t.number in cv else {})})
+              for t in complete]
+    row = result_row(method=method, feature_set=feature_set, data=data, fit=fit, model=model, hyperparams=point,
+                     job=job, selection=Selection(points=tuple(points), chosen=index, metric=metric),
+                     val_mean_per_class=points[index].val_mean_per_class, keys={"head_key": key},
+                     **search.row_fields(data),
                      val_sample_id=tuple(data.val.sample_id.tolist()), val_pred=tuple(int(p) for p in val_pred),
                      feature_s=search_feature_s(search))
     save_head(head_dir, model=model, meta=head_meta(row, job))
-    log.info("%s heads: %d trials -> %s %s %s, val %.4f -> test mean per-class %.4f", search.backbone, len(trials),
-             method, feature_set, point, chosen.val, row.metrics.mean_per_class)
+    log.info("%s heads: %d trials -> %s %s %s, val %.4f (chosen by %s) -> test mean per-class %.4f",
+             search.backbone, len(trials), method, feature_set, point, row.val_mean_per_class, metric,
+             row.metrics.mean_per_class)
     return row
 
 
@@ -186,16 +279,17 @@ class _Scored:
 def trial_rows(search: HeadSearch, trials: list, *, space: dict, study: str) -> list[TrialRow]:
     seed = next(iter(search.jobs.values())).seed
     return [TrialRow(arm="head", backbone=search.backbone, split_seed=seed, number=t.number, state=t.state,
-                     params=t.params, val_mean_per_class=t.val, val_log_loss=t.val_log_loss, seconds=t.seconds,
-                     study=study, at_edge=tuple(k for k, v in t.params.items() if k in space and space[k].at_edge(v)))
+                     params=t.params, val_mean_per_class=t.attrs.get("val", t.val), val_log_loss=t.val_log_loss,
+                     seconds=t.seconds, study=study, cv=t.attrs.get("cv"),
+                     at_edge=tuple(k for k, v in t.params.items() if k in space and space[k].at_edge(v)))
             for t in trials]
 
 
 # ---------------------------------------------------------------------------------------------- rows
 
 
-def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, fit, model, hyperparams: dict,
-               job: HeadJob, draw_seed: int | None = None, feature_s: float | None = None, **fields) -> ResultRow:
+def result_row(*, method: str, feature_set: str, data: HeadData, fit, model, hyperparams: dict, job: HeadJob,
+               kind: str = "head", draw_seed: int | None = None, feature_s: float | None = None, **fields) -> ResultRow:
     """One head's row: ``fit`` (test predictions and scores, seconds) scored on test; ``feature_s`` the compute
     share of the stored rows it is charged (None: those of ``feature_set``); ``fields`` are the row's own."""
     fs = job.fs

@@ -1,5 +1,5 @@
 """The classify stage: per backbone (and fused set), the head arm's tuner search over LR / SVM / kNN heads and
-feature sets (classify/search.py), then the few-shot curve of the val-chosen head.
+feature sets (classify/search.py), then the head arm's few-shot curve per backbone (classify/fewshot.py).
 
 The feature sets come from the store entries the extract stage lists in ``<run>/features.json``. Each search
 runs in its own worker process (``classify.n_jobs`` at a time); its row and trials are appended to the run's
@@ -17,12 +17,12 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from classify.features import FEATURE_SETS, head_data
-from classify.fewshot import cached_fewshot, like_for_like
+from classify.fewshot import drawn, largest_k
 from classify.heads import blas_threads
 from classify.search import HeadJob, HeadSearch, search_heads
 from dataset.manifest import class_names, manifest_hash, read_manifest
-from study.protocol import curve_on_seed
-from study.results import ResultRow, append_rows, append_skip, append_trials, val_best
+from study.protocol import curve_on_seed, draw_seeds, fewshot_backbones
+from study.results import ResultRow, append_rows, append_skip, append_trials
 
 log = logging.getLogger("study.classify")
 
@@ -52,27 +52,29 @@ def run(ctx) -> None:
     rows = search_all(searches, cfg=cfg, tune_cfg=ctx.config["tune"], out_dir=Path(ctx.out_dir),
                       heads_dir=ctx.heads_dir, run_dir=Path(ctx.run_dir))
     log.info("classify: %d head rows appended to %s", len(rows), ctx.results_path)
-    candidates = [(r, sets_of[r.backbone][r.feature_set]) for r in rows]
-    if cfg["fewshot"]["k"] and candidates and curve_on_seed(ctx.config):
-        with blas_threads(cfg["blas_threads"]):
-            _chosen_fewshot(candidates, manifest=manifest, cfg=cfg, ctx=ctx)
+    if curve_on_seed(ctx.config):
+        singles = fewshot_backbones(ctx.config, [s.backbone for s in searches if s.backbone in loaded])
+        draws = fewshot_searches([s for s in searches if s.backbone in singles], config=ctx.config,
+                                 run_dir=Path(ctx.run_dir))
+        few = search_all(draws, cfg=cfg, tune_cfg={**ctx.config["tune"], "trials": ctx.config["fewshot"]["trials"]},
+                         out_dir=Path(ctx.out_dir), heads_dir=ctx.heads_dir, run_dir=Path(ctx.run_dir), trials=False)
+        log.info("classify: %d few-shot head rows appended", len(few))
 
 
-def _chosen_fewshot(candidates: list[tuple[ResultRow, object]], *, manifest, cfg: dict, ctx) -> None:
-    """The few-shot curve of the arm's val-chosen head (over every backbone, fused set, head and feature set
-    of this split seed, or those of the fine-tuned backbones: ``like_for_like``): its method, settings and
-    feature set refit on k images per class."""
-    best = val_best(like_for_like([r for r, _ in candidates], ctx.config))
-    row, fs = next((r, f) for r, f in candidates if r is best)
-    data = head_data(fs, manifest, feature_set="aug" if row.feature_set == "aug" else "clean")
-    job = HeadJob(backbone=row.backbone, fs=fs, seed=ctx.seed, n_boot=cfg["bootstrap"],
-                  class_names=tuple(class_names(manifest)), manifest_hash=manifest_hash(manifest))
-    log.info("few-shot curve of the val-chosen head: %s %s (%s), val %.4f", row.backbone, row.method,
-             row.feature_set, row.val_mean_per_class)
-    rows = cached_fewshot(row.hyperparams, method=row.method, feature_set=row.feature_set, data=data,
-                          fewshot_cfg=cfg["fewshot"], head_cfg=cfg["lr"], heads_dir=ctx.heads_dir,
-                          run_dir=ctx.run_dir, job=job)
-    append_rows(Path(ctx.run_dir) / "results.jsonl", rows)
+def fewshot_searches(searches: list[HeadSearch], *, config: dict, run_dir: Path) -> list[HeadSearch]:
+    """Every (backbone, k, draw)'s few-shot head search; a k larger than a class's train images is a recorded
+    skip."""
+    out = []
+    for search in searches:
+        largest = largest_k(search)
+        for k in config["fewshot"]["k"]:
+            if k > largest:
+                append_skip(run_dir, stage="classify", what=f"{search.backbone} few-shot k={k}",
+                            reason=f"the smallest class has {largest} train images",
+                            fix=f"lower fewshot.k to at most {largest}")
+                continue
+            out += [drawn(search, k=k, draw=draw) for draw in draw_seeds(config)]
+    return out
 
 
 def _stages_set(entry: dict, *, cfg: dict, ecfg: dict, manifest, ctx) -> dict:
@@ -144,7 +146,7 @@ def n_workers(n_jobs: int, n_tasks: int) -> int:
 
 
 def search_all(searches: list[HeadSearch], *, cfg: dict, tune_cfg: dict, out_dir: Path, heads_dir: Path,
-               run_dir: Path) -> list[ResultRow]:
+               run_dir: Path, trials: bool = True) -> list[ResultRow]:
     """Run (or reuse) every backbone's head search, ``classify.n_jobs`` processes at a time, each with
     ``classify.blas_threads`` BLAS threads (one head's solver keeps about one core busy). Rows and trials are
     appended in search order as they arrive, so an interrupted stage loses only the searches in flight (each
@@ -156,9 +158,10 @@ def search_all(searches: list[HeadSearch], *, cfg: dict, tune_cfg: dict, out_dir
         delayed(_search_task)(s, cfg=cfg, tune_cfg=tune_cfg, out_dir=out_dir, heads_dir=heads_dir,
                               log_level=level if n > 1 else None) for s in searches)
     all_rows = []
-    for rows, trials in tqdm(results, total=len(searches), desc="head searches", unit="search"):
+    for rows, found in tqdm(results, total=len(searches), desc="head searches", unit="search"):
         append_rows(run_dir / "results.jsonl", rows)
-        append_trials(run_dir, trials)
+        if trials:  # the budget tables compare the main searches; a few-shot search's trials stay in its folder
+            append_trials(run_dir, found)
         all_rows += rows
     return all_rows
 

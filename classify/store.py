@@ -27,7 +27,7 @@ from study.results import ResultRow, read_rows, rows_text
 
 MODEL_FILE, META_FILE, ROWS_FILE = "head.joblib", "meta.json", "rows.jsonl"
 # Bump when the rows or the fitting code change in a way that changes the numbers.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: head searches (tuner trials, cross-validated when val is small)
 log = logging.getLogger(__name__)
 
 

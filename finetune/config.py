@@ -61,9 +61,6 @@ SCHEMA = {
     "num_workers": Field(2, int_range(0, 64)),
     "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16"), keyed=True),
     "n_boot": Field(1000, int_range(0), keyed=True),
-    # The val-chosen fine-tune retrained on k images per class (k: classify.fewshot.k, drawn from
-    # classify.fewshot.pool like the heads' draws, same seeds): draws per split seed; 0 turns it off.
-    "fewshot_draws": Field(1, int_range(0, 100), "few-shot draws per k of the val-chosen fine-tune (0: none)"),
 }
 
 # The fields that change a fit's numbers (its cache key; a key not declared here changes no key): the recipe

@@ -64,9 +64,15 @@ class FitInputs:
         self._memo: dict = {}
 
     def add_train_part(self, name: str, positions: np.ndarray) -> None:
-        """A subset of images to train on (a few-shot draw), read like ``train``."""
+        """A subset of images to train on, read like ``train``."""
         self.positions[name] = np.asarray(positions, dtype=np.int64)
         self.train_parts.add(name)
+
+    def restrict_train(self, positions: np.ndarray) -> None:
+        """Train on ``positions`` alone (a few-shot draw): selection fits on them and is scored on val as ever;
+        the refit (``train+val``) is on them alone too, so no image beyond the draw is ever trained on."""
+        self.release()
+        self.positions["train"] = self.positions["train+val"] = np.asarray(positions, dtype=np.int64)
 
     def cached(self, policy: str) -> bool:
         return policy in self.stores

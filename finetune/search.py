@@ -35,7 +35,7 @@ from study.atomic import write_text_atomic
 from study.errors import StudyError
 from study.hashing import spec_hash
 from study.metrics import evaluate, mean_per_class_accuracy
-from study.protocol import choose_trial
+from study.protocol import choose_trial, draw_indices
 from study.provenance import git_sha
 from study.results import Costs, Metrics, Point, ResultRow, Selection, TrialRow, read_rows, rows_text
 
@@ -74,6 +74,7 @@ class _Run:
     seed: int
     device: str
     finetune_dir: Path
+    fewshot: tuple[int, int] | None = None  # (k, draw seed) of a few-shot search
 
     @property
     def name(self) -> str:
@@ -96,7 +97,7 @@ def applicable(backbone, policies: list[str]) -> tuple[list[str], list[tuple[str
 
 
 def _prepare(*, backbone, manifest_path, data_root, hp, tune_cfg, tune_dir, seed, device, finetune_dir, store,
-             rebuild) -> _Run:
+             rebuild, fewshot: tuple[int, int] | None = None) -> _Run:
     manifest = read_manifest(manifest_path)
     policies, _ = applicable(backbone, list(hp["policies"]))
     if not policies:
@@ -105,12 +106,22 @@ def _prepare(*, backbone, manifest_path, data_root, hp, tune_cfg, tune_dir, seed
     rows, base = experiment_inputs(backbone=backbone, phases=phases, manifest=manifest, hp=hp, seed=seed,
                                    device=device, store=store, data_root=Path(data_root), rebuild=rebuild)
     space = tune.parse_space(tune_cfg["finetune"], integers=tune.FINETUNE_INTEGERS)
+    if fewshot is not None:
+        rows.restrict_train(drawn_positions(manifest, rows.positions["train"], k=fewshot[0], draw=fewshot[1]))
     inputs = {p: rows.identity(p, ("train+val", "val", "test")) for p in phases}
     spec = search_spec(base=base, policies=policies, space=space, tune_cfg=tune_cfg, hp=hp, inputs=inputs)
+    if fewshot is not None:  # its inputs name the drawn images' rows; k and the draw say which draw it is
+        spec = {**spec, "fewshot": list(fewshot)}
     key = spec_hash(spec)
     return _Run(backbone=backbone, manifest=manifest, policies=policies, space=space, rows=rows, base=base, spec=spec,
                 key=key, dir=Path(finetune_dir) / key, hp=hp, tune_cfg=tune_cfg, tune_dir=Path(tune_dir), seed=seed,
-                device=device, finetune_dir=Path(finetune_dir))
+                device=device, finetune_dir=Path(finetune_dir), fewshot=fewshot)
+
+
+def drawn_positions(manifest, train: np.ndarray, *, k: int, draw: int) -> np.ndarray:
+    """The manifest positions of k train images per class, drawn as the head arm draws them (same seed, same
+    images: ``study.protocol.draw_indices`` over the train images in manifest order)."""
+    return train[draw_indices(manifest["label"].to_numpy(np.int64)[train], k=k, seed=draw)]
 
 
 def search_spec(*, base: dict, policies: list[str], space: dict, tune_cfg: dict, hp: dict, inputs: dict) -> dict:
@@ -124,13 +135,13 @@ def search_spec(*, base: dict, policies: list[str], space: dict, tune_cfg: dict,
 
 def run_finetune(*, backbone, manifest_path: Path, data_root: Path, hp: dict, tune_cfg: dict, tune_dir: Path,
                  seed: int, device: str, finetune_dir: Path, store: StoreAccess, rebuild: bool = False,
-                 on_epoch_end=None) -> Searched:
+                 on_epoch_end=None, fewshot: tuple[int, int] | None = None) -> Searched:
     """Search ``backbone``'s fine-tunes (extract.backbones.Backbone) on val, refit the chosen one on train+val and
     score test once: its results row and trials (rank 0; other ranks get none). ``hp`` is the [finetune] section
     with ``views`` an int; the frozen prefix's activations come from the activation store (``store``)."""
     run = _prepare(backbone=backbone, manifest_path=manifest_path, data_root=data_root, hp=hp, tune_cfg=tune_cfg,
                    tune_dir=tune_dir, seed=seed, device=device, finetune_dir=finetune_dir, store=store,
-                   rebuild=rebuild)
+                   rebuild=rebuild, fewshot=fewshot)
     cached = None if rebuild else finished(run)
     if cached is not None:
         log.info("finetune %s: cached result in %s", backbone.name, run.dir)
@@ -340,8 +351,10 @@ def _row(run: _Run, *, trials, chosen, fits, final, logits: np.ndarray, predict_
     cached = all(rows.cached(p) for p in parse_policy(policy).phases)
     metrics = evaluate(test["label"].to_numpy(np.int64), pred, torch.softmax(torch.from_numpy(logits), 1).numpy(),
                        n_classes=len(names), n_boot=hp["n_boot"], seed=run.seed)
-    return ResultRow(
-        kind="finetune", backbone=run.backbone.name, method=f"ft:{policy}", feature_set=hp["augment"], tta=hp["tta"],
+    few = {} if run.fewshot is None else {"kind": "fewshot", "k_per_class": run.fewshot[0],
+                                          "draw_seed": run.fewshot[1], "fit_on": "train"}
+    return ResultRow(**{"kind": "finetune", "fit_on": "train+val", **few},
+        backbone=run.backbone.name, method=f"ft:{policy}", feature_set=hp["augment"], tta=hp["tta"],
         split_seed=run.seed, metrics=Metrics.from_dict(metrics), test_sample_id=tuple(test["sample_id"].tolist()),
         test_pred=tuple(pred.tolist()),
         hyperparams={**keyed(hp, ROW_KEYS), **chosen.params, "path": "prefix_cache" if cached else "naive",
@@ -351,7 +364,7 @@ def _row(run: _Run, *, trials, chosen, fits, final, logits: np.ndarray, predict_
         # The chosen trial's val score (what the report chooses by); the scored model is the chosen setting refit on
         # train+val for its chosen epoch count(s); its training views: the prefix cache reuses V fixed augmented
         # views every epoch, the naive loop draws fresh ones.
-        val_mean_per_class=chosen.val, fit_on="train+val", views=hp["views"] if cached else 0, views_fresh=not cached,
+        val_mean_per_class=chosen.val, views=hp["views"] if cached else 0, views_fresh=not cached,
         costs=_costs(run, trials=trials, final=final, predict_s=predict_s), trainable_params=trainable,
         total_params=total, epochs_run=sum(f.result.epochs_run for f in fits),
         cache_key=spec_hash(run.spec["inputs"]) if cached else run.key,

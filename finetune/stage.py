@@ -4,8 +4,8 @@ fine-tunes (``finetune.ensembles``: finetune/ensemble.py).
 
 Backbones whose weights are unavailable, and policies a backbone cannot take, are recorded as skips (the run
 continues); finished searches are cached in ``ctx.finetune_dir/<run key>/`` and their rows and trials re-appended
-on a rerun. The few-shot curve is the val-chosen single fine-tune's: an ensemble's would retrain every member at
-every k.
+on a rerun. The few-shot curves are the fine-tuned backbones' (finetune/fewshot.py; an ensemble draws none: it
+would retrain every member at every k).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from extract.backbones import WeightsUnavailable, load_backbone
 from finetune.inputs import StoreAccess
 from finetune.search import applicable, run_finetune
 from study import distributed
-from study.protocol import curve_on_seed
+from study.protocol import curve_on_seed, fewshot_backbones
 from study.results import append_rows, append_skip, append_trials, fused_name, val_best
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def run(ctx) -> None:
         done += _search(backbone, store, ctx=ctx, hp=hp, device=device)
     if hp["ensembles"]:
         _ensembles(done, loaded, ctx=ctx, hp=hp, device=device)
-    if hp["fewshot_draws"] and ctx.config["classify"]["fewshot"]["k"] and curve_on_seed(ctx.config):
-        _chosen_fewshot(done, loaded, ctx=ctx, hp=hp, device=device)
+    if curve_on_seed(ctx.config):
+        _fewshot(loaded, ctx=ctx, hp=hp, device=device)
 
 
 def _search(backbone, store, *, ctx, hp: dict, device: str) -> list:
@@ -108,20 +108,16 @@ def _ensembles(done: list, loaded: dict, *, ctx, hp: dict, device: str) -> None:
             append_rows(ctx.results_path, [row])
 
 
-def _chosen_fewshot(done: list, loaded: dict, *, ctx, hp: dict, device: str) -> None:
-    """The few-shot curve of this seed's val-chosen fine-tune (over every backbone and policy). Rank 0 holds the
-    rows and chooses; under torchrun every rank trains, so the chosen row is sent to all."""
+def _fewshot(loaded: dict, *, ctx, hp: dict, device: str) -> None:
+    """The few-shot curve of every fine-tuned backbone the curve covers (study.protocol.fewshot_backbones): a small
+    search per (k, draw) on the head arm's draws. Every rank trains; rank 0 writes the rows."""
     from finetune.fewshot import run_fewshot
 
-    row = distributed.broadcast_object((val_best(done) if done else None) if distributed.is_main() else None)
-    if row is None:
-        return
-    backbone, store = loaded[row.backbone]
-    few = ctx.config["classify"]["fewshot"]
-    log.info("few-shot curve of the val-chosen fine-tune: %s %s, val %.4f", row.backbone, row.method,
-             row.val_mean_per_class)
-    rows = run_fewshot(backbone=backbone, row=row, manifest_path=ctx.manifest_path, data_root=ctx.data_root, hp=hp,
-                       seed=ctx.seed, device=device, finetune_dir=ctx.finetune_dir, store=store, ks=few["k"],
-                       draws=hp["fewshot_draws"], pool=few["pool"], run_dir=ctx.run_dir)
-    if rows:
-        append_rows(ctx.results_path, rows)
+    for name in fewshot_backbones(ctx.config, list(loaded)):
+        backbone, store = loaded[name]
+        rows = run_fewshot(backbone=backbone, config=ctx.config, manifest_path=ctx.manifest_path, run_dir=ctx.run_dir,
+                           data_root=ctx.data_root, hp=hp, tune_cfg=ctx.config["tune"], tune_dir=ctx.out_dir / "tune",
+                           seed=ctx.seed, device=device, finetune_dir=ctx.finetune_dir, store=store,
+                           rebuild=ctx.rebuild_cache)
+        if rows and distributed.is_main():
+            append_rows(ctx.results_path, rows)

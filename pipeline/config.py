@@ -25,6 +25,7 @@ def study_schema() -> dict:
     from extract.config import SCHEMA as extract_schema
     from finetune.config import SCHEMA as finetune_schema
     from reports.config import SCHEMA as report_schema
+    from study.protocol import FEWSHOT_SCHEMA as fewshot_schema
     from study.tune import SCHEMA as tune_schema
 
     return {
@@ -44,6 +45,7 @@ def study_schema() -> dict:
         "finetune": finetune_schema,
         "report": report_schema,
         "tune": tune_schema,
+        "fewshot": fewshot_schema,
     }
 
 

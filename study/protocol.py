@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from study.schema import Field, int_range, list_of, one_of
+
 
 def _known(x: float | None, *, otherwise: float) -> float:
     return otherwise if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
@@ -45,11 +47,36 @@ def val_order(df, *, val: str, loss: str, order: str = "row"):
     return key.sort_values(["_val", "_loss", order], ascending=[False, True, True]).drop(columns=["_val", "_loss"])
 
 
+# The few-shot curve: both arms, per backbone, on the same k images per class drawn from train (seeds seed,
+# seed+1, ...), each (arm, backbone, k, draw) choosing its settings on val with a small tuner budget of its own.
+FEWSHOT_SCHEMA = {
+    "k": Field([1, 5, 10], list_of(int_range(1), min_len=0), "images per class; [] turns the few-shot curve off"),
+    "draws": Field(3, int_range(1, 100), "draws per k, the same images for both arms (seed, seed+1, ...)"),
+    "trials": Field(4, int_range(1, 10_000), "tuner trials per (arm, backbone, k, draw), the same for both arms"),
+    # A curve retrains both arms per k and draw; on a CPU drawing them on the first split seed only is most of
+    # a study's saving.
+    "split_seeds": Field("all", one_of("all", "first"), "the split seeds that draw few-shot curves"),
+}
+
+
 def curve_on_seed(config: dict) -> bool:
     """Whether this split seed (``config["seed"]``) draws the few-shot curves: every seed, or only the first
-    of ``seeds`` with ``classify.fewshot.split_seeds = "first"``."""
+    of ``seeds`` with ``fewshot.split_seeds = "first"``."""
     seeds = list(config.get("seeds") or [config["seed"]])
-    return config["classify"]["fewshot"]["split_seeds"] == "all" or config["seed"] == seeds[0]
+    few = config["fewshot"]
+    return bool(few["k"]) and (few["split_seeds"] == "all" or config["seed"] == seeds[0])
+
+
+def draw_seeds(config: dict) -> range:
+    """The few-shot draw seeds of this split seed: seed, seed+1, ... (both arms draw with them)."""
+    return range(config["seed"], config["seed"] + config["fewshot"]["draws"])
+
+
+def fewshot_backbones(config: dict, available: list[str]) -> list[str]:
+    """The single backbones whose curve both arms draw: those fine-tuned (``finetune.backbones``, [] = all) when
+    the fine-tune stage runs, else every available one."""
+    tuned = config["finetune"]["backbones"] or available
+    return [b for b in available if "finetune" not in config["stages"] or b in tuned]
 
 
 def draw_indices(labels: np.ndarray, *, k: int, seed: int) -> np.ndarray:

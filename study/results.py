@@ -338,6 +338,7 @@ class TrialRow:
     best_epoch: int | None = None
     curve: tuple[float, ...] = ()  # fine-tunes: val after each epoch of the scored phase
     at_edge: tuple[str, ...] = ()  # numeric parameters within 5% of an end of their declared range
+    cv: float | None = None        # heads choosing by cross-validation (val too small): the score that chose
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "curve": list(self.curve), "at_edge": list(self.at_edge)}

@@ -6,15 +6,17 @@ the arm's declared search space (``[tune.head]`` / ``[tune.finetune]``: a list i
 fine-tune trial reports val after every epoch, and the pruner (Hyperband by default) may stop it; a pruned trial
 counts as a trial.
 
-Trials live in Optuna storage: a journal file under ``--out`` (``<out>/tune/journal.log``) by default, or an RDB URL (``tune.storage``), so a
-killed run resumes its studies. A finished trial is never run again; a trial cut off mid-way (its worker process
-is gone) is marked failed and run again with the same parameters, its fits resuming from their checkpoints.
-Several workers sharing the storage and ``--out`` share a study's budget: a new trial starts only under a lock
-while fewer than ``trials`` are finished or running, so the budget is met exactly.
+Trials live in Optuna storage: a journal file under ``--out`` (``<out>/tune/journal.log``) by default, or an RDB
+URL (``tune.storage``), so a killed run resumes its studies. A finished trial is never run again; a trial cut off
+mid-way (its worker process is gone) is marked failed and run again with the same parameters, its fits resuming
+from their checkpoints. Several workers sharing the storage and ``--out`` share a study's budget: a new trial
+starts only under a lock while fewer than ``trials`` are finished or running, so the budget is met exactly, and
+the choice waits until every trial of the budget has finished.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -28,10 +30,12 @@ from study.atomic import file_lock
 from study.hashing import spec_hash
 from study.schema import ConfigError, Field, float_range, int_range, is_str, one_of, pattern
 
+log = logging.getLogger(__name__)
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "median", "none")
 FINISHED = ("COMPLETE", "PRUNED")
 EDGE = 0.05  # a chosen value within 5% of a range's end (in log space for log ranges) sits "at an edge"
+POLL_S = 5.0  # how often a worker whose budget is taken looks at the trials other workers are running
 
 
 # ---------------------------------------------------------------------------------------------- spaces
@@ -275,6 +279,12 @@ def _next_trial(study, *, trials: int, lock: Path, stale_after_s: float):
         return trial
 
 
+def _others_running(study) -> int:
+    import optuna
+
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
 def run_trials(study, objective: Callable[[Any], Outcome], *, trials: int, lock: Path,
                stale_after_s: float = 900.0) -> None:
     """Run ``objective`` on new trials of ``study`` until ``trials`` of them are finished or running (here or in
@@ -282,7 +292,17 @@ def run_trials(study, objective: Callable[[Any], Outcome], *, trials: int, lock:
     is raised (its parameters are queued again, so a rerun retries them)."""
     import optuna
 
-    while (trial := _next_trial(study, trials=trials, lock=lock, stale_after_s=stale_after_s)) is not None:
+    while True:
+        trial = _next_trial(study, trials=trials, lock=lock, stale_after_s=stale_after_s)
+        if trial is None:
+            # The budget is taken; trials other workers are running may still finish (or be cut off and come back
+            # to be run again): the choice waits for every trial of the budget.
+            running = _others_running(study)
+            if not running:
+                return
+            log.info("%s: waiting for %d trial(s) another worker is running", study.study_name, running)
+            time.sleep(POLL_S)
+            continue
         t0 = time.perf_counter()
         try:
             outcome = objective(trial)

@@ -13,7 +13,13 @@ import classify.stage
 from classify.fusion import fuse, fused_name
 from study.context import StudyContext
 from study.results import read_rows, read_skips, read_trials
-from tests.classify_fixtures import EXTRACT_CONFIG, small_classify_config, small_tune_config, tiny_features
+from tests.classify_fixtures import (
+    EXTRACT_CONFIG,
+    small_classify_config,
+    small_fewshot_config,
+    small_tune_config,
+    tiny_features,
+)
 
 pytestmark = pytest.mark.needs_data
 
@@ -58,10 +64,11 @@ def test_the_stage_searches_the_fused_set_as_one_more_backbone_and_skips_a_missi
     entries = [{"backbone": b, "store": os.path.relpath(fs.path, out)} for b, fs in
                (("efficientnet_lite0", lite0), ("efficientnet_lite1", lite1))]
     (run_dir / "features.json").write_text(json.dumps(entries))
-    cfg = small_classify_config(heads=["lr"], feature_sets=["clean"], fewshot={"k": []},
+    cfg = small_classify_config(heads=["lr"], feature_sets=["clean"],
                                 fusions=[["efficientnet_lite0", "efficientnet_lite1"], ["efficientnet_lite0", "x"]])
     ctx = StudyContext(config={"seed": 0, "classify": cfg, "tune": small_tune_config(trials=3),
-                               "extract": EXTRACT_CONFIG}, data_root=out, out_dir=out, run_dir=run_dir, device="cpu")
+                               "fewshot": small_fewshot_config(k=[]), "extract": EXTRACT_CONFIG},
+                       data_root=out, out_dir=out, run_dir=run_dir, device="cpu")
     classify.stage.run(ctx)
     rows = read_rows(ctx.results_path)
     name = fused_name(["efficientnet_lite0", "efficientnet_lite1"])

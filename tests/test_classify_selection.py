@@ -1,9 +1,10 @@
 """The head arm's search on real Lite0 features of 4 Caltech classes: test rows never reach a fit or the choice,
-the chosen trial is the best on val (exact ties to the cheaper trial), a seed fixes the search, and the rows and
+the chosen trial is the best on val (exact ties to the earlier trial), a seed fixes the search, and the rows and
 pipelines the trials fit are what they should be."""
 import dataclasses
 import math
 import pickle
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,9 +15,9 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC
 
 from classify.features import head_data
-from classify.fewshot import draw_per_class, fewshot_pool
+from classify.fewshot import draw_per_class
 from classify.heads import GramSVC, make_pipeline, make_power, make_preprocessor
-from classify.search import point_of, search_heads
+from classify.search import cv_folds, point_of, search_heads
 from classify.selection import HeadData, Rows
 from classify.stage import head_search
 from classify.store import load_head
@@ -93,25 +94,28 @@ def _row_set(X: np.ndarray) -> set:
 
 @pytest.mark.parametrize("method", ["lr", "svm", "knn"])
 def test_no_test_row_reaches_any_fit_of_the_search_or_the_refit(features, manifest, fit_log, tmp_path, method):
-    """Every trial fits on train (clean, or with its augmented views for 'aug') and the refit on train+val; the
-    test rows, poisoned, reach none of them."""
+    """Every trial fits on train (clean, or with its augmented views for 'aug'), the cross-validation (2 val
+    images per class) on folds of train+val and the refit on train+val; the test rows, poisoned, reach none."""
     cfg = small_classify_config(heads=[method])
     search = poisoned(search_of(features, manifest, tmp_path, cfg=cfg), seed=0)
+    assert cv_folds(search) > 1
     _, trials = run_search(search, tmp_path / "out", cfg=cfg)
     test_rows = set().union(*(_row_set(d.test.X) for d in search.data.values()))
+    # A classifier sees its pipeline's transformed rows, so its fits are told apart by their labels.
     train_y = {len(d.train): d.train.y for d in search.data.values()}
     refit_y = {len(d.train) + len(d.val_fit): np.concatenate([d.train.y, d.val_fit.y]) for d in search.data.values()}
-    assert len(train_y) == len(refit_y) == 2 and not set(train_y) & set(refit_y)  # 24, 48 vs 32, 64 rows
     labelled = [(name, y) for name, _, y in fit_log if name in CLASSIFIER.values()]
     assert {name for name, _ in labelled} == {CLASSIFIER[method]}
-    assert sum(len(y) in train_y for _, y in labelled) >= len(trials) == 8  # every trial fit on train
-    assert sum(len(y) in refit_y for _, y in labelled) == 1  # and one refit on train+val
+    same = lambda y, known: len(y) in known and np.array_equal(y, known[len(y)])  # noqa: E731
+    assert sum(same(y, train_y) for _, y in labelled) >= len(trials) == 8  # every trial fit on train
+    assert sum(same(y, refit_y) for _, y in labelled) == 1  # and one refit on train+val
+    assert len(labelled) >= 8 + 1 + 8 * cv_folds(search)  # and the folds of every trial's cross-validation
     for name, X, y in fit_log:
         assert not (_row_set(X) & test_rows), f"{name}.fit saw a test row"
         assert np.abs(X).max() < 1e2, f"{name}.fit saw the poisoned test features"
-        if y is not None:  # classifiers: labels are exactly train's, or train+val's for the refit
-            expected = {**train_y, **refit_y}.get(len(y))
-            assert expected is not None and np.array_equal(y, expected), name
+        if y is not None:  # classifiers: labels of train and val images only (a fold holds a subset of them)
+            pool = Counter(refit_y[min(k for k in refit_y if k >= len(y))].tolist())
+            assert not Counter(y.tolist()) - pool, name
 
 
 def test_the_search_and_its_choice_ignore_test_rows(features, manifest, tmp_path, monkeypatch):
@@ -249,14 +253,14 @@ def test_aug_feature_set_adds_views_to_fitting_rows_only(features, manifest):
     assert set(aug.train.sample_id) == set(clean.train.sample_id)
 
 
-def test_fewshot_draws_k_per_class_from_the_pool_seeded(features, manifest):
-    pool = fewshot_pool(head_data(features, manifest, feature_set="clean"), pool="train+val")
-    assert len(pool) == 32 and not set(pool.sample_id) & set(manifest.query("split == 'test'").sample_id)
+def test_fewshot_draws_k_per_class_from_train_seeded(features, manifest):
+    pool = head_data(features, manifest, feature_set="clean").train
+    assert len(pool) == 24 and set(pool.sample_id) == set(manifest.query("split == 'train'").sample_id)
     a, b, c = (draw_per_class(pool, k=3, seed=s) for s in (0, 0, 1))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert np.bincount(pool.y[a]).tolist() == [3, 3, 3, 3]
-    with pytest.raises(ValueError, match="only 8 images"):
-        draw_per_class(pool, k=9, seed=0)
+    with pytest.raises(ValueError, match="only 6 images"):
+        draw_per_class(pool, k=7, seed=0)
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])

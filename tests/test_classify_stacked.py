@@ -22,7 +22,7 @@ from extract.store import Store
 from pipeline.config import load_config
 from study.context import StudyContext
 from study.results import read_rows, read_skips, read_trials
-from tests.classify_fixtures import small_classify_config, small_tune_config
+from tests.classify_fixtures import small_classify_config, small_fewshot_config, small_tune_config
 
 pytestmark = pytest.mark.needs_data
 SETTINGS = PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False)
@@ -80,7 +80,8 @@ def _run_stage(out, name, *, cfg, layers: dict, tiny_manifest, pooled: str):
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True)
     ecfg = {"views": 1, "tta": "hflip", "policy": "light", "view_seed": 0}
-    ctx = StudyContext(config={"seed": 0, "classify": cfg, "tune": small_tune_config(), "extract": ecfg},
+    ctx = StudyContext(config={"seed": 0, "classify": cfg, "tune": small_tune_config(),
+                               "fewshot": small_fewshot_config(k=[]), "extract": ecfg},
                        data_root=out, out_dir=out, run_dir=run_dir, device="cpu")
     ctx.dataset_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(tiny_manifest, ctx.manifest_path)
@@ -98,18 +99,18 @@ def test_the_classify_stage_offers_stages_to_the_search_and_predict_refuses_it(s
     run = functools.partial(_run_stage, out, layers=rel, tiny_manifest=tiny_manifest, pooled=rel["pooled"])
     clean = load_feature_set(Store.open(out / rel["pooled"]), manifest=manifest, views=1, tta="hflip",
                              policy="light", view_seed=0)
-    ctx, (row,) = run("both", cfg=small_classify_config(feature_sets=["clean", STAGES], fewshot={"k": []}))
+    ctx, (row,) = run("both", cfg=small_classify_config(feature_sets=["clean", STAGES]))
     assert {t.params["feature_set"] for t in read_trials(ctx.run_dir)} == {"clean", STAGES}
     # Both sets read the clean (and mirrored) pooled rows, the cut made in the same pass: charged once.
     assert row["feature_s"] == pytest.approx(clean.cost_s(clean.view <= 0))
-    ctx, (row,) = run("stages", cfg=small_classify_config(heads=["lr"], feature_sets=[STAGES], fewshot={"k": []}))
+    ctx, (row,) = run("stages", cfg=small_classify_config(heads=["lr"], feature_sets=[STAGES]))
     assert row["feature_set"] == STAGES and row["trainable_params"] == 4 * (1280 + 192) + 4
     assert row["cache_key"] != clean.key and row["feature_s"] == pytest.approx(clean.cost_s(clean.view <= 0))
     _, meta = load_head(ctx.heads_dir / row["head_key"])
     with pytest.raises(HeadMismatch, match="stages"):
         refuse_fused(meta, head_dir=ctx.heads_dir)
     # Without the cut in the store, 'stages' is a recorded skip, not a crash.
-    ctx, rows = run("no-cut", cfg=small_classify_config(feature_sets=["clean", STAGES], fewshot={"k": []}),
+    ctx, rows = run("no-cut", cfg=small_classify_config(feature_sets=["clean", STAGES]),
                     layers={"pooled": rel["pooled"]})
     assert [r["feature_set"] for r in rows] == ["clean"]
     assert any(s["what"] == f"efficientnet_lite0 {STAGES}" for s in read_skips(ctx.run_dir))

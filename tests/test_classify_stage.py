@@ -10,20 +10,19 @@ import numpy as np
 import pytest
 import sklearn.pipeline
 
-import classify.fewshot
 import classify.search
 import classify.stage
-from classify.search import point_of, rows_read
+from classify.search import point_of
 from classify.store import load_head
 from extract.store import Store
 from study import tune
 from study.context import StudyContext
-from study.protocol import choose_trial
-from study.results import REQUIRED_KEYS, read_rows, read_skips, read_trials, val_best
+from study.protocol import choose_trial, draw_indices, fewshot_backbones
+from study.results import REQUIRED_KEYS, read_rows, read_skips, read_trials
 from tests.classify_fixtures import (
     EXTRACT_CONFIG,
-    SMALL_CONFIG,
     small_classify_config,
+    small_fewshot_config,
     small_tune_config,
     steady_trial_clock,
     tiny_features,
@@ -32,6 +31,8 @@ from tests.classify_fixtures import (
 pytestmark = pytest.mark.needs_data
 LITES = ("efficientnet_lite0", "efficientnet_lite1")
 TIMINGS = ("train_s", "predict_s", "refit_s", "select_s", "seconds")
+CURVE = [(k, d) for k in (1, 3) for d in (0, 1)]  # small_fewshot_config: k = 7 is more than 6 train images
+SEARCHES = 1 + len(CURVE)  # a backbone's head search and its few-shot searches
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +41,15 @@ def features(tmp_path_factory, tiny_manifest):
     return {b: tiny_features(tmp_path_factory, tiny_manifest, backbone=b) for b in LITES}
 
 
-def make_ctx(out, name, *, tiny_manifest, stores, classify_cfg=None, tune_cfg=None, seed=0, seeds=None):
-    """A run ``name`` under ``out`` whose features.json lists ``stores`` ({backbone: store entry folder})."""
+def make_ctx(out, name, *, tiny_manifest, stores, classify_cfg=None, tune_cfg=None, fewshot=None, seed=0,
+             seeds=None):
+    """A run ``name`` under ``out`` whose features.json lists ``stores`` ({backbone: store entry folder}), the
+    classify stage alone (so every backbone draws a few-shot curve)."""
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True)
-    config = {"seed": seed, "classify": classify_cfg or small_classify_config(),
-              "tune": tune_cfg or small_tune_config(), "extract": EXTRACT_CONFIG, **({"seeds": seeds} if seeds else {})}
+    config = {"seed": seed, "stages": ["classify"], "classify": classify_cfg or small_classify_config(),
+              "tune": tune_cfg or small_tune_config(), "fewshot": fewshot or small_fewshot_config(),
+              "finetune": {"backbones": []}, "extract": EXTRACT_CONFIG, **({"seeds": seeds} if seeds else {})}
     ctx = StudyContext(config=config, data_root=out, out_dir=out, run_dir=run_dir, device="cpu")
     if not ctx.manifest_path.is_file():
         ctx.dataset_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +73,12 @@ def rule_choice(trials) -> int:
 
 
 def timeless(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in TIMINGS}
+    """The record without wall times, also those its selection's points keep."""
+    out = {k: v for k, v in record.items() if k not in TIMINGS}
+    if isinstance(out.get("selection"), dict):
+        out["selection"] = {**out["selection"], "points": [
+            {**p, "extra": timeless(p.get("extra", {}))} for p in out["selection"]["points"]]}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -135,54 +144,63 @@ def test_trials_jsonl_holds_the_budget_of_each_backbone_and_split_seed_and_the_r
 def test_the_head_is_charged_the_stored_rows_its_search_read(first_run, features, tiny_manifest, tmp_path):
     """Like a fine-tune, a head is charged the compute share of the rows it read: a search offered 'clean' and
     'aug' reads every stored view; offered 'clean' alone, the clean (and test-time) views only. A few-shot row is
-    charged its own feature set's rows."""
+    a search of its own, offered the same sets, and charged alike."""
     _, rows, _ = first_run
     for r in rows:
         fs = features[r["backbone"]]
-        read = np.ones(len(fs.view), bool) if r["kind"] == "head" else rows_read(fs, r["feature_set"])
-        assert r["feature_s"] == pytest.approx(fs.cost_s(read))
+        assert r["feature_s"] == pytest.approx(fs.cost_s(np.ones(len(fs.view), bool)))
     lite0 = {LITES[0]: features[LITES[0]]}
     _, clean, _ = run_stage(tmp_path, "clean", tiny_manifest=tiny_manifest, features=lite0,
-                            classify_cfg=small_classify_config(feature_sets=["clean"], fewshot={"k": []}))
+                            classify_cfg=small_classify_config(feature_sets=["clean"]),
+                            fewshot=small_fewshot_config(k=[]))
     (head,) = clean
     fs = lite0[LITES[0]]
     assert head["feature_s"] == pytest.approx(fs.cost_s(fs.view <= 0))
     assert 0 < head["feature_s"] < fs.cost_s(np.ones(len(fs.view), bool))
 
 
-def test_fewshot_rows_are_the_val_chosen_heads_with_k_draws_and_counts(first_run):
-    ctx, rows, _ = first_run
+def test_fewshot_rows_are_searches_of_k_drawn_train_images_per_backbone_and_draw(first_run):
+    ctx, rows, trials = first_run
     few = [r for r in rows if r["kind"] == "fewshot"]
-    chosen = val_best([r for r in rows if r["kind"] == "head"])
-    # k = 1, 3, 8 fit (8 images per class in train+val), 2 seeds each; k = 9 is a recorded skip.
-    assert sorted((r["k_per_class"], r["draw_seed"]) for r in few) == [(k, s) for k in (1, 3, 8) for s in (0, 1)]
+    assert sorted((r["backbone"], r["k_per_class"], r["draw_seed"]) for r in few) == [
+        (b, k, d) for b in LITES for k, d in CURVE]
     for r in few:
-        assert r["n_train"] == 4 * r["k_per_class"] and r["n_test"] == 16 and r["split_seed"] == 0
-        assert (r["backbone"], r["method"], r["feature_set"], r["hyperparams"]) == (
-            chosen["backbone"], chosen["method"], chosen["feature_set"], chosen["hyperparams"])
-    draws = {r["draw_seed"]: r["test_pred"] for r in few if r["k_per_class"] == 1}
-    assert len(draws) == 2
-    assert any("k=9" in s["what"] for s in read_skips(ctx.run_dir))
+        k = r["k_per_class"]
+        assert r["n_train"] == 4 * k and r["n_fit"] == 4 * k and r["fit_on"] == "train" and r["split_seed"] == 0
+        assert r["n_val"] == 8 and r["n_test"] == 16
+        assert r["n_fit_rows"] == 4 * k * (1 if r["feature_set"] == "clean" else 2)  # view 0 [+ its light view]
+        # Its own search of fewshot.trials trials on val, the row its rule's choice.
+        points = r["selection"]["points"]
+        assert len(points) == 2
+        assert r["selection"]["chosen"] == choose_trial([SimpleNamespace(
+            val=p["extra"].get("cv", p["val_mean_per_class"]), seconds=p["extra"]["seconds"], number=i)
+            for i, p in enumerate(points)])
+        chosen = points[r["selection"]["chosen"]]
+        assert (r["method"], r["feature_set"], r["hyperparams"]) == point_of(chosen["params"])
+    # trials.jsonl holds the full searches' budget: a curve's trials are charged apart (fewshot.trials).
+    assert {t.arm for t in trials} == {"head"} and len(trials) == 8 * len(LITES)
+    assert [s["what"] for s in read_skips(ctx.run_dir) if "few-shot" in s["what"]] == [
+        f"{b} few-shot k=7" for b in LITES]
 
 
 def test_a_fewshot_draw_of_an_aug_head_brings_each_images_views_and_both_arms_draw_the_same_images(
         features, tiny_manifest):
     from classify.features import head_data
-    from classify.fewshot import draw_indices, draw_per_class, fewshot_pool
+    from classify.fewshot import draw_per_class
     from dataset.manifest import read_manifest
 
     manifest = read_manifest(tiny_manifest)
     fs = features[LITES[0]]
-    aug, clean = (fewshot_pool(head_data(fs, manifest, feature_set=f), pool="train+val") for f in ("aug", "clean"))
+    aug, clean = (head_data(fs, manifest, feature_set=f).train for f in ("aug", "clean"))
     picked = aug.take(draw_per_class(aug, k=3, seed=5))
     assert len(np.unique(picked.sample_id)) == 12 and len(picked) == 24  # 3 images x 4 classes, view 0 + 1 view
     assert set(clean.take(draw_per_class(clean, k=3, seed=5)).sample_id) == set(picked.sample_id)
-    # The fine-tune arm draws from the manifest's train+val positions in manifest order: the same images.
-    split = manifest["split"].to_numpy()
-    positions = np.concatenate([np.flatnonzero(split == "train"), np.flatnonzero(split == "val")])
-    ft = manifest["sample_id"].to_numpy()[positions[draw_indices(manifest["label"].to_numpy()[positions], k=3, seed=5)]]
+    # The fine-tune arm draws from the manifest's train positions in manifest order: the same images.
+    train = np.flatnonzero(manifest["split"].to_numpy() == "train")
+    ft = manifest["sample_id"].to_numpy()[train[draw_indices(manifest["label"].to_numpy()[train], k=3, seed=5)]]
     assert set(ft) == set(picked.sample_id)
     assert set(clean.take(draw_per_class(clean, k=3, seed=6)).sample_id) != set(picked.sample_id)
+    assert not set(picked.sample_id) & set(manifest["sample_id"][manifest["split"] != "train"])
 
 
 def test_saved_heads_reload_and_reproduce_their_test_predictions(first_run, features):
@@ -204,7 +222,6 @@ def test_a_rerun_reappends_rows_and_trials_without_fitting(first_run, tiny_manif
     def refuse(*args, **kwargs):
         raise AssertionError("a cached head was fitted again")
     monkeypatch.setattr(sklearn.pipeline.Pipeline, "fit", refuse)
-    monkeypatch.setattr(classify.fewshot, "fit_fewshot", refuse)
     monkeypatch.setattr(tune, "run_trials", refuse)
     _, again, again_trials = run_stage(ctx.out_dir, "b", tiny_manifest=tiny_manifest, features=features)
     assert again == rows and again_trials == trials
@@ -230,7 +247,7 @@ def test_other_features_of_one_backbone_search_that_backbone_only(first_run, tin
     stores = {LITES[0]: features[LITES[0]].path, LITES[1]: _other_bytes(features[LITES[1]], ctx.out_dir / "other")}
     changed = make_ctx(ctx.out_dir, "c", tiny_manifest=tiny_manifest, stores=stores)
     classify.stage.run(changed)
-    assert searched == [LITES[1]]
+    assert Counter(searched) == {LITES[1]: SEARCHES}
     new = {(r["kind"], r["backbone"]): r for r in read_rows(changed.results_path) if r["kind"] == "head"}
     old = {(r["kind"], r["backbone"]): r for r in rows if r["kind"] == "head"}
     assert new[("head", LITES[0])] == old[("head", LITES[0])]
@@ -249,15 +266,11 @@ def test_another_space_searches_again_and_the_curve_follows_the_chosen_head(firs
     assert searched == [] and same == rows
     _, new, _ = run_stage(ctx.out_dir, "e", tiny_manifest=tiny_manifest, features=features,
                           tune_cfg=small_tune_config(head=space))
-    assert sorted(searched) == sorted(LITES)  # every search reads the space
+    assert Counter(searched) == {b: SEARCHES for b in LITES}  # every search reads the space, few-shot too
     assert all(t.params.get("knn_metric", "cosine") == "cosine" for t in read_trials(ctx.out_dir / "runs" / "e"))
-    # The few-shot curve is the val-chosen head's: the same rows when (and only when) that head is the same.
-    chosen_before = val_best([r for r in rows if r["kind"] == "head"])
-    chosen_now = val_best([r for r in new if r["kind"] == "head"])
     few_now = [r for r in new if r["kind"] == "fewshot"]
-    assert few_now and all(r["hyperparams"] == chosen_now["hyperparams"] for r in few_now)
-    same_head = all(chosen_now[k] == chosen_before[k] for k in ("backbone", "method", "feature_set", "hyperparams"))
-    assert (few_now == [r for r in rows if r["kind"] == "fewshot"]) == same_head
+    assert len(few_now) == len(CURVE) * len(LITES)
+    assert all(p["params"].get("knn_metric", "cosine") == "cosine" for r in few_now for p in r["selection"]["points"])
 
 
 def test_rows_are_deterministic_apart_from_wall_time(first_run, tiny_manifest, features, tmp_path, monkeypatch):
@@ -273,7 +286,7 @@ def test_parallel_workers_give_the_trials_and_rows_of_one_process(first_run, tin
     """Two worker processes, one search each, try what one process tried, score it alike and choose alike."""
     _, rows, trials = first_run
     _, par, par_trials = run_stage(tmp_path, "g", tiny_manifest=tiny_manifest, features=features,
-                                   classify_cfg=small_classify_config(n_jobs=2, fewshot={"k": []}))
+                                   classify_cfg=small_classify_config(n_jobs=2), fewshot=small_fewshot_config(k=[]))
     assert [timeless(t.to_dict()) for t in par_trials] == [timeless(t.to_dict()) for t in trials]
     one = {r["backbone"]: r for r in rows if r["kind"] == "head"}
     assert [r["backbone"] for r in par] == list(LITES)
@@ -285,12 +298,11 @@ def test_parallel_workers_give_the_trials_and_rows_of_one_process(first_run, tin
 
 @pytest.mark.parametrize("seeds", [[0, 3], [3, 0]])
 def test_split_seeds_first_draws_the_fewshot_curve_on_the_first_split_seed_only(first_run, tiny_manifest, features,
-                                                                                 seeds, monkeypatch):
+                                                                                 seeds, searched):
     ctx, rows, _ = first_run
-    monkeypatch.setattr(classify.fewshot, "fit_fewshot", lambda *a, **k: pytest.fail("the curve was not reused"))
-    cfg = small_classify_config(fewshot={**SMALL_CONFIG["fewshot"], "split_seeds": "first"})
     _, new, _ = run_stage(ctx.out_dir, f"seeds-{seeds[0]}", tiny_manifest=tiny_manifest, features=features,
-                          classify_cfg=cfg, seeds=seeds)
+                          fewshot=small_fewshot_config(split_seeds="first"), seeds=seeds)
+    assert searched == []  # the heads and the curve were reused
     few = [r for r in new if r["kind"] == "fewshot"]
     # Split seed 0 is first in [0, 3]: its curve (cached under a key without split_seeds) is the first run's.
     assert few == ([r for r in rows if r["kind"] == "fewshot"] if seeds[0] == 0 else [])
@@ -299,9 +311,8 @@ def test_split_seeds_first_draws_the_fewshot_curve_on_the_first_split_seed_only(
 
 def test_another_split_seed_is_a_search_of_its_own(first_run, tiny_manifest, features, searched):
     ctx, rows, _ = first_run
-    cfg = small_classify_config(fewshot={**SMALL_CONFIG["fewshot"], "split_seeds": "first"})
     _, new, trials = run_stage(ctx.out_dir, "seed-3", tiny_manifest=tiny_manifest, features=features,
-                               classify_cfg=cfg, seed=3, seeds=[0, 3])
+                               fewshot=small_fewshot_config(split_seeds="first"), seed=3, seeds=[0, 3])
     assert searched == list(LITES) and [(r["backbone"], r["split_seed"]) for r in new] == [(b, 3) for b in LITES]
     assert Counter((t.backbone, t.split_seed) for t in trials) == {(b, 3): 8 for b in LITES}
     assert not {t.study for t in trials} & {t.study for t in first_run[2]}
@@ -328,18 +339,10 @@ def test_features_from_another_manifest_are_refused(features, tiny_manifest):
         head_data(fs, relabelled, feature_set="clean")
 
 
-def test_fewshot_head_is_chosen_among_the_fine_tuned_backbones_when_the_arms_differ():
-    from types import SimpleNamespace
-
-    from classify.fewshot import like_for_like
-
-    rows = [SimpleNamespace(backbone=b) for b in ("efficientnet_lite0", "efficientnet_lite2",
-                                                  "fused:efficientnet_lite0+efficientnet_lite2",
-                                                  "fused:efficientnet_lite0+efficientnet_lite1")]
-    config = {"stages": ["classify", "finetune"],
-              "finetune": {"backbones": ["efficientnet_lite0", "efficientnet_lite1"]}}
-    assert [r.backbone for r in like_for_like(rows, config)] == [
-        "efficientnet_lite0", "fused:efficientnet_lite0+efficientnet_lite1"]
-    assert like_for_like(rows, {**config, "finetune": {"backbones": []}}) == rows  # [] = every backbone fine-tuned
-    assert like_for_like(rows, {**config, "stages": ["classify"]}) == rows  # no fine-tune arm to match
-    assert like_for_like(rows, {**config, "finetune": {"backbones": ["resnet50"]}}) == rows  # none left: all
+def test_both_arms_draw_curves_for_the_fine_tuned_backbones_only_when_the_fine_tune_runs():
+    available = ["efficientnet_lite0", "efficientnet_lite2"]
+    config = {"stages": ["classify", "finetune"], "finetune": {"backbones": ["efficientnet_lite0", "resnet50"]}}
+    assert fewshot_backbones(config, available) == ["efficientnet_lite0"]
+    assert fewshot_backbones({**config, "finetune": {"backbones": []}}, available) == available  # [] = all tuned
+    assert fewshot_backbones({**config, "stages": ["classify"]}, available) == available  # no other arm to match
+    assert fewshot_backbones({**config, "finetune": {"backbones": ["resnet50"]}}, available) == []

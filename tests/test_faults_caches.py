@@ -38,7 +38,13 @@ from finetune.checkpoint import CheckpointDamaged, load_checkpoint, save_checkpo
 from study.context import StudyContext
 from study.errors import StudyError, WriteFailed
 from study.results import read_rows
-from tests.classify_fixtures import EXTRACT_CONFIG, small_classify_config, small_tune_config, tiny_lite0_features
+from tests.classify_fixtures import (
+    EXTRACT_CONFIG,
+    small_classify_config,
+    small_fewshot_config,
+    small_tune_config,
+    tiny_lite0_features,
+)
 from tests.conftest import REPO
 from tests.finetune_fixtures import recipe
 
@@ -79,7 +85,8 @@ def ft(features, tiny_manifest):
                         view_seed=0)
     s = cache.splits
     return {"lite0": load_backbone("efficientnet_lite0"), "hp": hp,
-            "train": CachedSource(s["train"].acts, s["train"].labels), "val": CachedSource(s["val"].acts, s["val"].labels)}
+            "train": CachedSource(s["train"].acts, s["train"].labels),
+            "val": CachedSource(s["val"].acts, s["val"].labels)}
 
 
 def fit(ft, ckpt_dir: Path, on_epoch_end=None):
@@ -203,9 +210,9 @@ ONE_TRIAL = small_tune_config(trials=1, head={"norm": ["l2"], "lr_C": {"low": 0.
 def classify_ctx(out: Path, name: str, *, manifest: Path, store_entry: Path) -> StudyContext:
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True)
-    cfg = small_classify_config(heads=["lr"], feature_sets=["clean"],
-                                fewshot={"k": [], "seeds": 1, "pool": "train+val"})
-    ctx = StudyContext(config={"seed": 0, "classify": cfg, "tune": ONE_TRIAL, "extract": EXTRACT_CONFIG},
+    cfg = small_classify_config(heads=["lr"], feature_sets=["clean"])
+    ctx = StudyContext(config={"seed": 0, "classify": cfg, "tune": ONE_TRIAL,
+                               "fewshot": small_fewshot_config(k=[]), "extract": EXTRACT_CONFIG},
                        data_root=out, out_dir=out, run_dir=run_dir, device="cpu")
     if not ctx.manifest_path.is_file():
         ctx.dataset_dir.mkdir(parents=True, exist_ok=True)
@@ -377,8 +384,8 @@ def study_config(tmp_path: Path, stages: str) -> Path:
                     '[data.split]\nprotocol = "fraction"\ntrain_fraction = 0.5\nval_fraction = 0.25\n'
                     '[extract]\nviews = 0\ntta = "none"\nprecision = "fp32"\nnum_workers = 0\nbatch_size = 8\n'
                     '[classify]\nheads = ["lr"]\nfeature_sets = ["clean"]\nbootstrap = 20\n'
-                    '[classify.fewshot]\nk = []\n[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n'
-                    '[tune]\ntrials = 1\nsampler = "random"\n[tune.head]\nnorm = ["l2"]\n'
+                    '[fewshot]\nk = []\n[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n'
+                    '[tune]\ntrials = 2\nsampler = "random"\n[tune.head]\nnorm = ["l2"]\n'
                     'lr_C = {low = 0.1, high = 1.0, log = true}\n')
     return path
 

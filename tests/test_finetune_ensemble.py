@@ -187,7 +187,7 @@ def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_ma
     config = load_config(overrides=[
         f"extract.backbones={list(NAMES)}", f"finetune.policies={list(POLICIES)}", "finetune.views=1",
         "finetune.batch_size=8", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
-        'extract.precision="fp32"', "finetune.fewshot_draws=0", "finetune.backbones=[]", *TUNE_SET,
+        'extract.precision="fp32"', "fewshot.k=[]", "finetune.backbones=[]", *TUNE_SET,
         'finetune.ensembles=[["efficientnet_lite0", "efficientnet_lite1"], '
         '["efficientnet_lite0", "efficientnet_lite2"]]'])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")

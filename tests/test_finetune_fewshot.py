@@ -1,95 +1,81 @@
-"""The fine-tune arm's few-shot curve: the chosen recipe retrained on the head arm's k-shot draws, for the
-chosen refit's number of optimizer steps, cached (real Lite0, the tiny 4-class manifest, fp32)."""
+"""Both arms' few-shot curves, like for like (real Lite0, the tiny 4-class manifest, fp32): per backbone, the same k
+train images per class for both arms at every (k, draw), each (arm, k, draw) choosing its settings on val with the
+same small budget, refit on the draw alone; a k the classes cannot give is a recorded skip; a rerun trains nothing."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 
-from classify.fewshot import draw_indices
+from classify.fewshot import drawn
+from classify.stage import head_search
 from dataset.manifest import read_manifest
 from extract.engine import PassSettings
 from finetune import train as train_mod
-from finetune.fewshot import chosen_recipe, run_fewshot, scaled_schedule
-from finetune.inputs import FitInputs, StoreAccess
-from study.results import check_row
-from tests.finetune_fixtures import recipe, search, tune_config
+from finetune.fewshot import run_fewshot
+from finetune.inputs import StoreAccess
+from finetune.search import drawn_positions
+from pipeline.config import load_config
+from study.results import check_row, read_skips
+from tests.classify_fixtures import tiny_lite0_features
+from tests.finetune_fixtures import recipe, tune_config
 
 pytestmark = pytest.mark.needs_data
-
-
-def test_the_schedule_keeps_the_refits_optimizer_steps():
-    hp = {"epochs": 15, "warmup_epochs": 1, "batch_size": 32}
-    overrides, epochs = scaled_schedule(hp, refit_epochs=6, n_full=3810, n_k=127)
-    assert overrides == {"epochs": 450, "warmup_epochs": 30} and epochs == 180  # 120 vs 4 steps an epoch: x 30
-    # Steps, not images: 129 images are 5 batches of 32, so 3810 images' 120 steps are 24 epochs of them.
-    overrides, epochs = scaled_schedule(hp, refit_epochs=6, n_full=3810, n_k=129)
-    assert overrides == {"epochs": 360, "warmup_epochs": 24} and epochs == 144
-    assert scaled_schedule(hp, refit_epochs=6, n_full=100, n_k=100) == ({"epochs": 15, "warmup_epochs": 1}, 6)
 
 
 @pytest.fixture(scope="module")
 def setup(lite0, tiny_manifest, data_root, tmp_path_factory):
     hp = recipe()
-    hp.update(views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32")
-    store = StoreAccess(root=tmp_path_factory.mktemp("store"),
+    hp.update(views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32", tta="none",
+              policies=["head", "last:1"])
+    root = tmp_path_factory.mktemp("few")
+    store = StoreAccess(root=root / "store",
                         settings=PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False))
-    finetune_dir = tmp_path_factory.mktemp("ft")
-    (row,) = search(backbone=lite0, policies="last:1", manifest_path=tiny_manifest, data_root=data_root, hp=hp,
-                    seed=0, device="cpu", finetune_dir=finetune_dir, store=store,
-                    tune_cfg=tune_config(trials=2, finetune={"lr": [3e-3, 1e-2]})).rows
-    return hp, store, finetune_dir, row
+    config = load_config(overrides=["fewshot.k=[1, 3, 7]", "fewshot.draws=2", "fewshot.trials=2", "seed=0",
+                                    "seeds=[]"])
+    common = dict(backbone=lite0, config=config, manifest_path=tiny_manifest, run_dir=root / "run",
+                  data_root=data_root, hp=hp, tune_cfg=tune_config(finetune={"lr": [3e-3, 1e-2]}),
+                  tune_dir=root / "tune", seed=0, device="cpu", finetune_dir=root / "finetune", store=store)
+    (root / "run").mkdir()
+    return common, run_fewshot(**common)
 
 
-def _fewshot(lite0, setup, tiny_manifest, data_root):
-    hp, store, finetune_dir, row = setup
-    return run_fewshot(backbone=lite0, row=row, manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
-                       device="cpu", finetune_dir=finetune_dir, store=store, ks=[1, 3, 8, 9], draws=2,
-                       pool="train+val")
-
-
-def test_fewshot_retrains_the_chosen_recipe_on_the_head_arms_draws(lite0, setup, tiny_manifest, data_root,
-                                                                    monkeypatch):
-    hp, _, _, row = setup
-    parts = {}
-    real_add = FitInputs.add_train_part
-    monkeypatch.setattr(FitInputs, "add_train_part",
-                        lambda self, name, pos: (parts.__setitem__(name, pos), real_add(self, name, pos))[1])
-    rows = _fewshot(lite0, setup, tiny_manifest, data_root)
-    # k = 9 exceeds the 8 train+val images per class: skipped, never a crash; k = 8 takes the whole pool: the
-    # chosen refit's own row is the point, once.
-    assert sorted((r.k_per_class, r.draw_seed) for r in rows) == [(1, 0), (1, 1), (3, 0), (3, 1), (8, 0)]
-    whole = rows.pop()
-    assert whole.test_pred == row.test_pred and whole.metrics == row.metrics and whole.n_train == 32
-    check_row(whole)
-    policy, point, refit = chosen_recipe(row)
+def test_both_arms_draw_the_same_train_images(tiny_manifest, tmp_path_factory):
     manifest = read_manifest(tiny_manifest)
-    split = manifest["split"].to_numpy()
-    trainval = np.concatenate([np.flatnonzero(split == "train"), np.flatnonzero(split == "val")])
+    features = tiny_lite0_features(tmp_path_factory, tiny_manifest)
+    cfg = load_config(overrides=['classify.feature_sets=["clean", "aug"]'])["classify"]
+    search = head_search({"clean": features, "aug": features}, backbone="efficientnet_lite0", manifest=manifest,
+                         cfg=cfg, seed=0, run_dir=tmp_path_factory.mktemp("skips"))
+    train = np.flatnonzero(manifest["split"].to_numpy() == "train")
+    ids = manifest["sample_id"].to_numpy()
+    for k, draw in ((1, 0), (3, 0), (3, 1), (6, 2)):
+        ft = set(ids[drawn_positions(manifest, train, k=k, draw=draw)])
+        heads = drawn(search, k=k, draw=draw)
+        for name, data in heads.data.items():
+            assert set(data.train.sample_id) == ft, (k, draw, name)  # aug: the same images, with their views
+            assert len(data.val_fit) == 0 and np.array_equal(data.val.X, search.data[name].val.X)
+        assert len(ft) == 4 * k and not ft & set(ids[manifest["split"].to_numpy() != "train"])
+    a, b = (set(ids[drawn_positions(manifest, train, k=2, draw=d)]) for d in (0, 1))
+    assert a != b  # another draw seed, other images
+
+
+def test_each_k_and_draw_is_searched_on_val_and_refit_on_the_draw_alone(setup):
+    common, rows = setup
+    assert sorted((r.k_per_class, r.draw_seed) for r in rows) == [(1, 0), (1, 1), (3, 0), (3, 1)]
     for r in rows:
         check_row(r)
-        assert (r.kind, r.method, r.split_seed, r.n_train, r.n_test) == (
-            "fewshot", "ft:last:1", 0, 4 * r.k_per_class, 16)
-        assert {k: r.hyperparams[k] for k in point} == point
-        # The refit's steps: refit epochs x (32 train+val images / 4k), capped by the stretched schedule.
-        factor = math.ceil(32 / hp["batch_size"]) / math.ceil(4 * r.k_per_class / hp["batch_size"])
-        expected = min(math.ceil(refit[0] * factor), math.ceil(point["epochs"] * factor))
-        assert r.hyperparams["trained_epochs"] == [expected]
-        # The images trained on are the ones the head arm draws with the same seed from the same pool.
-        (drawn,) = [pos for name, pos in parts.items()
-                    if name.startswith(f"fewshot:train+val:{r.k_per_class}:{r.draw_seed}:")]
-        want = trainval[draw_indices(manifest["label"].to_numpy()[trainval], k=r.k_per_class, seed=r.draw_seed)]
-        assert np.array_equal(drawn, want)
-    draws = {r.draw_seed: r.test_pred for r in rows if r.k_per_class == 1}
-    assert len(draws) == 2
+        assert (r.kind, r.arm, r.split_seed, r.fit_on) == ("fewshot", "finetune", 0, "train")
+        assert r.n_train == r.n_fit == 4 * r.k_per_class and r.n_test == 16 and r.n_val == 8
+        assert r.selection is not None and len(r.selection.points) <= 2 and r.val_mean_per_class is not None
+        assert r.selection.best.params["policy"] in ("head", "last:1")
+    skip, = read_skips(common["run_dir"])
+    assert skip["what"] == "efficientnet_lite0 few-shot k=7" and "lower fewshot.k to at most 6" in skip["fix"]
 
 
-def test_a_rerun_reappends_the_curve_without_training(lite0, setup, tiny_manifest, data_root, monkeypatch):
-    first = _fewshot(lite0, setup, tiny_manifest, data_root)
+def test_a_rerun_reappends_the_curve_without_training(setup, monkeypatch):
+    common, first = setup
 
     def refuse(*a, **k):
-        raise AssertionError("a cached few-shot curve was trained again")
-    monkeypatch.setattr(train_mod.Trainer, "fit_fixed", refuse)
-    monkeypatch.setattr(train_mod.Trainer, "predict", refuse)
-    assert _fewshot(lite0, setup, tiny_manifest, data_root) == first
+        raise AssertionError("a cached few-shot search was trained again")
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", refuse)
+    assert run_fewshot(**common) == first
+

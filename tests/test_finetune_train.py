@@ -174,7 +174,7 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     config = load_config(overrides=[
         'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
         'finetune.policies=["head"]', "finetune.views=1", "finetune.batch_size=8", "finetune.n_boot=20",
-        "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "finetune.fewshot_draws=0",
+        "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "fewshot.k=[]",
         "finetune.backbones=[]", "finetune.ensembles=[]", *TUNE])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
@@ -250,8 +250,8 @@ def test_stage_draws_no_fewshot_curve_on_a_later_split_seed_with_split_seeds_fir
         config = load_config(overrides=[
             'extract.backbones=["efficientnet_lite0"]', 'finetune.policies=["head"]', "finetune.views=1",
             "finetune.batch_size=8", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
-            'extract.precision="fp32"', "finetune.fewshot_draws=1", *TUNE,
-            f'classify.fewshot.split_seeds="{split_seeds}"', "seeds=[5, 0]", "seed=0"])
+            'extract.precision="fp32"', "fewshot.k=[1]", *TUNE,
+            f'fewshot.split_seeds="{split_seeds}"', "seeds=[5, 0]", "seed=0"])
         called.clear()
         ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / split_seeds,
                            device="cpu")

@@ -112,7 +112,7 @@ def test_a_fine_tunes_keys_change_only_with_a_declared_field():
 
     hp = {**cfg.finetune, "views": 2}
     base = keys(hp)
-    assert keys({**hp, "a_key_added_later": 1, "num_workers": 7, "fewshot_draws": 3}) == base
+    assert keys({**hp, "a_key_added_later": 1, "num_workers": 7, "ensembles": [["a", "b"]]}) == base
     assert set(FIXED_KEYS) < set(SCHEMA) and "num_workers" not in FIXED_KEYS
     for field, value in (("dropout", 0.5), ("batch_size", 7), ("augment", "none")):
         assert field in FIXED_KEYS
