@@ -21,6 +21,7 @@ from classify.fewshot import cached_fewshot, like_for_like
 from classify.heads import blas_threads
 from classify.search import HeadJob, HeadSearch, search_heads
 from dataset.manifest import class_names, manifest_hash, read_manifest
+from study.errors import StudyError
 from study.protocol import curve_on_seed
 from study.results import ResultRow, append_rows, append_skip, append_trials, val_best
 
@@ -112,7 +113,7 @@ def _fused_sets(fusions: list[list[str]], loaded: dict, *, run_dir: Path) -> lis
 def read_features_index(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "features.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no {path}: the classify stage reads the feature caches the extract stage lists "
+        raise StudyError(f"no {path}: the classify stage reads the feature caches the extract stage lists "
                                 "there; run the extract stage in the same run (--stages extract,classify)")
     return json.loads(path.read_text())
 
