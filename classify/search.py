@@ -207,7 +207,8 @@ def result_row(*, kind: str, method: str, feature_set: str, data: HeadData, fit,
         kind=kind, backbone=job.backbone, method=method, feature_set=feature_set, split_seed=job.seed,
         draw_seed=draw_seed, metrics=Metrics.from_dict(metrics), tta=fs.spec.get("tta", "none"),
         test_sample_id=tuple(data.test.sample_id.tolist()), test_pred=tuple(fit.test_pred.tolist()),
-        hyperparams=used_settings(hyperparams, model), cache_key=fs.key, manifest_hash=job.manifest_hash, n_test=int(len(data.test)),
+        hyperparams=used_settings(hyperparams, model), cache_key=fs.key, manifest_hash=job.manifest_hash,
+        n_test=int(len(data.test)),
         class_names=tuple(job.class_names), trainable_params=count_parameters(model),
         # The compute share of the stored rows this head read (every split's clean and mirrored views, and
         # the augmented views of train/val for 'aug'), as a fine-tune is charged the rows it read: the report

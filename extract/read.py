@@ -65,7 +65,8 @@ class EntryReader:
             self.store.wait_for_writer()  # a rebuild computes the rows again under the entry's lock
             self._index = None
             now = self.index.rows
-            changed = [k for k in dict.fromkeys(keys) if k in before.rows and k in now and now[k][2] != before.rows[k][2]]
+            changed = [k for k in dict.fromkeys(keys)
+                       if k in before.rows and k in now and now[k][2] != before.rows[k][2]]
             if changed:
                 raise StudyError(f"{exc}, and it now holds other bytes for rows this process already used (first: "
                                  f"image {changed[0][0][:12]}..., view {changed[0][1]}); rerun this stage") from exc
