@@ -132,6 +132,13 @@ def search_heads(search: HeadSearch, *, cfg: dict, tune_cfg: dict, out_dir: Path
         return [row], records
 
 
+def cached_search(search: HeadSearch, *, cfg: dict, tune_cfg: dict,
+                  heads_dir: Path) -> tuple[list[ResultRow], list[TrialRow]] | None:
+    """The row and trials of this search when it finished before (no lock: its rows are written last, atomically),
+    else None -- so a rerun with nothing to fit starts no worker process."""
+    return _cached(Path(heads_dir) / search_key(search, cfg=cfg, tune_cfg=tune_cfg))
+
+
 def _cached(head_dir: Path) -> tuple[list[ResultRow], list[TrialRow]] | None:
     rows = cached_rows(head_dir)
     if rows is None or not (head_dir / TRIALS_FILE).is_file():

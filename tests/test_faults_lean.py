@@ -255,7 +255,7 @@ def test_a_manifest_older_than_its_images_is_refused_whichever_stages_run(tmp_pa
 
 
 @pytest.mark.parametrize("what", ["head rows.jsonl", "head trials.json", "finetune trials.json",
-                                  "finetune rows.jsonl"])
+                                  "finetune rows.json"])
 @pytest.mark.parametrize("garbage", [b"\x00\xff garbage", b'{"valid": "json, wrong shape"}', b"[1, 2]"])
 def test_garbage_in_a_saved_search_is_set_aside_and_the_rerun_ends_equal(clean, tmp_path, data_root, capsys, what,
                                                                          garbage, caplog):
@@ -271,10 +271,38 @@ def test_garbage_in_a_saved_search_is_set_aside_and_the_rerun_ends_equal(clean, 
     equal_rows(out, clean)
 
 
+def test_a_rerun_with_nothing_to_fit_starts_no_worker_pool_and_loads_no_pretrained_model(clean, tmp_path, data_root,
+                                                                                          capsys, monkeypatch):
+    import classify.stage
+    import extract.engine
+
+    out = copy_out(clean, tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a worker pool or a forward pass on a rerun with nothing to do")
+
+    monkeypatch.setattr(classify.stage, "Parallel", refuse)
+    monkeypatch.setattr(extract.engine, "PassRunner", refuse)
+    rc, err = run_cli(capsys, clean["config"], out, data_root, "--set", "classify.n_jobs=2")
+    assert rc == 0, err[-3000:]
+    equal_rows(out, clean)
+
+
+def test_used_settings_are_what_the_fitted_pipeline_honoured():
+    from classify.heads import make_pipeline, used_settings
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(9, 16)), np.arange(9) % 3
+    point = {"power": 1.0, "norm": "standard", "pca": 50, "k": 40, "metric": "euclidean", "weights": "uniform"}
+    model = make_pipeline("knn", point, seed=0, head_cfg={}, n_rows=len(X)).fit(X, y)
+    assert used_settings(point, model) == {**point, "k": 9, "pca": 9}
+    small = {**point, "k": 3, "pca": 0}
+    assert used_settings(small, make_pipeline("knn", small, seed=0, head_cfg={}, n_rows=9).fit(X, y)) == small
+
+
 def test_a_knn_k_larger_than_the_training_rows_is_recorded_as_used(clean, tmp_path, data_root, capsys):
     out = copy_out(clean, tmp_path)
-    config = lean_config(tmp_path, stages='"extract", "classify"',
-                         extra="")
+    config = lean_config(tmp_path, stages='"extract", "classify"')
     text = config.read_text().replace('heads = ["lr"]', 'heads = ["knn"]').replace(
         'lr_C = {low = 0.1, high = 1.0, log = true}', "knn_k = {low = 20, high = 30}")
     config.write_text(text)
