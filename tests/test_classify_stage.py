@@ -10,6 +10,7 @@ import classify.selection
 import classify.stage
 from classify.store import load_head
 from study.context import StudyContext
+from study.errors import StudyError
 from study.results import REQUIRED_KEYS, read_rows, read_skips, val_best
 from tests.classify_fixtures import EXTRACT_CONFIG, SMALL_CONFIG, small_classify_config, tiny_lite0_features
 
@@ -186,7 +187,7 @@ def test_split_seeds_first_draws_the_fewshot_curve_on_the_first_split_seed_only(
 def test_missing_features_index_says_to_run_extract(tmp_path):
     ctx = StudyContext(config={"seed": 0, "classify": small_classify_config(), "extract": EXTRACT_CONFIG},
                        data_root=tmp_path, out_dir=tmp_path, run_dir=tmp_path / "run", device="cpu")
-    with pytest.raises(FileNotFoundError, match="run the extract stage"):
+    with pytest.raises(StudyError, match="run the extract stage"):
         classify.stage.run(ctx)
 
 
