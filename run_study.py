@@ -24,7 +24,7 @@ from study.atomic import file_lock, write_text_atomic
 from study.config import DEFAULT_CONFIG, REPO_ROOT, dump_config
 from study.context import StudyContext, resolve_device
 from study.errors import StudyError, WriteFailed, is_write_fault
-from study.provenance import end_provenance, start_provenance, utc_now
+from study.provenance import ResourceMonitor, end_provenance, start_provenance, utc_now
 
 # Under torchrun these run on rank 0 while the other ranks wait; extract and finetune shard across ranks.
 MAIN_RANK_STAGES = {"dataset", "classify", "report"}
@@ -93,11 +93,11 @@ def stage_lock(ctx: StudyContext, stage: str):
         yield
 
 
-def _run_stage(ctx: StudyContext, stage: str) -> None:
+def _run_stage(ctx: StudyContext, stage: str, *, monitor: ResourceMonitor) -> None:
     t0 = time.perf_counter()
     if distributed.is_main() or stage not in MAIN_RANK_STAGES:
         log.info("stage %s (split seed %d) ...", stage, ctx.seed)
-        with stage_lock(ctx, stage):
+        with stage_lock(ctx, stage), monitor.stage(stage):
             importlib.import_module(STAGE_MODULES[stage]).run(ctx)
         log.info("stage %s done in %.1fs", stage, time.perf_counter() - t0)
     distributed.barrier()
@@ -122,7 +122,7 @@ def _configure(args: argparse.Namespace) -> tuple[dict, str, Path, Path]:
     return config, device, data_root, out
 
 
-def _run_stages(ctx: StudyContext, *, plan_only: bool) -> str:
+def _run_stages(ctx: StudyContext, *, plan_only: bool, monitor: ResourceMonitor) -> str:
     """Every stage but the report once per split seed (the store is shared, so a later seed computes only the
     views no earlier one did), then the report over all seeds' rows; the datasets come first, so that the plan
     covers every seed's images. Returns the run's status."""
@@ -130,7 +130,7 @@ def _run_stages(ctx: StudyContext, *, plan_only: bool) -> str:
     stages = [s for s in ctx.config["stages"] if s != "report"]
     if "dataset" in stages:
         for seed_ctx in seeds:
-            _run_stage(seed_ctx, "dataset")
+            _run_stage(seed_ctx, "dataset", monitor=monitor)
     if plan_only or {"extract", "finetune"} & set(stages):
         _log_plan(seeds, show=plan_only)
         if plan_only:
@@ -138,15 +138,15 @@ def _run_stages(ctx: StudyContext, *, plan_only: bool) -> str:
     for seed_ctx in seeds:
         for stage in stages:
             if stage != "dataset":
-                _run_stage(seed_ctx, stage)
+                _run_stage(seed_ctx, stage, monitor=monitor)
     if "report" in ctx.config["stages"]:  # the dataset summary shown is the first seed's (same images)
-        _run_stage(seeds[0], "report")
+        _run_stage(seeds[0], "report", monitor=monitor)
     return "ok"
 
 
-def _record_end(run_dir: Path, prov: dict, status: str) -> None:
+def _record_end(run_dir: Path, prov: dict, status: str, *, monitor: ResourceMonitor) -> None:
     try:
-        end_provenance(run_dir=run_dir, prov=prov, status=status)
+        end_provenance(run_dir=run_dir, prov=prov, status=status, monitor=monitor)
         if (run_dir / "report.md").is_file():  # written before the end: now say how the run ended
             importlib.import_module("reports.stage").record_end(run_dir=run_dir)
     except StudyError as exc:  # a full disk: the run's own error (if any) was already printed
@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out, run_dir=run_dir, device=device,
                        rebuild_cache=args.rebuild_cache)
     status = "failed"
+    monitor = ResourceMonitor().start()  # peak memory of the process tree, stage seconds: provenance.json
     try:
-        status = _run_stages(ctx, plan_only=args.plan)
+        status = _run_stages(ctx, plan_only=args.plan, monitor=monitor)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if distributed.is_main():
-            _record_end(run_dir, prov, status)
+            _record_end(run_dir, prov, status, monitor=monitor)
     if not distributed.is_main() or status == "planned":
         return 0
     report = run_dir / "report.md"

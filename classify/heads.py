@@ -109,6 +109,17 @@ def make_pipeline(method: str, point: dict, *, seed: int, head_cfg: dict, n_rows
     return Pipeline([*prep.steps, ("clf", clf)])
 
 
+def used_settings(point: dict, model: Pipeline) -> dict:
+    """``point`` as the fitted ``model`` honoured it: kNN's k and PCA's components are capped at the training rows
+    (``make_pipeline``), and a row records the value its numbers came from, not the one asked for."""
+    used = dict(point)
+    if "k" in used and isinstance(model[-1], KNeighborsClassifier):
+        used["k"] = int(model[-1].n_neighbors)
+    if used.get("pca") and "pca" in model.named_steps:
+        used["pca"] = int(model.named_steps["pca"].n_components)
+    return used
+
+
 class GramSVC(ClassifierMixin, BaseEstimator):
     """libsvm's SVC (one-vs-one) on a kernel matrix computed with BLAS.
 

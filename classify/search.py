@@ -21,7 +21,7 @@ import sklearn
 from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
 
-from classify.heads import class_scores, count_parameters, make_pipeline
+from classify.heads import class_scores, count_parameters, make_pipeline, used_settings
 from classify.selection import HeadData, concat
 from classify.store import FORMAT_VERSION, cached_rows, save_head, save_rows
 from study import tune
@@ -192,6 +192,13 @@ def search_heads(search: HeadSearch, *, cfg: dict, tune_cfg: dict, out_dir: Path
         return [row], records
 
 
+def cached_search(search: HeadSearch, *, cfg: dict, tune_cfg: dict,
+                  heads_dir: Path) -> tuple[list[ResultRow], list[TrialRow]] | None:
+    """The row and trials of this search when it finished before (no lock: its rows are written last, atomically),
+    else None -- so a rerun with nothing to fit starts no worker process."""
+    return _cached(Path(heads_dir) / search_key(search, cfg=cfg, tune_cfg=tune_cfg))
+
+
 def _cached(head_dir: Path) -> tuple[list[ResultRow], list[TrialRow]] | None:
     rows = cached_rows(head_dir)
     if rows is None or not (head_dir / TRIALS_FILE).is_file():
@@ -304,7 +311,8 @@ def result_row(*, method: str, feature_set: str, data: HeadData, fit, model, hyp
         kind=kind, backbone=job.backbone, method=method, feature_set=feature_set, split_seed=job.seed,
         draw_seed=draw_seed, metrics=Metrics.from_dict(metrics), tta=fs.spec.get("tta", "none"),
         test_sample_id=tuple(data.test.sample_id.tolist()), test_pred=tuple(fit.test_pred.tolist()),
-        hyperparams=hyperparams, cache_key=fs.key, manifest_hash=job.manifest_hash, n_test=int(len(data.test)),
+        hyperparams=used_settings(hyperparams, model), cache_key=fs.key, manifest_hash=job.manifest_hash,
+        n_test=int(len(data.test)),
         class_names=tuple(job.class_names), trainable_params=count_parameters(model),
         # The compute share of the stored rows this head read (every split's clean and mirrored views, and
         # the augmented views of train/val for 'aug'), as a fine-tune is charged the rows it read: the report

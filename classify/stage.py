@@ -19,8 +19,9 @@ from tqdm import tqdm
 from classify.features import FEATURE_SETS, head_data
 from classify.fewshot import drawn, largest_k
 from classify.heads import blas_threads
-from classify.search import HeadJob, HeadSearch, search_heads
+from classify.search import HeadJob, HeadSearch, cached_search, search_heads
 from dataset.manifest import class_names, manifest_hash, read_manifest
+from study.errors import StudyError
 from study.protocol import curve_on_seed, draw_seeds, fewshot_backbones
 from study.results import ResultRow, append_rows, append_skip, append_trials
 
@@ -114,7 +115,7 @@ def _fused_sets(fusions: list[list[str]], loaded: dict, *, run_dir: Path) -> lis
 def read_features_index(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "features.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no {path}: the classify stage reads the feature caches the extract stage lists "
+        raise StudyError(f"no {path}: the classify stage reads the feature caches the extract stage lists "
                                 "there; run the extract stage in the same run (--stages extract,classify)")
     return json.loads(path.read_text())
 
@@ -151,12 +152,17 @@ def search_all(searches: list[HeadSearch], *, cfg: dict, tune_cfg: dict, out_dir
     ``classify.blas_threads`` BLAS threads (one head's solver keeps about one core busy). Rows and trials are
     appended in search order as they arrive, so an interrupted stage loses only the searches in flight (each
     finished search is saved in its own folder, and its study's finished trials in the tuner's storage)."""
-    n = n_workers(cfg["n_jobs"], len(searches))
-    log.info("classify: %d head searches of %d trials on %d process(es)", len(searches), tune_cfg["trials"], n)
+    # Finished searches are read here: a rerun with nothing to fit starts no worker process.
+    done = [cached_search(s, cfg=cfg, tune_cfg=tune_cfg, heads_dir=heads_dir) for s in searches]
+    todo = [s for s, d in zip(searches, done) if d is None]
+    n = n_workers(cfg["n_jobs"], len(todo))
+    log.info("classify: %d head searches of %d trials (%d finished before) on %d process(es)", len(searches),
+             tune_cfg["trials"], len(searches) - len(todo), n if todo else 0)
     level = logging.getLogger().getEffectiveLevel()
-    results = Parallel(n_jobs=n, return_as="generator")(
+    fresh = iter(Parallel(n_jobs=n, return_as="generator")(
         delayed(_search_task)(s, cfg=cfg, tune_cfg=tune_cfg, out_dir=out_dir, heads_dir=heads_dir,
-                              log_level=level if n > 1 else None) for s in searches)
+                              log_level=level if n > 1 else None) for s in todo) if todo else ())
+    results = (d if d is not None else next(fresh) for d in done)  # in search order
     all_rows = []
     for rows, found in tqdm(results, total=len(searches), desc="head searches", unit="search"):
         append_rows(run_dir / "results.jsonl", rows)

@@ -103,9 +103,11 @@ class PassRunner:
     Architectures without a block list run ``model(x)`` and offer pooled features only.
     """
 
-    def __init__(self, backbone, *, layers: list[Layer], device: str, precision: str, channels_last: bool):
+    def __init__(self, backbone, *, layers: list[Layer], device: str, precision: str, channels_last: bool,
+                 prepare=None):
         from extract.blocks import block_list
 
+        self.prepare = prepare  # applied to each batch on the device first (see _batch_to_float)
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = backbone.model.eval().to(self.device, memory_format=self.memory_format)
@@ -120,7 +122,8 @@ class PassRunner:
         self.cuts = {layer.unit: layer.name for layer in layers if layer.unit is not None}
 
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        x = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        x = images.to(self.device, non_blocking=True)
+        x = (x if self.prepare is None else self.prepare(x)).contiguous(memory_format=self.memory_format)
         out = {}
         with torch.inference_mode(), autocast(self.precision, str(self.device)):
             if self.units is None:
@@ -135,8 +138,10 @@ class PassRunner:
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    # A copy in NCHW order: channels-last activations and tensors later ops reuse must not leak out.
-    return t.float().contiguous().cpu().numpy().copy()
+    # An array of its own in NCHW order: channels-last activations and tensors later ops reuse must not leak out.
+    # A channels-last cut is copied once by .contiguous(); only an output already in NCHW needs the extra copy.
+    out = t.float().contiguous().cpu()
+    return out.numpy() if out.data_ptr() != t.data_ptr() else out.numpy().copy()
 
 
 # ---------------------------------------------------------------- the pass
@@ -150,6 +155,9 @@ class PassResult:
     computed: int = 0  # image-views computed (one forward each)
     stored: dict[str, int] = field(default_factory=dict)  # rows written per layer
     seconds: float = 0.0
+    # Where the pass's seconds went (main thread: waiting for decoded images, the forward, buffering, waiting for
+    # the segment writer; writer: row digests, building and writing segments) -- benchmarks/extract_throughput.py
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,8 @@ class PassSettings:
     num_workers: int = 2
     progress: bool = True
     segment_rows: int = 0  # > 0: write a segment every this many rows (tests); 0: by size and time
+    overlap_writes: bool = True  # digest and write a segment in a thread while the next batches run forward
+    float_in_batches: bool = True  # workers hand over uint8 images, made float once per batch (_batch_to_float)
 
 
 def open_stores(*, backbone: str, layers: list[Layer], store_root, settings: PassSettings,
@@ -262,40 +272,87 @@ def _compute(result: PassResult, *, todo, missing, keys, requests, manifest, bac
     if not mine:
         return
     bb = load_backbone(backbone, weights_file=weights_file, pretrained=pretrained)
-    runner = PassRunner(bb, layers=result.layers, device=settings.device,
-                        precision=resolve_precision(settings.precision, settings.device),
-                        channels_last=settings.channels_last)
     # One image per request, each with its one view: an item's index is its request's position.
     dataset = ImageViews.of_manifest(manifest.iloc[[m for m, _ in requests]], data_root=data_root,
                                      views=[[v] for _, v in requests], data_config=bb.data_config, policy=policy,
                                      seed=view_seed, verify=True)
+    runner = PassRunner(bb, layers=result.layers, device=settings.device,
+                        precision=resolve_precision(settings.precision, settings.device),
+                        channels_last=settings.channels_last,
+                        prepare=_batch_to_float(dataset) if settings.float_in_batches else None)
     loader = DataLoader(dataset, batch_sampler=mine, num_workers=settings.num_workers,
                         pin_memory=torch.device(settings.device).type == "cuda", persistent_workers=False)
-    writer = _SegmentWriter(result.stores, missing, segment_rows=settings.segment_rows)
+    writer = _SegmentWriter(result.stores, missing, segment_rows=settings.segment_rows,
+                            overlap=settings.overlap_writes)
     t0 = time.perf_counter()
     with tqdm(total=sum(map(len, mine)), unit="img", desc=f"extract {bb.name} ({len(result.layers)} layers)",
               disable=not settings.progress, position=distributed.rank(), dynamic_ncols=True) as bar:
-        for images, index in loader:
-            outputs = runner(images[:, 0])
-            writer.add([keys[i] for i in index.tolist()], outputs)
-            result.computed += len(index)
-            bar.update(len(index))
-    writer.flush()
+        finished = False
+        try:
+            _run_batches(result, loader=loader, runner=runner, writer=writer, keys=keys, bar=bar)
+            finished = True
+        finally:  # the segment in flight is written whole (or its error raised) before the pass returns
+            writer.close(flush=finished)
     result.stored = writer.stored
     result.seconds = time.perf_counter() - t0
+    result.timings.update(writer.timings)
     log.info("%s: computed %d image-views in %.1fs (%.1f img/s); stored %s", backbone, result.computed,
              result.seconds, result.computed / max(result.seconds, 1e-9), writer.stored)
 
 
-class _SegmentWriter:
-    """Buffers whole batches and writes them as one segment per layer (only the rows that layer lacks)."""
+def _batch_to_float(dataset: ImageViews):
+    """Take the last steps of the dataset's transforms (uint8 -> float, normalise) out of the workers and return
+    them, to run once per batch: elementwise, so the same bits, but vectorised over the batch instead of four
+    passes per image in a worker (on a 2-core CPU more of the decoding workers' time than decoding and
+    resizing), and a quarter of the bytes to pass between processes. None when a transform ends otherwise."""
+    from torchvision.transforms import v2
 
-    def __init__(self, stores: dict[str, Store], missing: dict[str, set], *, segment_rows: int = 0):
+    composes = [dataset.clean, dataset.augment]
+    tails = [c.transforms[-2:] for c in composes]
+    if not all(len(t) == 2 and isinstance(t[0], v2.ToDtype) and isinstance(t[1], v2.Normalize) for t in tails) \
+            or repr(tails[0]) != repr(tails[1]):
+        return None
+    dataset.clean, dataset.augment = (v2.Compose(c.transforms[:-2]) for c in composes)
+    return v2.Compose(tails[0])
+
+
+def _run_batches(result: PassResult, *, loader, runner: PassRunner, writer: "_SegmentWriter", keys, bar) -> None:
+    """The loop: each decoded batch forward, its rows buffered for the writer; seconds of each part timed."""
+    timings = result.timings
+    for name in ("wait_data", "forward", "buffer"):
+        timings.setdefault(name, 0.0)
+    t = time.perf_counter()
+    for images, index in loader:
+        t1 = time.perf_counter()
+        outputs = runner(images[:, 0])
+        t2 = time.perf_counter()
+        writer.add([keys[i] for i in index.tolist()], outputs)
+        result.computed += len(index)
+        bar.update(len(index))
+        t3 = time.perf_counter()
+        timings["wait_data"] += t1 - t
+        timings["forward"] += t2 - t1
+        timings["buffer"] += t3 - t2
+        t = t3
+
+
+class _SegmentWriter:
+    """Buffers whole batches and writes them as one segment per layer (only the rows that layer lacks). With
+    ``overlap``, a thread digests and writes a segment while the next batches run forward (the forward, the
+    digests and numpy release the GIL); one segment at most is in flight, so memory stays bounded."""
+
+    def __init__(self, stores: dict[str, Store], missing: dict[str, set], *, segment_rows: int = 0,
+                 overlap: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.stores, self.missing, self.segment_rows = stores, missing, segment_rows
         self.keys: list = []
         self.data: dict[str, list[np.ndarray]] = {name: [] for name in stores}
         self.nbytes, self.since = 0, time.perf_counter()
         self.stored = {name: 0 for name in stores}
+        self.timings = {"digest": 0.0, "write": 0.0, "wait_write": 0.0}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="segment-writer") if overlap else None
+        self._pending = None
 
     def add(self, keys: list, outputs: dict[str, np.ndarray]) -> None:
         self.keys += keys
@@ -311,15 +368,41 @@ class _SegmentWriter:
     def flush(self) -> None:
         if not self.keys:
             return
-        seconds = time.perf_counter() - self.since
-        for name, store in self.stores.items():
-            keep = [i for i, k in enumerate(self.keys) if k in self.missing[name]]
-            if keep:
-                data = np.concatenate(self.data[name])[keep]
-                store.write_segment([self.keys[i] for i in keep], data, compute_s=seconds * len(keep) / len(self.keys))
-                self.stored[name] += len(keep)
+        job = (self.keys, self.data, time.perf_counter() - self.since)
         self.keys, self.data = [], {name: [] for name in self.stores}
         self.nbytes, self.since = 0, time.perf_counter()
+        self._wait()
+        if self._pool is None:
+            self._write(*job)
+        else:
+            self._pending = self._pool.submit(self._write, *job)
+
+    def close(self, *, flush: bool) -> None:
+        """Wait for the segment in flight, after writing what is buffered (``flush``; not after an error)."""
+        try:
+            if flush:
+                self.flush()
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            pending, self._pending = self._pending, None
+            pending.result()  # a write's error (a full disk) is raised here, in the pass
+            self.timings["wait_write"] += time.perf_counter() - t0
+
+    def _write(self, keys: list, data: dict[str, list[np.ndarray]], seconds: float) -> None:
+        for name, store in self.stores.items():
+            keep = [i for i, k in enumerate(keys) if k in self.missing[name]]
+            if keep:
+                rows = np.concatenate(data[name])
+                rows = rows if len(keep) == len(keys) else rows[keep]
+                store.write_segment([keys[i] for i in keep], rows, compute_s=seconds * len(keep) / len(keys),
+                                    timings=self.timings)
+                self.stored[name] += len(keep)
 
 
 def main(argv: list[str] | None = None) -> int:

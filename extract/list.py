@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from extract.store import Store, StoreDamaged, describe
+from extract.store import Store, StoreDamaged, describe, remove_files, replacing
 from study.config import REPO_ROOT
 
 COLUMNS = ("key", "backbone", "layer", "precision", "storage_dtype", "rows", "clean", "hflip", "aug",
@@ -56,10 +56,9 @@ def prune(store_dir: str | Path, prefix: str) -> Path:
     if len(matches) != 1:
         raise ValueError(f"--prune {prefix!r} matches {len(matches)} entries in {store_dir}; give a longer key prefix "
                          "(see the listing)")
-    with file_lock(matches[0] / ".lock", what="pruning"):  # not while a study writes to it
-        for p in matches[0].iterdir():
-            if p.name != ".lock":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    # Not while a study writes to it, nor while one reads it: a reader waits instead of meeting half an entry.
+    with file_lock(matches[0] / ".lock", what="pruning"), replacing(matches[0]):
+        remove_files(matches[0])
     shutil.rmtree(matches[0])
     return matches[0]
 

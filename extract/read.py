@@ -12,7 +12,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from extract.store import Index, Store
+from extract.store import Index, Store, StoreMissingRows, StoreReplaced
+from study.errors import StudyError
 
 
 class EntryReader:
@@ -34,16 +35,42 @@ class EntryReader:
 
     def identity(self, keys) -> str:
         """The content identity of ``keys``' rows in this order (the store entry and the rows' digests)."""
-        return self.store.identity(keys, self.index)
+        return self._indexed(keys, lambda index: self.store.identity(keys, index))
 
     def costs(self, keys) -> np.ndarray:
         """Compute seconds of each of ``keys``: its share of the pass that made it (a repeated key is free)."""
-        self.store.require(keys, self.index)
-        return self.index.row_costs(keys)
+        def costs(index: Index) -> np.ndarray:
+            self.store.require(keys, index)
+            return index.row_costs(keys)
+        return self._indexed(keys, costs)
 
     def array(self, keys, *, dtype=np.float32) -> np.ndarray:
         """The rows of ``keys``, (N, ...) as ``dtype`` (None: the entry's storage dtype)."""
-        return self.store.read(keys, self.index, dtype=self.storage_dtype if dtype is None else dtype)
+        dtype = self.storage_dtype if dtype is None else dtype
+        return self._indexed(keys, lambda index: self.store.read(keys, index, dtype=dtype))
+
+    def _indexed(self, keys, use):
+        """``use(index)``, once more on a fresh index when another process changed the entry meanwhile: rows
+        missing while it writes them (waited for), or segments it removed (--rebuild-cache, --prune) -- those
+        rows must then hold the same bytes (digests) as before, or this reader would mix two contents."""
+        try:
+            return use(self.index)
+        except StoreMissingRows:
+            if not self.store.wait_for_writer():
+                raise
+            self._index = None
+            return use(self.index)
+        except StoreReplaced as exc:
+            before = self.index
+            self.store.wait_for_writer()  # a rebuild computes the rows again under the entry's lock
+            self._index = None
+            now = self.index.rows
+            changed = [k for k in dict.fromkeys(keys)
+                       if k in before.rows and k in now and now[k][2] != before.rows[k][2]]
+            if changed:
+                raise StudyError(f"{exc}, and it now holds other bytes for rows this process already used (first: "
+                                 f"image {changed[0][0][:12]}..., view {changed[0][1]}); rerun this stage") from exc
+            return use(self.index)
 
     def chunks(self, keys, *, max_bytes: int) -> Iterator[np.ndarray]:
         """The rows of ``keys`` at the storage dtype, at most ``max_bytes`` (and one row) at a time, in order."""

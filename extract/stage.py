@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 from dataset.views import study_requests
 from extract.backbones import WeightsUnavailable, backbone_spec
@@ -91,6 +92,36 @@ def _manifest(ctx):
     from dataset.manifest import read_manifest
 
     return read_manifest(ctx.manifest_path)
+
+
+# A file changed this shortly before its manifest was written may have been hashed before the change.
+RACY_NS = 3_000_000_000
+
+
+def check_images_unchanged(manifest_path: Path, *, data_root) -> None:
+    """Refuse a manifest older than its images: a file changed (its ctime or mtime) since the manifest was written
+    is hashed again, and one whose bytes no longer hash to the manifest's sha256 is an error naming it. Without
+    this, rows stored under the old content would be read for the new image when the dataset stage is skipped."""
+    from dataset.manifest import read_manifest
+    from dataset.tensors import image_root
+    from study.errors import StudyError
+    from study.hashing import file_sha256
+
+    written = Path(manifest_path).stat().st_mtime_ns
+    root = image_root(data_root)
+    manifest = read_manifest(manifest_path)
+    for rel, sha in zip(manifest["path"], manifest["sha256"]):
+        path = root / rel
+        try:
+            st = path.stat()
+            if max(st.st_mtime_ns, st.st_ctime_ns) < written - RACY_NS or file_sha256(path) == sha:
+                continue
+            now = "other bytes"
+        except OSError as exc:
+            now = f"unreadable: {exc.strerror or exc}"
+        raise StudyError(f"image {path} changed after the dataset stage wrote {manifest_path} ({now} than the "
+                         "manifest records): rerun the dataset stage (add 'dataset' to --stages) so the manifest "
+                         "and every result describe the images as they are now")
 
 
 def _check_names(names: list[str], weights: dict) -> None:

@@ -8,6 +8,9 @@ or class set reads the rows earlier runs computed and computes only the rest. La
     <store>/<key>/spec.json          the spec (its sha256 is the folder name; checked on open)
     <store>/<key>/seg-<id>.h5         immutable segments, each written whole then renamed into place
     <store>/<key>/.lock               one writer at a time (study.atomic.file_lock)
+    <store>/<key>/.readers            readers hold it shared; removing files (--rebuild-cache, extract.list
+                                      --prune) holds it exclusive, so no reader takes a file being replaced
+                                      for a damaged one
 
 A segment holds ``data`` (n, *shape) in the storage dtype, ``sha256`` (the image's content hash),
 ``view`` (e.g. ``clean``, ``hflip``, ``aug:light:1a2b3c4d:s0:2``) and ``digest`` (blake2b of the row's
@@ -19,6 +22,7 @@ leaves whole segments only (the rows of the segment being written are computed a
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +40,7 @@ from study.hashing import canonical_json, spec_differences, spec_hash
 
 FORMAT_VERSION = 2
 STORAGE_DTYPES = ("float32", "float16")
+READERS_LOCK = ".readers"
 READ_BYTES = 4 << 20  # a read takes at most this much of a segment at a time (at least one chunk)
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,31 @@ class StoreDamaged(StudyError):
 
 class StoreMissingRows(StudyError):
     """Rows a consumer asked for that the store does not hold."""
+
+
+class StoreReplaced(StudyError):
+    """A segment this reader indexed was removed since: another process rebuilt or pruned the entry."""
+
+
+@contextlib.contextmanager
+def reading(entry_dir: Path, label: str = ""):
+    """Shared hold of an entry's ``.readers`` lock while reading it: waits (and says so) while another process
+    removes its files. An entry that is absent or in a folder this process cannot write is read without it."""
+    entry_dir = Path(entry_dir)
+    with contextlib.ExitStack() as stack:
+        if entry_dir.is_dir():
+            with contextlib.suppress(OSError, StudyError):  # a read-only store: nobody replaces its files either
+                stack.enter_context(file_lock(
+                    entry_dir / READERS_LOCK, shared=True,
+                    waiting=f"waiting: another process is rebuilding or pruning the store entry "
+                            f"{label or entry_dir.name} (--rebuild-cache or extract.list --prune); reading it once "
+                            "that is done"))
+        yield
+
+
+def replacing(entry_dir: Path):
+    """Exclusive hold of an entry's ``.readers`` lock while its files are removed (no reader is mid-read)."""
+    return file_lock(Path(entry_dir) / READERS_LOCK, what="reading the store entry, before removing its files")
 
 
 def library_versions() -> dict:
@@ -131,7 +161,8 @@ class Store:
         """The entry in ``entry_dir`` as its spec.json describes it (the folder name must be its hash)."""
         entry_dir = Path(entry_dir)
         try:
-            spec = json.loads((entry_dir / "spec.json").read_text())
+            with reading(entry_dir):
+                spec = json.loads((entry_dir / "spec.json").read_text())
         except (OSError, ValueError) as exc:
             raise StoreDamaged(f"no readable store entry at {entry_dir} ({exc}); run the extract stage "
                                "(with --rebuild-cache if the folder is damaged)") from exc
@@ -173,17 +204,24 @@ class Store:
 
     def remove(self) -> None:
         """Delete the entry's spec and segments (``--rebuild-cache``). The caller holds ``lock()``, so no
-        writer is mid-segment; the lock file itself stays, since other processes may be waiting on it."""
-        import shutil
-
+        writer is mid-segment, and this holds ``replacing``, so no reader is mid-read; the lock files stay,
+        since other processes may be waiting on them."""
         if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                if p.name != ".lock":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            with replacing(self.dir):
+                remove_files(self.dir)
 
     def lock(self):
         """One writer per entry: a second study on the same ``--out`` waits here, then finds the rows done."""
         return file_lock(self.dir / ".lock", what=f"writing the store entry {self.label}")
+
+    def wait_for_writer(self) -> bool:
+        """Wait while another process writes this entry (it holds ``lock()``); True when one was writing."""
+        if not (self.dir / ".lock").is_file():
+            return False
+        with file_lock(self.dir / ".lock", shared=True,
+                       waiting=f"waiting: another process is writing the store entry {self.label}; reading the rows "
+                               "it computes once it is done") as waited:
+            return waited
 
     def clean_temporaries(self) -> int:
         """Remove segment files a killed writer left half-written (call under ``lock()``: no writer is mid-write)."""
@@ -200,13 +238,14 @@ class Store:
     def index(self) -> Index:
         """The (sha256, view) -> row map over every segment, its id columns verified by their checksums."""
         idx = Index()
-        for seg in self.segments():
-            with self._open(seg) as f:
-                sha, view, digest = (self._column(seg, f, name) for name in ("sha256", "view", "digest"))
-                idx.seconds[seg] = float(f.attrs.get("compute_s", 0.0))
-                idx.sizes[seg] = len(sha)
-            for i, key in enumerate(zip(sha.astype(str), view.astype(str))):
-                idx.rows.setdefault(key, (seg, i, digest[i]))
+        with reading(self.dir, self.label):
+            for seg in self.segments():
+                with self._open(seg) as f:
+                    sha, view, digest = (self._column(seg, f, name) for name in ("sha256", "view", "digest"))
+                    idx.seconds[seg] = float(f.attrs.get("compute_s", 0.0))
+                    idx.sizes[seg] = len(sha)
+                for i, key in enumerate(zip(sha.astype(str), view.astype(str))):
+                    idx.rows.setdefault(key, (seg, i, digest[i]))
         return idx
 
     def identity(self, wanted, index: Index | None = None) -> str:
@@ -237,22 +276,30 @@ class Store:
             seg, row, _ = index.rows[key]
             by_seg.setdefault(seg, []).append((row, pos))
         out = None
-        for seg, pairs in by_seg.items():
-            pairs.sort()
-            rows = np.array([r for r, _ in pairs], dtype=np.int64)
-            with self._open(seg) as f:
-                data = self._dataset(seg, f, "data")
-                if out is None:
-                    out = np.empty((len(wanted), *data.shape[1:]), dtype)
-                for lo, hi in _spans(rows, chunk_rows=(data.chunks or data.shape)[0], row_bytes=_row_bytes(data),
-                                     n=data.shape[0]):
-                    block = self._slice(seg, data, lo=lo, hi=hi)
-                    first, last = np.searchsorted(rows, [lo, hi])
-                    for r, pos in pairs[first:last]:
-                        self._check_row(seg, r, row=block[r - lo], digest=index.rows[wanted[pos]][2])
-                        out[pos] = block[r - lo]
+        with reading(self.dir, self.label):
+            for seg, pairs in by_seg.items():
+                pairs.sort()
+                with self._open(seg) as f:
+                    out = self._read_segment(seg, f, pairs=pairs, out=out, n=len(wanted), dtype=dtype,
+                                             digests=[index.rows[wanted[pos]][2] for _, pos in pairs])
         if out is None:
             return np.empty((0,), dtype)
+        return out
+
+    def _read_segment(self, seg: Path, f: h5py.File, *, pairs: list[tuple[int, int]], out: np.ndarray | None,
+                      n: int, dtype, digests: list[bytes]) -> np.ndarray:
+        """Rows ``pairs`` ((row, position in the result), sorted) of one open segment into ``out``."""
+        rows = np.array([r for r, _ in pairs], dtype=np.int64)
+        data = self._dataset(seg, f, "data")
+        if out is None:
+            out = np.empty((n, *data.shape[1:]), dtype)
+        for lo, hi in _spans(rows, chunk_rows=(data.chunks or data.shape)[0], row_bytes=_row_bytes(data),
+                             n=data.shape[0]):
+            block = self._slice(seg, data, lo=lo, hi=hi)
+            first, last = np.searchsorted(rows, [lo, hi])
+            for (r, pos), digest in zip(pairs[first:last], digests[first:last]):
+                self._check_row(seg, r, row=block[r - lo], digest=digest)
+                out[pos] = block[r - lo]
         return out
 
     @staticmethod
@@ -265,6 +312,9 @@ class Store:
         try:
             return h5py.File(seg, "r")
         except OSError as exc:
+            if not seg.exists():  # not damaged: gone since it was indexed
+                raise StoreReplaced(f"store segment {seg} was removed after this process indexed {self.label}: "
+                                    "another process rebuilt or pruned the entry") from exc
             raise StoreDamaged(f"store segment {seg} is not a readable HDF5 file ({exc}); "
                                "rerun with --rebuild-cache") from exc
 
@@ -291,17 +341,22 @@ class Store:
 
     # -------------------------------------------------------------- writing
 
-    def write_segment(self, keys: list[tuple[str, str]], data: np.ndarray, *, compute_s: float) -> Path | None:
-        """Store rows ``keys`` with ``data`` (float32) as one new segment; durable before it is visible."""
+    def write_segment(self, keys: list[tuple[str, str]], data: np.ndarray, *, compute_s: float,
+                      timings: dict | None = None) -> Path | None:
+        """Store rows ``keys`` with ``data`` (float32) as one new segment; durable before it is visible.
+        ``timings`` (optional) adds the seconds spent on row digests ("digest") and the rest ("write")."""
         if not keys:
             return None
-        stored = np.ascontiguousarray(data.astype(self.spec["storage_dtype"]))
+        t0 = time.perf_counter()
+        stored = np.ascontiguousarray(data, dtype=self.spec["storage_dtype"])
         if not np.isfinite(stored).all():  # e.g. an activation beyond float16's 65504: never store inf
             bad = int(np.flatnonzero(~np.isfinite(stored.reshape(len(stored), -1)).all(axis=1))[0])
             raise StudyError(f"row {keys[bad]} of {self.label} is not finite as {self.spec['storage_dtype']} "
                              f"(largest |value| {float(np.abs(data[bad]).max()):.3g}); store it as float32: "
                              "extract.cut_dtype (cuts) or extract.storage_dtype (pooled) = \"float32\"")
+        t1 = time.perf_counter()
         digests = np.array([row_digest(r) for r in stored], dtype="S32")
+        t2 = time.perf_counter()
         seg_id = hashlib.sha256(b"".join(digests) + "".join(f"{s}|{v}" for s, v in keys).encode()).hexdigest()[:20]
         path = self.dir / f"seg-{seg_id}.h5"
         row_bytes = max(1, stored[0].nbytes)
@@ -322,7 +377,19 @@ class Store:
             raise StudyError(f"cannot write the activation store segment {path} ({exc.strerror or exc}); "
                              "free disk space or fix the folder's permissions, then rerun: rows already stored "
                              "are kept") from exc
+        if timings is not None:
+            timings["digest"] = timings.get("digest", 0.0) + t2 - t1
+            timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t2 + t1 - t0
         return path
+
+
+def remove_files(entry_dir: Path) -> None:
+    """Everything in an entry's folder but its lock files (other processes may be waiting on them)."""
+    import shutil
+
+    for p in Path(entry_dir).iterdir():
+        if p.name not in (".lock", READERS_LOCK):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _damaged(seg: Path, name: str, exc: Exception) -> StoreDamaged:
@@ -363,16 +430,17 @@ def describe(entry_dir: Path) -> dict:
                 precision=spec.get("precision"), storage_dtype=spec.get("storage_dtype"))
     kinds: dict[str, int] = {}
     row_bytes, disk, problems = None, 0, []
-    for seg in sorted(entry_dir.glob("seg-*.h5")):
-        disk += seg.stat().st_size
-        try:
-            with h5py.File(seg, "r") as f:
-                for v in f["view"][:].astype(str):
-                    kind = v.split(":")[0]
-                    kinds[kind] = kinds.get(kind, 0) + 1
-                row_bytes = int(np.prod(f["data"].shape[1:])) * f["data"].dtype.itemsize
-        except (OSError, KeyError) as exc:
-            problems.append(f"{seg.name}: {exc}")
+    with reading(entry_dir):
+        for seg in sorted(entry_dir.glob("seg-*.h5")):
+            disk += seg.stat().st_size
+            try:
+                with h5py.File(seg, "r") as f:
+                    for v in f["view"][:].astype(str):
+                        kind = v.split(":")[0]
+                        kinds[kind] = kinds.get(kind, 0) + 1
+                    row_bytes = int(np.prod(f["data"].shape[1:])) * f["data"].dtype.itemsize
+            except (OSError, KeyError) as exc:
+                problems.append(f"{seg.name}: {exc}")
     info.update(rows=sum(kinds.values()), clean=kinds.get("clean", 0), hflip=kinds.get("hflip", 0),
                 aug=kinds.get("aug", 0), bytes_per_row=row_bytes, disk_mb=round(disk / 2**20, 2))
     if problems:

@@ -29,7 +29,7 @@ from extract.blocks import parse_policy
 from extract.store import FORMAT_VERSION, library_versions
 from finetune.config import FIXED_KEYS, ROW_KEYS, SEARCH_AXES
 from finetune.inputs import FitInputs, StoreAccess, stores_for
-from finetune.model import build_split_net
+from finetune.model import build_split_net, frozen_units
 from finetune.train import FitResult, Trainer
 from study import distributed
 from study.atomic import file_lock, write_text_atomic
@@ -156,9 +156,7 @@ def experiment_inputs(*, backbone, phases, manifest, hp: dict, seed: int, device
                       data_root: Path, rebuild: bool = False) -> tuple[FitInputs, dict]:
     """The rows a fine-tune's phases read (their store entries made whole) and the key fields every fit shares."""
     # The cached path wherever the policy has a frozen prefix (``all`` and last:k >= n_units read images).
-    n_classes = len(class_names(manifest))
-    with_prefix = [p for p in phases if hp["prefix_cache"]
-                   and build_split_net(backbone, policy=p, n_classes=n_classes).prefix_names]
+    with_prefix = [p for p in phases if hp["prefix_cache"] and frozen_units(backbone, p)]
     stores = stores_for(backbone=backbone, policies=with_prefix, manifest=manifest, hp=hp, access=store,
                      data_root=data_root, rebuild=rebuild)
     rows = FitInputs(backbone=backbone, manifest=manifest, hp=hp, data_root=data_root, stores=stores,

@@ -107,15 +107,26 @@ def count_params(net: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def build_split_net(backbone, *, policy: str | UnfreezePolicy, n_classes: int, dropout: float = 0.0,
-                    seed: int = 0) -> SplitNet:
-    """Split ``backbone.model`` (extract.backbones.Backbone) for ``policy`` with a head of ``n_classes`` outputs."""
+def frozen_units(backbone, policy: str | UnfreezePolicy) -> int:
+    """How many units ``policy`` keeps frozen in ``backbone`` (0: it trains from images), without building the net
+    (a copy of the model costs a second or so: a cached rerun asks this of every policy); PolicyNotApplicable
+    when the backbone has fewer units than the policy trains."""
     policy = parse_policy(policy) if isinstance(policy, str) else policy
-    # A copy: the split freezes and re-heads modules, and the caller's backbone must stay as it was.
-    blocks = block_list(copy.deepcopy(backbone.model))
+    blocks = block_list(backbone.model)  # read only: nothing is frozen or re-headed here
     n_units = len(blocks.units)
     if policy.last is not None and policy.last > n_units:
         raise PolicyNotApplicable(f"unfreeze policy {policy.name!r} asks for {policy.last} blocks but {backbone.name} "
                          f"({blocks.arch}) has {n_units}: {[n for n, _ in blocks.units]}; use last:1..last:{n_units}")
+    return n_units - policy.n_trainable(n_units)
+
+
+def build_split_net(backbone, *, policy: str | UnfreezePolicy, n_classes: int, dropout: float = 0.0,
+                    seed: int = 0) -> SplitNet:
+    """Split ``backbone.model`` (extract.backbones.Backbone) for ``policy`` with a head of ``n_classes`` outputs."""
+    policy = parse_policy(policy) if isinstance(policy, str) else policy
+    frozen_units(backbone, policy)
+    # A copy: the split freezes and re-heads modules, and the caller's backbone must stay as it was.
+    blocks = block_list(copy.deepcopy(backbone.model))
+    n_units = len(blocks.units)
     return SplitNet(blocks=blocks, n_trainable=policy.n_trainable(n_units), feature_dim=backbone.feature_dim,
                     n_classes=n_classes, dropout=dropout, seed=seed)

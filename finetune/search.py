@@ -28,7 +28,7 @@ from finetune.checkpoint import read_checkpoint, save_checkpoint
 from finetune.config import ROW_KEYS
 from finetune.experiment import _Experiment, _Fit, experiment_inputs, keyed, trunk_trains
 from finetune.inputs import FitInputs, StoreAccess
-from finetune.model import PolicyNotApplicable, build_split_net, count_params
+from finetune.model import PolicyNotApplicable, count_params, frozen_units
 from finetune.train import NotFinished
 from study import distributed, tune
 from study.atomic import write_text_atomic
@@ -89,7 +89,7 @@ def applicable(backbone, policies: list[str]) -> tuple[list[str], list[tuple[str
     ok, refused = [], []
     for policy in policies:
         try:
-            build_split_net(backbone, policy=policy, n_classes=2)
+            frozen_units(backbone, policy)
             ok.append(policy)
         except PolicyNotApplicable as exc:
             refused.append((policy, str(exc)))

@@ -68,6 +68,7 @@ def check_config(config: dict) -> None:
     # Heads and fine-tuning choose their settings on val, so an empty val is refused only when they run.
     check_data(config["data"], needs_val=bool({"classify", "finetune"} & set(config["stages"])))
     _check_seeds(config)
+    _check_stages(config["stages"])
     epochs = config["tune"]["finetune"]["epochs"]
     if min(epochs if isinstance(epochs, list) else [epochs["low"]]) < 1:
         raise ConfigError(f"config key 'tune.finetune.epochs' has value {epochs!r}; allowed: whole numbers >= 1")
@@ -98,6 +99,15 @@ def check_config(config: dict) -> None:
                               f"'{name}' to extract.backbones")
 
 
+def _check_stages(stages: list[str]) -> None:
+    # Each run has its own folder, and the classify stage reads the feature sets the extract stage of the same
+    # run lists there (a run whose store holds every row computes nothing in it).
+    if "classify" in stages and "extract" not in stages:
+        raise ConfigError(f"config key 'stages' has value {stages!r}; allowed: 'classify' only with 'extract' (it "
+                          "reads the feature sets the extract stage lists in the same run; with every row stored "
+                          "the extract stage computes nothing): --stages extract,classify")
+
+
 def _check_seeds(config: dict) -> None:
     seeds = config["seeds"]
     if len(set(seeds)) != len(seeds):
@@ -124,6 +134,21 @@ def check_before_work(config: dict, *, data_root: Path, out: Path) -> None:
         from dataset.build import check_sources
 
         check_sources(config["data"], data_root=data_root, out_dir=out / "dataset")
+    else:
+        _check_manifests(config, data_root=data_root, out=out)
     check_out_dir(out)
+
+
+def _check_manifests(config: dict, *, data_root: Path, out: Path) -> None:
+    """With the dataset stage skipped, the stages read the manifests as they are: refuse one older than its images."""
+    from extract.stage import check_images_unchanged
+    from study.context import StudyContext
+
+    if not {"extract", "classify", "finetune"} & set(config["stages"]):
+        return
+    ctx = StudyContext(config=config, data_root=data_root, out_dir=out, run_dir=out, device="cpu")
+    for seed_ctx in ctx.for_seeds():
+        if seed_ctx.manifest_path.is_file():
+            check_images_unchanged(seed_ctx.manifest_path, data_root=data_root)
 
 

@@ -91,7 +91,7 @@ def make_plan(ctxs: list) -> Plan:
         except WeightsUnavailable as exc:
             plan.backbones.append(BackbonePlan(name, [], len(keys), 0, None, "", 0, [], skipped=exc.reason))
             continue
-        indexes = {n: s.index() if s.dir.is_dir() else None for n, s in stores.items()}
+        indexes = {n: _stored_index(s, rebuild=ctx.rebuild_cache) for n, s in stores.items()}
         missing = set()
         for index in indexes.values():
             missing |= set(keys) if index is None else set(index.missing(keys))
@@ -105,6 +105,23 @@ def make_plan(ctxs: list) -> Plan:
     plan.fused_heads = len(classify_cfg["fusions"]) * n_heads if "classify" in stages else 0
     plan.ensembles = len(ctx.config["finetune"]["ensembles"]) if "finetune" in stages else 0
     return plan
+
+
+def _stored_index(store, *, rebuild: bool):
+    """The entry's index for counting stored rows; None when it is absent, rebuilt by this run, or damaged -- a
+    damaged entry is named and the plan goes on (its rows count as to compute), so that ``--rebuild-cache``
+    reaches the extract stage that repairs it."""
+    from extract.store import StoreDamaged
+
+    if rebuild or not store.dir.is_dir() or not ((store.dir / "spec.json").exists() or store.segments()):
+        return None  # (a folder holding only lock files: an entry removed and not yet written again)
+    try:
+        store.check_spec()
+        return store.index()
+    except StoreDamaged as exc:
+        log.warning("store entry %s (%s) is damaged: %s. The plan counts its rows as to compute; without "
+                    "--rebuild-cache the extract stage stops here", store.key[:12], store.label, exc)
+        return None
 
 
 def _throughput(name: str, index, ctx) -> tuple[float | None, str]:

@@ -81,8 +81,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, *, what: str = ""):
-    """Hold an exclusive ``fcntl.flock`` on ``path`` (created when absent): a second process waits here."""
+def file_lock(path: str | Path, *, what: str = "", shared: bool = False, waiting: str = ""):
+    """Hold an ``fcntl.flock`` on ``path`` (created when absent): exclusive, or ``shared`` (many readers, no
+    exclusive holder); a process that must wait says so (``waiting``, else "another process <what>") first.
+    Yields whether it had to wait."""
     import fcntl
     import logging
 
@@ -94,13 +96,21 @@ def file_lock(path: str | Path, *, what: str = ""):
         if is_write_fault(exc):
             raise WriteFailed(path, exc) from exc
         raise
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     with fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            logging.getLogger(__name__).info("waiting for another process %s (%s)", what or "holding", path)
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            log = logging.getLogger(__name__)
+            if waiting:
+                log.warning("%s (%s)", waiting, path)
+            else:
+                log.info("waiting for another process %s (%s)", what or "holding", path)
+            fcntl.flock(fh, mode)
+            waited = True
+        else:
+            waited = False
         try:
-            yield
+            yield waited
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)

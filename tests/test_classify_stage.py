@@ -17,6 +17,7 @@ from classify.store import load_head
 from extract.store import Store
 from study import tune
 from study.context import StudyContext
+from study.errors import StudyError
 from study.protocol import choose_trial, draw_indices, fewshot_backbones
 from study.results import REQUIRED_KEYS, read_rows, read_skips, read_trials
 from tests.classify_fixtures import (
@@ -322,7 +323,7 @@ def test_missing_features_index_says_to_run_extract(tmp_path):
     ctx = StudyContext(config={"seed": 0, "classify": small_classify_config(), "tune": small_tune_config(),
                                "extract": EXTRACT_CONFIG},
                        data_root=tmp_path, out_dir=tmp_path, run_dir=tmp_path / "run", device="cpu")
-    with pytest.raises(FileNotFoundError, match="run the extract stage"):
+    with pytest.raises(StudyError, match="run the extract stage"):
         classify.stage.run(ctx)
 
 
