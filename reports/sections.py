@@ -10,6 +10,7 @@ from reports.fmt import count, kind_name, md_table, p_text, pct, pts_ci, seconds
 from study.protocol import RULE
 
 PREDICT = "python -m pipeline.predict --run {run} --variant chosen"
+TIMING = "- **Timing conditions**: "  # the line reports.stage.record_end rewrites once the run has ended
 
 
 def section_card(inp) -> list[str]:
@@ -112,7 +113,7 @@ def section_limitations(inp) -> list[str]:
     out += budget_limits(t)
     out += val_limits(t)
     out += data_limits(inp)
-    out += [f"- **Timing conditions**: {timing_text(inp.provenance)}",
+    out += [TIMING + timing_text(inp.provenance),
             "- **Split seeds are not replicates**: the seeds re-split the same images (their test sets share most "
             "images), so the sd over seeds is a split-resampling spread, not the spread of independent studies; "
             "intervals over seeds resample each image once for all seeds instead.",
@@ -185,7 +186,7 @@ def timing_text(p: dict) -> str:
         parts.append(f"1-minute load average {load.get('start', '?')} at the start and {load.get('end', '?')} at the "
                      "end of the run" + (f" on {p['cpu_count']} CPUs" if p.get("cpu_count") else ""))
     else:
-        parts.append("the load on the machine while they ran is not in provenance.json when this report was "
-                     "written (the Provenance section below shows it once the run records its end)")
+        parts.append("the load on the machine while they ran is not in provenance.json yet (the run records it "
+                     "at its end, and this line and the Provenance section are then rewritten)")
     return ("; ".join(parts) + ". Other work sharing the machine slows every timing, so costs compare the arms of "
             "one run, not runs on different machines.")

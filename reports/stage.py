@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
 from dataset.manifest import read_manifest
 from reports import plots, plots_classes
 from reports.render import ReportInputs, provenance_lines, read_run_inputs, render
+from reports.sections import TIMING, timing_text
 from reports.tables import N_BOOT, Tables
 from study.atomic import write_text_atomic
 from study.cells import neutralise_frame
@@ -101,7 +103,8 @@ def record_end(*, run_dir: Path) -> None:
 
     The report is the run's last stage, so it is written while the run is still going; run_study
     calls this after ``end_provenance`` so the report says when and how the run ended instead of
-    "running". Only the last section is replaced: no figure is redrawn, no number changes.
+    "running", and what the machine's load was while it ran. Only the last section and the Limitations'
+    timing line are replaced: no figure is redrawn, no result changes.
     """
     report = Path(run_dir) / "report.md"
     if not report.is_file():
@@ -111,6 +114,7 @@ def record_end(*, run_dir: Path) -> None:
     if not sep:
         return
     provenance, _ = read_run_inputs(Path(run_dir))
+    head = re.sub(r"(?m)^- \*\*Timing conditions\*\*: .*$", lambda _: TIMING + timing_text(provenance), head)
     write_text_atomic(report, head + "\n".join(provenance_lines(provenance)).rstrip("\n") + "\n")
 
 

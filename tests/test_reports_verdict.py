@@ -222,12 +222,21 @@ def test_provenance_ends_after_the_report_is_written(run):
     run_dir, _, prov = run
     before = (run_dir / "report.md").read_text()
     assert "(running)" not in before and "report written before the run ended" in before
+    assert "not in provenance.json yet" in before
     end_provenance(run_dir=run_dir, prov=prov, status="ok")
+    recorded = json.loads((run_dir / "provenance.json").read_text())
+    # What a run's resource monitor adds at its end (study/provenance.py on the branch that records it).
+    recorded["load_avg"] = {"start": 1.5, "end": 2.5}
+    (run_dir / "provenance.json").write_text(json.dumps(recorded))
     record_end(run_dir=run_dir)
     after = (run_dir / "report.md").read_text()
-    ended = json.loads((run_dir / "provenance.json").read_text())["ended"]
-    assert f"ended {ended} (status ok)" in after
-    assert after.split("## Provenance")[0] == before.split("## Provenance")[0]  # nothing else rewritten
+    assert f"ended {recorded['ended']} (status ok)" in after
+    assert "1-minute load average 1.5 at the start and 2.5 at the end of the run" in after
+    assert "1-minute load average: 1.5 at the start, 2.5 at the end" in after.split("## Provenance")[1]
+
+    def kept(text):  # everything before Provenance but the timing line
+        return [x for x in text.split("## Provenance")[0].splitlines() if not x.startswith("- **Timing conditions**")]
+    assert kept(after) == kept(before)  # nothing else rewritten
 
 
 def test_a_run_reports_how_it_ended(tmp_path):
