@@ -147,7 +147,8 @@ def section_seeds(inp: ReportInputs) -> list[str]:
              f"{r.infer_ms:.2f}", "**chosen**" if r.chosen else "", r.rows] for _, r in v.iterrows()]
     out += md_table(["backbone", "arm", "chosen method per split seed", "seeds", "val mean per-class % (mean)",
                      "test mean per-class % (mean [95% interval])", "split-resampling spread (pts)",
-                     "train s incl. features (mean)", "inference ms / image", "decision", "rows"], body)
+                     "train s incl. features (mean)", "inference ms / image past the frozen backbone", "decision",
+                     "rows"], body)
     return out + ["Each (backbone, arm) ran one search per split seed, which chose its method on that seed's val; "
                   "the interval resamples test images within class once for all seeds. `summary.csv` holds this "
                   "table; `results.csv` each row with its own intervals.", ""]
@@ -233,7 +234,9 @@ def section_protocol(inp: ReportInputs) -> list[str]:
         "They cover test sampling only; the sd over split seeds is a split-resampling spread (the seeds share "
         "images), not a spread of replicates.",
         "- Cost: training wall seconds (heads: hyperparameter sweep + refit on cached features; fine-tuning: "
-        "all epochs incl. prefix-cache build) and inference wall seconds on the test set, on the run's device "
+        "all epochs incl. prefix-cache build) and inference wall seconds on the test set from the stored features or "
+        "activations (the frozen backbone's forward pass, the same for both arms of a backbone, is not in it), on "
+        "the run's device "
         f"(`{inp.provenance.get('device', '?')}`).",
         f"- Few-shot draws use seeds {', '.join(map(str, draws)) or '–'}.",
         "",
@@ -406,7 +409,8 @@ def fewshot_pair_lines(t: Tables) -> list[str]:
 FEWSHOT_NOTE = (
     "A pair is one draw of k training images per class fitted by both arms (same backbone, split seed and draw "
     "seed); pairs repeated exactly (k = the whole pool) count once. The interval resamples the pairs (what other "
-    "draws would have given) and, within class, the test images; a crossover is declared only where it excludes 0.")
+    "draws would have given) and, within class, the test images; a crossover is declared only where it excludes 0. "
+    "These intervals are per k, not adjusted for the several k (the Holm family is the comparisons above).")
 
 
 def crossover_text(part: pd.DataFrame, k0: int | None) -> str:

@@ -32,7 +32,8 @@ def card_sentence(card: Card, comparisons: list) -> str:
     over = f"mean over {seeds} split seeds, " if seeds > 1 else ""
     text = (f"**Use {unit_name(u)}** ({u.methods(code=True)}): {pct(est.value)}% test mean per-class accuracy "
             f"[{pct(est.lo)}, {pct(est.hi)}] ({over}95% class-stratified bootstrap interval), {seconds(u.cost_s)} s to "
-            f"train including its features, {1000 * u.infer_s:.2f} ms per image to predict")
+            f"train including its features, {1000 * u.infer_s:.2f} ms per image to predict on top of the frozen "
+            "backbone's forward pass")
     runner, head = card.runner_up, card.headline
     if runner is None or head is None:
         return text + "; it was the only candidate."

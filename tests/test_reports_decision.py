@@ -80,7 +80,7 @@ def test_the_card_states_test_accuracy_costs_and_the_runner_up_difference(satura
     sentence = _card(md).strip().splitlines()[0]
     assert f"{100 * lr.metrics.mean_per_class:.1f}% test mean per-class accuracy [" in sentence
     assert "6.0 s to train including its features" in sentence  # 1 s + 5 s of features
-    assert f"{1000 * lr.predict_s / lr.n_test:.2f} ms per image to predict" in sentence
+    assert f"{1000 * lr.predict_s / lr.n_test:.2f} ms per image to predict on top of the frozen backbone" in sentence
     assert "runner-up `efficientnet_lite0` frozen features + head (`knn (clean)`) at 80.0%" in sentence
     diff = lr.metrics.mean_per_class - knn.metrics.mean_per_class
     assert f"the choice minus the runner-up {100 * diff:+.1f} [" in sentence
