@@ -49,7 +49,9 @@ def card_reasons(card: Card) -> list[str]:
     u, best = card.chosen, card.val_best
     out = [f"- **Rule** (declared before test is read; `study.protocol.decide`): {RULE}."]
     over = f"mean over {d.n_seeds} split seeds" if d.n_seeds > 1 else "one split seed"
+    runner = card.runner_up
     out.append(f"- **On val** ({over}): {unit_name(u)} {pct(u.val_score)}%"
+               + ("" if runner is None or runner is best else f", the runner-up {pct(runner.val_score)}%")
                + ("" if best is u else f"; the val-best, {unit_name(best)}, {pct(best.val_score)}%, was ahead by "
                   f"{_noise(d, d.chosen)} pts on val — within val noise, so the cheaper one is used ("
                   f"{seconds(u.cost_s)} s against {seconds(best.cost_s)} s to train)") + ".")
@@ -61,8 +63,10 @@ def card_reasons(card: Card) -> list[str]:
     if d.saturated:
         tops = [units[i] for i in range(len(units)) if units[i].val_score == best.val_score]
         out.append(f"- **Val saturated**: the best val score is {pct(best.val_score)}% ({len(tops)} of {len(units)} "
-                   "candidates score it), so val cannot rank the candidates at the top; the choice among them is by "
-                   "cost alone — not by val log-loss, which candidates of different families do not share.")
+                   + ("candidates score it), so val cannot rank the candidates at the top; the choice among them is "
+                      "by cost alone — not by val log-loss, which candidates of different families do not share."
+                      if len(tops) > 1 else "candidates scores it): val has no room above it, so it cannot show how "
+                      "far ahead the val-best would be on a harder val set."))
     if d.ties:
         out.append(f"- **An exact val tie**: {', '.join(unit_name(units[i]) for i in d.ties)} "
                    f"{'has' if len(d.ties) == 1 else 'have'} the chosen one's val score; a tie, settled by cost.")

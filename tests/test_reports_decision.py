@@ -116,3 +116,27 @@ def test_declared_comparisons_are_holm_adjusted_together(saturated):
     p = [float(r["p (bootstrap)"]) for r in table]
     holm = [float(r["p (Holm)"]) for r in table]
     assert all(h >= q for h, q in zip(holm, p)) and min(holm) == pytest.approx(min(1.0, 3 * min(p)), rel=1e-2)
+
+
+def test_a_cheaper_candidate_within_val_noise_is_used_and_the_card_says_why(tmp_path, data_root):
+    """The fine-tune is one val image ahead (100% against 95% on 20 val images); the head costs a tenth: the val
+    difference's interval holds 0, so the card uses the head and names the val-best it passed over."""
+    df = make_tiny_manifest(tmp_path / "dataset" / "manifest.csv", n_train=15, n_val=5, n_test=10)
+    test, val = df[df.split == "test"], df[df.split == "val"]
+    rng = np.random.default_rng(1)
+    head = _row(kind="head", backbone="efficientnet_lite0", method="lr", fset="clean", cost=5.0, log_loss=0.2,
+                wrong=1, test=test, val=val, seed=0, rng=rng)
+    head_val = np.array(head["val_pred"])
+    head_val[0] = 1  # one val image of class 0 wrong: that class at 4/5, the mean per-class at 95%
+    head.update(val_pred=head_val.tolist(), val_mean_per_class=0.95)
+    head["selection"]["points"][0]["val_mean_per_class"] = 0.95
+    ft = _row(kind="finetune", backbone="efficientnet_lite0", method="ft:last:1", fset="light", cost=100.0,
+              log_loss=0.1, wrong=0, test=test, val=val, seed=0, rng=rng)
+    append_rows(tmp_path / "run" / "results.jsonl", [head, ft])
+    build_report(run_dir=tmp_path / "run", dataset_dir=tmp_path / "dataset", title="Noise", n_boot=500)
+    card = _card((tmp_path / "run" / "report.md").read_text())
+    assert card.strip().startswith("**Use `efficientnet_lite0` frozen features + head**")
+    assert ("the val-best, `efficientnet_lite0` fine-tune, 100.0%, was ahead by +5.0 [+0.0, +15.0] pts on val — "
+            "within val noise, so the cheaper one is used (10.0 s against 100.0 s to train)") in card
+    assert "runner-up `efficientnet_lite0` fine-tune" in card
+    assert "**Val saturated**: the best val score is 100.0% (1 of 2 candidates scores it): val has no room" in card
