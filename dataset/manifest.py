@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from study.atomic import atomic_path
+from study.cells import neutralise_frame, restore_frame
 from study.hashing import spec_hash
 
 COLUMNS = ("sample_id", "path", "source", "label", "class_name", "split", "sha256", "width", "height", "mode")
@@ -42,7 +43,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> str:
     """Write atomically; return the manifest hash."""
     df = check_manifest(df[list(COLUMNS)].reset_index(drop=True))
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        neutralise_frame(df).to_csv(tmp, index=False)  # a class folder named "=..." opens as text
     return manifest_hash(df)
 
 
@@ -50,7 +51,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no manifest at {path}; run the dataset stage first (--stages dataset)")
-    df = pd.read_csv(path, dtype=_DTYPES, keep_default_na=False)
+    df = restore_frame(pd.read_csv(path, dtype=_DTYPES, keep_default_na=False))
     return check_manifest(df, where=str(path))
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 from dataset.manifest import SPLITS
 from dataset.sheets import augmentation_sheet, contact_sheet
 from study.atomic import atomic_path, write_text_atomic
+from study.cells import md_cell, neutralise_frame
 
 DEDUP_POLICY = {
     "drop": ("one copy of each exact (sha256) or near (perceptual hash) duplicate group is kept: the first in "
@@ -52,12 +53,12 @@ def _source_records(*, resolved, table: pd.DataFrame, manifest: pd.DataFrame, du
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        neutralise_frame(df).to_csv(tmp, index=False)  # opened in spreadsheets: no cell runs as a formula
 
 
 def _md_table(df: pd.DataFrame) -> str:
     rows = [list(df.columns), ["---"] * len(df.columns), *df.astype(str).to_numpy().tolist()]
-    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
+    return "\n".join("| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows)
 
 
 def _markdown(summary: dict, counts: pd.DataFrame) -> str:

@@ -62,8 +62,8 @@ def budget(trials: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
         seeds = sorted(part.split_seed.unique())
         per_seed = part.groupby("split_seed")
         mine = chosen[(chosen.backbone == backbone) & (chosen.arm == arm)]
-        edges = sorted({e for s, n in zip(mine.split_seed, mine.chosen_trial)
-                        for e in part[(part.split_seed == s) & (part.number == n)].at_edge.str.split(",").sum()
+        edges = sorted({e for s, n in zip(mine.split_seed, mine.chosen_trial) if pd.notna(n)
+                        for cell in part[(part.split_seed == s) & (part.number == n)].at_edge for e in cell.split(",")
                         if e})
         rising = sum(_rising(curves[(curves.backbone == backbone) & (curves.arm == arm) & (curves.split_seed == s)])
                      for s in seeds)

@@ -4,4 +4,6 @@ from study.schema import Field, int_range, is_str
 SCHEMA = {
     "title": Field("Frozen features + classical heads vs partial fine-tuning", is_str),
     "worst_classes": Field(10, int_range(1)),
+    # Resamples of every bootstrap the report computes (intervals, paired differences, the decision's val noise).
+    "bootstrap": Field(1000, int_range(100, 100000)),
 }

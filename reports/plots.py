@@ -1,8 +1,9 @@
-"""The report's figures (matplotlib, Agg): each function draws fields of ``reports.tables.Tables`` into one PNG.
+"""The report's figures (matplotlib, Agg): each function draws fields of ``reports.tables.Tables`` into one figure,
+unsaved (``reports.stage`` saves them; tests inspect them).
 
-The comparison figures show one mark per variant (``Tables.variants``: averaged over split seeds), coloured
-by arm and shaped by backbone, so a study of some fifty variants stays readable; ``cost_figure`` builds the
-accuracy-against-cost figure without saving it, for tests that inspect it.
+The comparison figures show one mark per (backbone, arm) (``Tables.variants``: over split seeds), coloured by arm
+and shaped by backbone; the val-chosen one is marked on every figure. Layouts are constrained and legends sit
+inside the figure, beside or above the axes, so no legend covers data or leaves the canvas.
 """
 from __future__ import annotations
 
@@ -30,12 +31,16 @@ DPI = 110
 ADJUST_STEPS = 300
 
 
-def _save(fig, path: Path, *, layout: bool = True) -> Path:
-    if layout:
-        fig.tight_layout()
+def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def new_figure(*, figsize, nrows: int = 1, ncols: int = 1, **kw):
+    """A figure with a constrained layout (it makes room for every label and for legends placed 'outside')."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, dpi=DPI, layout="constrained", squeeze=False, **kw)
+    return fig, axes
 
 
 def backbone_markers(backbones) -> dict[str, str]:
@@ -49,10 +54,6 @@ def backbone_markers(backbones) -> dict[str, str]:
     return out
 
 
-def _name(r) -> str:
-    return f"{r.backbone}: {r.method} ({r.feature_set})"
-
-
 def _arm_handles(arms) -> list:
     return [Line2D([], [], linestyle="", marker="o", color=KIND_COLOURS.get(a, "grey"), label=ARM_NAMES.get(a, a))
             for a in ("head", "finetune") if a in set(arms)]
@@ -62,39 +63,39 @@ def _marker_handles(markers: dict[str, str]) -> list:
     return [Line2D([], [], linestyle="", marker=m, color="0.3", label=b) for b, m in markers.items()]
 
 
-def accuracy_by_method(variants: pd.DataFrame, path: Path) -> Path:
-    """Test mean per-class accuracy per variant (``Tables.variants``), one bar each, coloured by arm: mean ± sd
-    over split seeds when a variant has several, else its 95% bootstrap CI. Height and font follow the bar
-    count so that fifty variants keep one readable label each."""
-    v = variants.sort_values(["backbone", "arm", "mean"], ascending=[True, True, False],
-                             key=lambda c: c.map({"head": 0, "finetune": 1}) if c.name == "arm" else c)
-    v = v.reset_index(drop=True)
+def unit_label(r) -> str:
+    return f"{r.backbone}: {ARM_NAMES.get(r.arm, r.arm)}"
+
+
+def accuracy_by_method(units: pd.DataFrame):
+    """Test mean per-class accuracy per (backbone, arm) (``Tables.variants``: mean over split seeds, with its
+    class-stratified interval), one bar each, coloured by arm; the val-chosen one hatched and named."""
+    v = units.sort_values(["backbone", "arm"], key=lambda c: c.map({"head": 0, "finetune": 1}) if c.name == "arm"
+                          else c).reset_index(drop=True)
     n = len(v)
-    over_seeds = bool((v.n_seeds > 1).any())
-    if over_seeds:
-        err = v["sd"].fillna(0).to_numpy(dtype=float)
-        what = "mean ± sd over split seeds"
-    else:
-        lo, hi = v["lo"].astype(float), v["hi"].astype(float)
-        err = (None if lo.isna().any() or hi.isna().any() else
-               np.vstack([v["mean"] - lo, hi - v["mean"]]).astype(float))
-        what = "95% bootstrap CI"
     font = 8 if n <= 25 else 7 if n <= 60 else 6
-    fig, ax = plt.subplots(figsize=(9, 0.24 * n * font / 8 + 1.8), dpi=DPI)
+    fig, axes = new_figure(figsize=(9, 0.24 * n * font / 8 + 2.2))
+    ax = axes[0, 0]
     y = np.arange(n)
-    ax.barh(y, v["mean"], xerr=err, color=[KIND_COLOURS.get(a, "grey") for a in v.arm],
-            capsize=2 if n > 25 else 3, error_kw={"elinewidth": 0.8})
-    ax.set_yticks(y, [_name(r) for r in v.itertuples()], fontsize=font)
-    ax.set_ylim(n - 0.4, -0.6)  # first variant on top: read top-down, heads before fine-tunes per backbone
+    lo, hi = v["lo"].astype(float), v["hi"].astype(float)
+    err = None if lo.isna().any() else np.vstack([v["mean"] - lo, hi - v["mean"]]).astype(float)
+    bars = ax.barh(y, v["mean"], xerr=err, color=[KIND_COLOURS.get(a, "grey") for a in v.arm],
+                   capsize=2 if n > 25 else 3, error_kw={"elinewidth": 0.8})
+    for bar, chosen in zip(bars, v.chosen):
+        if chosen:
+            bar.set_hatch("///")
+            bar.set_edgecolor("black")
+    ax.set_yticks(y, [unit_label(r) + (" (val-chosen)" if r.chosen else "") for r in v.itertuples()], fontsize=font)
+    ax.set_ylim(n - 0.4, -0.6)  # first on top: read top-down, heads before fine-tunes per backbone
     for i in np.flatnonzero(v.backbone.to_numpy()[1:] != v.backbone.to_numpy()[:-1]):
         ax.axhline(i + 0.5, color="0.6", lw=0.6)  # a rule between backbones
-    below = 0 if err is None else err if err.ndim == 1 else err[0]
-    ax.set_xlim(max(0.0, float(np.nanmin(v["mean"] - below)) - 0.05), 1.0)
-    ax.set_xlabel(f"test mean per-class accuracy ({what})", fontsize=font + 1)
-    ax.set_title("Accuracy by variant", fontsize=font + 2)
-    ax.legend(handles=_arm_handles(v.arm), fontsize=font, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-              borderaxespad=0)  # outside: a bar may reach any accuracy
-    return _save(fig, path)
+    low = float(np.nanmin(lo if err is not None else v["mean"]))
+    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set_xlabel("test mean per-class accuracy (mean over split seeds, 95% class-stratified interval)",
+                  fontsize=font + 1)
+    ax.set_title("Accuracy by backbone and arm (hatched: val-chosen)", fontsize=font + 2)
+    fig.legend(handles=_arm_handles(v.arm), fontsize=font, loc="outside upper right", ncols=2)
+    return fig
 
 
 def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
@@ -107,73 +108,82 @@ def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
     return points.loc[front]
 
 
-def cost_figure(variants: pd.DataFrame, val_best: pd.DataFrame):
+def cost_figure(units: pd.DataFrame, ringed: pd.DataFrame):
     """(figure, axes, label texts) of accuracy against training cost, unsaved.
 
-    Every variant (``Tables.variants``) is a point; only the Pareto-front variants and each arm's val-best
-    variant (``Tables.val_best_per_arm``, ringed) are named, since fifty names on one plot read as none. The
-    names are spread by adjustText, then any pair still touching is pushed apart (``_untangle``), and thin
-    leader lines join each name to its point. Layout is final before the names move: names are placed in data
-    coordinates, so a later ``tight_layout`` would move the axes under them and could make them collide again."""
-    v = variants
+    Every (backbone, arm) (``Tables.variants``) is a point; only the Pareto front and ``ringed`` (each arm's choice
+    by the decision rule; the decision's own is ringed twice) are named. The names are spread by adjustText, then
+    any pair still touching is pushed apart (``_untangle``) and kept inside the axes, with thin leader lines to
+    their points. The layout is computed and frozen before the names move: names are placed in data coordinates,
+    so a later layout pass would move the axes under them."""
+    v = units
     markers = backbone_markers(v.backbone)
-    fig, ax = plt.subplots(figsize=(10, 6), dpi=DPI)
+    fig, axes = new_figure(figsize=(10, 6))
+    ax = axes[0, 0]
     for (arm, backbone), part in v.groupby(["arm", "backbone"]):
         ax.scatter(part["cost"], part["mean"], color=KIND_COLOURS.get(arm, "grey"),
                    marker=markers[backbone], s=70 if markers[backbone] == "*" else 36,  # a star reads small
                    alpha=0.85, edgecolors="white", linewidths=0.4, zorder=3)
     front = pareto_front(v)
     ax.step(front["cost"], front["mean"], where="post", color="grey", linestyle="--", lw=1, zorder=2)
-    ax.scatter(val_best["cost"], val_best["mean"], s=150, facecolors="none", edgecolors="black",
-               linewidths=1.0, zorder=4)
+    ax.scatter(ringed["cost"], ringed["mean"], s=150, facecolors="none", edgecolors="black", linewidths=1.0, zorder=4)
+    chosen = v[v.chosen]
+    ax.scatter(chosen["cost"], chosen["mean"], s=320, facecolors="none", edgecolors="black", linewidths=1.0, zorder=4)
     if v["cost"].max() > 10 * max(v["cost"].min(), 1e-9):  # log only when costs span orders of magnitude
         ax.set_xscale("log")
-    ax.set_xlabel("training cost, wall seconds (mean over split seeds; heads: sweep + refit + feature extraction "
-                  "when recorded)", fontsize=8)
+    ax.set_xlabel("training cost, wall seconds incl. features (mean over split seeds)", fontsize=8)
     ax.set_ylabel("test mean per-class accuracy (mean over split seeds)", fontsize=8)
-    ax.set_title("Accuracy against cost: named are the Pareto front and each arm's val-best variant (ringed)",
-                 fontsize=9)
-    _cost_legends(ax, v.arm, markers)
-    fig.tight_layout()
-    # Frozen limits, with headroom for the names of the best points: the names and their leader lines
-    # must not rescale the axes under the positions they were given.
+    ax.set_title("Accuracy against cost: named are the Pareto front and each arm's choice (ringed; twice: the "
+                 "decision)", fontsize=9)
+    _cost_legends(fig, v.arm, markers)
     lo, hi = ax.get_ylim()
-    ax.set_ylim(lo, hi + 0.08 * (hi - lo))
+    ax.set_ylim(lo, hi + 0.08 * (hi - lo))  # headroom for the names of the best points
     ax.set_xlim(ax.get_xlim())
-    named = pd.concat([front, val_best[~val_best.index.isin(front.index)]])
+    fig.canvas.draw()
+    fig.set_layout_engine("none")  # frozen: the names below are placed against this layout
+    named = pd.concat([front, ringed[~ringed.index.isin(front.index)]])
     return fig, ax, _name_points(ax, named, v)
 
 
-def _cost_legends(ax, arms, markers: dict[str, str]) -> None:
-    """Beside the axes: the arms' colours and what the line and the rings mean (top), the backbones' markers
-    (bottom)."""
-    legend = ax.legend(handles=_arm_handles(arms) + [
+def _cost_legends(fig, arms, markers: dict[str, str]) -> None:
+    """Beside the axes, inside the figure: the arms' colours and what the line and the rings mean, and the
+    backbones' markers."""
+    fig.legend(handles=_arm_handles(arms) + [
         Line2D([], [], color="grey", linestyle="--", label="Pareto front"),
         Line2D([], [], linestyle="", marker="o", markersize=10, markerfacecolor="none", markeredgecolor="black",
-               label="val-best of its arm")], title="arm", fontsize=7, title_fontsize=8,
-        loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.add_artist(legend)
-    ax.legend(handles=_marker_handles(markers), title="backbone", fontsize=7, title_fontsize=8,
-              loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0)
+               label="the arm's choice"),
+        Line2D([], [], linestyle="", marker="o", markersize=15, markerfacecolor="none", markeredgecolor="black",
+               label="val-chosen (the decision)")], title="arm", fontsize=7, title_fontsize=8,
+        loc="outside right upper")
+    fig.legend(handles=_marker_handles(markers), title="backbone", fontsize=7, title_fontsize=8,
+               loc="outside right lower")
 
 
 def _name_points(ax, named: pd.DataFrame, points: pd.DataFrame) -> list:
     """Name each of ``named``, kept off every point of ``points`` and off each other, with leader lines."""
     # A pale box keeps a name readable where it must sit over the front line or another point.
     box = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.75}
-    texts = [ax.text(r.cost, r.mean, _name(r), fontsize=7, zorder=5, bbox=box) for r in named.itertuples()]
+    texts = [ax.text(r.cost, r.mean, unit_label(r), fontsize=7, zorder=5, bbox=box) for r in named.itertuples()]
     if texts:
         adjust_text(texts, x=points["cost"].to_numpy(float), y=points["mean"].to_numpy(float), ax=ax,
                     expand=(1.15, 1.4), iter_lim=ADJUST_STEPS)
         _untangle(texts, ax)
+        _keep_inside(texts, ax)
         _leader_lines(texts, named, ax)
     return texts
 
 
-def accuracy_vs_cost(variants: pd.DataFrame, val_best: pd.DataFrame, path: Path) -> Path:
-    """Accuracy against training wall time, with the Pareto front (nothing both cheaper and better)."""
-    fig, _, _ = cost_figure(variants, val_best)
-    return _save(fig, path, layout=False)
+def _keep_inside(texts, ax) -> None:
+    """Move back inside the axes any name that ``_untangle`` pushed past an edge."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        dx = min(0.0, frame.x1 - box.x1) + max(0.0, frame.x0 - box.x0)
+        dy = min(0.0, frame.y1 - box.y1) + max(0.0, frame.y0 - box.y0)
+        if dx or dy:
+            x, y = ax.transData.transform(t.get_position())
+            t.set_position(ax.transData.inverted().transform((x + dx, y + dy)))
 
 
 def _untangle(texts, ax, *, pad: float = 4.0) -> None:
@@ -207,96 +217,89 @@ def _leader_lines(texts, named: pd.DataFrame, ax, *, min_px: float = 6.0) -> Non
         ax.plot([x0, x1], [y0, y1], color="0.45", lw=0.5, zorder=4, scalex=False, scaley=False)
 
 
-def confusion(matrix: list[list[int]], class_names: list[str], title: str, path: Path) -> Path:
-    cm = np.asarray(matrix, dtype=float)
-    cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    n = len(cm)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.12 * n, 16), min(2 + 0.12 * n, 16)))
-    im = ax.imshow(cm, cmap="viridis", vmin=0, vmax=1)
-    if n <= 40:
-        ax.set_xticks(range(n), class_names, rotation=90, fontsize=6)
-        ax.set_yticks(range(n), class_names, fontsize=6)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
-
-
-def per_class_accuracy(per_class: pd.DataFrame, title: str, path: Path) -> Path:
-    """One model's test accuracy per class, as ordered in ``per_class`` (``ChosenModel.per_class``: worst first)."""
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.11 * len(per_class) + 1)))
-    ax.barh(per_class["class_name"], per_class["accuracy"], color="tab:blue")
-    ax.tick_params(axis="y", labelsize=5 if len(per_class) > 60 else 7)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("test accuracy")
-    ax.set_title(title, fontsize=9)
-    return _save(fig, path)
-
-
-def fewshot_curves(arms: pd.DataFrame, path: Path, *, crossover: int | None) -> Path:
-    """Each arm's few-shot curve (``Tables.fewshot_arms``): mean ± sd over distinct fits of test mean per-class
-    accuracy against training images per class, log k, and a dotted line at ``crossover``, the report's verdict
-    on where the fine-tune arm first gets ahead (``Tables.crossover``)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=DPI)
-    for arm in ("head", "finetune"):
-        part = arms[arms.arm == arm].sort_values("k_per_class")
-        if part.empty:
-            continue
-        ax.errorbar(part["k_per_class"], part["mean"], yerr=part["sd"].astype(float).fillna(0).to_numpy(),
-                    marker="o", capsize=3, color=KIND_COLOURS[arm], label=f"{ARM_NAMES[arm]} (val-chosen)")
-    if crossover is not None:
-        ax.axvline(crossover, color="grey", linestyle=":", label=f"fine-tuning ahead from k = {crossover}")
-    ks = sorted(set(arms["k_per_class"].astype(int)))
+def fewshot_differences(pairs: pd.DataFrame, *, chosen_backbone: str | None, crossovers: dict):
+    """Per backbone, the fine-tune minus the head at each k (``Tables.fewshot_pairs``) with its 95% interval, a line
+    at 0, and each backbone's crossover (the first k whose interval is above 0), if any; the decision's backbone
+    drawn thicker."""
+    fig, axes = new_figure(figsize=(7, 4.4))
+    ax = axes[0, 0]
+    backbones = sorted(pairs.backbone.unique())
+    width = 0.06 * (len(backbones) - 1)
+    for i, (backbone, marker) in enumerate(zip(backbones, backbone_markers(backbones).values())):
+        part = pairs[pairs.backbone == backbone].sort_values("k_per_class")
+        shift = np.exp(-width / 2 + 0.06 * i)  # side by side on the log axis, so intervals do not hide each other
+        mine = backbone == chosen_backbone
+        k = part["k_per_class"].to_numpy(float) * shift
+        ax.errorbar(k, 100 * part["diff"], yerr=100 * np.vstack([part["diff"] - part.lo, part.hi - part["diff"]]),
+                    marker=marker, capsize=3, lw=2.2 if mine else 1.0,
+                    label=backbone + (" (val-chosen)" if mine else "")
+                    + (f"; ahead from k = {crossovers[backbone]}" if crossovers.get(backbone) else ""))
+    ax.axhline(0, color="grey", lw=0.8)
+    ks = sorted(set(pairs["k_per_class"].astype(int)))
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.xaxis.set_minor_locator(NullLocator())  # log minor ticks would label ks nobody measured
     ax.set_xlabel("training images per class (k, log scale)")
-    ax.set_ylabel("test mean per-class accuracy\n(mean ± sd over distinct fits)")
-    ax.set_title("Few-shot curves")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    ax.set_ylabel("fine-tune − head, test mean per-class\naccuracy (pts, 95% interval)")
+    ax.set_title("Few-shot: both arms on the same drawn images (above 0: fine-tuning ahead)", fontsize=9)
+    fig.legend(fontsize=7, loc="outside upper center", ncols=min(3, len(backbones)))
+    return fig
 
 
-def training_curves(rows, path: Path) -> Path:
-    """Every fine-tune's per-epoch training loss (left) and val mean per-class accuracy (right), from
-    its row's ``selection.curve``; the epoch kept (best val) is ringed."""
-    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in rows:
-        curve = r.selection.curve
-        epochs = [p["epoch"] for p in curve]
-        name = f"{r.backbone}: {r.method} ({r.feature_set}) seed {r.split_seed}"
-        line, = loss_ax.plot(epochs, [p["train_loss"] for p in curve], marker=".", label=name)
-        val_ax.plot(epochs, [p["val_mean_per_class"] for p in curve], marker=".", color=line.get_color(), label=name)
-        best = [p for p in curve if p["epoch"] == r.selection.best_epoch]
-        if best:
-            val_ax.scatter([best[0]["epoch"]], [best[0]["val_mean_per_class"]], s=80, facecolors="none",
-                           edgecolors=line.get_color())
-    loss_ax.set(xlabel="epoch", ylabel="mean training loss", title="Training loss")
-    val_ax.set(xlabel="epoch", ylabel="val mean per-class accuracy", title="Val accuracy (ringed: epoch kept)")
-    val_ax.legend(fontsize=6)
-    return _save(fig, path)
+def training_curves(rows, *, chosen: set[int] = frozenset()):
+    """Small multiples, one row of panels per policy: every fine-tune's per-epoch training loss (left) and val
+    mean per-class accuracy (right), one line per (backbone, split seed) coloured by backbone, the kept epoch
+    ringed; the rows in ``chosen`` (the val-chosen fine-tunes) drawn thick."""
+    policies = sorted({r.method for r in rows})
+    backbones = sorted({r.backbone for r in rows})
+    colours = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backbones)}
+    fig, axes = new_figure(figsize=(10, 2.6 * len(policies) + 1.0), nrows=len(policies), ncols=2)
+    for (loss_ax, val_ax), policy in zip(axes, policies):
+        for r in (r for r in rows if r.method == policy):
+            curve = r.selection.curve
+            epochs = [p["epoch"] for p in curve]
+            style = {"color": colours[r.backbone], "lw": 2.2 if r.index in chosen else 0.8, "marker": "."}
+            loss_ax.plot(epochs, [p["train_loss"] for p in curve], **style)
+            val_ax.plot(epochs, [p["val_mean_per_class"] for p in curve], **style)
+            best = [p for p in curve if p["epoch"] == r.selection.best_epoch]
+            if best:
+                val_ax.scatter([best[0]["epoch"]], [best[0]["val_mean_per_class"]], s=60, facecolors="none",
+                               edgecolors=colours[r.backbone], zorder=3)
+        loss_ax.set_ylabel(f"{policy}\ntraining loss", fontsize=8)
+        val_ax.set_ylabel("val mean per-class acc.", fontsize=8)
+    axes[0, 0].set_title("Training loss per epoch", fontsize=9)
+    axes[0, 1].set_title("Val accuracy per epoch (ringed: epoch kept)", fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    handles = [Line2D([], [], color=colours[b], label=b) for b in backbones]
+    handles.append(Line2D([], [], color="0.3", lw=2.2, label="val-chosen fine-tune"))
+    fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncols=min(4, len(handles)))
+    return fig
 
 
-def anytime_curves(curves: pd.DataFrame, path: Path) -> Path:
+def anytime_curves(curves: pd.DataFrame, *, chosen: tuple[str, str] | None = None):
     """Per backbone, each arm's best val so far against trials (left) and against cumulative seconds (right),
-    one thin line per split seed and their mean: what each arm found for what it was allowed to try."""
+    one thin line per split seed and their mean: what each arm found for what it was allowed to try. The
+    decision's (backbone, arm) is named in its panel."""
     backbones = sorted(curves.backbone.unique())
-    fig, axes = plt.subplots(len(backbones), 2, figsize=(9, 2.6 * len(backbones) + 0.6), squeeze=False)
-    colours = {"head": "tab:blue", "finetune": "tab:orange"}
+    fig, axes = new_figure(figsize=(9, 2.4 * len(backbones) + 1.0), nrows=len(backbones), ncols=2)
     for row, backbone in zip(axes, backbones):
         part = curves[curves.backbone == backbone]
         for arm, arm_part in part.groupby("arm"):
+            mine = chosen == (backbone, arm)
             for _, seed in arm_part.groupby("split_seed"):
-                row[0].step(seed.trials, 100 * seed.best_val, where="post", color=colours[arm], alpha=0.3, lw=0.8)
-                row[1].step(seed.seconds, 100 * seed.best_val, where="post", color=colours[arm], alpha=0.3, lw=0.8)
+                row[0].step(seed.trials, 100 * seed.best_val, where="post", color=KIND_COLOURS[arm], alpha=0.3, lw=0.8)
+                row[1].step(seed.seconds, 100 * seed.best_val, where="post", color=KIND_COLOURS[arm], alpha=0.3,
+                            lw=0.8)
             mean = arm_part.groupby("trials").best_val.mean()
-            row[0].step(mean.index, 100 * mean.to_numpy(), where="post", color=colours[arm], lw=2,
-                        label="frozen features + head" if arm == "head" else "fine-tune")
+            row[0].step(mean.index, 100 * mean.to_numpy(), where="post", color=KIND_COLOURS[arm], lw=3 if mine else 1.6)
         row[0].set_ylabel(f"{backbone}\nbest val %", fontsize=8)
-        row[0].legend(loc="lower right", fontsize=7)
+        if chosen is not None and chosen[0] == backbone:
+            row[0].set_title(f"val-chosen: {ARM_NAMES[chosen[1]]}", fontsize=8)
         row[1].set_xscale("log")
     axes[-1][0].set_xlabel("trials")
     axes[-1][1].set_xlabel("cumulative seconds (log)")
     fig.suptitle("Best val mean per-class accuracy so far (thin: each split seed; thick: their mean)", fontsize=9)
-    return _save(fig, path)
+    handles = _arm_handles(curves.arm)
+    fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncols=len(handles))
+    return fig

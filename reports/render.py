@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.collect import ENSEMBLE, FEATURE_SET_NAMES, FUSED_PREFIX, BackboneVerdict
+from reports.collect import ENSEMBLE, FEATURE_SET_NAMES, BackboneVerdict
+from reports.fmt import count, figure_links, kind_name, md_table, p_text, pct, pct_ci, pts, pts_ci, seconds
+from reports.sections import section_card, section_limitations, section_per_source
 from reports.tables import Tables
 from study.results import ResultRow
 
@@ -43,105 +45,73 @@ class ReportInputs:
     config: dict
     figures: dict[str, str]     # figure name -> file name in the run folder
     worst_n: int = 10
-
-
-def pct(x) -> str:
-    return "–" if x is None or pd.isna(x) else f"{100 * x:.1f}"
-
-
-def pct_ci(value, lo, hi) -> str:
-    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
-        return pct(value)
-    return f"{pct(value)} [{pct(lo)}, {pct(hi)}]"
-
-
-def seconds(x) -> str:
-    return "–" if x is None or pd.isna(x) else f"{x:.1f}"
-
-
-def count(x) -> str:
-    return "–" if x is None or pd.isna(x) else f"{int(x):,}"
-
-
-def md_table(header: list[str], body: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
-    return lines + [""]
-
-
-def mean_sd(mean, sd, n: int) -> str:
-    return pct(mean) if n < 2 else f"{pct(mean)} ± {pct(sd)}"
-
-
-def figure_links(figures: dict[str, str], **captions: str) -> list[str]:
-    """An image link per figure named in ``captions`` (figure key -> caption) that the run drew, in that order."""
-    return [line for key, caption in captions.items() if key in figures
-            for line in (f"![{caption}]({figures[key]})", "")]
-
-
-def section_headline(inp: ReportInputs) -> list[str]:
-    headline = inp.tables.headline
-    if headline is None:
-        return ["No head or fine-tuning result in this run.", ""]
-    best, first, other = headline.best, headline.first, headline.other
-    n_variants = len(inp.tables.variants)
-    n = int(best.n_seeds)
-    test = (f"{pct_ci(first.mean_per_class, first.mean_per_class_lo, first.mean_per_class_hi)}% test mean "
-            "per-class accuracy (95% CI)" if n == 1 else
-            f"{mean_sd(best['mean'], best.sd, n)}% test mean per-class accuracy (mean ± sd over {n} split seeds)")
-    runner = "" if other is None else (
-        f" The other arm's val-best variant is `{other.backbone}` with `{other.method} ({other.feature_set})`: "
-        f"{pct(other.val_mean)}% val, {mean_sd(other['mean'], other.sd, int(other.n_seeds))}% test"
-        + (" — level with the chosen one on val at this precision, so val does not separate the two arms here"
-           if pct(other.val_mean) == pct(best.val_mean) else "") + ".")
-    return [f"**Chosen on val:** `{best.backbone}` with `{best.method} ({best.feature_set})` — "
-            f"{pct(best.val_mean)}% val mean per-class accuracy, the best val score of the run's {n_variants} "
-            f"head and fine-tune variants; {test}, {seconds(_cost(first))} s to train including its features "
-            f"(split seed {int(first.split_seed)}; rows {best.rows}).{runner} Every \"chosen\" in this report is "
-            "picked by "
-            "val mean per-class accuracy; test takes no part in any choice and is shown for every row. Per-backbone "
-            "verdicts are under Findings.", ""]
+    run_dir: Path | None = None  # the run folder the predict commands name
 
 
 def section_answer(inp: ReportInputs) -> list[str]:
     t = inp.tables
-    out = ["## Findings", "", "### Chosen head vs chosen fine-tune, per backbone", "",
-           "Per split seed, each arm's variant with the best val mean per-class accuracy; McNemar's exact test on "
-           "their paired top-1 test correctness. Over seeds: the mean and sd of the paired difference (head minus "
-           "fine-tune, test mean per-class accuracy) and the seeds each arm wins.", ""]
+    out = ["## Findings", "", "### Chosen head vs chosen fine-tune, per backbone", "", STATISTICS_NOTE, ""]
+    out += declared_table(t)
     for v in t.verdicts:
         out += verdict_lines(v)
     paired = {v.backbone for v in t.verdicts}
     for backbone, part in t.chosen_per_seed.groupby("backbone"):
         if backbone not in paired:
             r = part.iloc[0]
-            out.append(f"- **{backbone}**: only {_kind_name(r.arm)} results: chosen on val `{r.method} "
+            out.append(f"- **{backbone}**: only {kind_name(r.arm)} results: chosen on val `{r.method} "
                        f"({r.feature_set})`, test {pct(r.mean_per_class)}.")
     if t.main.empty:
         out.append("No head or fine-tuning result in this run.")
     return out + [""]
 
 
+STATISTICS_NOTE = (
+    "The primary test is on the headline metric, mean per-class accuracy: the paired difference of two models on "
+    "the same test images, with a 95% bootstrap interval that resamples test images within each class (every "
+    "class keeps its images in every resample) and its bootstrap p-value. The comparisons below were declared "
+    "before test was read — per backbone the val-chosen head against the val-chosen fine-tune, and the decision "
+    "against its runner-up — and their p-values are Holm-adjusted as one family. Over split seeds a difference is "
+    "the mean over the seeds, its interval resampling each image once for all seeds (the seeds share most test "
+    "images); the sd of the per-seed differences is a split-resampling spread, not a spread of replicates. "
+    "McNemar's exact test is on top-1 correctness, shown for reference.")
+
+
+def declared_table(t: Tables) -> list[str]:
+    if not t.comparisons:
+        return []
+    body = [[c.what, f"{unit_label(c.a)} − {unit_label(c.b)}", str(len(c.diff.per_seed)),
+             pts_ci(c.diff.value, c.diff.lo, c.diff.hi), p_text(c.diff.p), p_text(c.p_holm),
+             "–" if c.diff.spread is None else f"{100 * c.diff.spread:.1f}", _verdict(c)] for c in t.comparisons]
+    return md_table(["comparison", "a − b", "split seeds", "a − b, mean per-class (pts) [95% interval]",
+                     "p (bootstrap)", "p (Holm)", "split-resampling spread (pts)", "at 5% after Holm"], body)
+
+
+def unit_label(u) -> str:
+    return f"{u.backbone} {kind_name(u.arm)}"
+
+
+def _verdict(c) -> str:
+    if c.p_holm is None or c.p_holm >= 0.05:
+        return "no difference shown"
+    return f"{unit_label(c.a if c.diff.value > 0 else c.b)} ahead"
+
+
 def verdict_lines(v: BackboneVerdict) -> list[str]:
-    """One backbone's verdict: over its seeds (with McNemar when there is one seed), then a line per seed."""
+    """One backbone's verdict over its seeds (the declared comparison), then a line per seed."""
     body = [[str(s.seed), f"`{s.head.method} ({s.head.feature_set})` (row {int(s.head.row)})",
              pct(s.head.val_mean_per_class), pct(s.head.mean_per_class),
              f"`{s.finetune.method} ({s.finetune.feature_set})` (row {int(s.finetune.row)})",
-             pct(s.finetune.val_mean_per_class), pct(s.finetune.mean_per_class), f"{100 * s.diff:+.1f}",
+             pct(s.finetune.val_mean_per_class), pct(s.finetune.mean_per_class), pts_ci(s.diff, s.lo, s.hi),
              f"{s.test.p_value:.3g}", str(s.test.only_a), str(s.test.only_b)] for s in v.seeds]
-    wins = v.wins
-    sd = "" if v.sd_diff is None else f" ± {100 * v.sd_diff:.1f} (sd)"
-    s0 = v.seeds[0]
-    significance = ("" if len(v.seeds) > 1 else
-                    f"; {'significant' if s0.test.p_value < 0.05 else 'not significant'} at 5% (McNemar "
-                    f"p = {s0.test.p_value:.3g}: of {s0.test.n_common} test images {s0.test.only_a} only the head "
-                    f"got right, {s0.test.only_b} only the fine-tune)")
-    out = [f"- **{v.backbone}**: head minus fine-tune {100 * v.mean_diff:+.1f} pts{sd} over {len(v.seeds)} "
-           f"split seed{'s' if len(v.seeds) > 1 else ''}; wins: head {wins['head']}, fine-tune "
-           f"{wins['finetune']}, ties {wins['tie']}{significance}; training cost incl. features (seed "
-           f"{s0.seed}) {seconds(_cost(s0.head))} s vs {seconds(_cost(s0.finetune))} s.", ""]
+    c, s0 = v.comparison, v.seeds[0]
+    spread = "" if c.diff.spread is None else f", split-resampling spread {100 * c.diff.spread:.1f} pts"
+    out = [f"- **{v.backbone}**: head minus fine-tune {pts_ci(c.diff.value, c.diff.lo, c.diff.hi)} pts over "
+           f"{len(v.seeds)} split seed{'s' if len(v.seeds) > 1 else ''}{spread}; p = {p_text(c.diff.p)}, Holm-adjusted "
+           f"{p_text(c.p_holm)}: {_verdict(c)}; training cost incl. features (seed {s0.seed}) "
+           f"{seconds(_cost(s0.head))} s vs {seconds(_cost(s0.finetune))} s.", ""]
     return out + md_table(["seed", "chosen head", "val %", "test %", "chosen fine-tune", "val %", "test %",
-                           "Δ pts", "McNemar p", "only head right", "only fine-tune right"], body)
+                           "head − fine-tune, mean per-class (pts) [95% interval]", "McNemar p (top-1)",
+                           "only head right (top-1)", "only fine-tune right (top-1)"], body)
 
 
 def section_budget(inp: ReportInputs) -> list[str]:
@@ -155,7 +125,7 @@ def section_budget(inp: ReportInputs) -> list[str]:
            "*Still rising*: split seeds on which the best val so far improved during the last third of the trials "
            "(a larger budget might have found more). *At an edge*: chosen values within 5% of an end of their "
            "range (the space may be too narrow there).", ""]
-    body = [[r.backbone, _kind_name(r.arm), r.trials, str(r.pruned), seconds(r.seconds_per_seed), pct(r.best_val),
+    body = [[r.backbone, kind_name(r.arm), r.trials, str(r.pruned), seconds(r.seconds_per_seed), pct(r.best_val),
              f"{r.rising_seeds} of {r.split_seeds}", r.chosen_at_edge or "none"] for r in t.budget.itertuples()]
     out += md_table(["backbone", "arm", "trials per split seed", "pruned", "trial seconds per seed",
                      "best val % (mean over seeds)", "still rising at the end", "chosen values at an edge"], body)
@@ -169,27 +139,28 @@ def section_budget(inp: ReportInputs) -> list[str]:
 
 def section_seeds(inp: ReportInputs) -> list[str]:
     v = inp.tables.variants
-    out = ["### Every variant: mean ± sd over split seeds", ""]
+    out = ["### Every (backbone, arm) over split seeds", ""]
     if v.empty:
         return out + ["No head or fine-tuning result in this run.", ""]
-    body = [[r.backbone, _kind_name(r.arm), r.method, r.feature_set, str(int(r.n_seeds)), pct(r.val_mean),
-             mean_sd(r["mean"], r.sd, int(r.n_seeds)), "**chosen**" if r.chosen else "", r.rows]
-            for _, r in v.iterrows()]
-    out += md_table(["backbone", "arm", "method", "features / aug", "seeds", "val mean per-class % (mean)",
-                     "test mean per-class % (mean ± sd)", "chosen on val", "rows"], body)
-    for t in inp.tables.val_ties.itertuples():
-        out.append(f"- **Val tie** ({t.backbone}, {_kind_name(t.arm)}): {t.n_tied} variants share the best val score "
-                   f"{pct(t.val_mean)}%; `{t.method} ({t.feature_set})` was chosen by the lower val log-loss (then "
-                   "row order). The val split cannot rank these variants; their test figures are shown above.")
-    return out + ["", "`summary.csv` holds this table; `results.csv` each seed's row with its 95% interval.", ""]
-
-
-def _kind_name(kind: str) -> str:
-    return {"head": "frozen features + head", "finetune": "fine-tune"}[kind]
+    body = [[r.backbone, kind_name(r.arm), r.methods, str(int(r.n_seeds)), pct(r.val_mean),
+             pct_ci(r["mean"], r.lo, r.hi), "–" if pd.isna(r.spread) else f"{100 * r.spread:.1f}", seconds(r.cost),
+             f"{r.infer_ms:.2f}", "**chosen**" if r.chosen else "", r.rows] for _, r in v.iterrows()]
+    out += md_table(["backbone", "arm", "chosen method per split seed", "seeds", "val mean per-class % (mean)",
+                     "test mean per-class % (mean [95% interval])", "split-resampling spread (pts)",
+                     "train s incl. features (mean)", "inference ms / image past the frozen backbone", "decision",
+                     "rows"], body)
+    return out + ["Each (backbone, arm) ran one search per split seed, which chose its method on that seed's val; "
+                  "the interval resamples test images within class once for all seeds. `summary.csv` holds this "
+                  "table; `results.csv` each row with its own intervals.", ""]
 
 
 def _cost(r) -> float:
     return r.train_s + (0 if r.feature_s is None or pd.isna(r.feature_s) else r.feature_s)
+
+
+DEDUP_NOTE = ("; one copy kept, so no exact copy and no near-copy that pHash pairs (a re-encode, resize or slight "
+              "re-crop) is in two splits. pHash does not pair the same photograph cropped or framed differently "
+              "(see Limitations).")
 
 
 def section_dataset(inp: ReportInputs) -> list[str]:
@@ -210,7 +181,7 @@ def section_dataset(inp: ReportInputs) -> list[str]:
                                                        if reasons else "") + ".")
     kinds = pd.Series([d.get("kind", "?") for d in dups]).value_counts().to_dict() if dups else {}
     out.append(f"- Duplicates removed: {len(dups)}" + (f" ({', '.join(f'{k}: {v}' for k, v in kinds.items())})"
-                                                        if kinds else "") + "; one copy kept, so no image or near-copy is in two splits.")
+                                                        if kinds else "") + DEDUP_NOTE)
     small = [c["name"] for c in s.get("classes", []) if c.get("small")]
     out.append(f"- Classes under {s.get('small_class_threshold', 100)} images (flagged): {len(small)}"
                + (f" — {', '.join(small[:30])}{' …' if len(small) > 30 else ''}" if small else "") + ".")
@@ -244,9 +215,11 @@ def section_protocol(inp: ReportInputs) -> list[str]:
         f"`{split.get('protocol', '?')}` "
         + (f"({split.get('train_per_class')} training images per class, of which {split.get('val_per_class')} are "
            f"validation; the rest of each class is test)." if split.get("protocol") == "per_class" else "."),
-        "- Every choice — a tuner trial of either arm, a fine-tune's epoch, each arm's chosen variant and the "
-        "headline — is made by mean per-class accuracy on `val` (within a search an exact tie goes to the cheaper "
-        "trial); `test` scores each final model once and takes part in no choice.",
+        "- Every choice — a tuner trial of either arm, a fine-tune's epoch, each (backbone, arm)'s row and the "
+        "decision — is made by mean per-class accuracy on `val`: within a search an exact tie goes to the cheaper "
+        "trial; the decision takes a cheaper candidate whenever its val difference from the val-best is within "
+        "val noise (the rule is under Decision). No val log-loss breaks a tie across families; `test` scores each "
+        "final model once and takes part in no choice.",
     ]
     out += protocol_arm_lines(inp.tables.rows, inp.tables.trials)
     out += [
@@ -255,11 +228,15 @@ def section_protocol(inp: ReportInputs) -> list[str]:
         "logits)." + ("" if tta["extract"] == tta["finetune"] else " **The two arms differ here, so the comparison "
                       "is not like for like.**"),
         "- Metrics on test: top-1; top-5; **mean per-class accuracy** (the mean of per-class recalls, Caltech's "
-        "headline metric); macro-F1. 95% intervals are percentile bootstrap over test samples "
-        f"({_n_boot(inp.tables.rows)} resamples); they cover test sampling only — the spread over split seeds is the "
-        "sd in the over-seeds table.",
+        "headline metric); macro-F1. The rows' own 95% intervals (top-1, macro-F1) are percentile bootstrap over "
+        f"test samples ({_n_boot(inp.tables.rows)} resamples); every interval on mean per-class accuracy and every "
+        f"paired difference is the report's class-stratified bootstrap ({inp.tables.n_boot} resamples, seeded). "
+        "They cover test sampling only; the sd over split seeds is a split-resampling spread (the seeds share "
+        "images), not a spread of replicates.",
         "- Cost: training wall seconds (heads: hyperparameter sweep + refit on cached features; fine-tuning: "
-        "all epochs incl. prefix-cache build) and inference wall seconds on the test set, on the run's device "
+        "all epochs incl. prefix-cache build) and inference wall seconds on the test set from the stored features or "
+        "activations (the frozen backbone's forward pass, the same for both arms of a backbone, is not in it), on "
+        "the run's device "
         f"(`{inp.provenance.get('device', '?')}`).",
         f"- Few-shot draws use seeds {', '.join(map(str, draws)) or '–'}.",
         "",
@@ -284,7 +261,7 @@ def protocol_arm_lines(rows: list[ResultRow], trials: pd.DataFrame | None = None
         views = "; ".join(sorted({_views_text(r) for r in part}))
         fit = " / ".join(f"`{f}`" for f in fit_on[arm])
         searched = [r for r in part if r.method != ENSEMBLE]
-        out.append(f"- **{_kind_name(arm)}**: {len(searched)} tuner search(es) per split seed ({_searches(arm)}), "
+        out.append(f"- **{kind_name(arm)}**: {len(searched)} tuner search(es) per split seed ({_searches(arm)}), "
                    f"{_trial_counts(searched, trials, arm=arm, seed=seed)}; chosen on val this seed: "
                    f"{_variant_list(part)}; the chosen trial is refit on {fit}; training views: {views}.")
         ensembles = sorted({r.backbone for r in part if r.method == ENSEMBLE})
@@ -295,7 +272,7 @@ def protocol_arm_lines(rows: list[ResultRow], trials: pd.DataFrame | None = None
                        "average's on val, its cost the sum of its members' searches.")
     if len({tuple(v) for v in fit_on.values()}) > 1:
         out.append("- **The arms' final models were fit on different data ("
-                   + ", ".join(f"{_kind_name(a)}: {' / '.join(v)}" for a, v in fit_on.items())
+                   + ", ".join(f"{kind_name(a)}: {' / '.join(v)}" for a, v in fit_on.items())
                    + "), so the comparison is not like for like.**")
     return out
 
@@ -348,12 +325,14 @@ def section_comparison(inp: ReportInputs) -> list[str]:
     chosen = set(inp.tables.chosen_per_seed["row"])
     body = [[str(r.row), r.backbone, r.method, r.feature_set, r.tta, str(r.split_seed), r.fit_on, str(r.n_variants),
              pct(r.val_mean_per_class), "**chosen**" if r.row in chosen else "",
-             pct_ci(r.top1, r.top1_lo, r.top1_hi), pct_ci(r.mean_per_class, r.mean_per_class_lo, r.mean_per_class_hi),
+             pct_ci(r.top1, r.top1_lo, r.top1_hi),
+             pct_ci(r.mean_per_class, r.mean_per_class_strat_lo, r.mean_per_class_strat_hi),
              pct(r.macro_f1), seconds(r.train_s), seconds(r.feature_s), seconds(r.predict_s),
              count(r.trainable_params)]
             for r in main.itertuples()]
     header = ["row", "backbone", "method", "features / aug", "test-time aug", "seed", "fit on", "settings tried",
-              "val mean per-class %", "chosen on val", "top-1 % [95% CI]", "mean per-class % [95% CI]", "macro-F1 %",
+              "val mean per-class %", "chosen on val", "top-1 % [95% CI]", "mean per-class % [95% class-stratified]",
+              "macro-F1 %",
               "train s", "feature extraction s", "inference s", "trainable params"]
     out = ["## Comparison", "",
            "`row` is the line of `results.jsonl` (0-based) that each figure comes from; rows are ordered by val "
@@ -361,7 +340,9 @@ def section_comparison(inp: ReportInputs) -> list[str]:
            "hyperparameter sweep + refit and *feature extraction s* the one-off cost of the cached features they "
            "share (all splits and views); for fine-tuning, *train s* already includes building its frozen-prefix "
            "cache (or, for `ft:head`, the feature cache it reuses). *Test-time aug* `hflip`: heads score the mean "
-           "embedding of each image and its mirror, fine-tuned models the mean of their two logits.", ""]
+           "embedding of each image and its mirror, fine-tuned models the mean of their two logits. *top-1 [95% CI]*: "
+           "the row's own bootstrap over test images; *mean per-class [95% class-stratified]*: the report's bootstrap "
+           "that resamples test images within each class, so no class drops out of a resample.", ""]
     out += md_table(header, body)
     return out + figure_links(inp.figures, accuracy_by_method="Accuracy by method",
                               accuracy_vs_cost="Accuracy against cost")
@@ -375,7 +356,7 @@ def section_augmentation(inp: ReportInputs) -> list[str]:
         by_set = {r.feature_set: r for r in part.itertuples()}
         clean = by_set["clean"]
         cells = [backbone, method, str(clean.n_seeds), f"{pct(clean.val)} / {pct(clean.test)}"]
-        cells += [f"{_points(by_set[f].val)} / {_points(by_set[f].test)}" if f in by_set else "–" for f in others]
+        cells += [f"{pts(by_set[f].val)} / {pts(by_set[f].test)}" if f in by_set else "–" for f in others]
         body.append(cells + [", ".join(map(str, sorted(i for r in by_set.values() for i in r.rows)))])
     out = ["### Effect of the feature sets on the heads", ""]
     if not body:
@@ -385,11 +366,6 @@ def section_augmentation(inp: ReportInputs) -> list[str]:
     out += md_table(header, body)
     return out + ["Means over the split seeds; each feature set is one more variant the val choice may take, "
                   "so the val column is the one that decides.", ""]
-
-
-def _points(diff) -> str:
-    """A difference of two fractions in percentage points, signed, or a dash where there is none."""
-    return "–" if diff is None or pd.isna(diff) else f"{100 * diff:+.1f}"
 
 
 # The caption of the per-variant few-shot table (tests find the table by it).
@@ -402,77 +378,48 @@ def section_fewshot(inp: ReportInputs) -> list[str]:
     out = ["### Few-shot curves", ""]
     if t.fewshot.empty:
         return out + ["No few-shot results in this run.", ""]
-    if set(t.fewshot_arms.arm) >= {"head", "finetune"}:
-        out += fewshot_arm_lines(t)
-    body = [[_kind_name(r.arm), r.backbone, r.method, r.feature_set, str(r.k_per_class),
+    out += fewshot_pair_lines(t)
+    body = [[kind_name(r.arm), r.backbone, r.method, r.feature_set, str(r.k_per_class),
              str(r.n_distinct) + ("" if r.n_distinct == r.n_draws else f" ({r.n_draws} identical draws)"),
              pct(r["mean"]), pct(r.sd), r.rows] for _, r in t.fewshot.iterrows()]
     out += [FEWSHOT_DETAIL, ""]
     out += md_table(["arm", "backbone", "method", "features / aug", "k per class", "distinct draws",
                      "mean per-class % (mean)", "sd", "rows"], body)
     out += ["Draws with identical test predictions (every seed took the whole pool) are one fit, counted once.", ""]
-    return out + figure_links(inp.figures, fewshot="Few-shot curves")
+    return out + figure_links(inp.figures, fewshot="Few-shot: fine-tune minus head, per backbone")
 
 
-def fewshot_arm_lines(t: Tables) -> list[str]:
-    """The arms' few-shot curves side by side (``Tables.fewshot_arms``) and where, if anywhere, the fine-tune
-    overtakes the head: on the draws both arms fitted (``Tables.paired_gaps``) where there are any."""
-    by = {arm: {int(r.k_per_class): r for _, r in part.iterrows()} for arm, part in t.fewshot_arms.groupby("arm")}
-    head, ft = by.get("head", {}), by.get("finetune", {})
-    gaps, paired = t.fewshot_gaps, t.paired_gaps
-
-    def cell(r) -> str:
-        return "–" if r is None else f"{mean_sd(r['mean'], r.sd, int(r.n))} (n = {int(r.n)})"
-
-    body = []
-    for k in sorted(set(head) | set(ft)):
-        present = [(a, r) for a, r in (("head", head.get(k)), ("finetune", ft.get(k))) if r is not None]
-        compared = (f"{paired[k][1]} paired" if k in paired else "pooled means") if k in gaps else "–"
-        body.append([str(k), cell(head.get(k)), cell(ft.get(k)), f"{100 * gaps[k]:+.1f}" if k in gaps else "–",
-                     compared, "; ".join(f"{_kind_name(a)}: {r.variants}" for a, r in present),
-                     "; ".join(f"{_kind_name(a)}: {r.rows}" for a, r in present)])
-    out = md_table(["k per class", "head arm: mean per-class % (mean ± sd, n)",
-                    "fine-tune arm: mean per-class % (mean ± sd, n)", "fine-tune − head (pts)", "draws compared",
-                    "variants", "rows"], body)
-    return out + [f"{_crossover_verdict(gaps, t.crossover)} {FEWSHOT_ARMS_NOTE}{_uneven(t.fewshot_arms)}", ""]
+def fewshot_pair_lines(t: Tables) -> list[str]:
+    """Per backbone: the fine-tune minus the head at each k on the same drawn images, with its interval, and where
+    (if anywhere) one arm is ahead beyond it."""
+    if t.fewshot_pairs.empty:
+        return ["No backbone has both arms' few-shot fits on the same drawn images, so the arms are not compared "
+                "point by point (the per-variant table below shows each arm alone).", ""]
+    out = []
+    for backbone, part in t.fewshot_pairs.groupby("backbone", sort=True):
+        body = [[str(r.k_per_class), str(r.pairs), pct(r["head"]), pct(r["finetune"]), pts_ci(r["diff"], r.lo, r.hi),
+                 p_text(r.p), r.rows] for _, r in part.sort_values("k_per_class").iterrows()]
+        out += [f"**{backbone}**, both arms on the same drawn images:", ""]
+        out += md_table(["k per class", "draws (pairs)", "head % (mean)", "fine-tune % (mean)",
+                         "fine-tune − head (pts) [95% interval]", "p (bootstrap)", "rows (head/fine-tune)"], body)
+        out += [crossover_text(part, t.crossovers.get(backbone)), ""]
+    return out + [FEWSHOT_NOTE, ""]
 
 
-# How the arms' curves were made and compared, after the verdict.
-FEWSHOT_ARMS_NOTE = (
-    "Each split seed's curve is that seed's val-chosen variant of each arm (the chosen head over every backbone, "
-    "fused set and feature set; the chosen fine-tune over every single backbone and policy: an ensemble of "
-    "fine-tunes draws no curve, which would retrain every member at every k), refit with its chosen settings, so "
-    "the variants above can differ between seeds. The fine-tune's draws are the head arm's first ones (same draw "
-    "seeds, so the same images; the head arm may take more draws, as it is cheap), and the fine-tune keeps the "
-    "chosen refit's optimizer-step count (its epochs scaled by the ratio of steps per epoch). Where k takes every "
-    "train+val image, the point is the chosen model itself. n counts distinct fits (split seeds x draws; "
-    "identical fits once); the gap and the verdict compare the two arms on the draws both fitted (same split seed "
-    "and draw seed: the same images; 'paired'), and fall back to the arms' pooled means where they share none. "
-    "There is no test of significance: read a gap within the sd as a tie.")
+FEWSHOT_NOTE = (
+    "A pair is one draw of k training images per class fitted by both arms (same backbone, split seed and draw "
+    "seed); pairs repeated exactly (k = the whole pool) count once. The interval resamples the pairs (what other "
+    "draws would have given) and, within class, the test images; a crossover is declared only where it excludes 0. "
+    "These intervals are per k, not adjusted for the several k (the Holm family is the comparisons above).")
 
 
-def _crossover_verdict(gaps: dict[int, float], k0: int | None) -> str:
-    if k0 is not None:
-        behind = [k for k, g in gaps.items() if k > k0 and g <= 0]
-        return (f"Fine-tuning overtakes the frozen-feature head from k = {k0} images per class"
-                + (f" (but not at every larger k: it is not ahead at k = {', '.join(map(str, behind))})"
-                   if behind else "") + ".")
-    if gaps:
-        k_max = min(gaps, key=lambda k: gaps[k])  # the head's largest lead
-        return (f"At no k measured does the fine-tune arm's mean exceed the head arm's (largest gap "
-                f"{-100 * gaps[k_max]:.1f} pts in the head's favour, at k = {k_max}).")
-    return "The two arms measured no k in common, so their curves cannot be compared point by point."
-
-
-def _uneven(arms: pd.DataFrame) -> str:
-    """A warning when the head arm's curve is a fused set's and the fine-tune arm's a single network's."""
-    fused = {arm: any(v.startswith(FUSED_PREFIX) for vs in part["variants"] for v in vs.split("; "))
-             for arm, part in arms.groupby("arm")}
-    if fused.get("head") and not fused.get("finetune", True):
-        return (" Here the head arm's curve is a fused set's (several backbones' features) and the fine-tune "
-                "arm's a single network's: the curves compare what each arm's val choice yields, not one backbone "
-                "against itself.")
-    return ""
+def crossover_text(part: pd.DataFrame, k0: int | None) -> str:
+    head_ahead = [int(r.k_per_class) for r in part.itertuples() if r.hi < 0]
+    text = (f"Fine-tuning is ahead beyond its interval from k = {k0}." if k0 is not None else
+            "At no k is the fine-tune ahead beyond its interval: no crossover.")
+    if head_ahead:
+        text += f" The head is ahead beyond its interval at k = {', '.join(map(str, head_ahead))}."
+    return text
 
 
 def section_errors(inp: ReportInputs) -> list[str]:
@@ -480,20 +427,29 @@ def section_errors(inp: ReportInputs) -> list[str]:
     out = ["### Where the chosen model fails", ""]
     if chosen is None:
         return out + ["No result.", ""]
-    row = chosen.row
-    out.append(f"The model chosen on val: `{row.backbone}` `{row.method} ({row.feature_set})`, split seed "
-               f"{row.split_seed}, "
-               f"row {row.index}.")
-    out.append("")
-    out += ["Worst classes:", ""]
-    out += md_table(["class", "test accuracy %"],
-                    [[r.class_name, pct(r.accuracy)] for r in chosen.per_class.head(inp.worst_n).itertuples()])
+    row, other = chosen.row, chosen.other
+    out.append(f"The decision's model: `{row.backbone}` `{row.method} ({row.feature_set})`, split seed "
+               f"{row.split_seed}, row {row.index}" + ("" if other is None else
+                                                        f"; beside it the other arm's choice on the same test images, "
+                                                        f"`{other.backbone}` `{other.method} ({other.feature_set})` "
+                                                        f"(row {other.index})") + ".")
+    out += ["", "Worst classes (test images right of the class's test images):", ""]
+    models = [row] + ([] if other is None else [other])
+    body = [[r.class_name] + [_class_cell(m, r.label) for m in models]
+            for r in chosen.per_class.head(inp.worst_n).itertuples()]
+    out += md_table(["class", "chosen: right / images (%)", "other arm: right / images (%)"][:len(models) + 1], body)
     out += ["Most-confused pairs (true → predicted, test images):", ""]
     out += md_table(["true", "predicted", "images", "of the class's test images"],
                     [[r.true, r.predicted, str(r.images), str(r.class_images)]
                      for r in chosen.confused.head(inp.worst_n).itertuples()])
-    return out + figure_links(inp.figures, confusion="Confusion matrix of the chosen model",
-                              per_class="Per-class accuracy of the chosen model")
+    return out + figure_links(inp.figures, confusion="Confusions among the worst classes, both arms",
+                              per_class="Worst classes, both arms")
+
+
+def _class_cell(row: ResultRow, label: int) -> str:
+    cm = row.metrics.confusion
+    right, total = int(cm[label][label]), int(sum(cm[label]))
+    return f"{right} / {total} ({pct(right / total) if total else '–'})"
 
 
 def section_published(_: ReportInputs) -> list[str]:
@@ -527,10 +483,27 @@ def provenance_lines(p: dict) -> list[str]:
         f"- device: {p.get('device')}; platform: {p.get('platform')}; Python {p.get('python')}",
         f"- packages: {pkgs}",
         f"- started {p.get('started')}, " + _ended(p),
+        *machine_lines(p),
         "- the full resolved config is `config.resolved.toml` beside this report; every result is a line of "
         "`results.jsonl` (also flattened into `results.csv`, `summary.csv` and `per_class.csv`).",
         "",
     ]
+
+
+def machine_lines(p: dict) -> list[str]:
+    """What the run asked of the machine and how busy it was, where provenance.json records it (at the run's end)."""
+    out = []
+    if p.get("wall_s") is not None:
+        out.append(f"- wall time {p['wall_s']:.0f} s" + ("; per stage: " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in p["stage_seconds"].items()) if p.get("stage_seconds") else ""))
+    if p.get("peak_rss_bytes") is not None:
+        out.append(f"- peak resident memory {p['peak_rss_bytes'] / 2 ** 30:.2f} GiB"
+                   + ("" if p.get("peak_rss_sampled", True) else " (this process only)"))
+    load = p.get("load_avg") or {}
+    if load:
+        out.append(f"- 1-minute load average: {load.get('start', '?')} at the start, {load.get('end', '?')} at the end "
+                   "(above the CPU count, other work shared the CPUs and every timing is slower for it)")
+    return out
 
 
 def _ended(p: dict) -> str:
@@ -545,24 +518,27 @@ def section_training(inp: ReportInputs) -> list[str]:
     if "training_curves" not in inp.figures:
         return []
     return ["### Training curves", "",
-            "Per epoch, every fine-tune's mean training loss and its val mean per-class accuracy; the marked "
-            "epoch is the one kept (best val).", "", f"![Training curves]({inp.figures['training_curves']})", ""]
+            "One row of panels per policy: per epoch, each fine-tune's mean training loss and its val mean "
+            "per-class accuracy (one line per backbone and split seed, coloured by backbone; thick: the fine-tune "
+            "arm's choice); the ringed epoch is the one kept (best val).", "",
+            f"![Training curves]({inp.figures['training_curves']})", ""]
 
 
-SECTIONS = (section_dataset, section_protocol, section_comparison, section_answer, section_budget, section_seeds,
-            section_augmentation, section_fewshot, section_training, section_errors, section_published,
-            section_skipped, section_provenance)
+SECTIONS = (section_card, section_dataset, section_protocol, section_comparison, section_answer, section_budget,
+            section_seeds, section_per_source, section_augmentation, section_fewshot, section_training, section_errors,
+            section_limitations, section_published, section_skipped, section_provenance)
 
 
 def render(inp: ReportInputs, *, title: str) -> str:
-    lines = [f"# {title}", ""] + section_headline(inp)
+    lines = [f"# {title}", ""]
     for section in SECTIONS:
         lines += section(inp)
     return "\n".join(lines).replace("\n\n\n", "\n\n")
 
 
 def read_run_inputs(run_dir: Path) -> tuple[dict, dict]:
-    provenance = json.loads((run_dir / "provenance.json").read_text()) if (run_dir / "provenance.json").is_file() else {}
+    prov_path = run_dir / "provenance.json"
+    provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
     cfg_path = run_dir / "config.resolved.toml"
     config = tomllib.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     return provenance, config

@@ -8,74 +8,94 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
 from dataset.manifest import read_manifest
-from reports import plots
-from reports.collect import SUMMARY_COLUMNS
+from reports import plots, plots_classes
 from reports.render import ReportInputs, provenance_lines, read_run_inputs, render
-from reports.tables import Tables
+from reports.sections import TIMING, timing_text
+from reports.tables import N_BOOT, Tables
 from study.atomic import write_text_atomic
+from study.cells import neutralise_frame
 from study.results import read_results, read_skips, read_trials
 
 log = logging.getLogger(__name__)
 
 
-def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int = 10) -> Path:
+def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int = 10, n_boot: int = N_BOOT) -> Path:
     run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
     results_path = run_dir / "results.jsonl"
     rows = read_results(results_path) if results_path.is_file() else []
-    tables = Tables.from_rows(rows, labels_by_id=_test_labels(dataset_dir / "manifest.csv"),
-                              trials=read_trials(run_dir))
-    tables.results.to_csv(run_dir / "results.csv", index=False)
+    labels, sources = _manifest_maps(dataset_dir / "manifest.csv")
+    tables = Tables.from_rows(rows, labels_by_id=labels, sources_by_id=sources, trials=read_trials(run_dir),
+                              n_boot=n_boot)
+    _write_csv(tables.results, run_dir / "results.csv")
     if not tables.trials.empty:
-        tables.trials.to_csv(run_dir / "trials.csv", index=False)
-    tables.per_class.to_csv(run_dir / "per_class.csv", index=False)
-    tables.variants[SUMMARY_COLUMNS].drop(columns=["rows"]).to_csv(run_dir / "summary.csv", index=False)
+        _write_csv(tables.trials, run_dir / "trials.csv")
+    _write_csv(tables.per_class, run_dir / "per_class.csv")
+    _write_csv(tables.variants.drop(columns=["rows"]), run_dir / "summary.csv")
     summary_path = dataset_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     provenance, config = read_run_inputs(run_dir)
     figures = make_figures(tables, dataset_summary=summary, run_dir=run_dir, dataset_dir=dataset_dir)
     inputs = ReportInputs(tables=tables, summary=summary, skips=read_skips(run_dir), provenance=provenance,
-                          config=config, figures=figures, worst_n=worst_n)
+                          config=config, figures=figures, worst_n=worst_n, run_dir=run_dir)
     report = run_dir / "report.md"
     write_text_atomic(report, render(inputs, title=title))
     return report
 
 
-def _test_labels(manifest: Path) -> dict[str, int]:
-    """Every sample's label by id (McNemar reads the test ones); none without a manifest."""
+def _manifest_maps(manifest: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Every image's label and source by id (the paired statistics read the labels, the per-source table the
+    sources; the split seeds share one set of images, so the first seed's manifest serves all); none without a
+    manifest."""
     if not manifest.is_file():
-        return {}
+        return {}, {}
     df = read_manifest(manifest)
-    return dict(zip(df.sample_id, df.label.astype(int)))
+    return dict(zip(df.sample_id, df.label.astype(int))), dict(zip(df.sample_id, df.source))
+
+
+def _write_csv(df, path: Path) -> None:
+    """A CSV a person may open in a spreadsheet: text cells neutralised (``study.cells``), written whole."""
+    write_text_atomic(path, neutralise_frame(df).to_csv(index=False))
 
 
 def make_figures(t: Tables, *, dataset_summary: dict | None, run_dir: Path, dataset_dir: Path) -> dict[str, str]:
+    """Copy the dataset stage's pictures and save every figure ``draw_figures`` draws; figure key -> file name."""
     figures = {}
     for key in ("contact_sheet", "augmentations"):
         name = (dataset_summary or {}).get(key)
         if name and (dataset_dir / name).is_file():
             shutil.copyfile(dataset_dir / name, run_dir / f"dataset_{name}")
             figures[key] = f"dataset_{name}"
-    if not t.main.empty:
-        figures["accuracy_by_method"] = plots.accuracy_by_method(t.variants, run_dir / "accuracy_by_method.png").name
-        figures["accuracy_vs_cost"] = plots.accuracy_vs_cost(t.variants, t.val_best_per_arm,
-                                                             run_dir / "accuracy_vs_cost.png").name
-        row = t.chosen.row  # the val-chosen model, the one the error analysis names
-        title = f"{row.backbone} {row.method} ({row.feature_set}), chosen on val"
-        figures["confusion"] = plots.confusion(row.metrics.confusion, t.chosen.class_names, f"Confusion: {title}",
-                                               run_dir / "confusion_best.png").name
-        figures["per_class"] = plots.per_class_accuracy(t.chosen.per_class, f"Per-class accuracy: {title}",
-                                                        run_dir / "per_class_best.png").name
-    if not t.anytime.empty:
-        figures["anytime"] = plots.anytime_curves(t.anytime, run_dir / "anytime.png").name
-    if t.training_curves:
-        figures["training_curves"] = plots.training_curves(t.training_curves, run_dir / "training_curves.png").name
-    if not t.fewshot_arms.empty:
-        figures["fewshot"] = plots.fewshot_curves(t.fewshot_arms, run_dir / "fewshot.png", crossover=t.crossover).name
+    for key, (fig, name) in draw_figures(t).items():
+        figures[key] = plots.save(fig, run_dir / name).name
     return figures
+
+
+def draw_figures(t: Tables) -> dict:
+    """Every figure of the report, unsaved: figure key -> (matplotlib figure, file name)."""
+    out = {}
+    chosen = t.card.chosen.key if t.card is not None else None
+    if not t.variants.empty:
+        out["accuracy_by_method"] = plots.accuracy_by_method(t.variants), "accuracy_by_method.png"
+        ringed = t.variants[[(b, a) in {u.key for u in t.arm_choices.values()}
+                             for b, a in zip(t.variants.backbone, t.variants.arm)]]
+        out["accuracy_vs_cost"] = plots.cost_figure(t.variants, ringed)[0], "accuracy_vs_cost.png"
+    if t.chosen is not None:
+        out["confusion"] = plots_classes.confusion(t.chosen), "confusion_best.png"
+        out["per_class"] = plots_classes.per_class(t.chosen), "per_class_best.png"
+    if not t.anytime.empty:
+        out["anytime"] = plots.anytime_curves(t.anytime, chosen=chosen), "anytime.png"
+    if t.training_curves:
+        picked = {r.index for u in t.arm_choices.values() if u.arm == "finetune" for r in u.rows.values()}
+        out["training_curves"] = plots.training_curves(t.training_curves, chosen=picked), "training_curves.png"
+    if not t.fewshot_pairs.empty:
+        out["fewshot"] = plots.fewshot_differences(t.fewshot_pairs, chosen_backbone=chosen[0] if chosen else None,
+                                                   crossovers=t.crossovers), "fewshot.png"
+    return out
 
 
 def record_end(*, run_dir: Path) -> None:
@@ -83,7 +103,8 @@ def record_end(*, run_dir: Path) -> None:
 
     The report is the run's last stage, so it is written while the run is still going; run_study
     calls this after ``end_provenance`` so the report says when and how the run ended instead of
-    "running". Only the last section is replaced: no figure is redrawn, no number changes.
+    "running", and what the machine's load was while it ran. Only the last section and the Limitations'
+    timing line are replaced: no figure is redrawn, no result changes.
     """
     report = Path(run_dir) / "report.md"
     if not report.is_file():
@@ -93,10 +114,11 @@ def record_end(*, run_dir: Path) -> None:
     if not sep:
         return
     provenance, _ = read_run_inputs(Path(run_dir))
+    head = re.sub(r"(?m)^- \*\*Timing conditions\*\*: .*$", lambda _: TIMING + timing_text(provenance), head)
     write_text_atomic(report, head + "\n".join(provenance_lines(provenance)).rstrip("\n") + "\n")
 
 
 def run(ctx) -> None:
     report = build_report(run_dir=ctx.run_dir, dataset_dir=ctx.dataset_dir, title=ctx.config["report"]["title"],
-                          worst_n=ctx.config["report"]["worst_classes"])
+                          worst_n=ctx.config["report"]["worst_classes"], n_boot=ctx.config["report"]["bootstrap"])
     log.info("report written: %s", report)

@@ -1,10 +1,13 @@
-"""Paired comparisons of two models on the same test samples (McNemar's exact test)."""
+"""McNemar's exact test on top-1: a paired comparison of two models on the same test samples, kept beside the
+report's primary test (the class-stratified paired bootstrap on mean per-class accuracy, ``reports.decision``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import binomtest
+
+from study.protocol import correct
 
 
 @dataclass(frozen=True)
@@ -17,18 +20,14 @@ class McNemar:
 
 def correctness(row, ids: list[str], labels_by_id: dict[str, int]) -> np.ndarray:
     pred = dict(zip(row.test_sample_id, row.test_pred))
-    unknown = [s for s in ids if s not in labels_by_id]
-    if unknown:
-        raise ValueError(f"test sample {unknown[0]!r} of {row.method} is not in the manifest: "
-                         "the results and the manifest come from different datasets")
-    return np.array([int(pred[s]) == labels_by_id[s] for s in ids])
+    return correct(ids, [pred[s] for s in ids], labels_by_id)[1].astype(bool)
 
 
 def mcnemar(row_a, row_b, *, labels_by_id: dict[str, int]) -> McNemar:
-    """Exact (binomial) McNemar test on the test samples both rows predicted.
+    """Exact (binomial) McNemar test on the top-1 correctness of the test samples both rows predicted.
 
-    Rows (``study.results.ResultRow``) carry ``test_sample_id`` and ``test_pred``; a pair with no common sample is an error
-    rather than a p-value of 1, which would read as 'no difference'.
+    Rows (``study.results.ResultRow``) carry ``test_sample_id`` and ``test_pred``; a pair with no common sample
+    is an error rather than a p-value of 1, which would read as 'no difference'.
     """
     common = sorted(set(row_a.test_sample_id) & set(row_b.test_sample_id))
     if not common:

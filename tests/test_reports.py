@@ -38,9 +38,10 @@ def run_dir(tmp_path, data_root):
         rows.append(_row(kind=kind, method=method, feature_set=fset, y=y, pred=pred, test_ids=ids, rng=rng))
     for k in (1, 3):
         for seed in (0, 1):
-            pred = np.where(rng.random(len(y)) < 0.3 * k, y, rng.integers(0, 4, len(y)))
-            rows.append(_row(kind="fewshot", method="lr", feature_set="clean", y=y, pred=pred, test_ids=ids,
-                             k=k, seed=seed, rng=rng))
+            for method, fset in (("lr", "clean"), ("ft:last:1", "light")):  # both arms on the same draws
+                pred = np.where(rng.random(len(y)) < 0.3 * k, y, rng.integers(0, 4, len(y)))
+                rows.append(_row(kind="fewshot", method=method, feature_set=fset, y=y, pred=pred, test_ids=ids,
+                                 k=k, seed=seed, rng=rng))
     append_rows(run / "results.jsonl", rows)
     append_skip(run, stage="extract", what="resnet50", reason="weights unavailable", fix="put FILE in DIR")
     build_report(run_dir=run, dataset_dir=dataset_dir, title="Test report")
@@ -62,7 +63,7 @@ def test_figures_are_valid_pngs_and_tables_are_written(run_dir):
             "fewshot.png"} <= set(linked)
     import pandas as pd
     results = pd.read_csv(run_dir / "results.csv")
-    assert len(results) == len(METHODS) + 4
+    assert len(results) == len(METHODS) + 8
     per_class = pd.read_csv(run_dir / "per_class.csv")
     assert len(per_class) == 4 * len(results)
 
@@ -70,7 +71,8 @@ def test_figures_are_valid_pngs_and_tables_are_written(run_dir):
 def test_skips_and_augmentation_effect_are_reported(run_dir):
     md = (run_dir / "report.md").read_text()
     skipped = table_after(md, "## Skipped")
-    assert skipped == [{"stage": "extract", "what": "resnet50", "reason": "weights unavailable", "fix": "put FILE in DIR"}]
+    assert skipped == [{"stage": "extract", "what": "resnet50", "reason": "weights unavailable",
+                        "fix": "put FILE in DIR"}]
     aug = table_after(md, "### Effect of the feature sets")
     assert [a["head"] for a in aug] == ["lr"]
     # The deltas are the rows' own figures: aug minus clean, on val and on test.
@@ -90,3 +92,49 @@ def test_mcnemar_counts_discordant_pairs():
     assert 0 < t.p_value <= 1
     with pytest.raises(ValueError, match="share no test sample"):
         mcnemar(row_a, Row(method="z", test_sample_id=["q"], test_pred=[0]), labels_by_id=labels)
+
+
+def test_csv_cells_cannot_run_as_formulas_and_markdown_cells_stay_in_their_table(tmp_path, data_root):
+    """A class folder named like a formula, or holding a pipe and a line break: every CSV the report writes holds
+    it as text (a leading apostrophe), reading back gives the name, and the markdown tables keep their columns."""
+    import pandas as pd
+
+    from study.cells import restore_frame
+    dataset_dir, run = tmp_path / "dataset", tmp_path / "run"
+    df = make_tiny_manifest(dataset_dir / "manifest.csv")
+    test = df[df.split == "test"]
+    y, ids = test.label.to_numpy(), test.sample_id.tolist()
+    names = ["=HYPERLINK(\"http://x\")", "+1", "a|b\nc", "@SUM(A1)"]
+    rng = np.random.default_rng(1)
+    rows = [{**_row(kind=kind, method=method, feature_set=fset, y=y, pred=np.where(rng.random(len(y)) < 0.5, y, 0),
+                    test_ids=ids, rng=rng), "class_names": names} for kind, method, fset in METHODS]
+    append_rows(run / "results.jsonl", rows)
+    build_report(run_dir=run, dataset_dir=dataset_dir, title="Injection", n_boot=100)
+    per_class = pd.read_csv(run / "per_class.csv", keep_default_na=False)
+    assert set(per_class.class_name) == {"'=HYPERLINK(\"http://x\")", "'+1", "a|b\nc", "'@SUM(A1)"}
+    assert set(restore_frame(per_class).class_name) == set(names)
+    for name in ("results.csv", "summary.csv", "per_class.csv"):
+        text = (run / name).read_text()
+        assert not any(cell.startswith(("=", "+", "@")) for line in text.splitlines() for cell in line.split(","))
+    md = (run / "report.md").read_text()
+    worst = table_after(md, "Worst classes")  # every row has as many cells as the header (checked there)
+    assert "a\\|b c" in md and "a|b c" in {r["class"] for r in worst}
+
+
+def test_the_manifest_opens_as_text_and_reads_back_exactly(tmp_path):
+    """The dataset stage's manifest is opened by people and read back by the study: a class named like a formula is
+    written as text, and reading it gives every cell back exactly (the manifest hash included)."""
+    import pandas as pd
+
+    from dataset.manifest import manifest_hash, read_manifest, write_manifest
+    names = ["=cmd|' /C calc'!A0", "'quoted", "-minus", "plain", "@at", "+plus"]
+    df = pd.DataFrame({"sample_id": [f"src/{n}/1.jpg" for n in names], "path": [f"src/{n}/1.jpg" for n in names],
+                       "source": "src", "label": range(len(names)), "class_name": names, "split": "test",
+                       "sha256": [str(i) for i in range(len(names))], "width": 1, "height": 1, "mode": "RGB"})
+    written = write_manifest(df, tmp_path / "manifest.csv")
+    raw = pd.read_csv(tmp_path / "manifest.csv", dtype=str, keep_default_na=False)
+    assert [n for n in raw.class_name if n[:1] in "=+-@"] == []  # no cell a spreadsheet would run
+    assert list(raw.class_name) == ["'" + n if n != "plain" else n for n in names]
+    back = read_manifest(tmp_path / "manifest.csv")
+    assert list(back.class_name) == names and manifest_hash(back) == written
+    pd.testing.assert_frame_equal(back, df.astype(back.dtypes.to_dict()))
