@@ -21,6 +21,7 @@ from classify.heads import class_scores
 from classify.search import result_row
 from classify.selection import HeadData, Rows, concat, refit
 from classify.store import cached_rows, head_key, save_rows
+from study.console import bars_shown
 from study.protocol import draw_indices, smallest_class
 from study.results import ResultRow, append_skip, fused_parts
 
@@ -97,7 +98,8 @@ def cached_fewshot(params: dict, *, method: str, feature_set: str, data: HeadDat
         return rows
     pool = fewshot_pool(data, pool=fewshot_cfg["pool"])
     rows, largest = [], max_k(pool)
-    for k in tqdm(fewshot_cfg["k"], desc=f"few-shot {job.backbone} {method}", unit="k"):
+    for k in tqdm(fewshot_cfg["k"], desc=f"few-shot {job.backbone} {method}", unit="k",
+                  disable=not bars_shown()):
         if k > largest:
             append_skip(run_dir, stage="classify", what=f"{job.backbone} few-shot k={k}",
                         reason=f"the smallest class has {largest} images in the '{fewshot_cfg['pool']}' pool",

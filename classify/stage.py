@@ -21,6 +21,7 @@ from classify.fewshot import cached_fewshot, like_for_like
 from classify.heads import blas_threads
 from classify.search import HeadJob, HeadSearch, search_heads
 from dataset.manifest import class_names, manifest_hash, read_manifest
+from study.console import bars_shown, console_level
 from study.protocol import curve_on_seed
 from study.results import ResultRow, append_rows, append_skip, append_trials, val_best
 
@@ -151,12 +152,13 @@ def search_all(searches: list[HeadSearch], *, cfg: dict, tune_cfg: dict, out_dir
     finished search is saved in its own folder, and its study's finished trials in the tuner's storage)."""
     n = n_workers(cfg["n_jobs"], len(searches))
     log.info("classify: %d head searches of %d trials on %d process(es)", len(searches), tune_cfg["trials"], n)
-    level = logging.getLogger().getEffectiveLevel()
+    level = console_level()  # a worker prints what this process prints (not INFO under --quiet)
     results = Parallel(n_jobs=n, return_as="generator")(
         delayed(_search_task)(s, cfg=cfg, tune_cfg=tune_cfg, out_dir=out_dir, heads_dir=heads_dir,
                               log_level=level if n > 1 else None) for s in searches)
     all_rows = []
-    for rows, trials in tqdm(results, total=len(searches), desc="head searches", unit="search"):
+    for rows, trials in tqdm(results, total=len(searches), desc="head searches", unit="search",
+                             disable=not bars_shown()):
         append_rows(run_dir / "results.jsonl", rows)
         append_trials(run_dir, trials)
         all_rows += rows
