@@ -2,6 +2,6 @@
 from study.schema import Field, int_range, is_str
 
 SCHEMA = {
-    "title": Field("Frozen features + classical heads vs partial fine-tuning", is_str),
-    "worst_classes": Field(10, int_range(1)),
+    "title": Field("Frozen features + classical heads vs partial fine-tuning", is_str, "the report's title"),
+    "worst_classes": Field(10, int_range(1), "classes listed as the chosen model's worst"),
 }
