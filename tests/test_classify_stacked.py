@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import classify.stage
-from classify.predict import HeadMismatch, refuse_fused
 from classify.stacked import CUT, STAGES, load_stages_set
 from classify.store import load_head
 from dataset.manifest import read_manifest
@@ -73,7 +72,7 @@ def test_the_pass_stores_the_last1_cut_when_the_heads_ask_for_stages():
         == ["head"]
 
 
-def test_the_classify_stage_offers_stages_to_every_head_and_predict_refuses_it(stored, tmp_path, tiny_manifest):
+def test_the_classify_stage_offers_stages_to_every_head_and_predict_takes_it(stored, tmp_path, tiny_manifest):
     manifest, root, result = stored
     out = tmp_path / "out"
     run_dir = out / "runs" / "a"
@@ -95,9 +94,11 @@ def test_the_classify_stage_offers_stages_to_every_head_and_predict_refuses_it(s
     assert by[("lr", STAGES)]["trainable_params"] == 4 * (1280 + 192) + 4
     assert by[("lr", STAGES)]["cache_key"] != by[("lr", "clean")]["cache_key"]
     assert by[("lr", STAGES)]["feature_s"] == pytest.approx(by[("lr", "clean")]["feature_s"])
+    from pipeline.variant import head_variant
+
     _, meta = load_head(ctx.heads_dir / by[("lr", STAGES)]["head_key"])
-    with pytest.raises(HeadMismatch, match="stages"):
-        refuse_fused(meta, head_dir=ctx.heads_dir)
+    assert meta["feature_set"] == STAGES
+    assert head_variant(ctx.heads_dir / by[("lr", STAGES)]["head_key"]).module.branches[0].net.stages
     # Without the cut in the store, 'stages' is a recorded skip, not a crash.
     (run_dir / "features.json").write_text(json.dumps([{"backbone": "efficientnet_lite0", "store": rel["pooled"],
                                                         "layers": {"pooled": rel["pooled"]}}]))
