@@ -240,6 +240,10 @@ def _study(args: argparse.Namespace, argv: list[str], *, config: dict, device: s
         print(f"run folder: {run_dir}")
         if (run_dir / "report.md").is_file():
             print(f"report: {run_dir / 'report.md'}")
+        if {"classify", "finetune"} & set(config["stages"]):
+            from study.commands import export_command, predict_command
+
+            print(f"use the chosen model: {predict_command(run_dir)}\n           export it: {export_command(run_dir)}")
     return 0, refused
 
 

@@ -201,8 +201,10 @@ def _apply_class_map(table: pd.DataFrame, data_cfg: dict) -> tuple[pd.DataFrame,
     """Usable rows with their final class_name (config-dropped classes removed), the drops, unused map keys."""
     folders = sorted(set(zip(table["source"], table["folder"])))
     final, dropped, unused = map_classes(folders, rename=data_cfg["rename"], drop=data_cfg["drop"])
-    for k in unused:
-        log.warning("data.rename/drop key %r matches no class folder of the configured sources", k)
+    sources = {s["name"] for s in data_cfg["sources"]}
+    for k in unused:  # a key of a source this config does not list came with a config it extends: no warning
+        level = logging.WARNING if "/" not in k or k.split("/", 1)[0] in sources else logging.DEBUG
+        log.log(level, "data.rename/drop key %r matches no class folder of the configured sources", k)
     usable = table[table["status"] == OK]
     usable = usable.assign(class_name=[final[(s, f)] for s, f in zip(usable["source"], usable["folder"])])
     return usable[usable["class_name"].notna()].reset_index(drop=True), dropped, unused

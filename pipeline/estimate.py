@@ -45,7 +45,7 @@ class Rates:
     cut_channels: int = 0
 
 
-def _timed(fn, *, repeat: int = 2) -> float:
+def _timed(fn, *, repeat: int = 1) -> float:
     """Seconds of one call of ``fn`` (the best of ``repeat`` after a warm-up call)."""
     fn()
     best = float("inf")

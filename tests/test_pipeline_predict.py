@@ -2,6 +2,7 @@
 file, loaded in a process that cannot import this project) gives the study's own test predictions."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -141,3 +142,43 @@ def test_the_exported_model_gives_the_studys_test_predictions(runs, variant, tmp
 # Measured: 1.2e-7 (heads), 1.1e-5 (fine-tune, ensemble).
 TOLERANCE = {"stages head": 1e-5, "fused head": 1e-5, "probe fine-tune": 1e-3, "ensemble": 1e-3}
 AGREE = {"stages head": 1.0, "fused head": 1.0, "probe fine-tune": 1.0, "ensemble": 1.0}
+
+
+def test_the_readme_example_fits_a_model_on_the_stored_features(runs, capsys):
+    """The README's five lines, run as written (on this run's --out), and the frame form of the same rows."""
+    import re
+
+    from extract.read import load_features
+    from study.config import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    code = re.search(r"## Reusing the stored features.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) == 5
+    exec(code.replace('load_features("out"', f'load_features("{runs["b"].parent.parent}"'), {})
+    accuracy = float(capsys.readouterr().out.split()[-1])
+    assert 0.5 < accuracy <= 1.0  # three flower classes: far above chance (1/3)
+    f = load_features(runs["b"], "efficientnet_lite1", view="tta")
+    frame = load_features(runs["b"], "efficientnet_lite1", view="tta", as_frame=True)
+    assert f.X.shape == (len(f.y), 1280) and set(f.split) == {"train", "val", "test"}
+    assert list(frame.columns[:5]) == ["sample_id", "path", "split", "label", "class_name"]
+    np.testing.assert_array_equal(frame.filter(like="f").to_numpy(np.float32)[:, :3], f.X[:, :3])
+    augmented = load_features(runs["b"], "efficientnet_lite1", view=1)
+    assert set(augmented.split) == {"train", "val"} and not np.allclose(augmented.X, f.X[f.split != "test"])
+
+
+def test_prune_removes_what_no_run_uses_and_keeps_what_predict_needs(runs, tmp_path):
+    from pipeline.prune import main as prune
+
+    out = tmp_path / "out"
+    shutil.copytree(runs["a"].parent.parent, out)
+    assert prune([str(out), "--dry-run"]) == 0 and prune([str(out)]) == 0  # both runs live: nothing to remove
+    assert len(list((out / "finetune" / "fits").iterdir())) == len(list(
+        (runs["a"].parent.parent / "finetune" / "fits").iterdir()))
+    assert prune([str(out), "--trials"]) == 0  # the trial checkpoints go; the models the rows report stay
+    b = out / "runs" / runs["b"].name
+    assert main(["--run", str(b), "--variant", str(_row(b, VARIANTS["ensemble"][1])[0].index), "--export",
+                 str(tmp_path / "e"), "--quiet"]) == 0
+    shutil.rmtree(b)  # run b is gone: its heads, searches and fits go, run a's head stays
+    assert prune([str(out)]) == 0
+    assert not list((out / "finetune" / "fits").iterdir()) and len(list((out / "heads").iterdir())) == 1
+    assert main(["--run", str(out / "runs" / runs["a"].name), "--export", str(tmp_path / "a"), "--quiet"]) == 0
