@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # Of the epochs a trial may run (the middle of the searched range), the share trials ran in the quick study and the
 # 4-class own-data study (early stopping, Hyperband): what the plan counts.
 EPOCH_SHARE = 0.85
-TRIAL_SETUP_S = 0.6  # a fine-tune trial's fixed cost: splitting the network, the optimiser, the tuner's storage
+TRIAL_SETUP_S = 0.3  # a fine-tune trial's fixed cost: splitting the network, the optimiser, the tuner's storage
+EPOCH_SETUP_S = 0.2  # an epoch's fixed cost: its checkpoints (written durably), the tuner's report
 HEAD_SEARCH_SETUP_S = 1.0  # a head search's fixed cost: reading its feature sets, the tuner's storage
 REPORT_S = 6.0  # tables and figures of a small study
 STAGE_SETUP_S = 1.0  # per stage and split seed: opening stores, reading the manifest
@@ -45,15 +46,15 @@ class Rates:
     cut_channels: int = 0
 
 
-def _timed(fn, *, repeat: int = 1) -> float:
-    """Seconds of one call of ``fn`` (the best of ``repeat`` after a warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def _timed(fn, *, warmup: int = 1, repeat: int = 1) -> float:
+    """Mean seconds of one call of ``fn`` over ``repeat`` calls after ``warmup`` calls (oneDNN prepares its kernels
+    for a new shape and the optimiser its state in the first calls: a training step settles after about three)."""
+    for _ in range(warmup):
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
 
 
 def _images(manifest, *, data_root, data_config, n: int):
@@ -87,9 +88,12 @@ def calibrate(name: str, *, config: dict, manifest, data_root, device: str, stor
     runner = PassRunner(bb, layers=layers, device=device, precision=resolve_precision(cfg["precision"], device),
                         channels_last=cfg["channels_last"])
     x, decode_s = _images(manifest, data_root=data_root, data_config=bb.data_config, n=n)
-    forward_s = _timed(lambda: runner(x), repeat=1) / len(x)
+    batch = x.repeat(max(1, min(cfg["batch_size"], 32) // len(x)), 1, 1, 1)  # the pass's batches are larger
+    forward_s = _timed(lambda: runner(batch)) / len(batch)
     outputs = runner(x)
-    rates = Rates(load_s=load_s, extract=stored_rate or 1 / (decode_s + forward_s),
+    # The pass decodes in its loader's worker processes while the model runs: the slower of the two sets the pace.
+    per_image = max(forward_s, decode_s / cfg["num_workers"]) if cfg["num_workers"] else forward_s + decode_s
+    rates = Rates(load_s=load_s, extract=stored_rate or 1 / per_image,
                   extract_from="this store's earlier passes" if stored_rate else "decode + forward timed now",
                   feature_dim=int(outputs["pooled"].shape[1]))
     with torch.random.fork_rng(devices=[]):
@@ -149,7 +153,8 @@ def _policy_rates(bb, policy: str, *, outputs: dict, images, config: dict, devic
         with torch.no_grad():
             forward(batch)
     extra = 0.0 if cached or policy == "head" else decode_s * len(batch)  # the naive path decodes every step
-    return (len(batch) / (_timed(train_step) + extra), len(batch) / (_timed(eval_step) + extra))
+    return (len(batch) / (_timed(train_step, warmup=3, repeat=3) + extra),
+            len(batch) / (_timed(eval_step, warmup=1, repeat=2) + extra))
 
 
 @functools.lru_cache(maxsize=64)
@@ -228,7 +233,7 @@ def finetune_seconds(config: dict, split: Split, rates: Rates) -> float:
     epochs = _epochs(tune_cfg["finetune"])
 
     def epoch_s(phase: str, n_train: int, n_eval: int) -> float:
-        return n_train / rates.train[phase] + n_eval * eval_views / rates.evaluate[phase]
+        return EPOCH_SETUP_S + n_train / rates.train[phase] + n_eval * eval_views / rates.evaluate[phase]
     policies = [p for p in ft["policies"] if all(ph in rates.train for ph in parse_policy(p).phases)]
     if not policies:
         return 0.0
