@@ -4,6 +4,8 @@
     python run_study.py                                   # the default study (configs/default.toml)
     python run_study.py --config configs/quick.toml --out out/quick
     python run_study.py --stages dataset --set data.split.train_per_class=20
+    python run_study.py --config mine.toml --show-config   # every key: value, meaning, where it came from
+    python run_study.py --config mine.toml --plan          # what it would compute, and how long
 
 Each stage lives in its package (``<stage>/stage.py`` exposes ``run(ctx)``); this file only parses,
 loads and validates the config, makes the run folder, records provenance and calls the stages.
@@ -14,12 +16,14 @@ import argparse
 import contextlib
 import importlib
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import STAGES, check_before_work, load_config
-from study import distributed
+from pipeline.config import STAGES, check_before_work, load_config, show_config
+from study import console, distributed
 from study.atomic import file_lock, write_text_atomic
 from study.config import DEFAULT_CONFIG, REPO_ROOT, dump_config
 from study.context import StudyContext, resolve_device
@@ -47,18 +51,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rebuild-cache", action="store_true",
                    help="recompute every store entry this run reads (once per run) and refit what read it")
     p.add_argument("--plan", action="store_true",
-                   help="build (or reuse) the dataset, print what the study would compute and how long, then exit")
+                   help="build (or reuse) the dataset, print what the study would compute and how long, then exit "
+                   "(no run folder)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (every key: value, meaning, where it came from), then exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress bars or INFO "
+                   "lines (the run's log.txt still has them)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace) -> dict:
+def overrides_of(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     if args.stages:
         overrides.append("stages=[" + ",".join(f'"{s.strip()}"' for s in args.stages.split(",")) + "]")
     if args.device:
         overrides.append(f'device="{args.device}"')
-    return load_config(args.config, overrides=overrides)
+    return overrides
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    return load_config(args.config, overrides=overrides_of(args))
 
 
 def make_run_dir(out: Path, name: str) -> Path:
@@ -109,7 +122,7 @@ def _log_plan(seeds: list[StudyContext], *, show: bool) -> None:
 
     if not distributed.is_main() or not all(c.manifest_path.is_file() for c in seeds):
         return
-    for line in make_plan(seeds).lines():
+    for line in make_plan(seeds, calibrate=show).lines():
         print(line) if show else log.info(line)
 
 
@@ -122,6 +135,10 @@ def _configure(args: argparse.Namespace) -> tuple[dict, str, Path, Path]:
     return config, device, data_root, out
 
 
+class DatasetFault(StudyError):
+    """The dataset stage refused the data (too few images, ...): the run ends before any other work."""
+
+
 def _run_stages(ctx: StudyContext, *, plan_only: bool, monitor: ResourceMonitor) -> str:
     """Every stage but the report once per split seed (the store is shared, so a later seed computes only the
     views no earlier one did), then the report over all seeds' rows; the datasets come first, so that the plan
@@ -130,7 +147,10 @@ def _run_stages(ctx: StudyContext, *, plan_only: bool, monitor: ResourceMonitor)
     stages = [s for s in ctx.config["stages"] if s != "report"]
     if "dataset" in stages:
         for seed_ctx in seeds:
-            _run_stage(seed_ctx, "dataset", monitor=monitor)
+            try:
+                _run_stage(seed_ctx, "dataset", monitor=monitor)
+            except StudyError as exc:
+                raise DatasetFault(str(exc)) from exc
     if plan_only or {"extract", "finetune"} & set(stages):
         _log_plan(seeds, show=plan_only)
         if plan_only:
@@ -161,55 +181,101 @@ def _start_run(config: dict, out: Path) -> Path:
     return distributed.broadcast_object(run_dir)  # one run folder, however many ranks
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        config, device, data_root, out = _configure(args)
-    except (StudyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    distributed.init_from_env()
-    try:
-        run_dir = _start_run(config, out)
-    except StudyError as exc:  # a full disk or a folder turned read-only since the check
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _error(exc: BaseException) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _log_config_origin(config_path: str) -> None:
+    from study.config import config_layers
+
+    files = [label for label, _ in config_layers(config_path)]
+    log.info("config %s%s", files[-1], f" (extends {' <- '.join(reversed(files[:-1]))})" if len(files) > 1 else
+             " (keys it does not set take the built-in defaults; --show-config lists every key and its origin)")
+
+
+def _plan(config: dict, *, device: str, data_root: Path, out: Path, rebuild: bool) -> int:
+    """Build (or reuse) the datasets and print the plan; the run folder is a temporary one, removed after."""
+    with tempfile.TemporaryDirectory(prefix="study-plan-") as tmp:
+        ctx = StudyContext(config=config, data_root=data_root, out_dir=out, run_dir=Path(tmp), device=device,
+                           rebuild_cache=rebuild)
+        try:
+            _run_stages(ctx, plan_only=True, monitor=ResourceMonitor())
+        except StudyError as exc:
+            return _error(exc)
+    return 0
+
+
+def _study(args: argparse.Namespace, argv: list[str], *, config: dict, device: str, data_root: Path, out: Path,
+           run_dir: Path) -> tuple[int, bool]:
+    """Run the stages in ``run_dir``: (exit status, whether the run folder should go: the data was refused)."""
     prov = start_provenance(run_dir=run_dir, repo=REPO_ROOT, argv=[sys.argv[0], *argv], device=device,
                             write=distributed.is_main())
     log.info("run %s: git %s%s, device %s, stages %s", run_dir.name, prov["git"]["sha"],
              " (dirty)" if prov["git"]["dirty"] else "", device, ",".join(config["stages"]))
+    _log_config_origin(args.config)
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out, run_dir=run_dir, device=device,
                        rebuild_cache=args.rebuild_cache)
-    status = "failed"
+    status, refused = "failed", False
     monitor = ResourceMonitor().start()  # peak memory of the process tree, stage seconds: provenance.json
     try:
-        status = _run_stages(ctx, plan_only=args.plan, monitor=monitor)
+        status = _run_stages(ctx, plan_only=False, monitor=monitor)
+    except DatasetFault as exc:  # nothing was computed: no run folder is left for it
+        refused = True
+        monitor.stop()
+        return _error(exc), refused
     except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc), refused
     except OSError as exc:  # a write no stage wrapped (e.g. a results.jsonl append) on a full disk
         if not is_write_fault(exc):
             raise
-        print(f"error: {WriteFailed(exc.filename, exc)}", file=sys.stderr)
-        return 2
+        return _error(WriteFailed(exc.filename, exc)), refused
     except KeyboardInterrupt:
         status = "interrupted"
         print(f"\ninterrupted; rerun the same command to resume (completed work is cached under {out})",
               file=sys.stderr)
-        return 130
+        return 130, refused
     finally:
-        if distributed.is_main():
+        if distributed.is_main() and not refused:
             _record_end(run_dir, prov, status, monitor=monitor)
-    if not distributed.is_main() or status == "planned":
-        return 0
-    report = run_dir / "report.md"
-    print(f"run folder: {run_dir}")
-    if report.is_file():
-        print(f"report: {report}")
-    return 0
+    if distributed.is_main():
+        print(f"run folder: {run_dir}")
+        if (run_dir / "report.md").is_file():
+            print(f"report: {run_dir / 'report.md'}")
+        if {"classify", "finetune"} & set(config["stages"]):
+            from study.commands import export_command, predict_command
+
+            print(f"use the chosen model: {predict_command(run_dir)}\n           export it: {export_command(run_dir)}")
+    return 0, refused
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    console.setup(quiet=args.quiet, verbose=args.verbose)
+    try:
+        if args.show_config:
+            print(show_config(args.config, overrides=overrides_of(args)), end="")
+            return 0
+        config, device, data_root, out = _configure(args)
+    except (StudyError, ValueError) as exc:
+        return _error(exc)
+    distributed.init_from_env()
+    if args.plan:
+        return _plan(config, device=device, data_root=data_root, out=out, rebuild=args.rebuild_cache)
+    try:
+        run_dir = _start_run(config, out)
+    except StudyError as exc:  # a full disk or a folder turned read-only since the check
+        return _error(exc)
+    log_file = console.log_to(run_dir) if distributed.is_main() else None
+    try:
+        rc, refused = _study(args, argv, config=config, device=device, data_root=data_root, out=out,
+                             run_dir=run_dir)
+    finally:
+        console.stop_logging(log_file)
+    if refused and distributed.is_main():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return rc
 
 
 if __name__ == "__main__":

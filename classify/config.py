@@ -16,15 +16,15 @@ SCHEMA = {
     # concatenated into one more backbone, "fused:a+b", with a head search of its own.
     "fusions": Field([], list_of(list_of(is_str, min_len=2)),
                      "e.g. [[\"efficientnet_lite0\", \"efficientnet_lite2\"]]"),
-    "bootstrap": Field(1000, int_range(0)),
+    "bootstrap": Field(1000, int_range(0), "bootstrap resamples for test confidence intervals"),
     # OpenBLAS threads while fitting heads (0 = the library default). On the shared 2-core box one
     # thread fits a Caltech LR ~20x faster than two (0.6 s vs 13 s): spinning BLAS threads starve.
-    "blas_threads": Field(1, int_range(0, 256)),
+    "blas_threads": Field(1, int_range(0, 256), "BLAS threads per head fit (0 = the library default)"),
     # Head searches run at once, each in its own process (0 = one per usable CPU core, 1 = in this process).
-    "n_jobs": Field(0, int_range(0, 256)),
+    "n_jobs": Field(0, int_range(0, 256), "head searches at once (0 = one per CPU core)"),
     # Logistic regression's solver (lbfgs, multinomial); its C is searched (tune.head.lr_C).
     "lr": {
-        "max_iter": Field(300, int_range(10)),
-        "tol": Field(1e-4, float_range(1e-10, 1.0)),
+        "max_iter": Field(300, int_range(10), "logistic regression's solver iterations"),
+        "tol": Field(1e-4, float_range(1e-10, 1.0), "logistic regression's solver tolerance"),
     },
 }

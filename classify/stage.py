@@ -21,6 +21,7 @@ from classify.fewshot import drawn, largest_k
 from classify.heads import blas_threads
 from classify.search import HeadJob, HeadSearch, cached_search, search_heads
 from dataset.manifest import class_names, manifest_hash, read_manifest
+from study.console import bars_shown, console_level
 from study.errors import StudyError
 from study.protocol import curve_on_seed, draw_seeds, fewshot_backbones
 from study.results import ResultRow, append_rows, append_skip, append_trials
@@ -158,13 +159,14 @@ def search_all(searches: list[HeadSearch], *, cfg: dict, tune_cfg: dict, out_dir
     n = n_workers(cfg["n_jobs"], len(todo))
     log.info("classify: %d head searches of %d trials (%d finished before) on %d process(es)", len(searches),
              tune_cfg["trials"], len(searches) - len(todo), n if todo else 0)
-    level = logging.getLogger().getEffectiveLevel()
+    level = console_level()  # a worker prints what this process prints (not INFO under --quiet)
     fresh = iter(Parallel(n_jobs=n, return_as="generator")(
         delayed(_search_task)(s, cfg=cfg, tune_cfg=tune_cfg, out_dir=out_dir, heads_dir=heads_dir,
                               log_level=level if n > 1 else None) for s in todo) if todo else ())
     results = (d if d is not None else next(fresh) for d in done)  # in search order
     all_rows = []
-    for rows, found in tqdm(results, total=len(searches), desc="head searches", unit="search"):
+    for rows, found in tqdm(results, total=len(searches), desc="head searches", unit="search",
+                            disable=not bars_shown()):
         append_rows(run_dir / "results.jsonl", rows)
         if trials:  # the budget tables compare the main searches; a few-shot search's trials stay in its folder
             append_trials(run_dir, found)

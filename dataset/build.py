@@ -88,19 +88,29 @@ def _file_table(files: list[SourceFile], *, index_path: Path, workers: int, data
 
 
 def _split_classes(kept: pd.DataFrame, *, split_cfg: dict, seed: int) -> tuple[pd.DataFrame, list[dict]]:
-    """Assign splits per final class; classes with too few images raise or are dropped (recorded)."""
+    """Assign splits per final class; classes with too few images raise or are dropped (recorded). The error says
+    which values of data.split would fit this data."""
     split_of, dropped = {}, []
+    sizes = kept.groupby("class_name").size()
+    if len(sizes) < 2:
+        raise splitting.TooFewImages(f"the data has {len(sizes)} class{'es' if len(sizes) != 1 else ''} with usable "
+                                     "images; a study needs at least 2: add class folders (one sub-folder per "
+                                     "class)")
     for name, group in kept.groupby("class_name", sort=True):
         assigned = splitting.assign_splits(group["sample_id"].tolist(), class_name=name, split_cfg=split_cfg, seed=seed)
         if assigned is None:
-            count = (f"{len(group)} images after exclusions and de-duplication; the {split_cfg['protocol']} "
-                     f"protocol needs {splitting.needed_images(split_cfg)}")
+            count = (f"{len(group)} image{'s' if len(group) != 1 else ''} after exclusions and de-duplication; "
+                     f"the {split_cfg['protocol']} protocol needs {splitting.needed_images(split_cfg)}")
             if split_cfg["too_few"] == "error":
-                raise splitting.TooFewImages(f"class '{name}' has {count}. Set data.split.too_few = \"drop\" "
-                                             "to drop such classes, or change data.split.")
+                raise splitting.TooFewImages(f"class '{name}' has {count}; "
+                                             f"{splitting.split_advice(sizes.to_numpy(), split_cfg)}")
             dropped.append({"name": name, "reason": f"too few images: {count}"})
             continue
         split_of.update(assigned)
+    left = len(sizes) - len(dropped)
+    if left < 2:  # a classifier needs two classes: say what would keep them, before any picture or file is made
+        raise splitting.TooFewImages(f"data.split.too_few = \"drop\" leaves {left} of {len(sizes)} classes; a study "
+                                     f"needs at least 2: {splitting.split_advice(sizes.to_numpy(), split_cfg)}")
     out = kept[kept["sample_id"].isin(split_of)].copy()
     out["split"] = out["sample_id"].map(split_of)
     return out, dropped
@@ -191,8 +201,10 @@ def _apply_class_map(table: pd.DataFrame, data_cfg: dict) -> tuple[pd.DataFrame,
     """Usable rows with their final class_name (config-dropped classes removed), the drops, unused map keys."""
     folders = sorted(set(zip(table["source"], table["folder"])))
     final, dropped, unused = map_classes(folders, rename=data_cfg["rename"], drop=data_cfg["drop"])
-    for k in unused:
-        log.warning("data.rename/drop key %r matches no class folder of the configured sources", k)
+    sources = {s["name"] for s in data_cfg["sources"]}
+    for k in unused:  # a key of a source this config does not list came with a config it extends: no warning
+        level = logging.WARNING if "/" not in k or k.split("/", 1)[0] in sources else logging.DEBUG
+        log.log(level, "data.rename/drop key %r matches no class folder of the configured sources", k)
     usable = table[table["status"] == OK]
     usable = usable.assign(class_name=[final[(s, f)] for s, f in zip(usable["source"], usable["folder"])])
     return usable[usable["class_name"].notna()].reset_index(drop=True), dropped, unused

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dataset.images import ImageLoadError, probe
 from study.atomic import atomic_path
+from study.console import bars_shown
 from study.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def _pool_context():
 
 
 def _describe_all(todo: list[str], *, workers: int, on_batch) -> None:
-    bar = tqdm(total=len(todo), desc="scan images", unit="img", disable=None)
+    bar = tqdm(total=len(todo), desc="scan images", unit="img", disable=None if bars_shown() else True)
     batch = []
     try:
         if workers > 1 and len(todo) >= MIN_PARALLEL:

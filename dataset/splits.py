@@ -41,28 +41,37 @@ def split_sizes(n: int, split_cfg: dict) -> tuple[int, int, int] | None:
 
 
 def check_split_config(split_cfg: dict, *, needs_val: bool = False) -> None:
-    """Refuse split settings that cannot give every class a train, (val) and test part, naming key and value.
+    """Refuse split settings that cannot give every class a train, (val) and test part, naming key and value and
+    the values that would do.
 
     ``needs_val``: a stage that selects on val runs (heads and fine-tuning choose their settings on val)."""
     if split_cfg["protocol"] == "per_class":
         n_fit, n_val = split_cfg["train_per_class"], split_cfg["val_per_class"]
+        fix = f"set data.split.val_per_class = {n_fit - 1}" if n_fit >= 2 else \
+            "set data.split.train_per_class = 2 and data.split.val_per_class = 1"
         if n_val >= n_fit:
             raise ConfigError(f"config key 'data.split.val_per_class' has value {n_val}; allowed: an integer smaller "
                               f"than data.split.train_per_class ({n_fit}), since val is carved from the "
-                              f"{n_fit} training images per class")
+                              f"{n_fit} training images per class: {fix} (or less), or data.split.train_per_class = "
+                              f"{n_val + 1} (or more)")
         if needs_val and n_val < 1:
             raise ConfigError(f"config key 'data.split.val_per_class' has value {n_val}; allowed: at least 1 when "
                               "the classify or finetune stage runs (heads and fine-tuning choose their settings "
-                              "on val); set it to e.g. 5, or run only --stages dataset")
+                              "on val): " + ("set data.split.val_per_class = 1" if n_fit >= 2 else fix)
+                              + ", or run only --stages dataset")
     else:
-        total = split_cfg["train_fraction"] + split_cfg["val_fraction"]
-        if total >= 1:
-            raise ConfigError(f"config keys 'data.split.train_fraction' + 'data.split.val_fraction' = {total:g}; "
-                              "allowed: a sum below 1, to leave a test part")
-        if needs_val and split_cfg["val_fraction"] <= 0:
-            raise ConfigError(f"config key 'data.split.val_fraction' has value {split_cfg['val_fraction']!r}; "
-                              "allowed: above 0 when the classify or finetune stage runs (heads and fine-tuning "
-                              "choose their settings on val); set it to e.g. 0.1, or run only --stages dataset")
+        train, val = split_cfg["train_fraction"], split_cfg["val_fraction"]
+        if train + val >= 1:
+            raise ConfigError(f"config keys 'data.split.train_fraction' + 'data.split.val_fraction' = "
+                              f"{train + val:g}; allowed: a sum below 1, to leave a test part: set "
+                              f"data.split.train_fraction = {max(0.1, round(0.9 - val, 2)):g}"
+                              + (" and data.split.val_fraction = 0.1" if val >= 0.8 else ""))
+        if needs_val and val <= 0:
+            raise ConfigError(f"config key 'data.split.val_fraction' has value {val!r}; allowed: above 0 when the "
+                              "classify or finetune stage runs (heads and fine-tuning choose their settings on val): "
+                              "set data.split.val_fraction = 0.1" + (" and data.split.train_fraction = 0.6"
+                                                                    if train >= 0.85 else "")
+                              + ", or run only --stages dataset")
 
 
 def needed_images(split_cfg: dict) -> str:
@@ -70,6 +79,53 @@ def needed_images(split_cfg: dict) -> str:
         return f"at least {split_cfg['train_per_class'] + 1} (train_per_class={split_cfg['train_per_class']} + 1 test)"
     return (f"enough for >= 1 train and >= 1 test image at train_fraction={split_cfg['train_fraction']}, "
             f"val_fraction={split_cfg['val_fraction']}")
+
+
+def _fits(sizes, split_cfg: dict) -> bool:
+    return all(split_sizes(n, split_cfg) is not None for n in sizes)
+
+
+def _per_class_advice(smallest: int, split_cfg: dict) -> str | None:
+    """The per_class values that fit a class of ``smallest`` images: train_per_class <= smallest - 1, val carved
+    from it (at least 1 when it was asked for), and about a third of each class left for test."""
+    val = split_cfg["val_per_class"]
+    if smallest - 1 >= val + 1:
+        pick = max(val + 1, min(smallest - 1, round(smallest * 2 / 3)))
+        return (f"data.split.train_per_class <= {smallest - 1} (e.g. {pick}: {pick - val} train + {val} val images "
+                f"per class, the rest test)")
+    if smallest >= 3 and val >= 1:
+        return (f"data.split.train_per_class = {smallest - 1} with data.split.val_per_class <= {smallest - 2} (e.g. "
+                f"1: {smallest - 2} train + 1 val, 1 test)")
+    return None
+
+
+def split_advice(sizes, split_cfg: dict) -> str:
+    """What to set so that classes of these ``sizes`` (images per class) fill the splits: the values that work for
+    this data, or why none do."""
+    sizes = sorted(int(n) for n in sizes)
+    smallest, options = sizes[0], []
+    if split_cfg["protocol"] == "per_class":
+        if (per_class := _per_class_advice(smallest, split_cfg)) is not None:
+            options.append(per_class)
+        fraction = {**split_cfg, "protocol": "fraction"}
+        if _fits(sizes, fraction):
+            options.append(f'data.split.protocol = "fraction" ({fraction["train_fraction"]:.0%} train, '
+                           f'{fraction["val_fraction"]:.0%} val, the rest test of each class)')
+    else:
+        for train, val in ((0.6, 0.1), (0.5, 0.2), (0.4, 0.3), (1 / 3, 1 / 3)):
+            tried = {**split_cfg, "train_fraction": train, "val_fraction": val if split_cfg["val_fraction"] else 0}
+            if _fits(sizes, tried):
+                options.append(f"data.split.train_fraction = {train:.2f} and data.split.val_fraction = "
+                               f"{tried['val_fraction']:.2f}")
+                break
+    big = [n for n in sizes if split_sizes(n, split_cfg) is not None]
+    if len(big) >= 2 and len(big) < len(sizes):
+        options.append(f'data.split.too_few = "drop" (drops the {len(sizes) - len(big)} classes below '
+                       f"{min(big)} images, keeps {len(big)})")
+    if not options:
+        return (f"no split fits a class of {smallest} image{'s' if smallest != 1 else ''} (a class needs a train, a "
+                "val and a test image): add images to the smallest classes, or list them in data.drop")
+    return f"for this data (smallest class: {smallest} images) set " + ", or ".join(options)
 
 
 def assign_splits(sample_ids: list[str], *, class_name: str, split_cfg: dict, seed: int) -> dict[str, str] | None:

@@ -1,5 +1,5 @@
 """Images as model inputs: the one Dataset that turns image files and view ids into normalised tensors, for the
-shared pass, the naive fine-tune loop and ``classify.predict``.
+shared pass, the naive fine-tune loop and ``pipeline.predict``.
 
 A view is made by ``dataset.transforms.make_view``: the clean eval view 0, its mirror -1, or augmented view k
 seeded by (seed, the image's content id, k), so it is the same tensor in any worker, on any rank, in any run.

@@ -37,6 +37,7 @@ from extract.backbones import backbone_spec as make_backbone_spec
 from extract.backbones import load_backbone
 from extract.store import Store, entry_spec, view_name
 from study import distributed
+from study.console import bars_shown
 from study.precision import PRECISIONS, autocast, resolve_precision  # noqa: F401 (PRECISIONS re-exported)
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,8 @@ def _compute(result: PassResult, *, todo, missing, keys, requests, manifest, bac
                             overlap=settings.overlap_writes)
     t0 = time.perf_counter()
     with tqdm(total=sum(map(len, mine)), unit="img", desc=f"extract {bb.name} ({len(result.layers)} layers)",
-              disable=not settings.progress, position=distributed.rank(), dynamic_ncols=True) as bar:
+              disable=not (settings.progress and bars_shown()), position=distributed.rank(),
+              dynamic_ncols=True) as bar:
         finished = False
         try:
             _run_batches(result, loader=loader, runner=runner, writer=writer, keys=keys, bar=bar)

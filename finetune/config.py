@@ -41,13 +41,13 @@ SCHEMA = {
     # backbone's val-chosen fine-tune, their softmax outputs averaged, scored and chosen on val like any other.
     "ensembles": Field([], list_of(list_of(is_str, min_len=2)),
                        "ensembles of fine-tunes, e.g. [[\"efficientnet_lite0\", \"efficientnet_lite2\"]]"),
-    "optimizer": Field("adamw", one_of("adamw", "sgd"), keyed=True),
+    "optimizer": Field("adamw", one_of("adamw", "sgd"), "the optimiser", keyed=True),
     "momentum": Field(0.9, float_range(0.0, 1.0), "SGD only", keyed=True),
-    "warmup_epochs": Field(1, int_range(0), keyed=True),
+    "warmup_epochs": Field(1, int_range(0), "linear warm-up epochs before the cosine schedule", keyed=True),
     "dropout": Field(0.0, float_range(0.0, 0.99), "dropout before the new linear head", keyed=True),
     "aux_weight": Field(0.4, float_range(0.0, 10.0), "Inception v3 aux-logits loss weight when its trunk trains",
                         keyed=True),
-    "batch_size": Field(32, int_range(1, 4096), keyed=True),
+    "batch_size": Field(32, int_range(1, 4096), "images per step", keyed=True),
     "patience": Field(5, int_range(1), "early stopping: epochs without a better val mean per-class accuracy",
                       keyed=True),
     "augment": Field("light", one_of(*POLICIES), "augmentation policy of the training views", keyed=True),
@@ -58,9 +58,10 @@ SCHEMA = {
     "tta": Field("hflip", one_of(*TTA_VIEWS), "test-time augmentation at val/test ('none' or 'hflip')", keyed=True),
     "prefix_cache": Field(True, is_bool, "false: the naive loop (full forward, fresh augmentation every step)",
                           keyed=True),
-    "num_workers": Field(2, int_range(0, 64)),
-    "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16"), keyed=True),
-    "n_boot": Field(1000, int_range(0), keyed=True),
+    "num_workers": Field(2, int_range(0, 64), "image-decoding processes (naive path)"),
+    "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16"), "auto: bf16 where native, else fp32",
+                       keyed=True),
+    "n_boot": Field(1000, int_range(0), "bootstrap resamples for test confidence intervals", keyed=True),
 }
 
 # The fields that change a fit's numbers (its cache key; a key not declared here changes no key): the recipe

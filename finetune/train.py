@@ -29,6 +29,7 @@ from dataset.tensors import ImageViews
 from dataset.transforms import tta_views, view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from study import distributed
+from study.console import bars_shown
 from study.errors import StudyError
 from study.metrics import mean_per_class_accuracy
 from study.precision import autocast_dtype
@@ -284,7 +285,7 @@ class Trainer:
         if resume_only and state["epoch"] + 1 < hp["epochs"] and state["bad_epochs"] < hp["patience"]:
             raise NotFinished.at(self.ckpt_dir, state["epoch"])
         bar = tqdm(range(state["epoch"] + 1, hp["epochs"]), desc=f"finetune {hp.get('name', '')}", unit="epoch",
-                   leave=False, disable=not distributed.is_main())
+                   leave=False, disable=not (distributed.is_main() and bars_shown()))
         for epoch in bar:
             if state["bad_epochs"] >= hp["patience"]:
                 break

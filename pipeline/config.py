@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from study.config import apply_overrides, read_config_file
-from study.schema import ConfigError, Field, int_range, is_str, list_of, one_of, validate
+from study.config import apply_overrides, config_layers, parse_override, read_config_file
+from study.schema import ConfigError, Field, int_range, list_of, one_of, validate
 
 STAGES = ("dataset", "extract", "classify", "finetune", "report")
 
@@ -29,16 +29,18 @@ def study_schema() -> dict:
     from study.tune import SCHEMA as tune_schema
 
     return {
-        "name": Field("study", is_str, "a short name used in the run folder"),
-        "seed": Field(0, int_range(0, 2**31 - 1)),
+        "name": Field("study", _run_name, "a short name used in the run folder (runs/<UTC time>-<name>)"),
+        "seed": Field(0, int_range(0, 2**31 - 1), "the split seed when 'seeds' is empty"),
         # Several split seeds: one split per seed over the same images, every head and fine-tune per seed;
         # the report gives mean +- sd over seeds. Empty: just `seed`.
-        "seeds": Field([], list_of(int_range(0, 2**31 - 1))),
+        "seeds": Field([], list_of(int_range(0, 2**31 - 1)),
+                       "split seeds: one split of the same images per seed ([] = just 'seed')"),
         # Split seeds for development: search spaces, budgets and defaults are chosen on their val, and benchmarks
         # use them by default; the evaluation seeds above are kept off that loop.
-        "dev_seeds": Field([100, 101], list_of(int_range(0, 2**31 - 1))),
-        "device": Field("auto", one_of("auto", "cpu", "cuda", "mps")),
-        "stages": Field(list(STAGES), _stages_check),
+        "dev_seeds": Field([100, 101], list_of(int_range(0, 2**31 - 1)),
+                           "split seeds for choosing defaults and spaces (benchmarks), never the report's"),
+        "device": Field("auto", one_of("auto", "cpu", "cuda", "mps"), "auto: cuda, then mps, then cpu"),
+        "stages": Field(list(STAGES), _stages_check, f"the stages to run, a subset of {list(STAGES)}"),
         "data": data_schema,
         "extract": extract_schema,
         "classify": classify_schema,
@@ -49,9 +51,18 @@ def study_schema() -> dict:
     }
 
 
+def _run_name(key: str, value: Any) -> str:
+    """A name that is one folder-name part: no path separator, not empty, not '.' or '..'."""
+    if not isinstance(value, str) or not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a non-empty name without '/', '\\' "
+                          "or NUL (it names the run folder runs/<UTC time>-<name>)")
+    return value
+
+
 def _stages_check(key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not value or any(v not in STAGES for v in value):
-        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a non-empty list drawn from {list(STAGES)}")
+        raise ConfigError(f"config key '{key}' has value {value!r}; allowed: a non-empty list drawn from "
+                          f"{list(STAGES)}")
     return [s for s in STAGES if s in value]
 
 
@@ -152,3 +163,75 @@ def _check_manifests(config: dict, *, data_root: Path, out: Path) -> None:
             check_images_unchanged(seed_ctx.manifest_path, data_root=data_root)
 
 
+# ---------------------------------------------------------------------------------------------- --show-config
+
+
+def _origins(path, overrides: list[str]) -> dict[str, str]:
+    """Dotted key -> the file (or ``--set``) that set it last; a key no file sets is a built-in default."""
+    origins: dict[str, str] = {}
+
+    def walk(table: dict, prefix: str, label: str) -> None:
+        for key, value in table.items():
+            dotted = f"{prefix}{key}"
+            origins[dotted] = label
+            if isinstance(value, dict):
+                walk(value, f"{dotted}.", label)
+    for label, layer in config_layers(path):
+        walk(layer, "", _short(label))
+    for text in overrides:
+        origins[".".join(parse_override(text)[0])] = "--set"
+    return origins
+
+
+def _short(path: str) -> str:
+    """A config file's path as a user typed it: relative to the working folder where it is under it."""
+    import os
+
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _toml(value) -> str:
+    import json
+
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _table_lines(table: dict, schema: dict, *, prefix: str, origins: dict | None, arrays: dict) -> list[str]:
+    """A table's keys (each with its meaning and origin above it), its arrays of tables, then its sub-tables, in
+    the order TOML needs."""
+    lines, arrays_of_tables, later = [], [], []
+    for key, spec in schema.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(spec, dict):
+            later += ["", f"[{dotted}]"] + _table_lines(table[key], spec, prefix=f"{dotted}.", origins=origins,
+                                                          arrays=arrays)
+        elif dotted in arrays:
+            origin = (origins or {}).get(dotted, "built-in default")
+            for item in table[key]:
+                arrays_of_tables += ["", f"[[{dotted}]]  # [{origin}]"] + _table_lines(
+                    item, arrays[dotted], prefix=f"{dotted}.", origins=None, arrays={})
+        else:
+            where = "" if origins is None else f"  [{origins.get(dotted, 'built-in default')}]"
+            lines += [f"# {spec.help or '(no description)'}{where}", f"{key} = {_toml(table[key])}"]
+    return lines + arrays_of_tables + later
+
+
+def show_config(path=None, *, overrides: list[str] = ()) -> str:
+    """The resolved config as TOML: every key with its value, its meaning (the schema's help) and where its value
+    came from (a config file, one it extends, ``--set``, or the built-in default)."""
+    from dataset.config import SOURCE
+
+    config = load_config(path, overrides=overrides)
+    head = ["# The resolved config: every key, its value, what it means and [where the value came from].",
+            "# A key no file sets takes the built-in default; `extends = \"default\"` in a config starts from",
+            "# configs/default.toml instead. This output is itself a valid config file."]
+    body = _table_lines(config, study_schema(), prefix="", origins=_origins(path, list(overrides)),
+                        arrays={"data.sources": SOURCE})
+    return "\n".join(head + body) + "\n"

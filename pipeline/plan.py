@@ -1,16 +1,15 @@
 """The study's plan before any extraction or training: per backbone, the image-views the shared pass must
-compute (and how many are stored already), the heads to fit and the fine-tunes to train, with a time
-estimate from this machine's measured throughput.
+compute (and how many are stored already), the heads to fit and the fine-tunes to train, and with
+``calibrate`` the time of every stage (extraction, head searches, fine-tune searches, few-shot curves, report)
+from throughputs measured on this machine now (pipeline/estimate.py).
 
-The throughput is the one the store recorded for that backbone's earlier passes here (rows / compute
-seconds), else a short timing of the bare forward on 16 random images (one batch, after a warm-up):
-an upper bound, since decoding and storing are not in it. ``run_study.py --plan`` prints the plan and
-exits; every run logs it after the dataset stage has built every split seed's manifest.
+``run_study.py --plan`` prints the calibrated plan and exits, leaving no run folder; every run logs the plan
+without the calibration (its counts, and the extraction time where the store recorded a rate) after the dataset
+stage has built every split seed's manifest.
 """
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -42,6 +41,7 @@ class Plan:
     backbones: list[BackbonePlan] = field(default_factory=list)
     fused_heads: int = 0
     ensembles: int = 0  # ensembles of fine-tunes per seed: no training, their members' outputs averaged
+    stages: list[tuple[str, float, str]] = field(default_factory=list)  # (stage, seconds, how) when calibrated
 
     def lines(self) -> list[str]:
         out = ["plan (before any extraction or training):"]
@@ -53,19 +53,26 @@ class Plan:
                 if b.estimate_s is not None else "no estimate"
             out.append(f"  {b.backbone}: {b.to_compute} of {b.requested} image-views to compute "
                        f"({b.stored} stored) for layers {', '.join(b.layers)}: {eta}; "
-                       f"{b.heads} heads to fit; fine-tunes {', '.join(b.finetunes) or 'none'}")
+                       f"{b.heads} head searches; fine-tunes {', '.join(b.finetunes) or 'none'}")
         if self.fused_heads:
-            out.append(f"  fused feature sets: {self.fused_heads} heads to fit")
+            out.append(f"  fused feature sets: {self.fused_heads} head searches")
         if self.ensembles:
             out.append(f"  fine-tune ensembles: {self.ensembles} per seed (nothing trains: they average their "
                        "members' fine-tunes)")
-        total = sum(b.estimate_s or 0 for b in self.backbones)
-        out.append(f"  shared pass total: ~{total / 60:.1f} min (fine-tuning epochs come on top)")
+        if not self.stages:
+            total = sum(b.estimate_s or 0 for b in self.backbones)
+            out.append(f"  shared pass total: ~{total / 60:.1f} min (run_study.py --plan times every stage)")
+            return out
+        for stage, seconds, how in self.stages:
+            out.append(f"  time, {stage}: ~{seconds / 60:.1f} min ({how})")
+        total = sum(seconds for _, seconds, _ in self.stages)
+        out.append(f"  total: ~{total / 60:.1f} min on this machine at its load while calibrating")
         return out
 
 
-def make_plan(ctxs: list) -> Plan:
-    """The plan over every split seed's context (their manifests must exist: the dataset stage runs first)."""
+def make_plan(ctxs: list, *, calibrate: bool = False) -> Plan:
+    """The plan over every split seed's context (their manifests must exist: the dataset stage runs first);
+    ``calibrate`` times every stage on this machine (a few seconds per backbone)."""
     from dataset.manifest import read_manifest
     from extract.backbones import WeightsUnavailable
     from extract.engine import open_stores, plan_layers, store_keys
@@ -74,15 +81,15 @@ def make_plan(ctxs: list) -> Plan:
     ctx = ctxs[0]
     cfg = ctx.config["extract"]
     keys: dict = {}
-    for seed_ctx in ctxs:  # the union over seeds: a later seed needs views of images earlier seeds held out
-        manifest = read_manifest(seed_ctx.manifest_path)
+    manifests = [read_manifest(c.manifest_path) for c in ctxs]
+    for manifest in manifests:  # the union over seeds: a later seed needs views of images earlier seeds held out
         keys.update(dict.fromkeys(store_keys(manifest, requests_of(ctx.config, manifest), policy=cfg["policy"],
                                              view_seed=cfg["view_seed"])))
     keys = list(keys)
-    plan = Plan()
+    plan, rates = Plan(), {}
     stages = ctx.config.get("stages", [])
     classify_cfg = ctx.config["classify"]
-    n_heads = len(classify_cfg["heads"]) * len(classify_cfg["feature_sets"]) * len(ctxs)
+    n_heads = len(ctxs) if "classify" in stages else 0  # one head search per backbone and split seed
     for name in cfg["backbones"]:
         layers = plan_layers(name, cut_policies(ctx.config))
         try:
@@ -95,15 +102,19 @@ def make_plan(ctxs: list) -> Plan:
         missing = set()
         for index in indexes.values():
             missing |= set(keys) if index is None else set(index.missing(keys))
-        rate, source = _throughput(name, indexes.get("pooled"), ctx)
+        rate, source = _throughput(indexes.get("pooled"))
+        if calibrate:
+            rates[name] = _calibrated(name, ctx, manifest=manifests[0], stored_rate=rate)
+            rate, source = (rates[name].extract, rates[name].extract_from) if rates[name] else (rate, source)
         plan.backbones.append(BackbonePlan(
             backbone=name, layers=[layer.name for layer in layers], requested=len(keys),
-            stored=len(keys) - len(missing), img_per_s=rate, throughput_from=source,
-            heads=n_heads if "classify" in stages else 0,
+            stored=len(keys) - len(missing), img_per_s=rate, throughput_from=source, heads=n_heads,
             finetunes=[f"{p} x{len(ctxs)} seeds" for p in ctx.config["finetune"]["policies"]]
             if "finetune" in stages and name in (ctx.config["finetune"]["backbones"] or cfg["backbones"]) else []))
-    plan.fused_heads = len(classify_cfg["fusions"]) * n_heads if "classify" in stages else 0
+    plan.fused_heads = len(classify_cfg["fusions"]) * n_heads
     plan.ensembles = len(ctx.config["finetune"]["ensembles"]) if "finetune" in stages else 0
+    if calibrate:
+        plan.stages = _stage_times(plan, ctxs, manifests=manifests, rates=rates)
     return plan
 
 
@@ -124,30 +135,74 @@ def _stored_index(store, *, rebuild: bool):
         return None
 
 
-def _throughput(name: str, index, ctx) -> tuple[float | None, str]:
+def _throughput(index) -> tuple[float | None, str]:
     if index is not None and index.seconds and sum(index.seconds.values()) > 0:
         return sum(index.sizes.values()) / sum(index.seconds.values()), "this store's earlier passes"
-    try:
-        return _bare_forward(name, ctx), "bare forward timed now; decoding not included"
-    except Exception as exc:  # an estimate must never stop the study
-        log.debug("no throughput estimate for %s: %s", name, exc)
-        return None, ""
+    return None, "no rate yet: run_study.py --plan times one"
 
 
-def _bare_forward(name: str, ctx, n: int = 16) -> float:
-    import torch
+_RATES: dict = {}  # one calibration per backbone and settings in a process (a test plans many tiny studies)
 
-    from extract.backbones import load_backbone
-    from study.precision import autocast
 
-    cfg = ctx.config["extract"]
-    bb = load_backbone(name, weights_file=cfg["weights"].get(name), pretrained=False)
-    size = bb.data_config["crop_size"]
-    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    model = bb.model.eval().to(ctx.device, memory_format=fmt)
-    x = torch.randn(n, 3, size, size, device=ctx.device).contiguous(memory_format=fmt)
-    with torch.inference_mode(), autocast(cfg["precision"], ctx.device):
-        model(x[:2])
-        t0 = time.perf_counter()
-        model(x)
-        return n / (time.perf_counter() - t0)
+def _calibrated(name: str, ctx, *, manifest, stored_rate):
+    from pipeline.estimate import calibrate
+    from study.hashing import spec_hash
+
+    key = spec_hash([name, ctx.device, ctx.config["extract"], ctx.config["finetune"], stored_rate])
+    if key not in _RATES:
+        try:
+            _RATES[key] = calibrate(name, config=ctx.config, manifest=manifest, data_root=ctx.data_root,
+                                    device=ctx.device, stored_rate=stored_rate)
+        except Exception as exc:  # noqa: BLE001 -- an estimate must never stop the study
+            log.warning("no time estimate for %s: %s", name, exc)
+            return None
+    return _RATES[key]
+
+
+def _stage_times(plan: Plan, ctxs: list, *, manifests: list, rates: dict) -> list[tuple[str, float, str]]:
+    """(stage, seconds, how) for every stage the config runs, from the calibrated rates."""
+    from pipeline.estimate import REPORT_S, STAGE_SETUP_S, Split, finetune_seconds
+    from study.results import fused_parts
+
+    config, stages = ctxs[0].config, ctxs[0].config.get("stages", [])
+    splits = [Split.of(m) for m in manifests]
+    live = [b for b in plan.backbones if not b.skipped and rates.get(b.backbone)]
+    out = []
+    if "extract" in stages:
+        seconds = sum(b.to_compute / b.img_per_s + rates[b.backbone].load_s * len(ctxs) for b in live if b.to_compute)
+        out.append(("extraction", seconds + STAGE_SETUP_S * len(ctxs), f"{sum(b.to_compute for b in live)} "
+                    "image-views at " + ", ".join(f"{b.img_per_s:.1f} img/s ({b.throughput_from})" for b in live)))
+    if "classify" in stages and live:
+        out.append(_head_times(config, splits, rates=rates, live=live, parts_of=fused_parts))
+    if "finetune" in stages:
+        names = [b.backbone for b in live if b.finetunes]
+        seconds = sum(finetune_seconds({**config, "seed": c.config["seed"]}, s, rates[n]) for n in names
+                      for c, s in zip(ctxs, splits)) + STAGE_SETUP_S * len(ctxs)
+        out.append(("fine-tune searches", seconds, f"{len(names)} backbone(s) x {len(ctxs)} split seed(s) x "
+                    f"{config['tune']['trials']} trials, policies {', '.join(config['finetune']['policies'])}"))
+    if "report" in stages:
+        out.append(("report", REPORT_S, "tables and figures"))
+    return out
+
+
+def _head_times(config: dict, splits: list, *, rates: dict, live: list, parts_of) -> tuple[str, float, str]:
+    """The classify stage: every head search of every split seed, spread over its worker processes."""
+    import joblib
+
+    from pipeline.estimate import STAGE_SETUP_S, head_seconds
+
+    cfg = config["classify"]
+    searches = [([b.backbone], [f for f in cfg["feature_sets"]]) for b in live]
+    names = {b.backbone for b in live}
+    searches += [(parts, [f for f in cfg["feature_sets"] if f != "stages"] or ["clean"]) for parts in cfg["fusions"]
+                 if set(parts) <= names]
+    seconds = []
+    for parts, feature_sets in searches:
+        dim = sum(rates[p].feature_dim for p in parts)
+        dims = (dim, dim + sum(rates[p].cut_channels for p in parts))
+        seconds += [head_seconds({**config, "seed": seed}, split, dim=dims, feature_sets=feature_sets,
+                                 views=config["extract"]["views"])
+                    for seed, split in zip([s for s in (config.get("seeds") or [config["seed"]])], splits)]
+    workers = max(1, min(cfg["n_jobs"] or joblib.cpu_count(), len(seconds)))
+    return ("head searches", sum(seconds) / workers + STAGE_SETUP_S * len(splits),
+            f"{len(seconds)} searches x {config['tune']['trials']} trials on {workers} process(es)")

@@ -133,8 +133,9 @@ HEAD_SPACE = {
                    each=_number("a number > 0", lambda v: v > 0)),
     "svm_kernel": _axis(["linear"], "SVM kernels ('linear', 'rbf')", each=one_of("linear", "rbf")),
     "knn_k": _axis({"low": 1, "high": 64, "log": True}, "neighbours (whole numbers)", each=int_range(1)),
-    "knn_metric": _axis(["cosine", "euclidean"], each=one_of("cosine", "euclidean", "manhattan")),
-    "knn_weights": _axis(["uniform", "distance"], each=one_of("uniform", "distance")),
+    "knn_metric": _axis(["cosine", "euclidean"], "kNN's distance", each=one_of("cosine", "euclidean", "manhattan")),
+    "knn_weights": _axis(["uniform", "distance"], "kNN's vote: equal, or by 1/distance",
+                         each=one_of("uniform", "distance")),
 }
 HEAD_INTEGERS = ("knn_k",)
 # The fine-tunes' space: the policy comes from finetune.policies; a trial trains for its epochs (the cosine
@@ -143,8 +144,8 @@ FINETUNE_SPACE = {
     "lr": _axis({"low": 1e-4, "high": 0.1, "log": True}, "the new head's peak learning rate"),
     "backbone_lr_mult": _axis({"low": 0.01, "high": 1.0, "log": True},
                               "unfrozen blocks train at lr x this (policies that train blocks)"),
-    "weight_decay": _axis({"low": 1e-6, "high": 0.1, "log": True}),
-    "label_smoothing": _axis({"low": 0.0, "high": 0.3}),
+    "weight_decay": _axis({"low": 1e-6, "high": 0.1, "log": True}, "AdamW's (or SGD's) weight decay"),
+    "label_smoothing": _axis({"low": 0.0, "high": 0.3}, "the loss's label smoothing"),
     "epochs": _axis({"low": 2, "high": 15}, "epochs per trial (whole numbers); the high end is the pruner's "
                     "resource"),
 }
@@ -157,14 +158,15 @@ SCHEMA = {
     "trials": Field(12, int_range(1, 10_000), "trials per (backbone, arm, split seed), the same for both arms"),
     "sampler": Field("tpe", one_of(*SAMPLERS), "tpe (seeded TPE) or random (seeded per trial number)"),
     # TPE draws this many trials at random before it models the results (Optuna's n_startup_trials).
-    "startup_trials": Field(5, int_range(1, 10_000)),
+    "startup_trials": Field(5, int_range(1, 10_000), "random trials before TPE models the results"),
     "pruner": Field("hyperband", one_of(*PRUNERS), "stops fine-tune trials whose val falls behind, epoch by epoch"),
     "seed": Field(0, int_range(0, 2**31 - 1), "the samplers' seed (each study adds its own name)"),
     # "" = a journal file under --out (nothing to set up); else an RDB URL (e.g. sqlite:///path or postgresql://)
     # that `run_study.py --worker` processes on several machines share (they must share --out too).
     "storage": Field("", is_str, "'' (a journal file under --out) or an Optuna RDB URL"),
     # A trial whose worker has not been heard of for this long (another machine) is taken as cut off.
-    "stale_after_s": Field(900.0, float_range(10.0, 86_400.0)),
+    "stale_after_s": Field(900.0, float_range(10.0, 86_400.0),
+                           "a trial whose worker is silent this long is taken as cut off"),
 }
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import classify.stage
-from classify.predict import HeadMismatch, refuse_fused
 from classify.stacked import CUT, STAGES, load_stages_set
 from classify.store import load_head
 from dataset.manifest import read_manifest
@@ -91,7 +90,7 @@ def _run_stage(out, name, *, cfg, layers: dict, tiny_manifest, pooled: str):
     return ctx, read_rows(ctx.results_path)
 
 
-def test_the_classify_stage_offers_stages_to_the_search_and_predict_refuses_it(stored, tmp_path, tiny_manifest):
+def test_the_classify_stage_offers_stages_to_the_search_and_predict_takes_it(stored, tmp_path, tiny_manifest):
     manifest, root, result = stored
     out = tmp_path / "out"
     shutil.copytree(root, out / "store")
@@ -106,9 +105,11 @@ def test_the_classify_stage_offers_stages_to_the_search_and_predict_refuses_it(s
     ctx, (row,) = run("stages", cfg=small_classify_config(heads=["lr"], feature_sets=[STAGES]))
     assert row["feature_set"] == STAGES and row["trainable_params"] == 4 * (1280 + 192) + 4
     assert row["cache_key"] != clean.key and row["feature_s"] == pytest.approx(clean.cost_s(clean.view <= 0))
+    from pipeline.variant import head_variant
+
     _, meta = load_head(ctx.heads_dir / row["head_key"])
-    with pytest.raises(HeadMismatch, match="stages"):
-        refuse_fused(meta, head_dir=ctx.heads_dir)
+    assert meta["feature_set"] == STAGES
+    assert head_variant(ctx.heads_dir / row["head_key"]).module.branches[0].net.stages
     # Without the cut in the store, 'stages' is a recorded skip, not a crash.
     ctx, rows = run("no-cut", cfg=small_classify_config(feature_sets=["clean", STAGES]),
                     layers={"pooled": rel["pooled"]})

@@ -278,7 +278,7 @@ def test_a_deleted_or_truncated_head_file_is_refit_on_the_next_run(tmp_path, tin
 @pytest.mark.parametrize("damage", ["delete head.joblib", "truncate head.joblib", "truncate meta.json"])
 def test_predict_on_a_damaged_head_says_what_is_wrong_and_what_to_do(tmp_path, tiny_manifest, features, data_root,
                                                                      capsys, damage):
-    from classify.predict import main
+    from pipeline.predict import main
 
     ctx, row = run_classify(tmp_path / "out", "a", manifest=tiny_manifest, store_entry=features.path)
     head_dir = ctx.heads_dir / row["head_key"]

@@ -1,4 +1,5 @@
 """The plan printed before any work: what each backbone computes, fits and fine-tunes."""
+import dataclasses
 import shutil
 
 import pytest
@@ -20,6 +21,25 @@ def test_plan_lists_fine_tunes_only_for_the_backbones_finetune_backbones_names(t
     plan = {b.backbone: b for b in make_plan(ctx.for_seeds()).backbones}
     assert plan["efficientnet_lite0"].finetunes == []
     assert plan["efficientnet_lite1"].finetunes == ["head x1 seeds", "last:1 x1 seeds"]
-    # Both backbones are still extracted and get every head: 3 heads x 2 feature sets of quick.toml.
-    assert plan["efficientnet_lite0"].heads == plan["efficientnet_lite1"].heads == 6
+    # Both backbones are still extracted and get a head search (of every head and feature set) per split seed.
+    assert plan["efficientnet_lite0"].heads == plan["efficientnet_lite1"].heads == 1
     assert plan["efficientnet_lite0"].to_compute == plan["efficientnet_lite0"].requested > 0
+
+
+def test_the_calibrated_plan_times_every_stage_the_config_runs(tmp_path, tiny_manifest, data_root):
+    """Extraction, head searches, fine-tune searches and the report, each from rates measured now; more trials
+    take longer, and a stage the config does not run is not counted."""
+    config = load_config("configs/quick.toml", overrides=["seeds=[0]"])
+    ctx = StudyContext(config=config, data_root=data_root, out_dir=tmp_path, run_dir=tmp_path / "run", device="cpu")
+    ctx.dataset_dir.mkdir(parents=True)
+    shutil.copy(tiny_manifest, ctx.manifest_path)
+    plan = make_plan(ctx.for_seeds(), calibrate=True)
+    times = {stage: seconds for stage, seconds, _ in plan.stages}
+    assert set(times) == {"extraction", "head searches", "fine-tune searches", "report"}
+    assert all(s > 0 for s in times.values()) and plan.lines()[-1].startswith("  total: ~")
+    more = load_config("configs/quick.toml", overrides=["seeds=[0]", "tune.trials=12"])
+    bigger = make_plan([dataclasses.replace(ctx, config=more)], calibrate=True)
+    assert dict((s, t) for s, t, _ in bigger.stages)["fine-tune searches"] > times["fine-tune searches"]
+    heads_only = load_config("configs/quick.toml", overrides=["seeds=[0]", 'stages=["dataset", "extract", "classify"]'])
+    fewer = make_plan([dataclasses.replace(ctx, config=heads_only)], calibrate=True)
+    assert {s for s, _, _ in fewer.stages} == {"extraction", "head searches"}
