@@ -51,7 +51,7 @@ def bench_config(args) -> dict:
 
     fusions = [f.split("+") for f in args.fusions.split(",") if f]
     overrides = [f"extract.backbones={json.dumps(args.backbones.split(','))}",
-                 f"classify.fusions={json.dumps(fusions)}", "classify.fewshot.k=[]", *args.set]
+                 f"classify.fusions={json.dumps(fusions)}", "fewshot.k=[]", *args.set]
     return load_config(REPO / "configs" / "caltech101.toml", overrides=overrides)
 
 

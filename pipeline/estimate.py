@@ -184,15 +184,15 @@ class Split:
     val: int
     test: int
     classes: int
-    smallest_pool: int  # images in the smallest class of train+val (the few-shot pool's largest k)
+    smallest_train: int  # images in the smallest class of train (the few-shot curve's largest k)
 
     @classmethod
     def of(cls, manifest) -> "Split":
         counts = manifest["split"].value_counts()
-        pool = manifest[manifest["split"] != "test"]
+        train = manifest[manifest["split"] == "train"]
         return cls(train=int(counts.get("train", 0)), val=int(counts.get("val", 0)), test=int(counts.get("test", 0)),
                    classes=int(manifest["label"].nunique()),
-                   smallest_pool=int(pool.groupby("label").size().min()) if len(pool) else 0)
+                   smallest_train=int(train.groupby("label").size().min()) if len(train) else 0)
 
 
 def _epochs(space: dict) -> float:
@@ -202,9 +202,10 @@ def _epochs(space: dict) -> float:
 
 
 def _curve_ks(config: dict, split: Split) -> list[int]:
+    """The k of this seed's few-shot curve (each drawn ``fewshot.draws`` times, a search per arm and draw)."""
     from study.protocol import curve_on_seed
 
-    return [k for k in config["classify"]["fewshot"]["k"] if k <= split.smallest_pool] if curve_on_seed(config) else []
+    return [k for k in config["fewshot"]["k"] if k <= split.smallest_train] if curve_on_seed(config) else []
 
 
 def head_seconds(config: dict, split: Split, *, dim: int, feature_sets: list[str], views: int) -> float:
@@ -218,8 +219,11 @@ def head_seconds(config: dict, split: Split, *, dim: int, feature_sets: list[str
                                          max_iter=cfg["lr"]["max_iter"]) for m in cfg["heads"]]))
     trial = float(np.mean([fit(rows[fs], fs) for fs in feature_sets]))
     refit = 2 * float(np.mean([fit(rows[fs] + split.val, fs) for fs in feature_sets]))
-    ks = _curve_ks(config, split)
-    curve = sum(fit(k * split.classes, feature_sets[0]) for k in ks) * cfg["fewshot"]["seeds"]
+    few = config["fewshot"]
+    # Each (k, draw) is a search of its own: fewshot.trials trials on the draw, its refit on the draw alone.
+    curve = sum(HEAD_SEARCH_SETUP_S + (few["trials"] + 1) * float(np.mean([fit(k * split.classes, fs)
+                                                                           for fs in feature_sets]))
+                for k in _curve_ks(config, split)) * few["draws"]
     return HEAD_SEARCH_SETUP_S + trials * trial + refit + curve
 
 
@@ -242,7 +246,11 @@ def finetune_seconds(config: dict, split: Split, rates: Rates) -> float:
     refit = float(np.mean([sum(epochs * epoch_s(ph, split.train + split.val, 0) for ph in phases[p])
                            for p in policies]))
     predict = float(np.mean([epoch_s(phases[p][-1], 0, split.test + split.val) for p in policies]))
-    ks = _curve_ks(config, split) if ft["fewshot_draws"] else []
-    curve = sum(refit * k * split.classes / max(split.train + split.val, 1) + TRIAL_SETUP_S
-                + predict * split.test / max(split.test + split.val, 1) for k in ks) * ft["fewshot_draws"]
+    few = config["fewshot"]
+
+    def few_trial(k: int) -> float:  # fewshot.trials trials on the draw (val read every epoch), its refit on it
+        n = k * split.classes
+        return float(np.mean([sum(epochs * epoch_s(ph, n, split.val) for ph in phases[p]) for p in policies]))
+    curve = sum((few["trials"] + 1) * (few_trial(k) + TRIAL_SETUP_S) + predict * split.test
+                / max(split.test + split.val, 1) for k in _curve_ks(config, split)) * few["draws"]
     return rates.load_s + tune_cfg["trials"] * (trial + TRIAL_SETUP_S) + refit + predict + curve

@@ -13,6 +13,7 @@ applies the test-time mirror itself where the study did (``tta = "hflip"``).
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +26,35 @@ from study.errors import StudyError
 from study.hashing import canonical_json, spec_differences
 from study.results import ENSEMBLE, ResultRow, fused_parts, read_results, val_best
 
+log = logging.getLogger(__name__)
+
 
 class VariantError(StudyError):
     """A run, row or artefact that cannot give a model (the message says which and what to do)."""
 
 
-def chosen_row(rows: list[ResultRow]) -> ResultRow:
-    """The run's chosen variant: the headline of its report. The one place the rule is called (the report's rule
-    in study/protocol.py replaces ``val_best`` here when it lands)."""
+DECISION_FILE = "decision.json"  # written by the report stage: the row its decision card names
+
+
+def chosen_row(rows: list[ResultRow], run_dir: Path | None = None) -> ResultRow:
+    """The run's chosen variant: the row the report's decision card names (``decision.json``: the declared rule,
+    which may pass over the val-best for a cheaper candidate within val noise). A run whose report has not been
+    written yet falls back to the val-best row, and says so."""
     candidates = [r for r in rows if r.kind in ("head", "finetune")]
     if not candidates:
         raise VariantError("the run has no head or fine-tune rows: it ended before the classify or finetune stage")
+    path = None if run_dir is None else Path(run_dir) / DECISION_FILE
+    if path is not None and path.is_file():
+        try:
+            index = int(json.loads(path.read_text())["row"])
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise VariantError(f"{path} is unreadable ({exc}): rerun the report stage "
+                               "(run_study.py --stages report) or pass --variant ROW") from exc
+        if 0 <= index < len(rows) and rows[index].kind in ("head", "finetune"):
+            return rows[index]
+        raise VariantError(f"{path} names row {index}, which is not a head or fine-tune row of results.jsonl: "
+                           "rerun the report stage (run_study.py --stages report) or pass --variant ROW")
+    log.warning("%s has no %s (its report stage has not run): 'chosen' is the val-best row", run_dir, DECISION_FILE)
     return val_best(candidates)
 
 
@@ -265,10 +284,10 @@ def read_run(run_dir: str | Path) -> tuple[list[ResultRow], dict]:
     return rows, config
 
 
-def pick_row(rows: list[ResultRow], variant: str) -> ResultRow:
-    """``chosen`` (the run's headline), or a row's index in results.jsonl (the number the report cites)."""
+def pick_row(rows: list[ResultRow], variant: str, run_dir: Path | None = None) -> ResultRow:
+    """``chosen`` (the report's decision), or a row's index in results.jsonl (the number the report cites)."""
     if variant == "chosen":
-        return chosen_row(rows)
+        return chosen_row(rows, run_dir)
     if not variant.isdigit() or not 0 <= int(variant) < len(rows):
         raise VariantError(f"--variant {variant!r}; allowed: 'chosen' or a row number 0..{len(rows) - 1} of "
                            "results.jsonl (a head or fine-tune row)")
@@ -284,7 +303,7 @@ def load_variant(run_dir: str | Path, *, variant: str = "chosen", weights: dict 
     """The model of ``variant`` in the run folder ``run_dir`` (``<out>/runs/<run>``)."""
     run_dir = Path(run_dir)
     rows, config = read_run(run_dir)
-    row = pick_row(rows, variant)
+    row = pick_row(rows, variant, run_dir)
     out_dir = run_dir.parent.parent
     weights = {**config.get("extract", {}).get("weights", {}), **(weights or {})}
     if row.kind == "head":

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from reports.decision import Card, holm_of
 from reports.fmt import count, kind_name, md_table, p_text, pct, pts_ci, seconds, unit_name
+from study.commands import export_command, predict_command
 from study.protocol import RULE
 
-PREDICT = "python -m pipeline.predict --run {run} --variant chosen"
 TIMING = "- **Timing conditions**: "  # the line reports.stage.record_end rewrites once the run has ended
 
 
@@ -92,10 +92,10 @@ def _noise(d, i: int) -> str:
 def predict_lines(card: Card, run_dir: Path | None) -> list[str]:
     row = card.chosen.first
     run = str(run_dir) if run_dir is not None else "<run folder>"
-    return ["", f"To use it (`--variant chosen` is row {row.index} of `results.jsonl`: `{row.backbone}` "
-            f"`{row.method} ({row.feature_set})`, split seed {row.split_seed}, the choice at its first split seed; "
-            "placeholder commands until `pipeline.predict` lands):", "", "```",
-            f"{PREDICT.format(run=run)} IMAGES", f"{PREDICT.format(run=run)} --export DIR", "```"]
+    return ["", f"To use it (row {row.index} of `results.jsonl`: `{row.backbone}` `{row.method} ({row.feature_set})`, "
+            f"split seed {row.split_seed}, the choice at its first split seed; `--variant chosen` names the same row):",
+            "", "```", predict_command(run, row=row.index, images="IMAGES_OR_FOLDERS"),
+            export_command(run, row=row.index, dest="exported"), "```"]
 
 
 def section_per_source(inp) -> list[str]:

@@ -19,6 +19,7 @@ from reports.sections import TIMING, timing_text
 from reports.tables import N_BOOT, Tables
 from study.atomic import write_text_atomic
 from study.cells import neutralise_frame
+from study.protocol import RULE
 from study.results import read_results, read_skips, read_trials
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,23 @@ def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int =
     figures = make_figures(tables, dataset_summary=summary, run_dir=run_dir, dataset_dir=dataset_dir)
     inputs = ReportInputs(tables=tables, summary=summary, skips=read_skips(run_dir), provenance=provenance,
                           config=config, figures=figures, worst_n=worst_n, run_dir=run_dir)
+    _write_decision(tables, run_dir)
     report = run_dir / "report.md"
     write_text_atomic(report, render(inputs, title=title))
     return report
+
+
+def _write_decision(tables: Tables, run_dir: Path) -> None:
+    """``decision.json``: the results row the decision card names, which ``pipeline.predict --variant chosen``
+    uses (none, and a stale one removed, when the report can decide nothing)."""
+    path = run_dir / "decision.json"
+    if tables.card is None:
+        path.unlink(missing_ok=True)
+        return
+    row = tables.card.chosen.first
+    write_text_atomic(path, json.dumps({"row": row.index, "backbone": row.backbone, "arm": tables.card.chosen.arm,
+                                        "kind": row.kind, "method": row.method, "feature_set": row.feature_set,
+                                        "split_seed": row.split_seed, "rule": RULE}, indent=1) + "\n")
 
 
 def _manifest_maps(manifest: Path) -> tuple[dict[str, int], dict[str, str]]:

@@ -45,8 +45,8 @@ def lean_config(tmp_path: Path, *, sources: str = SOURCES, stages: str = ALL_STA
                     '[data.split]\nprotocol = "fraction"\ntrain_fraction = 0.5\nval_fraction = 0.25\n'
                     '[extract]\nviews = 0\ntta = "none"\nprecision = "fp32"\nnum_workers = 0\nbatch_size = 8\n'
                     '[classify]\nheads = ["lr"]\nfeature_sets = ["clean"]\nbootstrap = 20\n'
-                    '[classify.fewshot]\nk = []\n[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n'
-                    'batch_size = 8\nnum_workers = 0\nprecision = "fp32"\nfewshot_draws = 0\n'
+                    '[fewshot]\nk = []\n[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n'
+                    'batch_size = 8\nnum_workers = 0\nprecision = "fp32"\n'
                     f'{extra}'
                     '[tune]\ntrials = 2\nsampler = "random"\n[tune.head]\nnorm = ["l2"]\n'
                     'lr_C = {low = 0.1, high = 1.0, log = true}\n[tune.finetune]\nepochs = [1]\n')

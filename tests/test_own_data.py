@@ -109,7 +109,7 @@ def test_a_dataset_fault_leaves_no_run_folder(tmp_path, capsys):
 
 
 TINY_STUDY = {"extract": {"views": 1, "num_workers": 0, "batch_size": 16},
-              "classify": {"bootstrap": 0, "n_jobs": 1, "fewshot": {"k": [1, 2], "seeds": 1}},
+              "classify": {"bootstrap": 0, "n_jobs": 1}, "fewshot": {"k": [1, 2], "draws": 1, "trials": 1},
               "finetune": {"policies": ["head", "last:1"], "n_boot": 0, "num_workers": 0},
               "tune": {"trials": 2, "finetune": {"epochs": [1]}}}
 

@@ -57,10 +57,17 @@ def test_show_config_is_the_resolved_config_with_meanings_and_origins(tmp_path, 
     text = capsys.readouterr().out
     assert plain(validate(tomllib.loads(text), study_schema())) == \
         plain(load_config(mine, overrides=["classify.bootstrap=7"]))  # it is itself the config
-    lines = text.splitlines()
-    origin = {lines[i + 1].split(" = ")[0]: lines[i] for i in range(len(lines) - 1) if lines[i].startswith("# ")}
-    assert origin["trials"].endswith("[" + str(mine) + "]") and "trials per (backbone" in origin["trials"]
-    assert origin["bootstrap"].endswith("[--set]") and origin["batch_size"].endswith("quick.toml]")
+    origin, table, comment = {}, "", None  # dotted key -> the comment line above it
+    for line in text.splitlines():
+        if line.startswith("["):
+            table = line.split("]")[0].strip("[") + "."
+        elif line.startswith("# "):
+            comment = line
+        elif " = " in line and comment is not None:
+            origin[table + line.split(" = ")[0]], comment = comment, None
+    assert origin["tune.trials"].endswith("[" + str(mine) + "]") and "trials per (backbone" in origin["tune.trials"]
+    assert origin["fewshot.trials"].endswith("quick.toml]")
+    assert origin["classify.bootstrap"].endswith("[--set]") and origin["extract.batch_size"].endswith("quick.toml]")
     assert origin["dev_seeds"].endswith("[built-in default]")
     assert show_config(mine) != text  # the override shows
 

@@ -29,8 +29,9 @@ COMMON = {
                           "max_per_class": 10}],
              "split": {"train_per_class": 6, "val_per_class": 2}},
     "extract": {"views": 1, "batch_size": 16, "num_workers": 0},
-    "classify": {"heads": ["lr"], "bootstrap": 0, "n_jobs": 1, "fewshot": {"k": []}},
-    "finetune": {"fewshot_draws": 0, "n_boot": 0, "num_workers": 0},
+    "classify": {"heads": ["lr"], "bootstrap": 0, "n_jobs": 1},
+    "fewshot": {"k": []},
+    "finetune": {"n_boot": 0, "num_workers": 0},
     "tune": {"trials": 2, "sampler": "random", "pruner": "none", "finetune": {"epochs": [2]}},
 }
 RUN_A = merge(COMMON, {"name": "a", "stages": ["dataset", "extract", "classify"],

@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.variant import VariantError, chosen_row
 from reports.stage import build_report
 from study.metrics import evaluate
-from study.results import append_rows, read_results
+from study.results import append_rows, read_results, val_best
 from tests.conftest import make_tiny_manifest
 from tests.report_checks import predictions, table_after
 
@@ -140,3 +141,12 @@ def test_a_cheaper_candidate_within_val_noise_is_used_and_the_card_says_why(tmp_
             "within val noise, so the cheaper one is used (10.0 s against 100.0 s to train)") in card
     assert "runner-up `efficientnet_lite0` fine-tune" in card
     assert "**Val saturated**: the best val score is 100.0% (1 of 2 candidates scores it): val has no room" in card
+    # What predict uses is what the card names, not the val-best: its 'chosen' reads the report's decision.
+    rows = read_results(tmp_path / "run" / "results.jsonl")
+    assert chosen_row(rows, tmp_path / "run").kind == "head" and val_best(rows).kind == "finetune"
+    assert json.loads((tmp_path / "run" / "decision.json").read_text())["row"] == 0
+    (tmp_path / "run" / "decision.json").unlink()  # before a report: the val-best, with a warning
+    assert chosen_row(rows, tmp_path / "run").kind == "finetune"
+    (tmp_path / "run" / "decision.json").write_text("{")
+    with pytest.raises(VariantError, match="decision.json is unreadable"):
+        chosen_row(rows, tmp_path / "run")

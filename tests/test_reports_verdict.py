@@ -164,8 +164,11 @@ def test_the_decision_names_the_val_best_not_the_test_best(run):
                                "`lr (aug)` on seed 1)")
     assert "runner-up `efficientnet_lite0` fine-tune (`ft:last:1 (light)`)" in sentence
     assert "mean over 2 split seeds" in sentence and "the choice minus the runner-up" in sentence
-    assert "--run " + str(run_dir) + " --variant chosen IMAGES" in card and "--export DIR" in card
+    assert f"python -m pipeline.predict --run {run_dir} --variant 0 IMAGES_OR_FOLDERS" in card
+    assert f"python -m pipeline.predict --run {run_dir} --variant 0 --export exported" in card
     assert "row 0 of `results.jsonl`" in card
+    # pipeline.predict's 'chosen' is the row the card names, read from the decision the report wrote.
+    assert json.loads((run_dir / "decision.json").read_text())["row"] == 0
     errors = md.split("### Where the chosen model fails", 1)[1].split("\n\n", 2)[1]
     assert "`lr (clean)`, split seed 0" in errors
     chosen_cells = [c for c in table_after(md, "## Comparison") if c["chosen on val"]]

@@ -27,7 +27,6 @@ def two_runs(tmp_path_factory, data_root):
     with pytest.MonkeyPatch.context() as mp:
         # A cache hit must not load the pretrained model, run a forward, fit a head, read prefix activations
         # or train: make all impossible.
-        import classify.fewshot
         import classify.search
         import extract.engine
         import extract.read
@@ -38,7 +37,6 @@ def two_runs(tmp_path_factory, data_root):
         mp.setattr(extract.engine, "load_backbone", refuse)
         mp.setattr(extract.engine, "PassRunner", refuse)
         mp.setattr(classify.search, "make_pipeline", refuse)
-        mp.setattr(classify.fewshot, "fit_fewshot", refuse)
         mp.setattr(extract.read.EntryReader, "tensor", refuse)
         mp.setattr(finetune.experiment, "Trainer", refuse)
         t0 = time.perf_counter()
