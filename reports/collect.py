@@ -127,16 +127,27 @@ def verdicts(chosen: pd.DataFrame, rows: list[ResultRow], comparisons: list[Comp
     return out
 
 
+def whole_train_draws(rows: list[ResultRow]) -> set[int]:
+    """Indices of the few-shot rows whose draw took every train image of its split seed (its ``n_train`` is the
+    split's, as its head and fine-tune rows record it): such draws are one fit whatever their seed. Other draws
+    are different fits on different images, even where their test predictions agree."""
+    full: dict[int, set] = {}
+    for r in rows:
+        if r.kind in ("head", "finetune"):
+            full.setdefault(r.split_seed, set()).add(r.n_train)
+    return {r.index for r in rows if r.kind == "fewshot" and r.n_train in full.get(r.split_seed, ())}
+
+
 def fewshot_table(results: pd.DataFrame, rows: list[ResultRow]) -> pd.DataFrame:
-    """Few-shot points: mean and sd over *distinct* draws. Draws with identical test predictions (at
-    k = the pool size every draw takes every image, so the seeds make the same fit) count as one:
-    three copies of one fit are not three seeds with sd 0."""
+    """Few-shot points: mean and sd over *distinct* draws. Draws that took the whole train set and gave identical
+    test predictions count as one: three copies of one fit are not three seeds with sd 0."""
     few = results[results.kind == "fewshot"]
+    whole = whole_train_draws(rows)
     records = []
     for (backbone, method, fset, k), part in few.groupby(["backbone", "method", "feature_set", "k_per_class"]):
         distinct: dict[tuple, float] = {}
-        for i in part["row"]:
-            distinct.setdefault(rows[int(i)].test_pred, rows[int(i)].metrics.mean_per_class)
+        for i in map(int, part["row"]):
+            distinct.setdefault(rows[i].test_pred if i in whole else i, rows[i].metrics.mean_per_class)
         values = list(distinct.values())
         records.append({"arm": part.arm.iloc[0], "backbone": backbone, "method": method, "feature_set": fset,
                         "k_per_class": int(k),
@@ -157,14 +168,15 @@ def fewshot_pairs(rows: list[ResultRow], labels_by_id: dict[str, int], *, n_boot
     pool every draw is one fit) counts once. The interval resamples both the pairs (what other draws would have
     given) and, within class, the test images; ``p`` is its bootstrap p-value of 0."""
     fits: dict[tuple, dict] = {}
+    whole = whole_train_draws(rows)
     for r in rows:
         if r.kind == "fewshot":
             fits.setdefault((r.backbone, int(r.k_per_class)), {}).setdefault(r.arm, {})[(r.split_seed, r.seed)] = r
     records = []
     for (backbone, k), arms in sorted(fits.items()):
         head, ft = arms.get("head", {}), arms.get("finetune", {})
-        distinct = {(ft[key].test_sample_id, ft[key].test_pred, head[key].test_pred): key
-                    for key in sorted(set(head) & set(ft))}
+        distinct = {(ft[key].test_sample_id, ft[key].test_pred, head[key].test_pred)
+                    if {ft[key].index, head[key].index} <= whole else key: key for key in sorted(set(head) & set(ft))}
         keys = sorted(distinct.values())
         if not keys or not labels_by_id:
             continue

@@ -385,7 +385,7 @@ def section_fewshot(inp: ReportInputs) -> list[str]:
     out += [FEWSHOT_DETAIL, ""]
     out += md_table(["arm", "backbone", "method", "features / aug", "k per class", "distinct draws",
                      "mean per-class % (mean)", "sd", "rows"], body)
-    out += ["Draws with identical test predictions (every seed took the whole pool) are one fit, counted once.", ""]
+    out += ["Draws that took the whole train set (every draw seed the same images) are one fit, counted once.", ""]
     return out + figure_links(inp.figures, fewshot="Few-shot: fine-tune minus head, per backbone")
 
 

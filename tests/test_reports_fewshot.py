@@ -53,6 +53,13 @@ def _fewshot_rows(plan: dict, *, seed: int = 0) -> list[dict]:
                         "predict_s": 0.1, "cache_key": "k", "manifest_hash": "h", "n_train": 4 * k, "n_test": len(ids),
                         "class_names": CLASSES, "fit_on": "train+val", "selection": None,
                         "val_mean_per_class": None})
+    # Each split seed's head row: its train set is 20 images per class, so k = 20 draws take all of it.
+    for split_seed in sorted({s for draws in plan.values() for s, _, _ in draws}):
+        ids = IDS[split_seed]
+        y = np.array([LABELS_BY_ID[i] for i in ids])
+        out.append({**out[0], **HEAD, "kind": "head", "seed": split_seed, "split_seed": split_seed,
+                    "k_per_class": None, "metrics": evaluate(y, y, n_classes=4, n_boot=0), "test_sample_id": ids,
+                    "test_pred": y.tolist(), "n_train": 4 * 20, "n_test": len(ids)})
     return out
 
 
@@ -142,3 +149,12 @@ def test_the_fewshot_figure_marks_the_chosen_backbone_and_stays_on_its_canvas():
         assert assert_on_canvas(fig) > 5
     finally:
         plots.plt.close(fig)
+
+
+def test_draws_of_different_images_count_apart_even_when_their_predictions_agree():
+    """Two k = 5 draws (different images) that happen to predict alike are two fits, not one: only draws that took
+    the whole train set are the same fit."""
+    md = _section({("head", 5): [(0, 0, "alike"), (0, 1, "alike")], ("head", 20): [(0, 0, "pool"), (0, 1, "pool")]})
+    rows = {c["k per class"]: c for c in table_after(md, FEWSHOT_DETAIL)}
+    assert rows["5"]["distinct draws"] == "2" and rows["5"]["sd"] == pct(0.0)
+    assert rows["20"]["distinct draws"] == "1 (2 identical draws)"
