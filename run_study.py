@@ -155,13 +155,34 @@ def _run_stages(ctx: StudyContext, *, plan_only: bool, monitor: ResourceMonitor)
         _log_plan(seeds, show=plan_only)
         if plan_only:
             return "planned"
+    splits = {seed_ctx.seed: _splits_of(seed_ctx) for seed_ctx in seeds}
     for seed_ctx in seeds:
         for stage in stages:
             if stage != "dataset":
+                _check_splits(seed_ctx, splits[seed_ctx.seed])
                 _run_stage(seed_ctx, stage, monitor=monitor)
     if "report" in ctx.config["stages"]:  # the dataset summary shown is the first seed's (same images)
+        for seed_ctx in seeds:
+            _check_splits(seed_ctx, splits[seed_ctx.seed])
         _run_stage(seeds[0], "report", monitor=monitor)
     return "ok"
+
+
+def _splits_of(ctx: StudyContext) -> str | None:
+    """The hash of a split seed's manifest (images, labels, splits) as this run's stages read it."""
+    from dataset.manifest import manifest_hash, read_manifest
+
+    return manifest_hash(read_manifest(ctx.manifest_path)) if ctx.manifest_path.is_file() else None
+
+
+def _check_splits(ctx: StudyContext, expected: str | None) -> None:
+    """Refuse to go on when another run on this --out rebuilt the manifest since this run's dataset stage: the
+    later stages would read other splits than the earlier ones (one arm's test images the other's train)."""
+    if _splits_of(ctx) != expected:
+        raise StudyError(f"{ctx.manifest_path} changed while this run was going (another run on this --out rebuilt "
+                         f"split seed {ctx.seed}'s dataset with other data or split settings), so its later stages "
+                         "would read other splits than its earlier ones: give studies with different data or "
+                         "splits their own --out, and rerun this one")
 
 
 def _record_end(run_dir: Path, prov: dict, status: str, *, monitor: ResourceMonitor) -> None:

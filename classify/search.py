@@ -117,7 +117,8 @@ def cv_folds(search: HeadSearch) -> int:
     """The folds of the cross-validation a search chooses by: 0 (choose on val) when val has at least CV_BELOW
     images of every class, else up to 5, as many as the smallest class's train+val images allow (0 below 2)."""
     data = next(iter(search.data.values()))
-    counts = np.bincount(data.val.y)[np.unique(data.train.y)] if len(data.val) else np.zeros(1, int)
+    n = int(max(data.train.y.max(initial=0), data.val.y.max(initial=0))) + 1
+    counts = np.bincount(data.val.y, minlength=n)[np.unique(data.train.y)] if len(data.val) else np.zeros(1, int)
     if counts.min() >= CV_BELOW:
         return 0
     return _possible_folds(data)
@@ -184,7 +185,7 @@ def search_heads(search: HeadSearch, *, cfg: dict, tune_cfg: dict, out_dir: Path
                                           folds=folds),
                         trials=tune_cfg["trials"], lock=tune.budget_lock(tune_dir, name),
                         stale_after_s=tune_cfg["stale_after_s"])
-        trials = tune.finished(study)
+        trials = tune.finished(study, limit=tune_cfg["trials"])
         row = _refit_chosen(search, trials=trials, solver=cfg["lr"], head_dir=head_dir, key=key, folds=folds)
         records = trial_rows(search, trials, space=space, study=name)
         write_text_atomic(head_dir / TRIALS_FILE, json.dumps([t.to_dict() for t in records]))
@@ -241,7 +242,9 @@ def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: P
     """The chosen trial's pipeline refit on train+val (a few-shot search: on its draw alone), then -- and only
     then -- test predicted once."""
     complete = [t for t in trials if t.state == "COMPLETE"]
+    t_choose = time.perf_counter()
     index, metric, cv = _choose(search, complete, solver=solver, folds=folds)
+    choose_s = time.perf_counter() - t_choose  # a re-ranking by cross-validation fits models too
     chosen = complete[index]
     method, feature_set, point = point_of(chosen.params)
     data, job = search.data[feature_set], search.jobs[feature_set]
@@ -254,9 +257,10 @@ def _refit_chosen(search: HeadSearch, *, trials: list, solver: dict, head_dir: P
     refit_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores = class_scores(model, data.test.X, n_classes=len(job.class_names))
+    predict_s = time.perf_counter() - t1  # one pass over test, as a fine-tune's; the labels below are bookkeeping
     pred = np.asarray(model.predict(data.test.X), dtype=np.int64)
-    fit = _Scored(test_pred=pred, test_scores=scores, train_s=sum(t.seconds for t in trials) + refit_s,
-                  predict_s=time.perf_counter() - t1)
+    fit = _Scored(test_pred=pred, test_scores=scores, train_s=sum(t.seconds for t in trials) + choose_s + refit_s,
+                  predict_s=predict_s)
     # A point's val score is its val score, whatever chose (a cross-validated score is kept beside it).
     points = [Point(params=t.params, val_mean_per_class=t.attrs.get("val", t.val), val_log_loss=t.val_log_loss,
                     extra={"trial": t.number, "seconds": t.seconds,
@@ -325,14 +329,16 @@ def result_row(*, method: str, feature_set: str, data: HeadData, fit, model, hyp
 
 def search_feature_s(search: HeadSearch) -> float | None:
     """The compute share of every stored row a search read: its trials fit on every feature set it offers, so it
-    is charged all of their rows, each (image, view) once ('stages' reads the pooled rows 'clean' reads, and one
-    pass made both parts)."""
+    is charged all of their rows of the images it uses (a few-shot search: its draw, val and test), each
+    (image, view) once ('stages' reads the pooled rows 'clean' reads, and one pass made both parts)."""
     cost = {}
     for name, job in search.jobs.items():
         fs = job.fs
         if fs.row_cost_s is None:
             return None
-        read = rows_read(fs, name)
+        d = search.data[name]  # a few-shot search read its drawn train images only (and val, test)
+        seen = np.concatenate([d.train.sample_id, d.val_fit.sample_id, d.val.sample_id, d.test.sample_id])
+        read = rows_read(fs, name) & np.isin(np.asarray(fs.sample_id), seen)
         cost.update(zip(zip(np.asarray(fs.sample_id)[read].tolist(), np.asarray(fs.view)[read].tolist()),
                         np.asarray(fs.row_cost_s)[read].tolist()))
     return float(sum(cost.values()))

@@ -15,6 +15,7 @@ from dataset.views import PARTS, TRAIN_PARTS, part_views, study_requests
 from extract.engine import PassSettings, ensure_rows, store_keys
 from extract.read import EntryReader
 from finetune.train import CachedSource, ImageSource
+from study.hashing import spec_hash
 
 
 @dataclass
@@ -94,11 +95,15 @@ class FitInputs:
         for key in [k for k in self._memo if not parts or k[1] in parts]:
             del self._memo[key]
 
-    def identity(self, policy: str, parts: tuple[str, ...]) -> str | None:
-        """The content identity of the rows ``parts`` read (no data read); None on the naive path."""
-        if not self.cached(policy):
-            return None
-        return self._reader(policy).identity([k for p in parts for k in self.keys(p)])
+    def identity(self, policy: str, parts: tuple[str, ...]) -> str:
+        """The content identity of the rows ``parts`` read (no data read): the store rows' on the cached path; on
+        the naive path the images' content ids and the views each part takes (so a few-shot draw, or any other
+        subset of train, is a fit of its own and never resumes another's checkpoint)."""
+        if self.cached(policy):
+            return self._reader(policy).identity([k for p in parts for k in self.keys(p)])
+        ids, labels = self.manifest["sample_id"].to_numpy(dtype=object), self.manifest["label"].to_numpy(np.int64)
+        return spec_hash({p: {"images": ids[self.positions[p]].tolist(), "labels": labels[self.positions[p]].tolist(),
+                              "views": list(self.views(p))} for p in parts})
 
     def cost_s(self, policy: str, parts: tuple[str, ...] = ("train+val", "val", "test")) -> float:
         """Compute seconds of every store row ``parts`` read (their share of the passes that made them); by

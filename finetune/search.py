@@ -230,7 +230,7 @@ def _search(run: _Run, exp: _Experiment) -> list[tune.TrialRecord]:
         tune.run_trials(study, objective, trials=run.tune_cfg["trials"], lock=tune.budget_lock(run.tune_dir, run.name),
                         stale_after_s=run.tune_cfg["stale_after_s"])
         distributed.broadcast_object(None)  # the budget is met: the other ranks stop waiting for settings
-        trials = tune.finished(study)
+        trials = tune.finished(study, limit=run.tune_cfg["trials"])
     else:
         _follow(train)
     run.rows.release("train")  # every trial has trained on it; the refit reads train+val, predictions val

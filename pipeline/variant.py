@@ -46,14 +46,18 @@ def chosen_row(rows: list[ResultRow], run_dir: Path | None = None) -> ResultRow:
     path = None if run_dir is None else Path(run_dir) / DECISION_FILE
     if path is not None and path.is_file():
         try:
-            index = int(json.loads(path.read_text())["row"])
+            decision = json.loads(path.read_text())
+            index = int(decision["row"])
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise VariantError(f"{path} is unreadable ({exc}): rerun the report stage "
                                "(run_study.py --stages report) or pass --variant ROW") from exc
-        if 0 <= index < len(rows) and rows[index].kind in ("head", "finetune"):
-            return rows[index]
-        raise VariantError(f"{path} names row {index}, which is not a head or fine-tune row of results.jsonl: "
-                           "rerun the report stage (run_study.py --stages report) or pass --variant ROW")
+        row = rows[index] if 0 <= index < len(rows) else None
+        named = ("backbone", "kind", "method", "feature_set", "split_seed")
+        if row is not None and all(decision.get(k, getattr(row, k)) == getattr(row, k) for k in named):
+            return row
+        raise VariantError(f"{path} names row {index} ({', '.join(str(decision.get(k)) for k in named)}), which "
+                           "is not that row of results.jsonl now: rerun the report stage (run_study.py --stages "
+                           "report) or pass --variant ROW")
     log.warning("%s has no %s (its report stage has not run): 'chosen' is the val-best row", run_dir, DECISION_FILE)
     return val_best(candidates)
 

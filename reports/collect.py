@@ -144,12 +144,15 @@ def fewshot_table(results: pd.DataFrame, rows: list[ResultRow]) -> pd.DataFrame:
     few = results[results.kind == "fewshot"]
     whole = whole_train_draws(rows)
     records = []
-    for (backbone, method, fset, k), part in few.groupby(["backbone", "method", "feature_set", "k_per_class"]):
+    # Each (arm, k, draw) is a search of its own, so draws of one k may choose different methods: one line per
+    # arm, backbone and k, naming what its draws chose.
+    for (backbone, arm, k), part in few.groupby(["backbone", "arm", "k_per_class"], sort=True):
         distinct: dict[tuple, float] = {}
         for i in map(int, part["row"]):
             distinct.setdefault(rows[i].test_pred if i in whole else i, rows[i].metrics.mean_per_class)
         values = list(distinct.values())
-        records.append({"arm": part.arm.iloc[0], "backbone": backbone, "method": method, "feature_set": fset,
+        records.append({"arm": arm, "backbone": backbone, "method": ", ".join(sorted(set(part.method))),
+                        "feature_set": ", ".join(sorted(set(part.feature_set))),
                         "k_per_class": int(k),
                         "n_draws": len(part), "n_distinct": len(values), "mean": float(np.mean(values)),
                         "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,

@@ -369,8 +369,8 @@ def section_augmentation(inp: ReportInputs) -> list[str]:
 
 
 # The caption of the per-variant few-shot table (tests find the table by it).
-FEWSHOT_DETAIL = ("Per variant and k (each split seed's chosen variant; mean and sd over its distinct fits, pooled "
-                  "over the split seeds that chose it):")
+FEWSHOT_DETAIL = ("Per arm, backbone and k (each draw a search of its own: the methods its draws chose; mean and sd "
+                  "over the distinct draws of every split seed):")
 
 
 def section_fewshot(inp: ReportInputs) -> list[str]:

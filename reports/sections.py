@@ -60,6 +60,13 @@ def card_reasons(card: Card) -> list[str]:
         out.append("- Val-best minus each other candidate on val (pts, 95% interval; *within noise* when it "
                    "includes 0): " + "; ".join(f"{unit_name(units[i])} {_noise(d, i)}"
                                                 + (" (within noise)" if i in d.within else "") for i in others) + ".")
+    cv = [x for x in units if x.arm == "head" and any(
+        r.selection is not None and "cross-validation" in (r.selection.metric or "") for r in x.rows.values())]
+    if cv and any(x.arm == "finetune" for x in units):
+        out.append("- **Val scores are not equally optimistic**: a fine-tune's val score is the best its search "
+                   "found over trials and epochs on val, while " + ", ".join(unit_name(x) for x in cv)
+                   + " chose by cross-validation on train+val, so its val score is that of the trial it chose, not "
+                   "a maximum over val: on val the comparison leans toward the fine-tune.")
     if d.saturated:
         tops = [units[i] for i in range(len(units)) if units[i].val_score == best.val_score]
         out.append(f"- **Val saturated**: the best val score is {pct(best.val_score)}% ({len(tops)} of {len(units)} "

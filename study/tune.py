@@ -239,6 +239,10 @@ def _worker() -> dict:
 
 def _alive(worker: dict, *, beat: float | None, stale_after_s: float) -> bool:
     if worker.get("host") == socket.gethostname():
+        if int(worker.get("pid", -1)) == os.getpid():
+            # This process runs one trial at a time and is not running one now: a trial under its pid was left
+            # by a killed run whose pid the system gave again.
+            return False
         try:
             os.kill(int(worker["pid"]), 0)
         except ProcessLookupError:
@@ -360,8 +364,10 @@ class TrialRecord:
     curve: tuple[float, ...] = ()  # the values it reported, step by step (a fine-tune: val after each epoch)
 
 
-def finished(study) -> list[TrialRecord]:
-    """The study's finished trials (complete or pruned), by trial number."""
+def finished(study, *, limit: int | None = None) -> list[TrialRecord]:
+    """The study's finished trials (complete or pruned), by trial number; with ``limit``, the first ``limit`` of
+    them: a study an earlier run took further (its name leaves out the budget) gives a smaller budget only the
+    trials that budget would have run, so the arms stay tuned alike."""
     out = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if t.state.name not in FINISHED:
@@ -372,4 +378,4 @@ def finished(study) -> list[TrialRecord]:
                                val=t.value if t.state.name == "COMPLETE" else (curve[-1] if curve else None),
                                val_log_loss=t.user_attrs.get("val_log_loss"),
                                seconds=float(t.user_attrs.get("seconds", 0.0)), attrs=attrs, curve=curve))
-    return out
+    return out if limit is None else out[:limit]

@@ -14,6 +14,7 @@ import classify.search
 import classify.stage
 from classify.search import point_of
 from classify.store import load_head
+from dataset.manifest import read_manifest
 from extract.store import Store
 from study import tune
 from study.context import StudyContext
@@ -145,11 +146,21 @@ def test_trials_jsonl_holds_the_budget_of_each_backbone_and_split_seed_and_the_r
 def test_the_head_is_charged_the_stored_rows_its_search_read(first_run, features, tiny_manifest, tmp_path):
     """Like a fine-tune, a head is charged the compute share of the rows it read: a search offered 'clean' and
     'aug' reads every stored view; offered 'clean' alone, the clean (and test-time) views only. A few-shot row is
-    a search of its own, offered the same sets, and charged alike."""
-    _, rows, _ = first_run
+    a search of its own, offered the same sets, charged those rows of its drawn images, val and test only (as a
+    few-shot fine-tune is)."""
+    ctx, rows, _ = first_run
+    manifest = read_manifest(ctx.manifest_path)
     for r in rows:
         fs = features[r["backbone"]]
-        assert r["feature_s"] == pytest.approx(fs.cost_s(np.ones(len(fs.view), bool)))
+        if r["kind"] == "head":
+            assert r["feature_s"] == pytest.approx(fs.cost_s(np.ones(len(fs.view), bool)))
+            continue
+        train = manifest[manifest.split == "train"]
+        drawn = train.sample_id.to_numpy()[draw_indices(train.label.to_numpy(), k=r["k_per_class"],
+                                                        seed=r["draw_seed"])]
+        used = np.isin(np.asarray(fs.sample_id), [*drawn, *manifest[manifest.split != "train"].sample_id])
+        assert r["feature_s"] == pytest.approx(fs.cost_s(used))
+        assert r["feature_s"] < fs.cost_s(np.ones(len(fs.view), bool))
     lite0 = {LITES[0]: features[LITES[0]]}
     _, clean, _ = run_stage(tmp_path, "clean", tiny_manifest=tiny_manifest, features=lite0,
                             classify_cfg=small_classify_config(feature_sets=["clean"]),

@@ -312,3 +312,27 @@ def test_a_knn_k_larger_than_the_training_rows_is_recorded_as_used(clean, tmp_pa
     chosen = row["selection"]["points"][row["selection"]["chosen"]]["params"]
     assert chosen["knn_k"] >= 20  # asked for
     assert row["hyperparams"]["k"] == row["n_fit_rows"] < 20  # used: every training row
+
+
+def test_a_manifest_another_run_rebuilds_mid_run_stops_the_later_stages(tmp_path, capsys, monkeypatch, data_root):
+    """Two runs on one --out with other split settings share its dataset folder: when the other rebuilds the
+    manifest while this run is between stages, this run stops with one error line instead of training the
+    fine-tunes (or writing the report) on other splits than its heads used."""
+    import classify.stage
+    from dataset.manifest import read_manifest, write_manifest
+
+    config = lean_config(tmp_path)
+    out = tmp_path / "out"
+    original = classify.stage.run
+
+    def classify_then_resplit(ctx):  # what the other run's dataset stage does meanwhile
+        original(ctx)
+        df = read_manifest(ctx.manifest_path)
+        train, test = df.index[df.split == "train"][0], df.index[df.split == "test"][0]
+        df.loc[[train, test], "split"] = ["test", "train"]
+        write_manifest(df, ctx.manifest_path)
+    monkeypatch.setattr(classify.stage, "run", classify_then_resplit)
+    err = one_error_line(*run_cli(capsys, config, out, data_root))
+    assert "changed while this run was going" in err and "own --out" in err
+    run = next((out / "runs").iterdir())
+    assert {r["kind"] for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())} == {"head"}

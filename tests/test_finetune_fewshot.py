@@ -79,3 +79,31 @@ def test_a_rerun_reappends_the_curve_without_training(setup, monkeypatch):
     monkeypatch.setattr(train_mod.Trainer, "train_epoch", refuse)
     assert run_fewshot(**common) == first
 
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_draws_fit_is_keyed_by_its_images_on_both_paths(tiny_manifest, data_root, tmp_path, cached):
+    """A fit on k drawn images never shares a key (and so a checkpoint) with the full-train fit or another draw's,
+    on the cached path and on the naive one (policy 'all', or prefix_cache off), which reads no store rows."""
+    from finetune.experiment import _Experiment
+    from finetune.inputs import FitInputs
+
+    manifest = read_manifest(tiny_manifest)
+    hp = {**recipe(), "views": 1, "prefix_cache": cached}
+    point = {"lr": 3e-3}
+
+    def spec(train=None) -> dict:
+        rows = FitInputs(backbone=None, manifest=manifest, hp=hp, data_root=data_root, stores={}, view_seed=0)
+        rows.cached = lambda policy: False  # no store here: the key must come from the images themselves
+        if train is not None:
+            rows.restrict_train(train)
+        exp = _Experiment(backbone=None, manifest=manifest, hp=hp, seed=0, device="cpu",
+                          finetune_dir=tmp_path / "ft", rows=rows, base={"seed": 0}, on_epoch_end=None)
+        return exp.fit_spec(policy="all", params=point, fit_on="train", epochs=None, init=None)
+
+    full = FitInputs(backbone=None, manifest=manifest, hp=hp, data_root=data_root, stores={}, view_seed=0)
+    train = full.positions["train"]
+    draws = [drawn_positions(manifest, train, k=1, draw=d) for d in (0, 1)]
+    assert not np.array_equal(*draws)
+    keys = [spec(), spec(draws[0]), spec(draws[1]), spec(draws[0])]
+    assert keys[0] != keys[1] != keys[2] and keys[1] == keys[3]  # the same draw is the same fit

@@ -147,6 +147,29 @@ def test_a_cheaper_candidate_within_val_noise_is_used_and_the_card_says_why(tmp_
     assert json.loads((tmp_path / "run" / "decision.json").read_text())["row"] == 0
     (tmp_path / "run" / "decision.json").unlink()  # before a report: the val-best, with a warning
     assert chosen_row(rows, tmp_path / "run").kind == "finetune"
+    stale = {"row": 0, "backbone": "efficientnet_lite0", "kind": "finetune", "method": "lr", "feature_set": "clean",
+             "split_seed": 0}  # results.jsonl rewritten after the report: row 0 is no longer what it names
+    (tmp_path / "run" / "decision.json").write_text(json.dumps(stale))
+    with pytest.raises(VariantError, match="is not that row of results.jsonl now"):
+        chosen_row(rows, tmp_path / "run")
     (tmp_path / "run" / "decision.json").write_text("{")
     with pytest.raises(VariantError, match="decision.json is unreadable"):
         chosen_row(rows, tmp_path / "run")
+
+
+def test_the_card_says_when_a_head_chose_by_cross_validation_against_a_fine_tune_chosen_on_val(tmp_path, data_root):
+    df = make_tiny_manifest(tmp_path / "dataset" / "manifest.csv", n_train=15, n_val=5, n_test=10)
+    test, val = df[df.split == "test"], df[df.split == "val"]
+    rng = np.random.default_rng(2)
+    kw = dict(log_loss=0.1, wrong=0, test=test, val=val, seed=0, rng=rng)
+    head = _row(kind="head", backbone="efficientnet_lite0", method="lr", fset="clean", cost=5.0, **kw)
+    ft = _row(kind="finetune", backbone="efficientnet_lite0", method="ft:last:1", fset="light", cost=100.0, **kw)
+    cards = []
+    for metric in ("val_mean_per_class", "5-fold cross-validation on train+val (val < 10 per class)"):
+        head["selection"] = {**head["selection"], "metric": metric}
+        run = tmp_path / metric[:3]
+        append_rows(run / "results.jsonl", [head, ft])
+        build_report(run_dir=run, dataset_dir=tmp_path / "dataset", title="CV", n_boot=200)
+        cards.append(_card((run / "report.md").read_text()))
+    assert "Val scores are not equally optimistic" not in cards[0]
+    assert "Val scores are not equally optimistic" in cards[1] and "leans toward the fine-tune" in cards[1]

@@ -158,3 +158,13 @@ def test_draws_of_different_images_count_apart_even_when_their_predictions_agree
     rows = {c["k per class"]: c for c in table_after(md, FEWSHOT_DETAIL)}
     assert rows["5"]["distinct draws"] == "2" and rows["5"]["sd"] == pct(0.0)
     assert rows["20"]["distinct draws"] == "1 (2 identical draws)"
+
+
+def test_the_draws_of_one_k_are_one_line_whatever_method_each_draw_chose():
+    raw = _fewshot_rows({("head", 1): [(0, 0, 3), (0, 1, 1), (0, 2, 2)]})
+    raw[1] = {**raw[1], "method": "svm"}  # each draw is its own search: the second chose an SVM
+    tables = Tables.from_rows(_typed(raw), labels_by_id=LABELS_BY_ID, n_boot=200)
+    inp = ReportInputs(tables=tables, summary=None, skips=[], provenance={}, config={}, figures={})
+    (line,) = table_after("\n".join(section_fewshot(inp)), FEWSHOT_DETAIL)
+    assert line["method"] == "lr, svm" and line["distinct draws"] == "3"
+    assert line["mean per-class % (mean)"] == pct(np.mean([1 - 3 / 10, 1 - 1 / 10, 1 - 2 / 10]))

@@ -80,6 +80,31 @@ def test_the_budget_is_met_exactly_and_a_rerun_runs_nothing(tmp_path):
     assert record.seconds >= 0 and set(record.params) == {"x", "kind"}
 
 
+def test_a_smaller_budget_on_a_study_taken_further_reads_only_its_own_first_trials(tmp_path):
+    """Study names leave out the budget (a larger budget goes on with the same study): a later, smaller budget
+    must still choose among, and be charged for, the trials it would have run, not the larger budget's."""
+    study = tune.open_study(name="b", cfg=CFG, tune_dir=tmp_path)
+    seen = []
+    tune.run_trials(study, _objective(seen), trials=8, lock=tune.budget_lock(tmp_path, "b"))
+    tune.run_trials(study, _objective(seen), trials=3, lock=tune.budget_lock(tmp_path, "b"))
+    assert len(seen) == 8  # nothing new ran
+    assert [t.number for t in tune.finished(study, limit=3)] == [0, 1, 2]
+    assert len(tune.finished(study)) == 8
+
+
+def test_a_running_trial_left_under_this_processs_pid_is_cut_off_and_retried(tmp_path):
+    """A killed run's trial stays RUNNING under its pid; when the system gives that pid to the rerun itself, the
+    trial is not alive (this process runs one trial at a time), so it is retried instead of waited for forever."""
+    study = tune.open_study(name="pid", cfg=CFG, tune_dir=tmp_path)
+    left = study.ask()
+    left.set_user_attr("worker", {"host": __import__("socket").gethostname(), "pid": os.getpid()})
+    left.set_user_attr("beat", time.time())
+    seen = []
+    tune.run_trials(study, _objective(seen), trials=2, lock=tune.budget_lock(tmp_path, "pid"))
+    states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+    assert states[left.number] == "FAIL" and len(tune.finished(study)) == 2 and len(seen) == 2
+
+
 def test_a_pruned_trial_counts_as_a_trial_and_is_recorded_as_pruned(tmp_path):
     study = tune.open_study(name="p", cfg=CFG, tune_dir=tmp_path)
     seen = []
