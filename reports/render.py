@@ -497,7 +497,8 @@ def machine_lines(p: dict) -> list[str]:
         out.append(f"- wall time {p['wall_s']:.0f} s" + ("; per stage: " + ", ".join(
             f"{k} {v:.0f} s" for k, v in p["stage_seconds"].items()) if p.get("stage_seconds") else ""))
     if p.get("peak_rss_bytes") is not None:
-        out.append(f"- peak resident memory {p['peak_rss_bytes'] / 2 ** 30:.2f} GiB"
+        out.append(f"- peak resident memory {p['peak_rss_bytes'] / 2 ** 30:.2f} GiB (the process and its workers, "
+                   "shared pages counted once)"
                    + ("" if p.get("peak_rss_sampled", True) else " (this process only)"))
     load = p.get("load_avg") or {}
     if load:

@@ -72,10 +72,27 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _pss_bytes(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def _rss_bytes(pid: int, page: int) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * page
+    return 0
+
+
 def tree_rss_bytes(root: int | None = None) -> int | None:
     """Resident bytes of ``root`` (this process) and every process below it (DataLoader, joblib workers), from
-    /proc; None where there is no /proc. A page two processes share (a forked worker's copy-on-write pages)
-    counts once per process: an upper bound of what the tree holds."""
+    /proc; None where there is no /proc. Each process counts its proportional share (PSS) of the pages it shares
+    with others (a forked worker's copy-on-write pages), so the sum is what the tree holds; where the kernel gives
+    no PSS, its resident set (an upper bound: shared pages count once per process)."""
     root = os.getpid() if root is None else root
     if not os.path.isdir(f"/proc/{root}"):
         return None
@@ -85,9 +102,7 @@ def tree_rss_bytes(root: int | None = None) -> int | None:
         if pid in seen:
             continue
         seen.add(pid)
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * page
+        total += _pss_bytes(pid) or _rss_bytes(pid, page)
         todo += _children(pid)
     return total
 
