@@ -146,33 +146,35 @@ def class_stratified(parts: Sequence[Part], *, n_boot: int, seed: int, resample_
     """The mean over ``parts`` of the mean per-class value (per class, the mean of its images' values), and
     ``n_boot`` bootstrap draws of it with a seeded generator.
 
-    Images are resampled within strata of the same class held by the same parts (an image held by several parts,
-    as split seeds share most images, keeps one weight in all of them), so every stratum keeps its size: every
-    class keeps its images in every part and every resample. With ``resample_parts`` the parts themselves are
-    resampled too (few-shot draws: what other draws of training images would have given)."""
+    Images are resampled within their class, each class keeping its number of images (so every class is in every
+    resample); an image carries the parts that hold it, so an image several parts hold (split seeds share most
+    images) keeps one weight in all of them. A class of a part is scored over the resampled images that part
+    holds. (Strata of class x the set of parts holding the image would keep each part's class sizes, but with
+    split seeds whose val sets overlap partly they shrink to one or two images, whose resamples never vary: an
+    interval of zero width.) With ``resample_parts`` the parts themselves are resampled too (few-shot draws: what
+    other draws of training images would have given)."""
     labels, member, values = _union(parts)
-    strata, stratum = np.unique(np.concatenate([labels[:, None], member], axis=1), axis=0, return_inverse=True)
-    order = np.argsort(stratum.ravel(), kind="stable")  # strata sort by label first, so classes are contiguous
+    order = np.argsort(labels, kind="stable")
     values, member, labels = values[order], member[order], labels[order]
-    size = np.bincount(stratum.ravel())
-    start = np.repeat(np.cumsum(size) - size, size)  # each position: where its stratum starts, and its size
-    span = np.repeat(size, size)
     class_start = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-    sizes = np.add.reduceat(member, class_start, axis=0)  # (classes, parts): images of each class in each part
-    present = sizes > 0
+    size = np.diff(np.r_[class_start, len(labels)])
+    start, span = np.repeat(class_start, size), np.repeat(size, size)  # each position: its class's first image, size
 
-    def mean_per_class(class_sums: np.ndarray) -> np.ndarray:  # (..., classes, parts) -> (..., parts)
-        return (class_sums / np.where(present, sizes, 1) * present).sum(axis=-2) / present.sum(axis=0)
+    def mean_per_class(class_sums: np.ndarray, counts: np.ndarray) -> np.ndarray:  # (..., classes, parts) -> parts
+        present = counts > 0
+        return (class_sums / np.where(present, counts, 1) * present).sum(axis=-2) / np.maximum(present.sum(axis=-2), 1)
 
     rng = np.random.default_rng(seed)
     draws = []
     for n in np.diff(np.r_[np.arange(0, n_boot, BOOT_CHUNK), n_boot]):
         pick = start + (rng.random((n, len(start))) * span).astype(np.int64)
-        draws.append(mean_per_class(np.add.reduceat(values[pick], class_start, axis=1)))
+        draws.append(mean_per_class(np.add.reduceat(values[pick], class_start, axis=1),
+                                    np.add.reduceat(member[pick], class_start, axis=1)))
     per_part = np.concatenate(draws)  # (n_boot, parts)
     weights = (rng.multinomial(len(parts), np.full(len(parts), 1 / len(parts)), size=n_boot) if resample_parts
                else np.ones((n_boot, len(parts))))
-    observed = mean_per_class(np.add.reduceat(values, class_start, axis=0)).mean()
+    observed = mean_per_class(np.add.reduceat(values, class_start, axis=0),
+                              np.add.reduceat(member, class_start, axis=0)).mean()
     return Boot(observed=float(observed), draws=(per_part * weights).sum(axis=1) / weights.sum(axis=1))
 
 

@@ -100,6 +100,19 @@ def test_images_shared_by_split_seeds_are_resampled_once():
     np.testing.assert_allclose(double.draws, single.draws)
 
 
+def test_an_image_only_one_split_seed_holds_still_varies_with_its_class():
+    """Split seeds whose val sets overlap partly: image a is in seed 0's val only, b and c in both, d in seed 1's
+    only. The two candidates differ on a alone. Resampled within the class, a is left out of some resamples, so
+    the interval of the difference reaches 0 (strata of class x seeds would hold a alone: no variation at all)."""
+    labels = np.zeros(3, dtype=np.int64)
+    seed0 = Part(ids=["a", "b", "c"], labels=labels, values=np.array([1.0, 0.0, 0.0]))
+    seed1 = Part(ids=["b", "c", "d"], labels=labels, values=np.zeros(3))
+    boot = class_stratified([seed0, seed1], n_boot=2000, seed=0)
+    assert boot.observed == pytest.approx(1 / 6)  # seed 0: 1/3 of its class; seed 1: 0
+    lo, hi = boot.interval()
+    assert lo == 0.0 and hi >= 0.25 and np.std(boot.draws) > 0
+
+
 def test_an_image_with_two_labels_is_refused():
     with pytest.raises(ValueError, match="two labels"):
         class_stratified([Part(ids=["a"], labels=np.array([0]), values=np.array([1.0])),
