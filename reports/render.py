@@ -214,12 +214,15 @@ def section_protocol(inp: ReportInputs) -> list[str]:
         f"stored in the manifest, and shared by every head and fine-tune of that seed: protocol "
         f"`{split.get('protocol', '?')}` "
         + (f"({split.get('train_per_class')} training images per class, of which {split.get('val_per_class')} are "
-           f"validation; the rest of each class is test)." if split.get("protocol") == "per_class" else "."),
+           f"validation; the rest of each class is test)." if split.get("protocol") == "per_class" else
+           f"({split.get('train_fraction')} of each class to train, {split.get('val_fraction')} to validation, "
+           "the rest to test)." if split.get("protocol") == "fraction" else "."),
         "- Every choice — a tuner trial of either arm, a fine-tune's epoch, each (backbone, arm)'s row and the "
-        "decision — is made by mean per-class accuracy on `val`: within a search an exact tie goes to the cheaper "
-        "trial; the decision takes a cheaper candidate whenever its val difference from the val-best is within "
-        "val noise (the rule is under Decision). No val log-loss breaks a tie across families; `test` scores each "
-        "final model once and takes part in no choice.",
+        "decision — is made by mean per-class accuracy on `val` (a head search with under 10 val images of a "
+        "class scores its trials by cross-validation on train+val instead, and says so): within a search an exact "
+        "tie goes to the earlier trial; the decision takes a cheaper candidate whenever its val difference from "
+        "the val-best is within val noise (the rule is under Decision). No val log-loss breaks a tie across "
+        "families; `test` scores each final model once and takes part in no choice.",
     ]
     out += protocol_arm_lines(inp.tables.rows, inp.tables.trials)
     out += [

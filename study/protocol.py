@@ -149,10 +149,11 @@ def class_stratified(parts: Sequence[Part], *, n_boot: int, seed: int, resample_
     Images are resampled within their class, each class keeping its number of images (so every class is in every
     resample); an image carries the parts that hold it, so an image several parts hold (split seeds share most
     images) keeps one weight in all of them. A class of a part is scored over the resampled images that part
-    holds. (Strata of class x the set of parts holding the image would keep each part's class sizes, but with
-    split seeds whose val sets overlap partly they shrink to one or two images, whose resamples never vary: an
-    interval of zero width.) With ``resample_parts`` the parts themselves are resampled too (few-shot draws: what
-    other draws of training images would have given)."""
+    holds; a part that drew no image of a class is scored over its other classes in that resample, and a part
+    that drew no image at all sits that resample out. (Strata of class x the set of parts holding the image would
+    keep each part's class sizes, but with split seeds whose val sets overlap partly they shrink to one or two
+    images, whose resamples never vary: an interval of zero width.) With ``resample_parts`` the parts themselves
+    are resampled too (few-shot draws: what other draws of training images would have given)."""
     labels, member, values = _union(parts)
     order = np.argsort(labels, kind="stable")
     values, member, labels = values[order], member[order], labels[order]
@@ -165,14 +166,17 @@ def class_stratified(parts: Sequence[Part], *, n_boot: int, seed: int, resample_
         return (class_sums / np.where(present, counts, 1) * present).sum(axis=-2) / np.maximum(present.sum(axis=-2), 1)
 
     rng = np.random.default_rng(seed)
-    draws = []
+    draws, drawn = [], []
     for n in np.diff(np.r_[np.arange(0, n_boot, BOOT_CHUNK), n_boot]):
         pick = start + (rng.random((n, len(start))) * span).astype(np.int64)
-        draws.append(mean_per_class(np.add.reduceat(values[pick], class_start, axis=1),
-                                    np.add.reduceat(member[pick], class_start, axis=1)))
+        counts = np.add.reduceat(member[pick], class_start, axis=1)
+        draws.append(mean_per_class(np.add.reduceat(values[pick], class_start, axis=1), counts))
+        drawn.append(counts.sum(axis=-2) > 0)
     per_part = np.concatenate(draws)  # (n_boot, parts)
     weights = (rng.multinomial(len(parts), np.full(len(parts), 1 / len(parts)), size=n_boot) if resample_parts
                else np.ones((n_boot, len(parts))))
+    drawn = np.concatenate(drawn)
+    weights = np.where((weights * drawn).sum(axis=1, keepdims=True) > 0, weights * drawn, drawn)
     observed = mean_per_class(np.add.reduceat(values, class_start, axis=0),
                               np.add.reduceat(member, class_start, axis=0)).mean()
     return Boot(observed=float(observed), draws=(per_part * weights).sum(axis=1) / weights.sum(axis=1))

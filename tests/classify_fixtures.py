@@ -68,9 +68,9 @@ EXTRACT_CONFIG = {"views": 1, "tta": "none", "policy": "light", "view_seed": 0} 
 
 
 def steady_trial_clock(monkeypatch) -> None:
-    """Every trial lasts one tick of the tuner's clock. An exact val tie goes to the cheaper trial by wall seconds,
-    which differ from run to run; with equal seconds it goes to the earlier trial, so two searches can be compared
-    whole. Only the tuner's clock (study.tune.time) is steadied: the refit and predictions keep the real one."""
+    """Every trial lasts one tick of the tuner's clock, so two searches' trial records (seconds included) can be
+    compared whole (an exact val tie goes to the earlier trial whatever the seconds). Only the tuner's clock
+    (study.tune.time) is steadied: the refit and predictions keep the real one."""
     import study.tune
 
     ticks = iter(range(10**9))

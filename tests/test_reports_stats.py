@@ -113,6 +113,26 @@ def test_an_image_only_one_split_seed_holds_still_varies_with_its_class():
     assert lo == 0.0 and hi >= 0.25 and np.std(boot.draws) > 0
 
 
+def test_split_seeds_sharing_no_image_keep_each_seeds_own_class_accuracies():
+    """Three split seeds with disjoint images, every class constant within each seed: whatever the resample, each
+    seed's class accuracies are its own (a class is scored over the images that seed drew, not divided by a fixed
+    class size), so every draw equals the observed value."""
+    labels = np.repeat(np.arange(3), 30)
+    parts = [Part(ids=[f"s{s}-{i}" for i in range(90)], labels=labels,
+                  values=np.repeat([1.0, 0.0, 0.5 * s], 30)) for s in range(3)]
+    boot = class_stratified(parts, n_boot=500, seed=4)
+    assert boot.observed == pytest.approx(np.mean([(1 + 0 + 0.5 * s) / 3 for s in range(3)]))
+    np.testing.assert_allclose(boot.draws, boot.observed)
+
+
+def test_a_seed_that_drew_no_image_sits_the_resample_out():
+    """Seed 1 holds one image of three; in a resample that misses it, seed 1 is not scored 0 but left out."""
+    a = Part(ids=["a", "b", "c"], labels=np.zeros(3, dtype=np.int64), values=np.ones(3))
+    b = Part(ids=["a"], labels=np.zeros(1, dtype=np.int64), values=np.ones(1))
+    boot = class_stratified([a, b], n_boot=2000, seed=5)
+    np.testing.assert_allclose(boot.draws, 1.0)
+
+
 def test_an_image_with_two_labels_is_refused():
     with pytest.raises(ValueError, match="two labels"):
         class_stratified([Part(ids=["a"], labels=np.array([0]), values=np.array([1.0])),
