@@ -50,12 +50,14 @@ def tiny_features(tmp_path_factory, tiny_manifest, *, backbone: str = "efficient
     from dataset.views import study_requests
     from extract.cache import load_feature_set
     from extract.engine import PassSettings, ensure_rows
+    from tests.conftest import DATA_ROOT
 
     manifest = read_manifest(tiny_manifest)
     result = ensure_rows(manifest=manifest, backbone=backbone, policy="light", view_seed=0,
                          requests=study_requests(manifest, views=1, tta=tta),
                          store_root=tmp_path_factory.getbasetemp() / "classify_lite0_store",
-                         settings=PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False))
+                         settings=PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False),
+                         data_root=DATA_ROOT)
     return load_feature_set(result.stores["pooled"], manifest=manifest, views=1, tta=tta, policy="light",
                             view_seed=0)
 

@@ -22,6 +22,7 @@ from pipeline.config import load_config
 from study.context import StudyContext
 from study.results import read_rows, read_skips, read_trials
 from tests.classify_fixtures import small_classify_config, small_fewshot_config, small_tune_config
+from tests.conftest import DATA_ROOT
 
 pytestmark = pytest.mark.needs_data
 SETTINGS = PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False)
@@ -33,7 +34,7 @@ def stored(tmp_path_factory, tiny_manifest):
     root = tmp_path_factory.mktemp("stages_store")
     result = ensure_rows(manifest=manifest, backbone="efficientnet_lite0", policy="light", view_seed=0,
                          requests=study_requests(manifest, views=1, tta="hflip"), store_root=root,
-                         policies=[CUT], settings=SETTINGS)
+                         policies=[CUT], settings=SETTINGS, data_root=DATA_ROOT)
     return manifest, root, result
 
 

@@ -45,7 +45,7 @@ from tests.classify_fixtures import (
     small_tune_config,
     tiny_lite0_features,
 )
-from tests.conftest import REPO
+from tests.conftest import DATA_ROOT, REPO
 from tests.finetune_fixtures import recipe
 
 pytestmark = pytest.mark.needs_data
@@ -342,7 +342,7 @@ def test_garbage_in_a_store_chunk_is_named_and_after_rebuild_the_head_equals_the
     assert not (tmp_path / "out" / "heads").exists()  # nothing was fitted on the damaged rows
     ensure_rows(manifest=manifest, backbone="efficientnet_lite0", policy="light", view_seed=0,
                 requests=study_requests(manifest, views=1, tta="none"), store_root=root, settings=SETTINGS,
-                rebuild=True)  # what --rebuild-cache does in the extract stage
+                rebuild=True, data_root=DATA_ROOT)  # what --rebuild-cache does in the extract stage
     _, row = run_classify(tmp_path / "out", "b", manifest=tiny_manifest, store_entry=store.dir)
     assert row["metrics"] == clean_head["metrics"] and row["test_pred"] == clean_head["test_pred"]
     assert row["hyperparams"] == clean_head["hyperparams"]

@@ -17,6 +17,7 @@ from finetune.model import build_split_net
 from finetune.train import CachedSource, ImageSource, Trainer
 from pipeline.config import load_config
 from study.results import check_row
+from tests.conftest import DATA_ROOT
 from tests.finetune_fixtures import recipe, search
 
 # The same search as tests/finetune_fixtures.py's, as --set overrides of a whole study config.
@@ -73,7 +74,8 @@ def _store_entry(lite0, hp, dirs, manifest, policy):
     access = dirs["store"]
     result = ensure_rows(manifest=manifest, backbone=lite0.name, policy=hp["augment"], view_seed=0,
                          requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]), store_root=access.root,
-                         policies=[] if policy == "head" else [policy], settings=access.settings)
+                         policies=[] if policy == "head" else [policy], settings=access.settings,
+                         data_root=DATA_ROOT)
     return result, result.stores["pooled" if policy == "head" else policy]
 
 
