@@ -168,17 +168,30 @@ def _run_stages(ctx: StudyContext, *, plan_only: bool, monitor: ResourceMonitor)
     return "ok"
 
 
-def _splits_of(ctx: StudyContext) -> str | None:
-    """The hash of a split seed's manifest (images, labels, splits) as this run's stages read it."""
+def _splits_of(ctx: StudyContext) -> tuple | None:
+    """A split seed's manifest as this run's stages read it: (the file's identity, the hash of its images, labels
+    and splits); None where there is none."""
     from dataset.manifest import manifest_hash, read_manifest
 
-    return manifest_hash(read_manifest(ctx.manifest_path)) if ctx.manifest_path.is_file() else None
+    path = ctx.manifest_path
+    return (_file_identity(path), manifest_hash(read_manifest(path))) if path.is_file() else None
 
 
-def _check_splits(ctx: StudyContext, expected: str | None) -> None:
+def _file_identity(path: Path) -> tuple:
+    st = path.stat()  # a rebuild writes a new file (atomic rename): another inode, times and maybe size
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _check_splits(ctx: StudyContext, expected: tuple | None) -> None:
     """Refuse to go on when another run on this --out rebuilt the manifest since this run's dataset stage: the
-    later stages would read other splits than the earlier ones (one arm's test images the other's train)."""
-    if _splits_of(ctx) != expected:
+    later stages would read other splits than the earlier ones (one arm's test images the other's train). The
+    same file is not read again (before every stage of every seed, that would slow a rerun that has nothing to
+    do); a replaced file is compared by content, so a rebuild that wrote the same splits is no change."""
+    path = ctx.manifest_path
+    if expected is not None and path.is_file() and _file_identity(path) == expected[0]:
+        return
+    now = _splits_of(ctx)
+    if (now and now[1]) != (expected and expected[1]):
         raise StudyError(f"{ctx.manifest_path} changed while this run was going (another run on this --out rebuilt "
                          f"split seed {ctx.seed}'s dataset with other data or split settings), so its later stages "
                          "would read other splits than its earlier ones: give studies with different data or "
