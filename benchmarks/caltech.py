@@ -17,6 +17,19 @@ def dev_seeds() -> list[int]:
     return list(load_config(REPO / "configs" / "caltech101.toml")["dev_seeds"])
 
 
+def add_protocol_args(p, *, backbone_flag: str, final_help: str) -> None:
+    """The command line every tuner benchmark on this protocol takes: data, --out, split seeds, the backbone(s),
+    a class subset, config overrides and --final (test scores, never used to choose)."""
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
+    p.add_argument("--out", default=str(REPO / "out"), help="the store and caches (a study's --out reuses its rows)")
+    p.add_argument("--split-seeds", default="", help="comma-separated split seeds (default: the config's dev_seeds)")
+    p.add_argument(backbone_flag, default="efficientnet_lite0")
+    p.add_argument("--classes", type=int, default=0, help="keep the N smallest classes (0: all; a quick check)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the default config, e.g. tune.trials=8 (repeatable)")
+    p.add_argument("--final", action="store_true", help=final_help)
+
+
 def split_seeds(text: str) -> list[int]:
     """``--split-seeds 100,101`` (default, ``""``: the config's dev seeds)."""
     return [int(s) for s in text.split(",") if s.strip()] or dev_seeds()

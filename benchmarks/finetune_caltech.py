@@ -23,19 +23,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.caltech import manifest_path, split_seeds, study_context  # noqa: E402
+from benchmarks.caltech import add_protocol_args, manifest_path, split_seeds, study_context  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets"))
-    p.add_argument("--out", default=str(REPO / "out"), help="the store and caches (a study's --out reuses its rows)")
-    p.add_argument("--split-seeds", default="", help="comma-separated split seeds (default: the config's dev_seeds)")
-    p.add_argument("--backbones", default="efficientnet_lite0")
-    p.add_argument("--classes", type=int, default=0, help="keep the N smallest classes (0: all; a quick check)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the default config, e.g. tune.trials=8 (repeatable)")
-    p.add_argument("--final", action="store_true", help="also print the chosen fine-tunes' test scores")
+    add_protocol_args(p, backbone_flag="--backbones", final_help="also print the chosen fine-tunes' test scores")
     return p.parse_args()
 
 
