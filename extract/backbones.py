@@ -20,6 +20,7 @@ the model, so a feature-cache hit never instantiates one.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import math
 import os
@@ -331,6 +332,43 @@ def _build_timm(arch: str, weights: ResolvedWeights) -> nn.Module:
     return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights.path)})
 
 
+# ---------------------------------------------------------------- a tiny random network (tests, smoke runs)
+
+# timm's ``test_efficientnet`` (0.36 M parameters, 160 px; ``_gn`` is its GroupNorm twin, a second backbone for
+# fusions and ensembles): every stage's logic runs in a fraction of a real backbone's time. Its weights are timm's own initialisation under a fixed seed, named by the hash of that state
+# dict, so a store keyed on them never mixes two initialisations (another timm or torch may initialise otherwise).
+TEST_NAMES = ("test_efficientnet", "test_efficientnet_gn")
+_TEST_SEED = 0
+
+
+def _seeded_test_model(arch: str) -> nn.Module:
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TEST_SEED)
+        return timm.create_model(arch, pretrained=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _test_state_sha256(arch: str) -> str:
+    h = hashlib.sha256()
+    for key, tensor in _seeded_test_model(arch).state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _test_weights(name: str, weights_file: str | None, pretrained: bool) -> ResolvedWeights:
+    if weights_file is not None:
+        raise ValueError(f"extract.weights.{name} = {weights_file!r}: {name} is a random-initialised test network "
+                         "and takes no weights file; remove the key")
+    return ResolvedWeights(id=f"init:seed{_TEST_SEED}", path=None, sha256=_test_state_sha256(name))
+
+
+def _build_test(arch: str, weights: ResolvedWeights) -> nn.Module:
+    return _seeded_test_model(arch)
+
+
 # ---------------------------------------------------------------- the family table
 
 
@@ -399,6 +437,9 @@ FAMILIES: tuple[Family, ...] = (
     _torchvision_family("torchvision_convnext", ("convnext_",), "convnext"),
     _torchvision_family("torchvision_vit", ("vit_",), "vit"),
     _TORCHVISION,
+    Family(name="test", owns=TEST_NAMES.__contains__, library="timm", arch=_same, weights=_test_weights,
+           data_config=_timm_arch_data_config, build=_build_test, strip_head=_strip_timm_head,
+           blocks="timm_efficientnet", allowed=f"{', '.join(TEST_NAMES)} (tiny random networks for tests)"),
     Family(name="timm", owns=lambda name: name.startswith("timm:"), library="timm", arch=_timm_arch,
            weights=_timm_weights, data_config=_timm_arch_data_config, build=_build_timm, strip_head=_strip_timm_head,
            blocks=None, allowed="'timm:<model_name>'"),

@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("STUDY_DATA_ROOT", REPO.parent / "shared" / "datasets")).resolve()
 CALTECH = DATA_ROOT / "caltech101" / "101_ObjectCategories"
 TINY_CLASSES = ("accordion", "anchor", "barrel", "crab")
+# The fast lane's backbone: a tiny random-initialised network (extract/backbones.py TEST_NAMES) for every test of
+# a stage's logic; tests that need what pretrained weights give (features that separate classes, the real
+# pre-processing) load the real Lite0 and are marked slow.
+TEST_BACKBONE, TEST_BACKBONE2 = "test_efficientnet", "test_efficientnet_gn"  # the second for fusions, ensembles
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,3 +68,11 @@ def lite0():
     from extract.backbones import load_backbone
 
     return load_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """The fast lane's backbone (TEST_BACKBONE): timm's test_efficientnet, random-initialised under a fixed seed."""
+    from extract.backbones import load_backbone
+
+    return load_backbone(TEST_BACKBONE)

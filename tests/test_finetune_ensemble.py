@@ -2,7 +2,7 @@
 the stored logits are the very models the rows were scored with, a missing or damaged file is recomputed without
 training, the ensemble averages its members' softmax on the same images, and the stage writes it or records a skip.
 
-Small and real: the tiny 4-class Caltech manifest, EfficientNet-Lite0 and Lite1's real weights, the ``head`` and
+Small: the tiny 4-class Caltech manifest, the two tiny random test networks (no accuracy is asserted), the ``head`` and
 ``probe+last:1`` policies (3 epochs a phase, fp32)."""
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from finetune.train import NotFinished
 from pipeline.config import load_config
 from study.metrics import mean_per_class_accuracy
 from study.results import check_row
+from tests.conftest import TEST_BACKBONE, TEST_BACKBONE2
 from tests.finetune_fixtures import recipe, tune_config
 
-NAMES = ("efficientnet_lite0", "efficientnet_lite1")
+NAMES = (TEST_BACKBONE, TEST_BACKBONE2)
 POLICIES = ("head", "probe+last:1")  # probe+last:1: two phases, the chosen model is phase 2's
 # Two trials per backbone, one fixed recipe: each search chooses its policy on val.
 TUNE = dict(trials=2)
@@ -42,11 +43,11 @@ def hp():
 
 
 @pytest.fixture(scope="module")
-def setup(lite0, hp, tiny_manifest, data_root, tmp_path_factory):
+def setup(tiny_backbone, hp, tiny_manifest, data_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("ens")
     store = StoreAccess(root=root / "store", settings=PassSettings(precision="fp32", batch_size=16, num_workers=0,
                                                                    progress=False))
-    backbones = {"efficientnet_lite0": lite0, "efficientnet_lite1": load_backbone("efficientnet_lite1")}
+    backbones = {TEST_BACKBONE: tiny_backbone, TEST_BACKBONE2: load_backbone(TEST_BACKBONE2)}
     common = dict(manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0, device="cpu",
                   finetune_dir=root / "finetune", store=store, tune_cfg=tune_config(**TUNE), tune_dir=root / "tune")
     # Each backbone's val-chosen fine-tune (its search over POLICIES): the ensemble's members.
@@ -54,7 +55,7 @@ def setup(lite0, hp, tiny_manifest, data_root, tmp_path_factory):
     # A two-phase fine-tune whatever the searches chose: its scored model is phase 2's.
     probe_hp = {**hp, "policies": ["probe+last:1"]}
     runs = {**{(name, "chosen"): (row, hp) for name, row in rows.items()},
-            ("efficientnet_lite0", "probe+last:1"): (run_finetune(backbone=lite0, **{**common, "hp": probe_hp}).rows[0],
+            (TEST_BACKBONE, "probe+last:1"): (run_finetune(backbone=tiny_backbone, **{**common, "hp": probe_hp}).rows[0],
                                                      probe_hp)}
     return {"root": root, "backbones": backbones, "common": common, "runs": runs, "rows": rows}
 
@@ -64,8 +65,8 @@ def _predictions(setup, name, row=None, hp=None):
     return run_predictions(backbone=setup["backbones"][name], row=row or setup["rows"][name], **common)
 
 
-@pytest.mark.parametrize("name,policy", [("efficientnet_lite0", "chosen"), ("efficientnet_lite1", "chosen"),
-                                         ("efficientnet_lite0", "probe+last:1")])
+@pytest.mark.parametrize("name,policy", [(TEST_BACKBONE, "chosen"), (TEST_BACKBONE2, "chosen"),
+                                         (TEST_BACKBONE, "probe+last:1")])
 def test_stored_predictions_are_the_scored_models(setup, name, policy):
     """Val logits are the chosen point's model trained on train, at its kept epoch: their val score and val
     log-loss are the ones its selection recorded (a refit, trained on val, would score a lower loss); test
@@ -82,7 +83,7 @@ def test_stored_predictions_are_the_scored_models(setup, name, policy):
 
 
 def test_missing_or_damaged_predictions_are_recomputed_without_training(setup, monkeypatch):
-    name = "efficientnet_lite0"
+    name = TEST_BACKBONE
     path = setup["common"]["finetune_dir"] / setup["rows"][name].keys["run_key"] / PREDICTIONS
     first = _predictions(setup, name)
     trained = []
@@ -103,7 +104,7 @@ def test_missing_or_damaged_predictions_are_recomputed_without_training(setup, m
 
 def test_predictions_that_are_not_the_rows_models_are_recomputed(setup):
     """A sealed, readable predictions file whose logits are not the row's models' (stale) is never used."""
-    name = "efficientnet_lite1"
+    name = TEST_BACKBONE2
     path = setup["common"]["finetune_dir"] / setup["rows"][name].keys["run_key"] / PREDICTIONS
     good = _predictions(setup, name)
     for split in ("test", "val"):
@@ -115,7 +116,7 @@ def test_predictions_that_are_not_the_rows_models_are_recomputed(setup):
 
 
 def test_a_run_whose_kept_models_are_gone_is_refused_not_retrained(setup):
-    name = "efficientnet_lite0"
+    name = TEST_BACKBONE
     row = setup["rows"][name]
     run_dir = setup["common"]["finetune_dir"] / row.keys["run_key"]
     refit_last = setup["common"]["finetune_dir"] / "fits" / row.keys["fit_keys"][-1] / "last.pt"
@@ -131,7 +132,7 @@ def test_a_run_whose_kept_models_are_gone_is_refused_not_retrained(setup):
 
 
 def test_a_row_from_other_settings_is_refused(setup):
-    name = "efficientnet_lite0"
+    name = TEST_BACKBONE
     with pytest.raises(ValueError, match="came from run"):
         run_predictions(backbone=setup["backbones"][name], row=setup["rows"][name],
                         **{**setup["common"], "hp": {**setup["common"]["hp"], "dropout": 0.2}})
@@ -141,7 +142,7 @@ def test_the_ensemble_averages_its_members_softmax(setup):
     members = [(setup["rows"][n], _predictions(setup, n)) for n in NAMES]
     row = ensemble_row(members, n_boot=20)
     check_row(row)
-    assert row.backbone == "fused:efficientnet_lite0+efficientnet_lite1" and row.method == METHOD
+    assert row.backbone == f"fused:{TEST_BACKBONE}+{TEST_BACKBONE2}" and row.method == METHOD
     val = np.mean([softmax(p["val_logits"].astype(np.float64), axis=1) for _, p in members], axis=0)
     test = np.mean([softmax(p["test_logits"].astype(np.float64), axis=1) for _, p in members], axis=0)
     assert row.val_mean_per_class == pytest.approx(
@@ -188,8 +189,7 @@ def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_ma
         f"extract.backbones={list(NAMES)}", f"finetune.policies={list(POLICIES)}", "finetune.views=1",
         "finetune.batch_size=8", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
         'extract.precision="fp32"', "fewshot.k=[]", "finetune.backbones=[]", *TUNE_SET,
-        'finetune.ensembles=[["efficientnet_lite0", "efficientnet_lite1"], '
-        '["efficientnet_lite0", "efficientnet_lite2"]]'])
+        f'finetune.ensembles=[["{TEST_BACKBONE}", "{TEST_BACKBONE2}"], ["{TEST_BACKBONE}", "efficientnet_lite2"]]'])
     ctx = StudyContext(config=config, data_root=data_root, out_dir=out_dir, run_dir=tmp_path / "run", device="cpu")
     stage.run(ctx)
     rows = [r.replace(index=-1) for r in read_results(ctx.results_path)]
@@ -200,10 +200,10 @@ def test_stage_writes_the_ensemble_and_records_one_it_cannot_make(setup, tiny_ma
     expected = ensemble_row([(setup["rows"][n], _predictions(setup, n)) for n in NAMES], n_boot=20)
     assert ens.test_pred == expected.test_pred and ens.val_mean_per_class == expected.val_mean_per_class
     (skip,) = read_skips(ctx.run_dir)
-    assert skip["what"] == "fused:efficientnet_lite0+efficientnet_lite2" and "efficientnet_lite2" in skip["reason"]
+    assert skip["what"] == f"fused:{TEST_BACKBONE}+efficientnet_lite2" and "efficientnet_lite2" in skip["reason"]
     # The report says what the ensemble is, next to the fine-tune arm's protocol line.
     lines = protocol_arm_lines(read_results(ctx.results_path))
-    assert any(line.startswith("- `ft:ensemble` (`fused:efficientnet_lite0+efficientnet_lite1`)") for line in lines)
+    assert any(line.startswith(f"- `ft:ensemble` (`fused:{TEST_BACKBONE}+{TEST_BACKBONE2}`)") for line in lines)
     # Each (method, augmentation) once, with how many backbones ran it.
     (arm,) = [line for line in lines if line.startswith("- **fine-tune**")]
     assert "`ft:ensemble (light)`" in arm
@@ -248,7 +248,7 @@ def test_two_gloo_ranks_get_the_predictions_in_step(setup, tmp_path, present):
 
     import torch.multiprocessing as mp
 
-    name = "efficientnet_lite0"
+    name = TEST_BACKBONE
     row = setup["rows"][name]
     path = setup["common"]["finetune_dir"] / row.keys["run_key"] / PREDICTIONS
     expected = _predictions(setup, name)

@@ -1,4 +1,4 @@
-"""Both arms' few-shot curves, like for like (real Lite0, the tiny 4-class manifest, fp32): per backbone, the same k
+"""Both arms' few-shot curves, like for like (the tiny test network, the tiny 4-class manifest, fp32): per backbone, the same k
 train images per class for both arms at every (k, draw), each (arm, k, draw) choosing its settings on val with the
 same small budget, refit on the draw alone; a k the classes cannot give is a recorded skip; a rerun trains nothing."""
 from __future__ import annotations
@@ -17,13 +17,14 @@ from finetune.search import drawn_positions
 from pipeline.config import load_config
 from study.results import check_row, read_skips
 from tests.classify_fixtures import tiny_lite0_features
+from tests.conftest import TEST_BACKBONE
 from tests.finetune_fixtures import recipe, tune_config
 
 pytestmark = pytest.mark.needs_data
 
 
 @pytest.fixture(scope="module")
-def setup(lite0, tiny_manifest, data_root, tmp_path_factory):
+def setup(tiny_backbone, tiny_manifest, data_root, tmp_path_factory):
     hp = recipe()
     hp.update(views=1, batch_size=8, n_boot=20, num_workers=0, warmup_epochs=1, precision="fp32", tta="none",
               policies=["head", "last:1"])
@@ -32,7 +33,7 @@ def setup(lite0, tiny_manifest, data_root, tmp_path_factory):
                         settings=PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False))
     config = load_config(overrides=["fewshot.k=[1, 3, 7]", "fewshot.draws=2", "fewshot.trials=2", "seed=0",
                                     "seeds=[]"])
-    common = dict(backbone=lite0, config=config, manifest_path=tiny_manifest, run_dir=root / "run",
+    common = dict(backbone=tiny_backbone, config=config, manifest_path=tiny_manifest, run_dir=root / "run",
                   data_root=data_root, hp=hp, tune_cfg=tune_config(finetune={"lr": [3e-3, 1e-2]}),
                   tune_dir=root / "tune", seed=0, device="cpu", finetune_dir=root / "finetune", store=store)
     (root / "run").mkdir()
@@ -68,7 +69,7 @@ def test_each_k_and_draw_is_searched_on_val_and_refit_on_the_draw_alone(setup):
         assert r.selection is not None and len(r.selection.points) <= 2 and r.val_mean_per_class is not None
         assert r.selection.best.params["policy"] in ("head", "last:1")
     skip, = read_skips(common["run_dir"])
-    assert skip["what"] == "efficientnet_lite0 few-shot k=7" and "lower fewshot.k to at most 6" in skip["fix"]
+    assert skip["what"] == f"{TEST_BACKBONE} few-shot k=7" and "lower fewshot.k to at most 6" in skip["fix"]
 
 
 def test_a_rerun_reappends_the_curve_without_training(setup, monkeypatch):

@@ -1,7 +1,8 @@
 """Fine-tuning's protocol, alike the heads': a declared grid chosen on val, the chosen point refit on
 train+val, test read once at the end; the two-phase ``probe+last:k`` policy; the git sha on every row.
 
-Small and real: the tiny 4-class Caltech manifest, EfficientNet-Lite0's real weights, 3 epochs, fp32."""
+Small: the tiny 4-class Caltech manifest, the tiny random test network (the logic needs no pretrained weights),
+3 epochs, fp32."""
 from __future__ import annotations
 
 import subprocess
@@ -102,8 +103,8 @@ def store(tmp_path_factory):
 TWO = {"trials": 2, "finetune": {"lr": {"low": 1e-3, "high": 3e-2, "log": True}}}
 
 
-def _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, policy, on_epoch_end=None, tune=None):
-    searched = search(backbone=lite0, policies=policy, manifest_path=tiny_manifest, data_root=data_root, hp=hp,
+def _run(tiny_backbone, hp, store, tiny_manifest, data_root, finetune_dir, policy, on_epoch_end=None, tune=None):
+    searched = search(backbone=tiny_backbone, policies=policy, manifest_path=tiny_manifest, data_root=data_root, hp=hp,
                       seed=0, device="cpu", finetune_dir=finetune_dir, store=store, on_epoch_end=on_epoch_end,
                       tune_cfg=tune_config(**(tune or {})))
     (row,) = searched.rows
@@ -142,18 +143,18 @@ class Spy:
 
 
 @pytest.fixture(scope="module")
-def head_run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory):
+def head_run(tiny_backbone, hp, store, tiny_manifest, data_root, tmp_path_factory):
     finetune_dir = tmp_path_factory.mktemp("ft-head")
-    return finetune_dir, _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune=TWO)
+    return finetune_dir, _run(tiny_backbone, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune=TWO)
 
 
 @pytest.fixture(scope="module")
-def probe_run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory):
+def probe_run(tiny_backbone, hp, store, tiny_manifest, data_root, tmp_path_factory):
     """probe+last:1 with one trial of one recipe, in a fresh folder, every fit and store read recorded."""
     spy = Spy(read_manifest(tiny_manifest))
     with pytest.MonkeyPatch.context() as mp:
         spy.install(mp)
-        row = _run(lite0, hp, store, tiny_manifest, data_root, tmp_path_factory.mktemp("ft-probe"), "probe+last:1",
+        row = _run(tiny_backbone, hp, store, tiny_manifest, data_root, tmp_path_factory.mktemp("ft-probe"), "probe+last:1",
                    tune={"finetune": {"lr": [1e-2]}})
     return row, spy.events
 
@@ -193,7 +194,7 @@ def test_test_is_read_once_after_the_final_refit_and_the_refit_reads_val_views(p
     assert len(val_aug) == 2 and min(val_aug) > last_fit  # pooled (phase 1) and the cut (phase 2)
 
 
-def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, lite0):
+def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, tiny_backbone):
     row, events = probe_run
     # The first call of each fit (the chosen trial's fits are called again after the search: they resume finished).
     fits = list({e[4]: e for e in reversed([e for e in events if e[0] == "fit"])}.values())
@@ -202,7 +203,7 @@ def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, lite0):
     best = torch.load(p1[4] / "best.pt", weights_only=False)["model"]
     for k, v in p2[2].items():
         assert torch.equal(v, p1[3][k]) and torch.equal(v, best[k]), k
-    fresh = build_split_net(lite0, policy="last:1", n_classes=4, seed=0).head_state()
+    fresh = build_split_net(tiny_backbone, policy="last:1", n_classes=4, seed=0).head_state()
     assert not all(torch.equal(fresh[k], v) for k, v in p2[2].items())  # phase 1 trained: the start is not a fresh head
     # The refit carries its phase 1's final head the same way.
     r1, r2 = [e for e in events if e[0] == "refit"]
@@ -215,7 +216,7 @@ def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, lite0):
     check_row(row)
 
 
-def test_rerun_is_cached_and_a_larger_budget_trains_only_the_new_trial(head_run, lite0, hp, store, tiny_manifest,
+def test_rerun_is_cached_and_a_larger_budget_trains_only_the_new_trial(head_run, tiny_backbone, hp, store, tiny_manifest,
                                                                        data_root, monkeypatch):
     finetune_dir, row = head_run
     trained = []
@@ -225,9 +226,9 @@ def test_rerun_is_cached_and_a_larger_budget_trains_only_the_new_trial(head_run,
         trained.append((trainer.hp["lr"], len(source)))
         return epoch(trainer, source, **k)
     monkeypatch.setattr(train_mod.Trainer, "train_epoch", spy)
-    again = _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune=TWO)
+    again = _run(tiny_backbone, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune=TWO)
     assert again == row and trained == []
-    bigger = _run(lite0, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune={**TWO, "trials": 3})
+    bigger = _run(tiny_backbone, hp, store, tiny_manifest, data_root, finetune_dir, "head", tune={**TWO, "trials": 3})
     assert bigger.keys["run_key"] != row.keys["run_key"] and len(bigger.selection.points) == 3
     assert bigger.selection.points[:2] == row.selection.points  # the study went on: its two trials kept, not retrained
     new_lr = bigger.selection.points[2].params["lr"]

@@ -1,5 +1,5 @@
-"""Fine-tuning on a tiny real Caltech subset with the real Lite0 weights: it learns, the frozen part does not move,
-the prefix cache reproduces the full forward, a run resumes, rows are cached."""
+"""Fine-tuning on a tiny real Caltech subset: with the real Lite0 weights it learns (slow); with the tiny test network
+the frozen part does not move, the prefix cache reproduces the full forward, a run resumes, rows are cached."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +17,7 @@ from finetune.model import build_split_net
 from finetune.train import CachedSource, ImageSource, Trainer
 from pipeline.config import load_config
 from study.results import check_row
-from tests.conftest import DATA_ROOT
+from tests.conftest import DATA_ROOT, TEST_BACKBONE
 from tests.finetune_fixtures import recipe, search
 
 # The same search as tests/finetune_fixtures.py's, as --set overrides of a whole study config.
@@ -43,18 +43,27 @@ def dirs(tmp_path_factory):
     return {"finetune_dir": root / "finetune", "store": StoreAccess(root=root / "store", settings=settings)}
 
 
-@pytest.fixture(scope="module")
-def runs(lite0, hp, dirs, tiny_manifest, data_root):
+def _runs(backbone, hp, dirs, tiny_manifest, data_root):
     out = {}
     for policy in ("head", "last:1"):
-        out[policy] = search(backbone=lite0, policies=policy, manifest_path=tiny_manifest, data_root=data_root,
+        out[policy] = search(backbone=backbone, policies=policy, manifest_path=tiny_manifest, data_root=data_root,
                              hp=hp, seed=0, device="cpu", **dirs).rows
     return out
 
 
+@pytest.fixture(scope="module")
+def runs(tiny_backbone, hp, dirs, tiny_manifest, data_root):
+    return _runs(tiny_backbone, hp, dirs, tiny_manifest, data_root)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["head", "last:1"])
-def test_finetuning_learns(runs, policy):
-    (row,) = runs[policy]
+def test_finetuning_learns(lite0, hp, tiny_manifest, data_root, tmp_path_factory, policy):
+    settings = PassSettings(precision="fp32", batch_size=16, num_workers=0, progress=False)
+    root = tmp_path_factory.mktemp("ft-real")
+    dirs = {"finetune_dir": root / "finetune", "store": StoreAccess(root=root / "store", settings=settings)}
+    (row,) = search(backbone=lite0, policies=policy, manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
+                    device="cpu", **dirs).rows
     check_row(row)
     assert row.method == f"ft:{policy}" and row.kind == "finetune" and row.feature_set == "light"
     assert max(h["val_mean_per_class"] for h in row.selection.curve) >= 0.75  # chance is 0.25
@@ -63,39 +72,39 @@ def test_finetuning_learns(runs, policy):
     assert 0 < row.trainable_params < row.total_params
 
 
-def test_rerun_reappends_cached_rows_without_training(runs, lite0, hp, dirs, tiny_manifest, data_root):
+def test_rerun_reappends_cached_rows_without_training(runs, tiny_backbone, hp, dirs, tiny_manifest, data_root):
     epochs = []
-    again = search(backbone=lite0, policies="last:1", manifest_path=tiny_manifest, data_root=data_root, hp=hp,
+    again = search(backbone=tiny_backbone, policies="last:1", manifest_path=tiny_manifest, data_root=data_root, hp=hp,
                    seed=0, device="cpu", on_epoch_end=lambda e, s: epochs.append(e), **dirs).rows
     assert again == runs["last:1"] and epochs == []
 
 
-def _store_entry(lite0, hp, dirs, manifest, policy):
+def _store_entry(tiny_backbone, hp, dirs, manifest, policy):
     access = dirs["store"]
-    result = ensure_rows(manifest=manifest, backbone=lite0.name, policy=hp["augment"], view_seed=0,
+    result = ensure_rows(manifest=manifest, backbone=tiny_backbone.name, policy=hp["augment"], view_seed=0,
                          requests=study_requests(manifest, views=hp["views"], tta=hp["tta"]), store_root=access.root,
                          policies=[] if policy == "head" else [policy], settings=access.settings,
                          data_root=DATA_ROOT)
     return result, result.stores["pooled" if policy == "head" else policy]
 
 
-def _last1_cache(lite0, hp, dirs, manifest_path):
+def _last1_cache(tiny_backbone, hp, dirs, manifest_path):
     manifest = read_manifest(manifest_path)
-    net = build_split_net(lite0, policy="last:1", n_classes=4)
-    _, entry = _store_entry(lite0, hp, dirs, manifest, "last:1")
+    net = build_split_net(tiny_backbone, policy="last:1", n_classes=4)
+    _, entry = _store_entry(tiny_backbone, hp, dirs, manifest, "last:1")
     return net, manifest, load_prefix(entry, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
                                       view_seed=0)
 
 
-def test_prefix_cache_path_gives_the_naive_logits(runs, lite0, hp, dirs, tiny_manifest, data_root, tmp_path):
+def test_prefix_cache_path_gives_the_naive_logits(runs, tiny_backbone, hp, dirs, tiny_manifest, data_root, tmp_path):
     """With tta = "hflip" both paths average each val image's logits with its mirror's."""
     assert hp["tta"] == "hflip"
-    net, manifest, cache = _last1_cache(lite0, hp, dirs, tiny_manifest)
+    net, manifest, cache = _last1_cache(tiny_backbone, hp, dirs, tiny_manifest)
     assert cache.splits["train"].acts.dtype == torch.float16 and cache.splits["train"].acts.shape[1] == 2
     assert cache.splits["val"].acts.shape[1] == cache.splits["test"].acts.shape[1] == 2  # view 0 + mirror
     trainer = Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="x")
     val = manifest[manifest["split"] == "val"].reset_index(drop=True)
-    naive = trainer.predict(ImageSource(rows=val, data_root=data_root, data_config=lite0.data_config,
+    naive = trainer.predict(ImageSource(rows=val, data_root=data_root, data_config=tiny_backbone.data_config,
                                         policy="light", num_workers=0, tta="hflip"))
     cached = trainer.predict(CachedSource(cache.splits["val"].acts, cache.splits["val"].labels, eval_views=2))
     scale = float(abs(naive).max())
@@ -103,8 +112,8 @@ def test_prefix_cache_path_gives_the_naive_logits(runs, lite0, hp, dirs, tiny_ma
     assert (cached.argmax(1) == naive.argmax(1)).all()
 
 
-def test_test_time_views_average_the_logits_of_each_view(runs, lite0, hp, dirs, tiny_manifest, tmp_path):
-    net, _, cache = _last1_cache(lite0, hp, dirs, tiny_manifest)
+def test_test_time_views_average_the_logits_of_each_view(runs, tiny_backbone, hp, dirs, tiny_manifest, tmp_path):
+    net, _, cache = _last1_cache(tiny_backbone, hp, dirs, tiny_manifest)
     acts, labels = cache.splits["test"].acts, cache.splits["test"].labels
     trainer = Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="x")
     both = trainer.predict(CachedSource(acts, labels, eval_views=2))
@@ -116,14 +125,14 @@ def test_test_time_views_average_the_logits_of_each_view(runs, lite0, hp, dirs, 
         CachedSource(acts, labels, eval_views=3)
 
 
-def test_frozen_parameters_and_bn_buffers_do_not_move(lite0, hp, tiny_manifest, data_root, tmp_path):
+def test_frozen_parameters_and_bn_buffers_do_not_move(tiny_backbone, hp, tiny_manifest, data_root, tmp_path):
     """The naive path runs the frozen prefix in every training step: its weights and BN statistics must stay put."""
-    net = build_split_net(lite0, policy="last:1", n_classes=4)
+    net = build_split_net(tiny_backbone, policy="last:1", n_classes=4)
     prefix_before = {k: v.clone() for k, v in net.prefix.state_dict().items()}
     suffix_before = {k: v.clone() for k, v in net.trainable_state().items()}
     manifest = read_manifest(tiny_manifest)
     rows = manifest[manifest["split"] == "train"].iloc[::3].reset_index(drop=True)  # 8 images
-    source = ImageSource(rows=rows, data_root=data_root, data_config=lite0.data_config, policy="light", num_workers=0)
+    source = ImageSource(rows=rows, data_root=data_root, data_config=tiny_backbone.data_config, policy="light", num_workers=0)
     trainer = Trainer(net=net, hp={**hp, "epochs": 1}, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="x")
     trainer._bind(from_prefix=False)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
@@ -142,9 +151,9 @@ def _fit(net, hp, cache, ckpt_dir, on_epoch_end=None):
                        on_epoch_end=on_epoch_end)
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(runs, lite0, hp, dirs, tiny_manifest, tmp_path):
+def test_interrupted_run_resumes_to_the_uninterrupted_result(runs, tiny_backbone, hp, dirs, tiny_manifest, tmp_path):
     hp = {**hp, "patience": 10}
-    net, _, cache = _last1_cache(lite0, hp, dirs, tiny_manifest)
+    net, _, cache = _last1_cache(tiny_backbone, hp, dirs, tiny_manifest)
     straight = _fit(net, hp, cache, tmp_path / "straight")
     straight_state = {k: v.clone() for k, v in net.trainable_state().items()}
 
@@ -152,10 +161,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(runs, lite0, hp, di
         if epoch == 0:
             raise KeyboardInterrupt
 
-    net, _, _ = _last1_cache(lite0, hp, dirs, tiny_manifest)
+    net, _, _ = _last1_cache(tiny_backbone, hp, dirs, tiny_manifest)
     with pytest.raises(KeyboardInterrupt):
         _fit(net, hp, cache, tmp_path / "resumed", on_epoch_end=interrupt)
-    net, _, _ = _last1_cache(lite0, hp, dirs, tiny_manifest)  # a fresh process would start from scratch weights
+    net, _, _ = _last1_cache(tiny_backbone, hp, dirs, tiny_manifest)  # a fresh process would start from scratch weights
     seen = []
     resumed = _fit(net, hp, cache, tmp_path / "resumed", on_epoch_end=lambda e, s: seen.append(e))
     assert resumed.resumed_from == 0 and seen == [1, 2]
@@ -174,7 +183,7 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     (out_dir / "dataset").mkdir(exist_ok=True)
     (out_dir / "dataset" / "manifest.csv").write_bytes(tiny_manifest.read_bytes())
     config = load_config(overrides=[
-        'extract.backbones=["efficientnet_lite0", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
+        f'extract.backbones=["{TEST_BACKBONE}", "resnet18"]', 'extract.weights={resnet18="/nowhere/r18.pth"}',
         'finetune.policies=["head"]', "finetune.views=1", "finetune.batch_size=8", "finetune.n_boot=20",
         "finetune.num_workers=0", 'finetune.precision="fp32"', 'extract.precision="fp32"', "fewshot.k=[]",
         "finetune.backbones=[]", "finetune.ensembles=[]", *TUNE])
@@ -186,7 +195,7 @@ def test_stage_reappends_cached_rows_and_records_unloadable_backbones(runs, dirs
     assert skip["what"] == "resnet18" and "/nowhere/r18.pth" in skip["fix"]
 
 
-def test_head_policy_reads_the_rows_the_heads_read_and_makes_no_pass(runs, lite0, hp, dirs, tiny_manifest,
+def test_head_policy_reads_the_rows_the_heads_read_and_makes_no_pass(runs, tiny_backbone, hp, dirs, tiny_manifest,
                                                                       monkeypatch):
     """ft:head's frozen prefix is the pooled feature: it reads the heads' store entry, and no forward runs again."""
     from extract import engine
@@ -195,7 +204,7 @@ def test_head_policy_reads_the_rows_the_heads_read_and_makes_no_pass(runs, lite0
     manifest = read_manifest(tiny_manifest)
     calls = []
     monkeypatch.setattr(engine.PassRunner, "__call__", lambda *a: calls.append(1))
-    result, pooled = _store_entry(lite0, hp, dirs, manifest, "head")
+    result, pooled = _store_entry(tiny_backbone, hp, dirs, manifest, "head")
     assert result.computed == 0 and calls == []
     fs = load_feature_set(pooled, manifest=manifest, views=hp["views"], tta=hp["tta"], policy=hp["augment"],
                           view_seed=0)
@@ -214,12 +223,12 @@ def test_head_policy_reads_the_rows_the_heads_read_and_makes_no_pass(runs, lite0
     assert cache.build_s > 0  # the pass's share is charged to the fine-tune's cost
 
 
-def test_changed_store_bytes_retrain_what_read_them(runs, lite0, hp, dirs, tiny_manifest, data_root, tmp_path):
+def test_changed_store_bytes_retrain_what_read_them(runs, tiny_backbone, hp, dirs, tiny_manifest, data_root, tmp_path):
     """The run key holds the content identity of the rows read: the same rows with other bytes retrain."""
     from extract.store import Store
 
     manifest = read_manifest(tiny_manifest)
-    _, source = _store_entry(lite0, hp, dirs, manifest, "head")
+    _, source = _store_entry(tiny_backbone, hp, dirs, manifest, "head")
     index = source.index()
     keys = sorted(index.rows)
     data = source.read(keys, index)
@@ -229,7 +238,7 @@ def test_changed_store_bytes_retrain_what_read_them(runs, lite0, hp, dirs, tiny_
     copy.write_segment(keys, data, compute_s=1.0)
     assert copy.key == source.key  # same entry, same row keys: only the bytes differ
     epochs = []
-    rows = search(backbone=lite0, policies="head", manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
+    rows = search(backbone=tiny_backbone, policies="head", manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
                   device="cpu", finetune_dir=dirs["finetune_dir"],
                   store=dataclasses.replace(dirs["store"], root=tmp_path / "store"),
                   on_epoch_end=lambda e, s: epochs.append(e)).rows
@@ -250,7 +259,7 @@ def test_stage_draws_no_fewshot_curve_on_a_later_split_seed_with_split_seeds_fir
     monkeypatch.setattr(finetune.fewshot, "run_fewshot", lambda **kw: called.append(kw["seed"]) or [])
     for split_seeds, expected in (("first", []), ("all", [0])):
         config = load_config(overrides=[
-            'extract.backbones=["efficientnet_lite0"]', 'finetune.policies=["head"]', "finetune.views=1",
+            f'extract.backbones=["{TEST_BACKBONE}"]', 'finetune.policies=["head"]', "finetune.views=1",
             "finetune.batch_size=8", "finetune.n_boot=20", "finetune.num_workers=0", 'finetune.precision="fp32"',
             'extract.precision="fp32"', "fewshot.k=[1]", *TUNE,
             f'fewshot.split_seeds="{split_seeds}"', "seeds=[5, 0]", "seed=0"])
