@@ -294,6 +294,7 @@ def test_rows_are_deterministic_apart_from_wall_time(first_run, tiny_manifest, f
     assert [timeless(t.to_dict()) for t in again_trials] == [timeless(t.to_dict()) for t in trials]
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_parallel_workers_give_the_trials_and_rows_of_one_process(first_run, tiny_manifest, features, tmp_path):
     """Two worker processes, one search each, try what one process tried, score it alike and choose alike."""
     _, rows, trials = first_run

@@ -82,6 +82,7 @@ FAMILY_EXAMPLES = [
     ("torchvision_vit", "vit_b_16", False, 224, 768),
     ("torchvision", "regnet_x_400mf", False, 224, 400),
     ("timm", "timm:resnet18", False, 224, 512),
+    ("test", "test_efficientnet", True, 160, 256),
 ]
 
 
@@ -159,7 +160,8 @@ def test_missing_user_file_names_it(tmp_path):
 
 
 ALLOWED = ("efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, a torchvision classification model "
-           "(e.g. resnet50, inception_v3, vit_b_16) or 'timm:<model_name>'")
+           "(e.g. resnet50, inception_v3, vit_b_16), test_efficientnet, test_efficientnet_gn (tiny random networks "
+           "for tests) or 'timm:<model_name>'")
 
 
 @pytest.mark.parametrize("name", ["resnet51", "efficientnet_lite3", "vit_b_16_x", "timm", ""])
@@ -168,7 +170,7 @@ def test_unknown_backbone_lists_the_allowed_families(name):
         backbone_spec(name)
     assert str(err.value) == f"unknown backbone {name!r}; allowed: {ALLOWED}"
     texts = [f.allowed for f in FAMILIES if f.allowed]
-    assert len(texts) == 3 and all(text in str(err.value) for text in texts)
+    assert len(texts) == 4 and all(text in str(err.value) for text in texts)
 
 
 def test_families_without_their_own_allowed_text_are_covered_by_a_wider_one():
@@ -188,3 +190,24 @@ def test_timm_models_by_name_with_a_local_weights_file(tmp_path):
     assert torch.equal(loaded.model.conv1.weight, full.conv1.weight)
     with torch.inference_mode():
         assert loaded.model(torch.randn(2, 3, 224, 224)).shape == (2, 512)
+
+
+def test_the_test_networks_are_one_seeded_init_named_by_its_hash_in_any_process():
+    """The fast lane's backbones: the same weights in every process (the store keys on them), another init would
+    be another sha256, and a weights file is refused by name."""
+    import subprocess
+    import sys
+
+    a, b = (load_backbone(name) for name in backbones.TEST_NAMES)
+    assert a.spec["weights"] == b.spec["weights"] == "init:seed0" and a.spec["weights_sha256"] != b.spec["weights_sha256"]
+    code = ("from extract.backbones import load_backbone; import torch; "
+            "print(load_backbone('test_efficientnet').spec['weights_sha256'])")
+    other = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(123); " + code],
+                           capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert other.stdout.strip() == a.spec["weights_sha256"]  # the caller's RNG state does not reach the init
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.inference_mode():
+        assert torch.equal(a.model(x), load_backbone("test_efficientnet").model(x))
+    with pytest.raises(ValueError, match=r"extract\.weights\.test_efficientnet = '/w.pth'.*takes no weights file"):
+        backbone_spec("test_efficientnet", weights_file="/w.pth")

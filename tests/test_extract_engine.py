@@ -243,6 +243,7 @@ def test_killed_and_rerun_equals_uninterrupted(reference, small, data_root, tmp_
     assert not list(tmp_path.glob("*/.*.tmp"))
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_two_studies_at_once_share_the_rows(reference, small, data_root, tmp_path):
     manifest = tmp_path / "manifest.csv"
     write_manifest(small, manifest)
@@ -258,6 +259,7 @@ def test_two_studies_at_once_share_the_rows(reference, small, data_root, tmp_pat
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_two_gloo_processes_equal_one(reference, small, data_root, tmp_path):
     manifest = tmp_path / "manifest.csv"
     write_manifest(small, manifest)

@@ -522,6 +522,7 @@ def test_a_run_folder_that_cannot_be_made_is_one_error_line(tmp_path, data_root,
     assert "cannot write" in err and str(tmp_path / "out" / "runs") in err and "No space left" in err
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_two_studies_at_once_on_one_out_both_finish_with_equal_numbers(tmp_path, data_root):
     config = study_config(tmp_path, '"dataset", "extract", "classify"')
     out = tmp_path / "out"

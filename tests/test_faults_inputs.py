@@ -156,6 +156,7 @@ def test_out_that_is_not_writable_is_refused(tmp_path, capsys, monkeypatch):
     assert not (locked / "out").exists()
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 @pytest.mark.needs_data
 def test_unknown_backbone_fails_before_the_dataset_stage_as_a_process(tmp_path, data_root):
     """The real command line: exit 2, exactly one stderr line, no dataset built, no run folder."""

@@ -91,6 +91,7 @@ def test_the_run_records_its_peak_memory_wall_and_stage_seconds_and_load(clean):
     assert all(isinstance(prov["load_avg"][k], float) for k in ("start", "end"))
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_the_peak_counts_child_processes(tmp_path):
     """A child holding 300 MB (a DataLoader or joblib worker's share) is in the sampled peak of its parent."""
     code = "import sys, numpy as np\na = np.ones(300 * 2**20 // 8)\nprint('ready', flush=True)\nsys.stdin.read()\n"

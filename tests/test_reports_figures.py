@@ -92,6 +92,7 @@ def large(tmp_path_factory):
     return tables, raw, trials, img, tmp_path_factory.mktemp("large")
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_the_generated_run_is_as_large_as_promised(large):
     tables = large[0]
     assert len(tables.variants) == 2 * len(BACKBONES) == 42
@@ -99,6 +100,7 @@ def test_the_generated_run_is_as_large_as_promised(large):
     assert len(tables.chosen.class_names) == N_CLASSES
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_every_figure_keeps_its_labels_and_legends_on_the_canvas(large):
     figures = draw_figures(large[0])
     assert set(figures) == {"accuracy_by_method", "accuracy_vs_cost", "confusion", "per_class", "anytime",
@@ -153,6 +155,7 @@ def test_the_val_chosen_variant_is_marked_on_every_figure(large):
             plots.plt.close(fig)
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cost_figure_names_the_front_and_each_arms_choice_without_overlapping_names(seed):
     raw, trials, img = large_run(seed)
@@ -187,6 +190,7 @@ def test_backbones_get_fixed_distinct_markers_and_fused_sets_their_own():
     assert markers == plots.backbone_markers(names)
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_the_large_run_renders_a_report_with_valid_pngs(large):
     _, raw, trials, img, tmp = large
     run_dir = tmp / "run"

@@ -11,6 +11,7 @@ import pytest
 from pipeline.config import load_config
 from study.context import StudyContext
 from study.results import read_results, read_trials
+from tests.conftest import TEST_BACKBONE
 
 pytestmark = pytest.mark.needs_data
 
@@ -21,7 +22,7 @@ def test_both_arms_run_the_same_number_of_trials_and_record_each(tiny_manifest, 
     import finetune.stage
 
     config = load_config(overrides=[
-        'extract.backbones=["efficientnet_lite0"]', "extract.views=1", 'extract.tta="none"', 'extract.precision="fp32"',
+        f'extract.backbones=["{TEST_BACKBONE}"]', "extract.views=1", 'extract.tta="none"', 'extract.precision="fp32"',
         "extract.num_workers=0", 'classify.feature_sets=["clean", "aug"]', "classify.fusions=[]", "classify.n_jobs=1",
         "classify.bootstrap=0", 'finetune.policies=["head", "last:1"]', "finetune.ensembles=[]", 'finetune.tta="none"',
         "finetune.batch_size=8", "finetune.num_workers=0", 'finetune.precision="fp32"', "finetune.n_boot=0",

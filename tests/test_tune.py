@@ -153,6 +153,7 @@ def test_a_run_killed_mid_trial_resumes_without_rerunning_a_finished_trial(tmp_p
     assert calls[4]["params"] == before[3]["params"]
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_two_workers_share_one_budget_and_choose_what_one_process_chooses(tmp_path):
     one = tmp_path / "one"
     one.mkdir()
