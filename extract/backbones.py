@@ -335,7 +335,8 @@ def _build_timm(arch: str, weights: ResolvedWeights) -> nn.Module:
 # ---------------------------------------------------------------- a tiny random network (tests, smoke runs)
 
 # timm's ``test_efficientnet`` (0.36 M parameters, 160 px; ``_gn`` is its GroupNorm twin, a second backbone for
-# fusions and ensembles): every stage's logic runs in a fraction of a real backbone's time. Its weights are timm's own initialisation under a fixed seed, named by the hash of that state
+# fusions and ensembles): every stage's logic runs in a fraction of a real backbone's time. Its weights are timm's
+# own initialisation under a fixed seed, named by the hash of that state
 # dict, so a store keyed on them never mixes two initialisations (another timm or torch may initialise otherwise).
 TEST_NAMES = ("test_efficientnet", "test_efficientnet_gn")
 _TEST_SEED = 0

@@ -6,10 +6,14 @@ and the dataset stage's summary.json + manifest; computes no metric.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 from dataset.manifest import read_manifest
@@ -19,13 +23,18 @@ from reports.sections import TIMING, timing_text
 from reports.tables import N_BOOT, Tables
 from study.atomic import write_text_atomic
 from study.cells import neutralise_frame
+from study.hashing import file_sha256
 from study.protocol import RULE
 from study.results import read_results, read_skips, read_trials
 
 log = logging.getLogger(__name__)
 
 
-def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int = 10, n_boot: int = N_BOOT) -> Path:
+def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int = 10, n_boot: int = N_BOOT,
+                 figure_cache: Path | None = None) -> Path:
+    """Write the run's tables, figures and report.md; ``figure_cache`` (a folder shared by the runs of one --out)
+    keeps each set of figures under the hash of everything they are drawn from, so a rerun with the same rows
+    copies them instead of drawing them again."""
     run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
     results_path = run_dir / "results.jsonl"
     rows = read_results(results_path) if results_path.is_file() else []
@@ -40,7 +49,9 @@ def build_report(*, run_dir: Path, dataset_dir: Path, title: str, worst_n: int =
     summary_path = dataset_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     provenance, config = read_run_inputs(run_dir)
-    figures = make_figures(tables, dataset_summary=summary, run_dir=run_dir, dataset_dir=dataset_dir)
+    figures = make_figures(tables, dataset_summary=summary, run_dir=run_dir, dataset_dir=dataset_dir,
+                           cache=_FigureCache(figure_cache, figure_key(run_dir, dataset_dir, n_boot))
+                           if figure_cache else None)
     inputs = ReportInputs(tables=tables, summary=summary, skips=read_skips(run_dir), provenance=provenance,
                           config=config, figures=figures, worst_n=worst_n, run_dir=run_dir)
     _write_decision(tables, run_dir)
@@ -77,17 +88,85 @@ def _write_csv(df, path: Path) -> None:
     write_text_atomic(path, neutralise_frame(df).to_csv(index=False))
 
 
-def make_figures(t: Tables, *, dataset_summary: dict | None, run_dir: Path, dataset_dir: Path) -> dict[str, str]:
-    """Copy the dataset stage's pictures and save every figure ``draw_figures`` draws; figure key -> file name."""
+def make_figures(t: Tables, *, dataset_summary: dict | None, run_dir: Path, dataset_dir: Path,
+                 cache: "_FigureCache | None" = None) -> dict[str, str]:
+    """Copy the dataset stage's pictures and save every figure ``draw_figures`` draws (or copy the cached set of
+    the same inputs); figure key -> file name."""
     figures = {}
     for key in ("contact_sheet", "augmentations"):
         name = (dataset_summary or {}).get(key)
         if name and (dataset_dir / name).is_file():
             shutil.copyfile(dataset_dir / name, run_dir / f"dataset_{name}")
             figures[key] = f"dataset_{name}"
-    for key, (fig, name) in draw_figures(t).items():
-        figures[key] = plots.save(fig, run_dir / name).name
-    return figures
+    cached = cache.copy_to(run_dir) if cache else None
+    if cached is not None:
+        return {**figures, **cached}
+    drawn = {key: plots.save(fig, run_dir / name).name for key, (fig, name) in draw_figures(t).items()}
+    if cache:
+        cache.keep(run_dir, drawn)
+    return {**figures, **drawn}
+
+
+def figure_key(run_dir: Path, dataset_dir: Path, n_boot: int) -> str:
+    """The hash of what the figures are drawn from: the run's rows and trials, the manifest (labels), the bootstrap
+    size, the code that computes and draws them (reports/ and study/) and the drawing libraries' versions."""
+    h = hashlib.sha256(f"n_boot={n_boot}".encode())
+    for path in (run_dir / "results.jsonl", run_dir / "trials.jsonl", dataset_dir / "manifest.csv"):
+        h.update(f"|{path.name}:".encode() + (path.read_bytes() if path.is_file() else b"absent"))
+    here = Path(__file__).resolve().parent
+    for src in sorted([*here.glob("*.py"), *(here.parent / "study").glob("*.py")]):
+        h.update(f"|{src.parent.name}/{src.name}:".encode() + src.read_bytes())
+    for lib in ("matplotlib", "adjustText", "numpy", "pandas"):
+        h.update(f"|{lib}={version(lib)}".encode())
+    return h.hexdigest()
+
+
+class _FigureCache:
+    """``<root>/<key>/``: one set of PNGs and ``figures.json`` (figure key -> file name, sha256). A set is written
+    whole (a temporary folder renamed into place), and a file whose bytes no longer match is a miss, never used."""
+
+    def __init__(self, root: Path, key: str):
+        self.root, self.dir = Path(root), Path(root) / key
+
+    def _entries(self) -> dict[str, list[str]]:
+        """The set's figure key -> [file name, sha256], every file checked against its digest (else ValueError)."""
+        entries = json.loads((self.dir / "figures.json").read_text())
+        for name, digest in entries.values():
+            if file_sha256(self.dir / name) != digest:
+                raise ValueError(f"{self.dir / name} does not match its digest")
+        return entries
+
+    def copy_to(self, run_dir: Path) -> dict[str, str] | None:
+        try:
+            entries = self._entries()
+        except (OSError, ValueError, TypeError) as exc:
+            if self.dir.exists():
+                log.warning("report: the cached figures in %s are unusable (%s); drawing them again", self.dir, exc)
+            return None
+        for name, _ in entries.values():
+            shutil.copyfile(self.dir / name, run_dir / name)
+        log.info("report: figures copied from %s (the same rows, code and libraries drew them)", self.dir)
+        return {key: name for key, (name, _) in entries.items()}
+
+    def keep(self, run_dir: Path, drawn: dict[str, str]) -> None:
+        try:
+            self._entries()
+            return  # another run of the same inputs kept an intact set meanwhile
+        except (OSError, ValueError, TypeError):
+            pass
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
+        try:
+            for name in drawn.values():
+                shutil.copyfile(run_dir / name, tmp / name)
+            entries = {key: [name, file_sha256(tmp / name)] for key, name in drawn.items()}
+            (tmp / "figures.json").write_text(json.dumps(entries, indent=1))
+            shutil.rmtree(self.dir, ignore_errors=True)  # a damaged set, which copy_to refused
+            os.rename(tmp, self.dir)
+        except OSError as exc:  # another run renamed its equal set into place first, or the disk is full
+            log.info("report: figures not cached (%s)", exc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def draw_figures(t: Tables) -> dict:
@@ -135,5 +214,6 @@ def record_end(*, run_dir: Path) -> None:
 
 def run(ctx) -> None:
     report = build_report(run_dir=ctx.run_dir, dataset_dir=ctx.dataset_dir, title=ctx.config["report"]["title"],
-                          worst_n=ctx.config["report"]["worst_classes"], n_boot=ctx.config["report"]["bootstrap"])
+                          worst_n=ctx.config["report"]["worst_classes"], n_boot=ctx.config["report"]["bootstrap"],
+                          figure_cache=ctx.out_dir / "figures")
     log.info("report written: %s", report)

@@ -55,7 +55,8 @@ def setup(tiny_backbone, hp, tiny_manifest, data_root, tmp_path_factory):
     # A two-phase fine-tune whatever the searches chose: its scored model is phase 2's.
     probe_hp = {**hp, "policies": ["probe+last:1"]}
     runs = {**{(name, "chosen"): (row, hp) for name, row in rows.items()},
-            (TEST_BACKBONE, "probe+last:1"): (run_finetune(backbone=tiny_backbone, **{**common, "hp": probe_hp}).rows[0],
+            (TEST_BACKBONE, "probe+last:1"): (run_finetune(backbone=tiny_backbone,
+                                                           **{**common, "hp": probe_hp}).rows[0],
                                                      probe_hp)}
     return {"root": root, "backbones": backbones, "common": common, "runs": runs, "rows": rows}
 

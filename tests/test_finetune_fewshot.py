@@ -1,4 +1,5 @@
-"""Both arms' few-shot curves, like for like (the tiny test network, the tiny 4-class manifest, fp32): per backbone, the same k
+"""Both arms' few-shot curves, like for like (the tiny test network, the tiny 4-class manifest, fp32): per backbone,
+the same k
 train images per class for both arms at every (k, draw), each (arm, k, draw) choosing its settings on val with the
 same small budget, refit on the draw alone; a k the classes cannot give is a recorded skip; a rerun trains nothing."""
 from __future__ import annotations

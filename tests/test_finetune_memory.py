@@ -35,7 +35,8 @@ def test_three_fine_tunes_in_one_process_free_their_activations(tiny_backbone, t
     monkeypatch.setattr(train_mod.CachedSource, "__init__", watch)
     for policy in ("head", "last:1", "probe+last:1"):
         watched.append([])
-        (row,) = search(backbone=tiny_backbone, policies=policy, manifest_path=tiny_manifest, data_root=data_root, hp=hp,
+        (row,) = search(backbone=tiny_backbone, policies=policy, manifest_path=tiny_manifest, data_root=data_root,
+                        hp=hp,
                         seed=0, device="cpu", finetune_dir=tmp_path / "ft", store=store,
                         tune_cfg=tune_config(trials=2, finetune={"epochs": [1], "lr": [3e-3, 1e-2]})).rows
         assert row.method == f"ft:{policy}"

@@ -154,7 +154,8 @@ def probe_run(tiny_backbone, hp, store, tiny_manifest, data_root, tmp_path_facto
     spy = Spy(read_manifest(tiny_manifest))
     with pytest.MonkeyPatch.context() as mp:
         spy.install(mp)
-        row = _run(tiny_backbone, hp, store, tiny_manifest, data_root, tmp_path_factory.mktemp("ft-probe"), "probe+last:1",
+        row = _run(tiny_backbone, hp, store, tiny_manifest, data_root, tmp_path_factory.mktemp("ft-probe"),
+                   "probe+last:1",
                    tune={"finetune": {"lr": [1e-2]}})
     return row, spy.events
 
@@ -216,8 +217,8 @@ def test_probe_phase2_starts_from_the_phase1_best_head(probe_run, tiny_backbone)
     check_row(row)
 
 
-def test_rerun_is_cached_and_a_larger_budget_trains_only_the_new_trial(head_run, tiny_backbone, hp, store, tiny_manifest,
-                                                                       data_root, monkeypatch):
+def test_rerun_is_cached_and_a_larger_budget_trains_only_the_new_trial(head_run, tiny_backbone, hp, store,
+                                                                       tiny_manifest, data_root, monkeypatch):
     finetune_dir, row = head_run
     trained = []
     epoch = train_mod.Trainer.train_epoch

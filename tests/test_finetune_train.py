@@ -132,7 +132,8 @@ def test_frozen_parameters_and_bn_buffers_do_not_move(tiny_backbone, hp, tiny_ma
     suffix_before = {k: v.clone() for k, v in net.trainable_state().items()}
     manifest = read_manifest(tiny_manifest)
     rows = manifest[manifest["split"] == "train"].iloc[::3].reset_index(drop=True)  # 8 images
-    source = ImageSource(rows=rows, data_root=data_root, data_config=tiny_backbone.data_config, policy="light", num_workers=0)
+    source = ImageSource(rows=rows, data_root=data_root, data_config=tiny_backbone.data_config, policy="light",
+                         num_workers=0)
     trainer = Trainer(net=net, hp={**hp, "epochs": 1}, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="x")
     trainer._bind(from_prefix=False)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
@@ -238,7 +239,8 @@ def test_changed_store_bytes_retrain_what_read_them(runs, tiny_backbone, hp, dir
     copy.write_segment(keys, data, compute_s=1.0)
     assert copy.key == source.key  # same entry, same row keys: only the bytes differ
     epochs = []
-    rows = search(backbone=tiny_backbone, policies="head", manifest_path=tiny_manifest, data_root=data_root, hp=hp, seed=0,
+    rows = search(backbone=tiny_backbone, policies="head", manifest_path=tiny_manifest, data_root=data_root, hp=hp,
+                  seed=0,
                   device="cpu", finetune_dir=dirs["finetune_dir"],
                   store=dataclasses.replace(dirs["store"], root=tmp_path / "store"),
                   on_epoch_end=lambda e, s: epochs.append(e)).rows

@@ -138,3 +138,41 @@ def test_the_manifest_opens_as_text_and_reads_back_exactly(tmp_path):
     back = read_manifest(tmp_path / "manifest.csv")
     assert list(back.class_name) == names and manifest_hash(back) == written
     pd.testing.assert_frame_equal(back, df.astype(back.dtypes.to_dict()))
+
+
+def test_a_rerun_with_the_same_rows_copies_the_figures_and_other_rows_or_damage_redraw_them(run_dir, tmp_path,
+                                                                                           monkeypatch, caplog):
+    import shutil
+
+    from reports import plots
+
+    drawn = []
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: drawn.append(path.name) or real_save(fig, path))
+    cache, dataset_dir = tmp_path / "figures", tmp_path / "dataset"
+
+    def rerun(name: str) -> tuple[list[str], dict[str, bytes]]:
+        drawn.clear()
+        run = tmp_path / name
+        shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("*.png", "*.md", "*.csv"))
+        build_report(run_dir=run, dataset_dir=dataset_dir, title="Test report", figure_cache=cache)
+        assert_pngs_valid(run)
+        return list(drawn), {p.name: p.read_bytes() for p in run.glob("*.png")}
+
+    first_drawn, first = rerun("a")
+    assert first_drawn and sorted(first_drawn) == sorted(first)
+    again_drawn, again = rerun("b")
+    assert again_drawn == [] and again == first  # nothing drawn: the same bytes, copied
+    assert [(tmp_path / r / "report.md").read_text().count(".png") for r in "ab"] == [len(first)] * 2
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    png = next(entry.glob("*.png"))
+    png.write_bytes(png.read_bytes()[:-10])  # a damaged cached figure is never copied
+    with caplog.at_level("WARNING"):
+        damaged_drawn, damaged = rerun("c")
+    assert sorted(damaged_drawn) == sorted(first_drawn) and "unusable" in caplog.text
+    assert png.read_bytes() == first[png.name]  # the set was kept again, whole
+    rows = (run_dir / "results.jsonl").read_text().splitlines()
+    (run_dir / "results.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # other rows: other figures
+    other_drawn, _ = rerun("d")
+    assert sorted(other_drawn) == sorted(first_drawn)
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
