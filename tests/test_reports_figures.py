@@ -115,6 +115,7 @@ def test_every_figure_keeps_its_labels_and_legends_on_the_canvas(large):
             plots.plt.close(fig)
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_class_figures_name_the_20_worst_classes_of_both_arms(large):
     tables = large[0]
     figures = draw_figures(tables)
@@ -139,6 +140,7 @@ def test_class_figures_name_the_20_worst_classes_of_both_arms(large):
             plots.plt.close(fig)
 
 
+@pytest.mark.slow  # several processes or a large generated run: the full suite runs it
 def test_the_val_chosen_variant_is_marked_on_every_figure(large):
     tables = large[0]
     chosen = tables.card.chosen
