@@ -6,6 +6,7 @@
     python run_study.py --stages dataset --set data.split.train_per_class=20
     python run_study.py --config mine.toml --show-config   # every key: value, meaning, where it came from
     python run_study.py --config mine.toml --plan          # what it would compute, and how long
+    python run_study.py --config mine.toml --worker        # help the run going on this --out: take its trials
 
 Each stage lives in its package (``<stage>/stage.py`` exposes ``run(ctx)``); this file only parses,
 loads and validates the config, makes the run folder, records provenance and calls the stages.
@@ -29,6 +30,7 @@ from study.config import DEFAULT_CONFIG, REPO_ROOT, dump_config
 from study.context import StudyContext, resolve_device
 from study.errors import StudyError, WriteFailed, is_write_fault
 from study.provenance import ResourceMonitor, end_provenance, start_provenance, utc_now
+from study.schema import Section
 
 # Under torchrun these run on rank 0 while the other ranks wait; extract and finetune shard across ranks.
 MAIN_RANK_STAGES = {"dataset", "classify", "report"}
@@ -53,6 +55,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true",
                    help="build (or reuse) the dataset, print what the study would compute and how long, then exit "
                    "(no run folder)")
+    p.add_argument("--worker", action="store_true",
+                   help="help the study another process runs on this --out (and its tune.storage): run the same "
+                   "stages but the report, taking trials from each search's shared budget; the leading run "
+                   "reports")
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config (every key: value, meaning, where it came from), then exit")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress bars or INFO "
@@ -130,6 +136,8 @@ def _configure(args: argparse.Namespace) -> tuple[dict, str, Path, Path]:
     """The validated config, device, data root and --out; everything checked before any stage or run folder."""
     data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
     config = resolve(args)
+    if args.worker:  # a worker's trials and fits are the leader's (one storage, one --out): the leader reports
+        config = Section({**config, "stages": [s for s in config["stages"] if s != "report"]})
     device = resolve_device(config["device"])
     check_before_work(config, data_root=data_root, out=out)
     return config, device, data_root, out
@@ -207,9 +215,10 @@ def _record_end(run_dir: Path, prov: dict, status: str, *, monitor: ResourceMoni
         log.warning("could not record the end of the run: %s", exc)
 
 
-def _start_run(config: dict, out: Path) -> Path:
+def _start_run(config: dict, out: Path, *, worker: bool = False) -> Path:
     """The run folder (rank 0 makes it and writes the resolved config; every rank gets its path)."""
-    run_dir = make_run_dir(out, config["name"]) if distributed.is_main() else None
+    name = f"{config['name']}-worker" if worker else config["name"]
+    run_dir = make_run_dir(out, name) if distributed.is_main() else None
     if distributed.is_main():
         write_text_atomic(run_dir / "config.resolved.toml", dump_config(config))
     return distributed.broadcast_object(run_dir)  # one run folder, however many ranks
@@ -276,7 +285,7 @@ def _study(args: argparse.Namespace, argv: list[str], *, config: dict, device: s
         print(f"run folder: {run_dir}")
         if (run_dir / "report.md").is_file():
             print(f"report: {run_dir / 'report.md'}")
-        if {"classify", "finetune"} & set(config["stages"]):
+        if {"classify", "finetune"} & set(config["stages"]) and not args.worker:
             from study.commands import export_command, predict_command
 
             print(f"use the chosen model: {predict_command(run_dir)}\n           export it: {export_command(run_dir)}")
@@ -298,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return _plan(config, device=device, data_root=data_root, out=out, rebuild=args.rebuild_cache)
     try:
-        run_dir = _start_run(config, out)
+        run_dir = _start_run(config, out, worker=args.worker)
     except StudyError as exc:  # a full disk or a folder turned read-only since the check
         return _error(exc)
     log_file = console.log_to(run_dir) if distributed.is_main() else None
