@@ -1,4 +1,5 @@
-"""The shared pass with the real Lite0 weights on small Caltech subsets: one forward per (image, view) for
+"""The shared pass on small Caltech subsets (the tiny test network; the cut's float16 round trip also with the real
+Lite0 weights, slow): one forward per (image, view) for
 every layer, reuse across split seeds and class sets, cut activations equal to the full forward, kill -9
 resume, two writers at once, torchrun/gloo sharding, damaged segments, the stage, bad images.
 
@@ -26,20 +27,21 @@ from dataset.tensors import ImageUnreadable
 from dataset.transforms import eval_transform
 from dataset.views import study_requests
 from extract import backbones, engine
+from extract.blocks import block_list
 from extract.cache import load_feature_set
 from extract.config import SCHEMA
 from extract.engine import PassSettings, ensure_rows
 from extract.store import Store, StoreDamaged
 from study.context import StudyContext
 from study.schema import validate
-from tests.conftest import REPO, make_tiny_manifest
+from tests.conftest import REPO, TEST_BACKBONE, make_tiny_manifest
 
 pytestmark = pytest.mark.needs_data
 
 SMALL = {"classes": ("accordion", "anchor"), "n_train": 2, "n_val": 1, "n_test": 1}  # 8 images -> 22 views
 # fp32: these tests compare with fp32 references, which "auto" is not on a CPU with native bf16.
 SETTINGS = PassSettings(precision="fp32", batch_size=2, num_workers=0, progress=False)
-ARGS = {"backbone": "efficientnet_lite0", "policy": "light", "view_seed": 0}
+ARGS = {"backbone": TEST_BACKBONE, "policy": "light", "view_seed": 0}
 
 
 class one_thread:
@@ -65,7 +67,7 @@ class Forwards:
 
 def _ensure(manifest, root, data_root, *, views=1, tta="hflip", policies=(), settings=SETTINGS, **kw):
     return ensure_rows(manifest=manifest, requests=study_requests(manifest, views=views, tta=tta), store_root=root,
-                       policies=list(policies), settings=settings, data_root=data_root, **ARGS, **kw)
+                       policies=list(policies), settings=settings, data_root=data_root, **{**ARGS, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +94,22 @@ def test_one_pass_fills_every_layer_once(reference, small):
     n, n_trainval = len(small), int((small["split"] != "test").sum())
     assert reference.computed == 2 * n + n_trainval  # clean + mirror of every image, 1 view of train/val
     assert reference.stored == {"pooled": reference.computed, "last:1": reference.computed}
-    assert reference.layers[1].spec["name"] == "after:blocks.5"
+    units = block_list(backbones.load_backbone(TEST_BACKBONE).model).units
+    assert reference.layers[1].spec["name"] == f"after:{units[-2][0]}"  # the input of the last unit
     fs = load_feature_set(reference.stores["pooled"], manifest=small, views=1, tta="hflip", policy="light",
                           view_seed=0)
-    assert fs.features.shape == (reference.computed, 1280) and np.isfinite(fs.features).all()
+    dim = backbones.load_backbone(TEST_BACKBONE).feature_dim
+    assert fs.features.shape == (reference.computed, dim) and np.isfinite(fs.features).all()
     assert fs.view.tolist() == [0] * n + [-1] * n + [1] * n_trainval
     assert fs.sample_id[:n].tolist() == small["sample_id"].tolist() and fs.extract_s > 0
-    assert not np.allclose(fs.features[fs.view == 1], fs.features[:n][small["split"].to_numpy() != "test"], atol=1e-2)
+    views, clean = fs.features[fs.view == 1], fs.features[:n][small["split"].to_numpy() != "test"]
+    assert not np.allclose(views, clean, atol=1e-2 * np.abs(clean).max())  # 1% of the scale: another view
 
 
 def test_pooled_rows_equal_the_backbone_and_the_mirror_its_flipped_input(reference, small, data_root):
     fs = load_feature_set(reference.stores["pooled"], manifest=small, views=1, tta="hflip", policy="light",
                           view_seed=0)
-    bb = backbones.load_backbone("efficientnet_lite0")
+    bb = backbones.load_backbone(TEST_BACKBONE)
     clean = eval_transform(bb.data_config)(load_rgb(data_root / small["path"][0]))[None]
     with torch.inference_mode():
         expected = bb.model(clean).numpy()[0]
@@ -190,15 +195,16 @@ def test_a_dropped_class_computes_nothing_and_an_added_one_only_its_images(refer
     assert forwards.images == result.computed == 2 * len(added) + int((added["split"] != "test").sum())
 
 
+@pytest.mark.parametrize("backbone", [TEST_BACKBONE, pytest.param("efficientnet_lite0", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("policy", ["last:1", "last:2"])
-def test_logits_from_the_stored_cut_equal_the_full_forward(policy, small, data_root, tmp_path):
+def test_logits_from_the_stored_cut_equal_the_full_forward(policy, backbone, small, data_root, tmp_path):
     """The suffix run on stored (float16) activations gives the full network's logits within float16's tolerance."""
     from finetune.inputs import load_prefix
     from finetune.model import build_split_net
 
-    result = _ensure(small, tmp_path, data_root, views=0, tta="none", policies=[policy])
+    result = _ensure(small, tmp_path, data_root, views=0, tta="none", policies=[policy], backbone=backbone)
     cache = load_prefix(result.stores[policy], manifest=small, views=0, tta="none", policy="light", view_seed=0)
-    bb = backbones.load_backbone("efficientnet_lite0")
+    bb = backbones.load_backbone(backbone)
     net = build_split_net(bb, policy=policy, n_classes=2, seed=0).eval()
     train = small[small["split"] == "train"]
     images = torch.stack([eval_transform(bb.data_config)(load_rgb(data_root / p)) for p in train["path"]])
@@ -206,14 +212,15 @@ def test_logits_from_the_stored_cut_equal_the_full_forward(policy, small, data_r
         naive = net(images)
         cached = net.forward_suffix(cache.splits["train"].acts[:, 0].float())
     assert cache.splits["train"].acts.dtype == torch.float16
-    torch.testing.assert_close(cached, naive, rtol=0, atol=5e-3)
-    assert not torch.allclose(naive[0], naive[1], atol=1e-2)
+    # float16's 11-bit mantissa: within 0.5% of the logits' scale (the tiny network's logits are ~100x smaller)
+    torch.testing.assert_close(cached, naive, rtol=0, atol=5e-3 * max(float(naive.abs().max()), 1e-3))
+    assert not torch.allclose(naive[0], naive[1], atol=1e-2 * float(naive.abs().max()))  # two images differ
 
 
 def _cli(manifest: Path, root: Path, data_root: Path, *extra: str) -> list[str]:
     return ["-m", "extract.engine", "--manifest", str(manifest), "--store", str(root), "--data-root", str(data_root),
             "--views", "1", "--tta", "hflip", "--policy", "light", "--policies", "last:1", "--batch-size", "2",
-            "--num-workers", "0", "--no-progress", "--precision", "fp32", *extra]
+            "--num-workers", "0", "--no-progress", "--precision", "fp32", "--backbone", TEST_BACKBONE, *extra]
 
 
 def _env() -> dict:
@@ -354,7 +361,7 @@ def test_stage_writes_features_json_and_skips_unavailable_weights(reference, sma
     out = tmp_path / "out"
     shutil.copytree(reference.stores["pooled"].dir.parent, out / "store")
     write_manifest(small, out / "dataset" / "manifest.csv")
-    ctx = _ctx(out, data_root, tmp_path / "run", {"backbones": ["efficientnet_lite0", "resnet50"], "views": 1,
+    ctx = _ctx(out, data_root, tmp_path / "run", {"backbones": [TEST_BACKBONE, "resnet50"], "views": 1,
                                                     "batch_size": 2, "num_workers": 0, "precision": "fp32"},
                {"policies": ["head", "last:1"]})
     run(ctx)
