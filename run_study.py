@@ -57,8 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(no run folder)")
     p.add_argument("--worker", action="store_true",
                    help="help the study another process runs on this --out (and its tune.storage): run the same "
-                   "stages but the report, taking trials from each search's shared budget; the leading run "
-                   "reports")
+                   "stages but the report, taking trials from each fine-tune search's shared budget (a head "
+                   "search, short, is run whole by the process that starts it, the other reuses it); the "
+                   "leading run reports")
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config (every key: value, meaning, where it came from), then exit")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress bars or INFO "
@@ -137,7 +138,11 @@ def _configure(args: argparse.Namespace) -> tuple[dict, str, Path, Path]:
     data_root, out = Path(args.data_root).resolve(), Path(args.out).resolve()
     config = resolve(args)
     if args.worker:  # a worker's trials and fits are the leader's (one storage, one --out): the leader reports
-        config = Section({**config, "stages": [s for s in config["stages"] if s != "report"]})
+        stages = [s for s in config["stages"] if s != "report"]
+        if not {"extract", "classify", "finetune"} & set(stages):
+            raise StudyError(f"--worker with stages {config['stages']} leaves nothing to help with; a worker runs "
+                             "extract, classify or finetune (the leading run reports)")
+        config = Section({**config, "stages": stages})
     device = resolve_device(config["device"])
     check_before_work(config, data_root=data_root, out=out)
     return config, device, data_root, out
@@ -283,6 +288,8 @@ def _study(args: argparse.Namespace, argv: list[str], *, config: dict, device: s
             _record_end(run_dir, prov, status, monitor=monitor)
     if distributed.is_main():
         print(f"run folder: {run_dir}")
+        if args.worker:
+            print("worker: no report here; the leading run on this --out writes it (or rerun without --worker)")
         if (run_dir / "report.md").is_file():
             print(f"report: {run_dir / 'report.md'}")
         if {"classify", "finetune"} & set(config["stages"]) and not args.worker:

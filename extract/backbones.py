@@ -34,6 +34,7 @@ from torch import nn
 
 from dataset.transforms import check_data_config
 from study.hashing import file_sha256
+from study.results import TEST_BACKBONES
 
 LITE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 LAYER = "pre_logits"
@@ -338,7 +339,7 @@ def _build_timm(arch: str, weights: ResolvedWeights) -> nn.Module:
 # fusions and ensembles): every stage's logic runs in a fraction of a real backbone's time. Its weights are timm's
 # own initialisation under a fixed seed, named by the hash of that state
 # dict, so a store keyed on them never mixes two initialisations (another timm or torch may initialise otherwise).
-TEST_NAMES = ("test_efficientnet", "test_efficientnet_gn")
+TEST_NAMES = TEST_BACKBONES
 _TEST_SEED = 0
 
 
@@ -350,13 +351,17 @@ def _seeded_test_model(arch: str) -> nn.Module:
         return timm.create_model(arch, pretrained=False)
 
 
-@functools.lru_cache(maxsize=4)
-def _test_state_sha256(arch: str) -> str:
+def _state_sha256(model: nn.Module) -> str:
     h = hashlib.sha256()
-    for key, tensor in _seeded_test_model(arch).state_dict().items():
-        h.update(key.encode())
+    for key, tensor in model.state_dict().items():
+        h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(tensor.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _test_state_sha256(arch: str) -> str:
+    return _state_sha256(_seeded_test_model(arch))
 
 
 def _test_weights(name: str, weights_file: str | None, pretrained: bool) -> ResolvedWeights:
@@ -367,7 +372,10 @@ def _test_weights(name: str, weights_file: str | None, pretrained: bool) -> Reso
 
 
 def _build_test(arch: str, weights: ResolvedWeights) -> nn.Module:
-    return _seeded_test_model(arch)
+    model = _seeded_test_model(arch)
+    if _state_sha256(model) != weights.sha256:  # the model built is the one its weights id names
+        raise RuntimeError(f"{arch}: the seeded initialisation changed within this process; rebuild its store entries")
+    return model
 
 
 # ---------------------------------------------------------------- the family table

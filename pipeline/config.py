@@ -9,11 +9,15 @@ and before a run folder exists.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from study.config import apply_overrides, config_layers, parse_override, read_config_file
+from study.results import TEST_BACKBONES
 from study.schema import ConfigError, Field, int_range, list_of, one_of, validate
+
+log = logging.getLogger(__name__)
 
 STAGES = ("dataset", "extract", "classify", "finetune", "report")
 
@@ -138,9 +142,13 @@ def check_before_work(config: dict, *, data_root: Path, out: Path) -> None:
 
     for i, name in enumerate(config["extract"]["backbones"]):
         try:
-            backbone_spec(name, pretrained=False)  # names only: no weights are resolved or read
+            # names (and that a named weights file is allowed): no weights are resolved or read
+            backbone_spec(name, pretrained=False, weights_file=config["extract"]["weights"].get(name))
         except ValueError as exc:
             raise ConfigError(f"config key 'extract.backbones[{i}]' has value {name!r}: {exc}") from exc
+        if name in TEST_BACKBONES:
+            log.warning("extract.backbones[%d] = %r is a random-initialised test network: its rows test the "
+                        "pipeline and say nothing about pretrained transfer", i, name)
     if "dataset" in config["stages"]:
         from dataset.build import check_sources
 

@@ -6,12 +6,14 @@ and the dataset stage's summary.json + manifest; computes no metric.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -109,64 +111,75 @@ def make_figures(t: Tables, *, dataset_summary: dict | None, run_dir: Path, data
 
 def figure_key(run_dir: Path, dataset_dir: Path, n_boot: int) -> str:
     """The hash of what the figures are drawn from: the run's rows and trials, the manifest (labels), the bootstrap
-    size, the code that computes and draws them (reports/ and study/) and the drawing libraries' versions."""
-    h = hashlib.sha256(f"n_boot={n_boot}".encode())
+    size, the code that reads and draws them (reports/, study/, dataset/manifest.py), and what turns a drawing into
+    pixels (the Python, matplotlib and its rcParams, Pillow, kiwisolver, adjustText, numpy, pandas)."""
+    import matplotlib
+
+    h = hashlib.sha256(f"n_boot={n_boot}|python={sys.version}".encode())
     for path in (run_dir / "results.jsonl", run_dir / "trials.jsonl", dataset_dir / "manifest.csv"):
         h.update(f"|{path.name}:".encode() + (path.read_bytes() if path.is_file() else b"absent"))
     here = Path(__file__).resolve().parent
-    for src in sorted([*here.glob("*.py"), *(here.parent / "study").glob("*.py")]):
+    sources = [*here.glob("*.py"), *(here.parent / "study").glob("*.py"), here.parent / "dataset" / "manifest.py"]
+    for src in sorted(sources):
         h.update(f"|{src.parent.name}/{src.name}:".encode() + src.read_bytes())
-    for lib in ("matplotlib", "adjustText", "numpy", "pandas"):
+    for lib in ("matplotlib", "adjustText", "numpy", "pandas", "pillow", "kiwisolver"):
         h.update(f"|{lib}={version(lib)}".encode())
+    h.update(repr(sorted((k, repr(v)) for k, v in matplotlib.rcParams.items())).encode())
     return h.hexdigest()
 
 
 class _FigureCache:
     """``<root>/<key>/``: one set of PNGs and ``figures.json`` (figure key -> file name, sha256). A set is written
-    whole (a temporary folder renamed into place), and a file whose bytes no longer match is a miss, never used."""
+    whole (a temporary folder renamed into place); a set that is malformed, incomplete or whose bytes no longer
+    match is a miss, never used; a cache that cannot be read or written costs a redraw, never the report."""
 
     def __init__(self, root: Path, key: str):
         self.root, self.dir = Path(root), Path(root) / key
 
-    def _entries(self) -> dict[str, list[str]]:
-        """The set's figure key -> [file name, sha256], every file checked against its digest (else ValueError)."""
+    def _entries(self) -> dict[str, str]:
+        """The set's figure key -> file name, every file checked against its digest (else an exception)."""
         entries = json.loads((self.dir / "figures.json").read_text())
+        ok = isinstance(entries, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) and Path(v[0]).name == v[0]
+            for v in entries.values())
+        if not ok:
+            raise ValueError(f"{self.dir / 'figures.json'} is not a figure list")
         for name, digest in entries.values():
             if file_sha256(self.dir / name) != digest:
                 raise ValueError(f"{self.dir / name} does not match its digest")
-        return entries
+        return {key: name for key, (name, _) in entries.items()}
 
     def copy_to(self, run_dir: Path) -> dict[str, str] | None:
         try:
             entries = self._entries()
-        except (OSError, ValueError, TypeError) as exc:
+            for name in entries.values():
+                shutil.copyfile(self.dir / name, run_dir / name)
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with the cache, the figures are drawn again
             if self.dir.exists():
                 log.warning("report: the cached figures in %s are unusable (%s); drawing them again", self.dir, exc)
             return None
-        for name, _ in entries.values():
-            shutil.copyfile(self.dir / name, run_dir / name)
         log.info("report: figures copied from %s (the same rows, code and libraries drew them)", self.dir)
-        return {key: name for key, (name, _) in entries.items()}
+        return entries
 
     def keep(self, run_dir: Path, drawn: dict[str, str]) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._entries()
             return  # another run of the same inputs kept an intact set meanwhile
-        except (OSError, ValueError, TypeError):
-            pass
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
+        tmp = None
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
             for name in drawn.values():
                 shutil.copyfile(run_dir / name, tmp / name)
             entries = {key: [name, file_sha256(tmp / name)] for key, name in drawn.items()}
             (tmp / "figures.json").write_text(json.dumps(entries, indent=1))
             shutil.rmtree(self.dir, ignore_errors=True)  # a damaged set, which copy_to refused
             os.rename(tmp, self.dir)
-        except OSError as exc:  # another run renamed its equal set into place first, or the disk is full
+        except OSError as exc:  # another run renamed its equal set into place first, a full or read-only disk
             log.info("report: figures not cached (%s)", exc)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def draw_figures(t: Tables) -> dict:

@@ -26,6 +26,8 @@ REQUIRED_KEYS = ("kind", "backbone", "method", "feature_set", "split_seed", "dra
 ARMS = ("head", "finetune")
 FUSED_PREFIX = "fused:"  # a fused feature set (heads), or an ensemble of fine-tunes of the same backbones
 ENSEMBLE = "ft:ensemble"  # the method of an ensemble of fine-tunes
+# Tiny random-initialised networks for tests (extract/backbones.py): a row of theirs says nothing about transfer.
+TEST_BACKBONES = ("test_efficientnet", "test_efficientnet_gn")
 
 
 def fused_name(backbones: list[str]) -> str:

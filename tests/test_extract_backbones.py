@@ -206,6 +206,11 @@ def test_the_test_networks_are_one_seeded_init_named_by_its_hash_in_any_process(
     other = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(123); " + code],
                            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     assert other.stdout.strip() == a.spec["weights_sha256"]  # the caller's RNG state does not reach the init
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_backbone("test_efficientnet")
+    assert torch.equal(torch.rand(3), expected)  # building it leaves the caller's random stream alone
     torch.manual_seed(5)
     x = torch.randn(2, 3, 160, 160)
     with torch.inference_mode():

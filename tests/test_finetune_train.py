@@ -96,9 +96,12 @@ def _last1_cache(tiny_backbone, hp, dirs, manifest_path):
                                       view_seed=0)
 
 
-def test_prefix_cache_path_gives_the_naive_logits(runs, tiny_backbone, hp, dirs, tiny_manifest, data_root, tmp_path):
-    """With tta = "hflip" both paths average each val image's logits with its mirror's."""
+@pytest.mark.parametrize("which", ["tiny_backbone", pytest.param("lite0", marks=pytest.mark.slow)])
+def test_prefix_cache_path_gives_the_naive_logits(which, hp, dirs, tiny_manifest, data_root, tmp_path, request):
+    """With tta = "hflip" both paths average each val image's logits with its mirror's (float16 stored cut: also
+    with the real Lite0's activations, whose scale the tiny network's are not)."""
     assert hp["tta"] == "hflip"
+    tiny_backbone = request.getfixturevalue(which)
     net, manifest, cache = _last1_cache(tiny_backbone, hp, dirs, tiny_manifest)
     assert cache.splits["train"].acts.dtype == torch.float16 and cache.splits["train"].acts.shape[1] == 2
     assert cache.splits["val"].acts.shape[1] == cache.splits["test"].acts.shape[1] == 2  # view 0 + mirror

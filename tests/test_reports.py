@@ -143,6 +143,7 @@ def test_the_manifest_opens_as_text_and_reads_back_exactly(tmp_path):
 def test_a_rerun_with_the_same_rows_copies_the_figures_and_other_rows_or_damage_redraw_them(run_dir, tmp_path,
                                                                                            monkeypatch, caplog):
     import shutil
+    import tempfile
 
     from reports import plots
 
@@ -171,8 +172,27 @@ def test_a_rerun_with_the_same_rows_copies_the_figures_and_other_rows_or_damage_
         damaged_drawn, damaged = rerun("c")
     assert sorted(damaged_drawn) == sorted(first_drawn) and "unusable" in caplog.text
     assert png.read_bytes() == first[png.name]  # the set was kept again, whole
+    (entry / "figures.json").write_text("[]")  # parses, but is no figure list: drawn again, not a crash
+    assert sorted(rerun("c2")[0]) == sorted(first_drawn)
     rows = (run_dir / "results.jsonl").read_text().splitlines()
     (run_dir / "results.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # other rows: other figures
-    other_drawn, _ = rerun("d")
+    other_drawn, other = rerun("d")
     assert sorted(other_drawn) == sorted(first_drawn)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tempfile, "mkdtemp", full_disk)
+    shutil.rmtree(cache)
+    full_drawn, full = rerun("c3")  # a cache that cannot be written costs nothing but the keeping
+    assert sorted(full_drawn) == sorted(first_drawn) and full == other and (tmp_path / "c3" / "report.md").is_file()
+
+
+def test_rows_of_a_random_test_network_are_said_to_say_nothing_about_transfer(run_dir, tmp_path):
+    assert "Random networks" not in (run_dir / "report.md").read_text()  # Lite0 rows: nothing to say
+    rows = (run_dir / "results.jsonl").read_text().replace('"efficientnet_lite0"',
+                                                           '"fused:efficientnet_lite0+test_efficientnet_gn"', 1)
+    (run_dir / "results.jsonl").write_text(rows)
+    build_report(run_dir=run_dir, dataset_dir=tmp_path / "dataset", title="Test report")
+    (line,) = [x for x in (run_dir / "report.md").read_text().splitlines() if "Random networks" in x]
+    assert "`test_efficientnet_gn` are random-initialised test networks" in line and "lite0" not in line

@@ -11,6 +11,7 @@ import run_study
     (["--set", "classify.heads=[\"rf\"]"], "'classify.heads[0]' has value 'rf'; allowed: one of 'lr', 'svm', 'knn'"),
     (["--stages", "dataset,plot"], "'stages' has value"),
     (["--set", "seed=-3"], "'seed' has value -3"),
+    (["--worker", "--stages", "dataset,report"], "--worker with stages ['dataset', 'report'] leaves nothing to help"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, capsys, args, message):
     assert run_study.main([*args, "--out", str(tmp_path / "out")]) == 2
@@ -38,3 +39,14 @@ def test_a_missing_source_folder_is_a_message_not_a_traceback(tmp_path, capsys):
     assert rc == 2
     assert err.startswith("error: ") and "Traceback" not in err
     assert "caltech101" in err
+
+
+def test_a_random_test_network_in_a_study_is_warned_about_before_any_work(tmp_path, data_root, caplog):
+    from pipeline.config import check_before_work, load_config
+
+    config = load_config("configs/quick.toml",
+                         overrides=['extract.backbones=["efficientnet_lite0", "test_efficientnet"]'])
+    with caplog.at_level("WARNING"):
+        check_before_work(config, data_root=data_root, out=tmp_path / "out")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "extract.backbones[1] = 'test_efficientnet' is a random-initialised test network" in warning

@@ -1,6 +1,7 @@
 """``run_study.py --worker`` beside a leading run on one --out: together they run each search's trial budget exactly
-(no trial twice, none failed), both take trials, the worker writes no report, and the leader's rows are the rows
-one process alone gets (random search draws each trial's setting from its number, so who ran it does not matter).
+(no trial twice, none failed), both take fine-tune trials (a head search is run whole by one of them), the worker
+writes no report, and the leader's rows are the rows one process alone gets (random search draws each trial's
+setting from its number, so who ran it does not matter).
 
 Several processes on the tiny test network and a generated 3-class folder, one thread each (CPU sums depend on
 the thread count, and the single-process run is compared number for number)."""
@@ -73,16 +74,19 @@ def test_a_worker_and_the_leader_share_each_budget_and_the_leader_reports_what_o
     (lead_dir,) = [d for d in (shared / "runs").iterdir() if not d.name.endswith("-worker")]
     (work_dir,) = [d for d in (shared / "runs").iterdir() if d.name.endswith("-worker")]
     assert (lead_dir / "report.md").is_file() and not (work_dir / "report.md").exists()
+    assert f"**Random networks**: `{TEST_BACKBONE}`" in (lead_dir / "report.md").read_text()
 
     studies = _journal_trials(shared)
     assert len(studies) == 2  # one head search and one fine-tune search of the one backbone and split seed
-    pids = Counter()
+    pids = {}
     for name, trials in studies.items():
         states = Counter(t.state.name for t in trials)
         assert states == {"COMPLETE": TRIALS}, (name, states)  # the budget exactly, none failed or run again
         assert sorted(t.number for t in trials) == list(range(TRIALS))
-        pids.update(t.user_attrs["worker"]["pid"] for t in trials)
-    assert set(pids) == {leader.pid, worker.pid}, pids  # both took trials
+        pids[name.split("-")[0]] = Counter(t.user_attrs["worker"]["pid"] for t in trials)
+    assert set(pids) == {"head", "ft"}, pids
+    assert set(pids["ft"]) == {leader.pid, worker.pid}, pids  # both took fine-tune trials of the one search
+    assert len(pids["head"]) == 1 and set(pids["head"]) <= {leader.pid, worker.pid}  # one ran the head search
     assert Counter(t.arm for t in read_trials(lead_dir)) == {"head": TRIALS, "finetune": TRIALS}
 
     alone = tmp_path / "alone"
