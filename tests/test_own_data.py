@@ -9,6 +9,7 @@ import tomli_w
 from PIL import Image
 
 import run_study
+from tests.conftest import TEST_BACKBONE
 
 # (classes, images per class) of generated folders: one class, a class of one image, the smallest viable, small.
 FOLDERS = [(1, 6), (2, 1), (2, 3), (3, 5), (4, 12)]
@@ -32,8 +33,10 @@ def make_folder(root, *, classes: int, per_class: int, seed: int = 0):
 
 
 def config(folder, split: dict, *, too_few: str, **extra) -> dict:
+    # The tiny test network: --plan times its stages on each folder, and what is tested is the data's advice.
     return {"name": "mine", "data": {"sources": [{"name": "mine", "path": str(folder)}],
-                                     "split": {**split, "too_few": too_few}}, **extra}
+                                     "split": {**split, "too_few": too_few}},
+            "extract": {"backbones": [TEST_BACKBONE]}, **extra}
 
 
 def run(tmp_path, cfg: dict, *args: str) -> tuple[int, str]:
