@@ -28,6 +28,7 @@ from extract.read import EntryReader
 from extract.store import Store, replacing
 from study.provenance import ResourceMonitor, tree_rss_bytes
 from study.results import read_rows
+from tests.conftest import TEST_BACKBONE
 from tests.test_faults_caches import last_run, one_error_line, run_cli, same_numbers
 from tests.test_faults_inputs import MINE, tiny_jpeg, user_root
 
@@ -43,7 +44,9 @@ def lean_config(tmp_path: Path, *, sources: str = SOURCES, stages: str = ALL_STA
     path = tmp_path / "study.toml"
     path.write_text(f'name = "lean"\nstages = [{stages}]\n[data]\nworkers = 1\n{sources}'
                     '[data.split]\nprotocol = "fraction"\ntrain_fraction = 0.5\nval_fraction = 0.25\n'
-                    '[extract]\nviews = 0\ntta = "none"\nprecision = "fp32"\nnum_workers = 0\nbatch_size = 8\n'
+                    # the tiny test network: these runs test faults of the store, locks and files, not transfer
+                    f'[extract]\nbackbones = ["{TEST_BACKBONE}"]\nviews = 0\ntta = "none"\nprecision = "fp32"\n'
+                    'num_workers = 0\nbatch_size = 8\n'
                     '[classify]\nheads = ["lr"]\nfeature_sets = ["clean"]\nbootstrap = 20\n'
                     '[fewshot]\nk = []\n[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n'
                     'batch_size = 8\nnum_workers = 0\nprecision = "fp32"\n'
