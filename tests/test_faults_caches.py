@@ -45,7 +45,7 @@ from tests.classify_fixtures import (
     small_tune_config,
     tiny_lite0_features,
 )
-from tests.conftest import DATA_ROOT, REPO
+from tests.conftest import DATA_ROOT, REPO, TEST_BACKBONE
 from tests.finetune_fixtures import recipe
 
 pytestmark = pytest.mark.needs_data
@@ -382,7 +382,9 @@ def study_config(tmp_path: Path, stages: str) -> Path:
     path = tmp_path / "study.toml"
     path.write_text(f'name = "faults"\nstages = [{stages}]\n[data]\nworkers = 1\n{SOURCES}'
                     '[data.split]\nprotocol = "fraction"\ntrain_fraction = 0.5\nval_fraction = 0.25\n'
-                    '[extract]\nviews = 0\ntta = "none"\nprecision = "fp32"\nnum_workers = 0\nbatch_size = 8\n'
+                    # the tiny test network: these runs test faults of caches and files, not transfer
+                    f'[extract]\nbackbones = ["{TEST_BACKBONE}"]\nviews = 0\ntta = "none"\nprecision = "fp32"\n'
+                    'num_workers = 0\nbatch_size = 8\n'
                     '[classify]\nheads = ["lr"]\nfeature_sets = ["clean"]\nbootstrap = 20\n'
                     '[fewshot]\nk = []\n[finetune]\npolicies = ["head"]\nviews = 0\ntta = "none"\n'
                     '[tune]\ntrials = 2\nsampler = "random"\n[tune.head]\nnorm = ["l2"]\n'
