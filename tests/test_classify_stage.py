@@ -29,9 +29,10 @@ from tests.classify_fixtures import (
     steady_trial_clock,
     tiny_features,
 )
+from tests.conftest import TEST_BACKBONE, TEST_BACKBONE2
 
 pytestmark = pytest.mark.needs_data
-LITES = ("efficientnet_lite0", "efficientnet_lite1")
+LITES = (TEST_BACKBONE, TEST_BACKBONE2)  # the tiny test networks: the stage's bookkeeping, not accuracy
 TIMINGS = ("train_s", "predict_s", "refit_s", "select_s", "seconds")
 CURVE = [(k, d) for k in (1, 3) for d in (0, 1)]  # small_fewshot_config: k = 7 is more than 6 train images
 SEARCHES = 1 + len(CURVE)  # a backbone's head search and its few-shot searches
@@ -123,7 +124,8 @@ def test_one_head_row_per_backbone_and_split_seed_with_the_results_schema(first_
         assert r["cache_key"] == features[r["backbone"]].key
         assert r["total_params"] is None and r["train_s"] > 0 and r["predict_s"] > 0
         # LR: a weight per feature and class plus intercepts; kNN learns none; an SVM its dual coefficients.
-        expected = {"lr": 4 * 1280 + 4, "knn": 0}.get(r["method"])
+        dim = features[r["backbone"]].features.shape[1]
+        expected = {"lr": 4 * dim + 4, "knn": 0}.get(r["method"])
         assert r["trainable_params"] == expected if expected is not None else r["trainable_params"] > 0
 
 
