@@ -8,8 +8,9 @@ A run uses what its ``results.jsonl`` rows came from: a head folder (``heads/<ke
 (``finetune/<key>/``, ``finetune/fewshot-<key>/``) whose stored rows are rows of a run still under ``runs/``, the fits
 its rows name (``fit_keys``), and the fits of its fine-tune searches (the same backbone, split seed and manifest):
 its trials, kept so that a search can be resumed or widened. A folder that holds no rows yet is a search in progress
-and is always kept. Delete run folders first (``rm -r out/runs/<run>``), then prune; the activation store has its
-own: ``python -m extract.list out/store --prune KEY``.
+and is always kept. A set of report figures (``figures/<hash>/``) is kept while a run folder holds those very
+files. Delete run folders first (``rm -r out/runs/<run>``), then prune; the activation store has its own:
+``python -m extract.list out/store --prune KEY``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from study.hashing import file_sha256
 from study.results import read_rows
 
 
@@ -80,6 +82,23 @@ def unused(out: str | Path, *, trials: bool = False) -> list[Path]:
         if owner in open_owners or (owner in owners and not trials):
             continue
         gone.append(fit)
+    return gone + _unused_figures(out)
+
+
+def _unused_figures(out: Path) -> list[Path]:
+    """The report's figure sets (reports/stage.py) whose files no run folder holds any more (a report copied them
+    from the set or drew them into it), a malformed set, and temporary folders a killed report left behind."""
+    runs = [run for run in sorted((out / "runs").glob("*")) if run.is_dir()]
+    gone = []
+    for folder in sorted((out / "figures").glob("*")):
+        try:
+            files = list(json.loads((folder / "figures.json").read_text()).values())
+            used = any(all((run / name).is_file() and file_sha256(run / name) == digest for name, digest in files)
+                       for run in runs)
+        except (OSError, ValueError, TypeError, AttributeError):
+            used = False  # a temporary folder, or a set the report itself would not use
+        if not used:
+            gone.append(folder)
     return gone
 
 

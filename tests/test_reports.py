@@ -196,3 +196,25 @@ def test_rows_of_a_random_test_network_are_said_to_say_nothing_about_transfer(ru
     build_report(run_dir=run_dir, dataset_dir=tmp_path / "dataset", title="Test report")
     (line,) = [x for x in (run_dir / "report.md").read_text().splitlines() if "Random networks" in x]
     assert "`test_efficientnet_gn` are random-initialised test networks" in line and "lite0" not in line
+
+
+def test_prune_keeps_a_figure_set_while_a_run_holds_its_figures(run_dir, tmp_path):
+    import shutil
+
+    from pipeline.prune import unused
+
+    out = tmp_path / "out"
+    runs = [out / "runs" / name for name in ("a", "b")]
+    for run in runs:
+        shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("*.png", "*.md", "*.csv"))
+        build_report(run_dir=run, dataset_dir=tmp_path / "dataset", title="Test report", figure_cache=out / "figures")
+    (figure_set,) = (out / "figures").iterdir()
+    left = out / "figures" / ".tmp-killed"
+    left.mkdir()  # what a report killed while keeping its set leaves
+    assert unused(out) == [left]
+    shutil.rmtree(runs[0])
+    assert unused(out) == [left]  # run b still holds the set's files
+    next(runs[1].glob("*.png")).write_bytes(b"edited")
+    assert unused(out) == [left, figure_set]  # no run holds the very files any more
+    shutil.rmtree(runs[1])
+    assert unused(out) == [left, figure_set]
