@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--n", type=int, default=256, help="number of Caltech images")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=1, help="decoding processes (extract.num_workers' default)")
     p.add_argument("--precision", default="auto", help="engine precision (auto = the engine's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", default="last:1,last:2", help="fine-tune cuts the shared pass stores too")
@@ -299,9 +299,11 @@ def main(argv=None) -> int:
               f"fp32 {acc['acc_fp32']:.4f}, {precision} {acc['acc_reduced']:.4f}")
         figures.update(acc_fp32=acc["acc_fp32"], acc_reduced=acc["acc_reduced"],
                        acc_delta=acc["acc_reduced"] - acc["acc_fp32"])
-    else:
+    elif precision == "fp32":
         print("engine precision is fp32 here (auto picks bf16 only on CUDA or CPUs with native bf16), "
               "so there is no reduced-precision accuracy effect to report")
+    else:
+        print(f"engine precision is {precision}; add the 'accuracy' phase to measure its effect on a head")
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                    {"backbone": args.backbone, "n": n_images, "precision": precision,
                     **figures}.items()))

@@ -19,7 +19,10 @@ SCHEMA = {
     # the default so that both arms see the same test-time views; "none" saves the extra pass.
     "tta": Field("hflip", one_of(*TTA_VIEWS), "test-time augmentation: hflip averages each image and its mirror"),
     "batch_size": Field(64, int_range(1, 4096), "images per forward"),
-    "num_workers": Field(2, int_range(0, 64), "image-decoding processes"),
+    # One decoding process on a CPU: it decodes ~300 images/s, several times what the forward takes, and a second one
+    # takes a core from the forward's threads (Lite0, 2,048 Caltech images, a 2-core bf16 CPU: the pass ran at 0.76
+    # of the bare forward with 2 workers, 0.94 with 1; benchmarks/extract_throughput.py). A GPU needs more (gpu.toml).
+    "num_workers": Field(1, int_range(0, 64), "image-decoding processes"),
     "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16"), "auto: bf16 where native, else fp32"),
     "storage_dtype": Field("float32", one_of("float32", "float16"), "pooled features in the store"),
     "cut_dtype": Field("float16", one_of("float32", "float16"), "fine-tune cut activations in the store"),

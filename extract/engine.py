@@ -170,7 +170,7 @@ class PassSettings:
     cut_dtype: str = "float16"  # fine-tune cut activations (large; see benchmarks/reuse.py for the effect)
     channels_last: bool = True
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = 1  # extract.num_workers' default
     progress: bool = True
     segment_rows: int = 0  # > 0: write a segment every this many rows (tests); 0: by size and time
     overlap_writes: bool = True  # digest and write a segment in a thread while the next batches run forward
