@@ -119,11 +119,12 @@ def _policy_rates(bb, policy: str, *, outputs: dict, images, config: dict, devic
     import torch
 
     from finetune.model import PolicyNotApplicable, build_split_net
-    from finetune.train import make_optimizer
+    from finetune.train import make_optimizer, to_training_layout
+    from study.precision import autocast
 
     hp = {**config["finetune"], "lr": 1e-3, "backbone_lr_mult": 0.1, "weight_decay": 1e-4}
     try:
-        net = build_split_net(bb, policy=policy, n_classes=10).to(device)
+        net = to_training_layout(build_split_net(bb, policy=policy, n_classes=10), device=device)
     except PolicyNotApplicable:
         return None
     cached = config["finetune"]["prefix_cache"] and net.prefix_names
@@ -136,21 +137,23 @@ def _policy_rates(bb, policy: str, *, outputs: dict, images, config: dict, devic
     else:
         inputs = images
     batch = inputs.repeat((max(1, hp["batch_size"] // len(inputs)) + 1,) + (1,) * (inputs.dim() - 1))
-    batch = batch[:hp["batch_size"]].to(device)
+    batch = to_training_layout(batch[:hp["batch_size"]], device=device)
     opt = make_optimizer(net, hp)
     labels = torch.zeros(len(batch), dtype=torch.long, device=device)
     forward = net.forward_suffix if (policy == "head" or cached) else net
 
-    def train_step():
+    def train_step():  # as finetune.train.Trainer steps: its precision's autocast, its memory layout
         net.train()
-        loss = torch.nn.functional.cross_entropy(forward(batch), labels)
+        with autocast(hp["precision"], device):
+            out = forward(batch)
+        loss = torch.nn.functional.cross_entropy(out.float(), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     def eval_step():
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(hp["precision"], device):
             forward(batch)
     extra = 0.0 if cached or policy == "head" else decode_s * len(batch)  # the naive path decodes every step
     return (len(batch) / (_timed(train_step, warmup=3, repeat=3) + extra),
