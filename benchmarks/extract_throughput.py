@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--n", type=int, default=256, help="number of Caltech images")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=1, help="decoding processes (extract.num_workers' default)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="decoding processes (1: what extract.num_workers = 'auto' resolves to on a CPU)")
     p.add_argument("--precision", default="auto", help="engine precision (auto = the engine's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policies", default="last:1,last:2", help="fine-tune cuts the shared pass stores too")

@@ -1,6 +1,6 @@
 """Schema of the ``[extract]`` config section (see study/schema.py)."""
 from dataset.transforms import POLICIES, TTA_VIEWS
-from study.schema import Field, int_range, is_bool, is_str, list_of, one_of, str_map
+from study.schema import Field, int_range, is_bool, is_str, list_of, one_of, pattern, str_map
 
 SCHEMA = {
     "backbones": Field(["efficientnet_lite0"], list_of(is_str, min_len=1), "frozen backbones that embed the images"),
@@ -19,10 +19,12 @@ SCHEMA = {
     # the default so that both arms see the same test-time views; "none" saves the extra pass.
     "tta": Field("hflip", one_of(*TTA_VIEWS), "test-time augmentation: hflip averages each image and its mirror"),
     "batch_size": Field(64, int_range(1, 4096), "images per forward"),
-    # One decoding process on a CPU: it decodes ~300 images/s, several times what the forward takes, and a second one
-    # takes a core from the forward's threads (Lite0, 2,048 Caltech images, a 2-core bf16 CPU: the pass ran at 0.76
-    # of the bare forward with 2 workers, 0.94 with 1; benchmarks/extract_throughput.py). A GPU needs more (gpu.toml).
-    "num_workers": Field(1, int_range(0, 64), "image-decoding processes"),
+    # "auto": one decoding process when the forward runs on the CPU -- it decodes ~300 images/s, several times what a
+    # CPU forward takes, and a second one takes a core from the forward's threads (Lite0, 2,048 Caltech images, a
+    # 2-core bf16 CPU, benchmarks/extract_throughput.py: the whole pass at 0.70 of the bare forward with 2 workers,
+    # 0.91 with 1) -- and up to 8 (one core left to the main process) when a GPU runs it (extract.engine.decode_workers).
+    "num_workers": Field("auto", pattern("'auto' or an integer 0..64", lambda v: v == "auto" or (
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64)), "image-decoding processes"),
     "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16"), "auto: bf16 where native, else fp32"),
     "storage_dtype": Field("float32", one_of("float32", "float16"), "pooled features in the store"),
     "cut_dtype": Field("float16", one_of("float32", "float16"), "fine-tune cut activations in the store"),

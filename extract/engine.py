@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,15 @@ class PassResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def decode_workers(setting: int | str, *, device: str) -> int:
+    """extract.num_workers resolved: "auto" is 1 for a CPU forward (see extract/config.py), else up to 8."""
+    if setting != "auto":
+        return int(setting)
+    if torch.device(device).type == "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 @dataclass(frozen=True)
 class PassSettings:
     """How to compute: device and speed settings (none of them changes which rows exist)."""
@@ -170,7 +180,7 @@ class PassSettings:
     cut_dtype: str = "float16"  # fine-tune cut activations (large; see benchmarks/reuse.py for the effect)
     channels_last: bool = True
     batch_size: int = 64
-    num_workers: int = 1  # extract.num_workers' default
+    num_workers: int = 1  # decode_workers("auto", device="cpu")
     progress: bool = True
     segment_rows: int = 0  # > 0: write a segment every this many rows (tests); 0: by size and time
     overlap_writes: bool = True  # digest and write a segment in a thread while the next batches run forward
@@ -426,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--view-seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", default="auto", help="decoding processes ('auto': see decode_workers)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--storage-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--weights", default=None, help="a local weights file")
@@ -438,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     distributed.init_from_env()
     manifest = read_manifest(args.manifest)
     settings = PassSettings(device=args.device, precision=args.precision, storage_dtype=args.storage_dtype,
-                            batch_size=args.batch_size, num_workers=args.num_workers, progress=not args.no_progress,
+                            batch_size=args.batch_size, num_workers=decode_workers(args.num_workers, device=args.device),
+                            progress=not args.no_progress,
                             segment_rows=args.segment_rows)
     result = ensure_rows(manifest=manifest, backbone=args.backbone, store_root=args.store, policy=args.policy,
                          requests=study_requests(manifest, views=args.views, tta=args.tta), view_seed=args.view_seed,

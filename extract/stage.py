@@ -17,7 +17,7 @@ from pathlib import Path
 from dataset.views import study_requests
 from extract.backbones import WeightsUnavailable, backbone_spec
 from extract.blocks import STACKED_CUT, STACKED_SET
-from extract.engine import PassSettings, ensure_rows
+from extract.engine import PassSettings, decode_workers, ensure_rows
 from study import distributed
 from study.atomic import write_text_atomic
 from study.results import append_skip
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def pass_settings(cfg: dict, *, device: str) -> PassSettings:
     return PassSettings(device=device, precision=cfg["precision"], storage_dtype=cfg["storage_dtype"],
                         cut_dtype=cfg["cut_dtype"], channels_last=cfg["channels_last"], batch_size=cfg["batch_size"],
-                        num_workers=cfg["num_workers"], progress=True)
+                        num_workers=decode_workers(cfg["num_workers"], device=device), progress=True)
 
 
 def finetune_views(config: dict) -> int:

@@ -1,5 +1,5 @@
 """The fine-tuning loop: discriminative LRs, AdamW/SGD, warm-up + cosine, label smoothing, early stopping on
-val mean per-class accuracy, best checkpoint kept, resume from the last epoch, AMP + channels-last on CUDA,
+val mean per-class accuracy, best checkpoint kept, resume from the last epoch, AMP and channels-last (CUDA and CPU),
 DDP under torchrun.
 
 Training data comes from a *source*: ``CachedSource`` (prefix activations, one cached view per image per
@@ -186,12 +186,21 @@ def make_scheduler(optimizer, *, steps_per_epoch: int, hp: dict) -> torch.optim.
 
 
 def to_training_layout(x, *, device: str):
-    """A module or a batch on ``device``, channels-last where it is 4-D: convolutions train faster so on oneDNN (CPU)
-    and cuDNN alike (Lite0's ``last:1`` training step, a 2-core CPU: 587 -> 625 img/s in bf16, 347 -> 420 in fp32)."""
+    """A module or a batch on ``device``, channels-last where it is 4-D on CUDA or a CPU: convolutions train faster so
+    on cuDNN and oneDNN (benchmarks/finetune_layout.py); other devices (MPS) keep the contiguous layout."""
+    channels_last = torch.device(device).type in ("cuda", "cpu")
     if isinstance(x, nn.Module):
-        return x.to(device).to(memory_format=torch.channels_last)
+        return x.to(device, memory_format=torch.channels_last) if channels_last else x.to(device)
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def training_loss(out, y: torch.Tensor, *, loss_fn, aux_weight: float) -> torch.Tensor:
+    """The loss of a training forward's output, in float: logits, or (logits, aux logits) where an aux head trains."""
+    if isinstance(out, tuple):
+        logits, aux = out
+        return loss_fn(logits.float(), y) + aux_weight * loss_fn(aux.float(), y)
+    return loss_fn(out.float(), y)
 
 
 class Trainer:
@@ -219,10 +228,7 @@ class Trainer:
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp, enabled=self.amp is not None)
 
     def _loss(self, out, y: torch.Tensor) -> torch.Tensor:
-        if isinstance(out, tuple):
-            logits, aux = out
-            return self.loss_fn(logits.float(), y) + self.hp["aux_weight"] * self.loss_fn(aux.float(), y)
-        return self.loss_fn(out.float(), y)
+        return training_loss(out, y, loss_fn=self.loss_fn, aux_weight=self.hp["aux_weight"])
 
     def train_epoch(self, source, *, epoch: int, optimizer, scheduler, scaler) -> dict:
         self.model.train()

@@ -76,7 +76,7 @@ def calibrate(name: str, *, config: dict, manifest, data_root, device: str, stor
     import torch
 
     from extract.backbones import load_backbone
-    from extract.engine import PassRunner, plan_layers
+    from extract.engine import PassRunner, decode_workers, plan_layers
     from extract.stage import cut_policies
     from study.precision import resolve_precision
 
@@ -92,7 +92,8 @@ def calibrate(name: str, *, config: dict, manifest, data_root, device: str, stor
     forward_s = _timed(lambda: runner(batch)) / len(batch)
     outputs = runner(x)
     # The pass decodes in its loader's worker processes while the model runs: the slower of the two sets the pace.
-    per_image = max(forward_s, decode_s / cfg["num_workers"]) if cfg["num_workers"] else forward_s + decode_s
+    workers = decode_workers(cfg["num_workers"], device=device)
+    per_image = max(forward_s, decode_s / workers) if workers else forward_s + decode_s
     rates = Rates(load_s=load_s, extract=stored_rate or 1 / per_image,
                   extract_from="this store's earlier passes" if stored_rate else "decode + forward timed now",
                   feature_dim=int(outputs["pooled"].shape[1]))
@@ -119,7 +120,7 @@ def _policy_rates(bb, policy: str, *, outputs: dict, images, config: dict, devic
     import torch
 
     from finetune.model import PolicyNotApplicable, build_split_net
-    from finetune.train import make_optimizer, to_training_layout
+    from finetune.train import make_optimizer, to_training_layout, training_loss
     from study.precision import autocast
 
     hp = {**config["finetune"], "lr": 1e-3, "backbone_lr_mult": 0.1, "weight_decay": 1e-4}
@@ -146,7 +147,7 @@ def _policy_rates(bb, policy: str, *, outputs: dict, images, config: dict, devic
         net.train()
         with autocast(hp["precision"], device):
             out = forward(batch)
-        loss = torch.nn.functional.cross_entropy(out.float(), labels)
+        loss = training_loss(out, labels, loss_fn=torch.nn.CrossEntropyLoss(), aux_weight=hp["aux_weight"])
         opt.zero_grad()
         loss.backward()
         opt.step()

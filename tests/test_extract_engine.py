@@ -379,3 +379,20 @@ def test_stage_rejects_unknown_backbone_before_work(data_root, tmp_path):
     with pytest.raises(ValueError, match="extract.backbones: unknown backbone 'resnet51'"):
         run(ctx)
     assert not (ctx.run_dir / "features.json").exists() and not (tmp_path / "store").exists()
+
+
+def test_auto_decode_workers_are_one_for_a_cpu_forward_and_more_for_a_gpu(monkeypatch):
+    """extract.num_workers = "auto" leaves the cores to a CPU forward and feeds a GPU from all but one core."""
+    from extract.engine import decode_workers
+    from extract.stage import pass_settings
+    from pipeline.config import load_config
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert decode_workers("auto", device="cpu") == 1
+    assert decode_workers("auto", device="cuda:0") == 8
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert decode_workers("auto", device="cuda") == 1
+    assert decode_workers(3, device="cpu") == decode_workers(3, device="cuda") == 3
+    assert decode_workers(0, device="cpu") == 0
+    cfg = load_config("configs/quick.toml")["extract"]
+    assert cfg["num_workers"] == "auto" and pass_settings(cfg, device="cpu").num_workers == 1

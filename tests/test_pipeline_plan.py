@@ -43,3 +43,27 @@ def test_the_calibrated_plan_times_every_stage_the_config_runs(tmp_path, tiny_ma
     heads_only = load_config("configs/quick.toml", overrides=["seeds=[0]", 'stages=["dataset", "extract", "classify"]'])
     fewer = make_plan([dataclasses.replace(ctx, config=heads_only)], calibrate=True)
     assert {s for s, _, _ in fewer.stages} == {"extraction", "head searches"}
+
+
+@pytest.mark.parametrize("backbone, policy, size, precision", [
+    ("test_efficientnet", "last:1", 160, "fp32"), ("test_efficientnet", "last:1", 160, "bf16"),
+    pytest.param("inception_v3", "last:4", 299, "bf16", marks=pytest.mark.slow)])
+def test_the_plan_times_a_fine_tune_step_as_the_trainer_runs_it(monkeypatch, backbone, policy, size, precision):
+    """A fine-tune step is timed under the fine-tune's own precision, and a network whose training forward also
+    returns aux logits (Inception v3 once Mixed_6e trains) is timed, not dropped from the plan."""
+    import torch
+
+    import study.precision
+    from extract.backbones import load_backbone
+    from pipeline.estimate import _policy_rates
+
+    seen, real = [], study.precision.autocast
+    monkeypatch.setattr(study.precision, "autocast", lambda p, d: (seen.append(p), real(p, d))[1])
+    config = load_config("configs/quick.toml", overrides=[f'finetune.precision="{precision}"', "finetune.batch_size=2",
+                                                          "finetune.prefix_cache=false"])
+    bb = load_backbone(backbone, pretrained=False)
+    images = torch.randn(2, 3, size, size)
+    train, evaluate = _policy_rates(bb, policy, outputs={}, images=images, config=config, device="cpu",
+                                    decode_s=0.0)
+    assert train > 0 and evaluate > 0
+    assert seen and set(seen) == {precision}
