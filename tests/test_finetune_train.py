@@ -313,24 +313,18 @@ def test_resume_only_returns_a_finished_run_and_refuses_to_train(tmp_path, monke
         trainer("c").fit_fixed(train, epochs=3, resume_only=True)
 
 
-@pytest.mark.parametrize("device, channels_last", [("cpu", True), ("meta", False)])
-def test_a_trainer_holds_its_convolutions_and_4d_batches_channels_last_on_a_cpu(tiny_backbone, hp, tmp_path, device,
-                                                                                channels_last):
-    """What the trainer trains and feeds is channels-last on a CPU (and CUDA), other ranks as they came; a device
-    without a measured gain (here 'meta', standing in for MPS) keeps the contiguous layout."""
-    from finetune.train import to_training_layout
+def test_a_trainer_keeps_the_layout_its_device_trains_fastest_in(tiny_backbone, hp, tmp_path):
+    """Channels-last on CUDA only (on a CPU it measured no gain, benchmarks/finetune_layout.py): a CPU trainer's net
+    and batches stay contiguous, whatever their rank."""
+    from finetune.train import to_training_layout, trains_channels_last
 
-    net = build_split_net(tiny_backbone, policy="last:1", n_classes=3)
-    if device == "cpu":
-        net = Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="k").net
-    else:
-        net = to_training_layout(net, device=device)
+    assert trains_channels_last("cuda") and trains_channels_last("cuda:1")
+    assert not trains_channels_last("cpu") and not trains_channels_last("mps")
+    net = Trainer(net=build_split_net(tiny_backbone, policy="last:1", n_classes=3), hp=hp, seed=0, device="cpu",
+                  ckpt_dir=tmp_path, run_key="k").net
     # Only a kernel with several input channels and taps tells the layouts apart (a depthwise or 1x1 one is both).
     convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)
              and m.weight.shape[1] > 1 and m.kernel_size != (1, 1)]
-    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == channels_last for w in convs)
-    batch = to_training_layout(torch.randn(2, 8, 5, 5), device=device)
-    assert batch.is_contiguous(memory_format=torch.channels_last) == channels_last
-    assert batch.is_contiguous() != channels_last
-    for flat in (torch.randn(4, 6), torch.randn(4, 6, 3)):
-        assert to_training_layout(flat, device=device).is_contiguous()
+    assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    for batch in (torch.randn(2, 8, 5, 5), torch.randn(4, 6), torch.randn(4, 6, 3)):
+        assert to_training_layout(batch, device="cpu").is_contiguous()
