@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""A fine-tune's training step, channels-last (what finetune.train.Trainer uses) vs contiguous, in each precision.
+"""A fine-tune's training step, channels-last vs contiguous (what finetune.train.Trainer uses on a CPU), in each
+precision: the evidence for ``finetune.train.trains_channels_last``.
 
 One backbone split for a policy (default Lite0 ``last:1``), its frozen prefix run once over a batch of real Caltech
 images, then the same AdamW steps of the trainable suffix timed in both memory layouts, fp32 and, where the CPU has
@@ -26,14 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset.transforms import eval_transform  # noqa: E402
 from extract.backbones import load_backbone  # noqa: E402
 from finetune.model import build_split_net  # noqa: E402
-from finetune.train import to_training_layout  # noqa: E402
 from study.precision import cpu_has_native_bf16  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _images(data_root: Path, *, n: int, data_config: dict) -> torch.Tensor:
-    files = sorted((data_root / "caltech101" / "101_ObjectCategories" / "accordion").glob("*.jpg"))[:n]
+    files = sorted((data_root / "caltech101" / "101_ObjectCategories").glob("*/*.jpg"))[:n]
+    if len(files) < n:
+        raise SystemExit(f"error: {n} Caltech images asked for, {len(files)} found under {data_root}")
     transform = eval_transform(data_config)
     return torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
 
@@ -41,13 +43,16 @@ def _images(data_root: Path, *, n: int, data_config: dict) -> torch.Tensor:
 def _rate(net, acts, labels, *, channels_last: bool, dtype, steps: int) -> float:
     """Images/s of AdamW steps on ``acts`` (float16, as the store holds them: each step converts its batch, as the
     trainer's batches do)."""
-    net = to_training_layout(net, device="cpu") if channels_last else net.to(memory_format=torch.contiguous_format)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=layout)  # explicitly: the trainer's own helper keeps a CPU contiguous
+    conv = next(m.weight for m in net.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1
+                and m.kernel_size != (1, 1))
+    assert conv.is_contiguous(memory_format=layout)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     net.train()
 
     def step():
-        x = acts.float()
-        x = to_training_layout(x, device="cpu") if channels_last else x
+        x = acts.float().contiguous(memory_format=layout)
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             out = net.forward_suffix(x)
         out = out[0] if isinstance(out, tuple) else out

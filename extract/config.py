@@ -22,9 +22,10 @@ SCHEMA = {
     # "auto": one decoding process when the forward runs on the CPU -- it decodes ~300 images/s, several times what a
     # CPU forward takes, and a second one takes a core from the forward's threads (Lite0, 2,048 Caltech images, a
     # 2-core bf16 CPU, benchmarks/extract_throughput.py: the whole pass at 0.70 of the bare forward with 2 workers,
-    # 0.91 with 1) -- and up to 8 (one core left to the main process) when a GPU runs it (extract.engine.decode_workers).
+    # 0.91 with 1) -- and up to 8 (a core left to the main process) when a GPU runs it (extract.engine.decode_workers).
     "num_workers": Field("auto", pattern("'auto' or an integer 0..64", lambda v: v == "auto" or (
-        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64)), "image-decoding processes"),
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64)),
+        "image-decoding processes; auto: 1 for a CPU forward, else up to 8"),
     "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16"), "auto: bf16 where native, else fp32"),
     "storage_dtype": Field("float32", one_of("float32", "float16"), "pooled features in the store"),
     "cut_dtype": Field("float16", one_of("float32", "float16"), "fine-tune cut activations in the store"),

@@ -168,7 +168,10 @@ def decode_workers(setting: int | str, *, device: str) -> int:
         return int(setting)
     if torch.device(device).type == "cpu":
         return 1
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    # The cores this process may use (a container's or taskset's limit, not the host's), shared by the ranks on it.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_rank - 1))
 
 
 @dataclass(frozen=True)
@@ -417,6 +420,14 @@ class _SegmentWriter:
                 self.stored[name] += len(keep)
 
 
+def _workers_arg(value: str) -> int | str:
+    import argparse
+
+    if value == "auto" or (value.isdigit() and int(value) <= 64):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}; allowed: 'auto' or an integer 0..64")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI for one backbone's pass over a manifest (also the torchrun entry: ``torchrun -m extract.engine``)."""
     import argparse
@@ -436,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--view-seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", default="auto", help="decoding processes ('auto': see decode_workers)")
+    p.add_argument("--num-workers", default="auto", type=_workers_arg, help="decoding processes, or 'auto'")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--storage-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--weights", default=None, help="a local weights file")
@@ -448,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     distributed.init_from_env()
     manifest = read_manifest(args.manifest)
     settings = PassSettings(device=args.device, precision=args.precision, storage_dtype=args.storage_dtype,
-                            batch_size=args.batch_size, num_workers=decode_workers(args.num_workers, device=args.device),
+                            batch_size=args.batch_size,
+                            num_workers=decode_workers(args.num_workers, device=args.device),
                             progress=not args.no_progress,
                             segment_rows=args.segment_rows)
     result = ensure_rows(manifest=manifest, backbone=args.backbone, store_root=args.store, policy=args.policy,

@@ -186,9 +186,10 @@ def make_scheduler(optimizer, *, steps_per_epoch: int, hp: dict) -> torch.optim.
 
 
 def trains_channels_last(device: str) -> bool:
-    """Channels-last on CUDA (cuDNN's fast convolutions) only. On a CPU it is no gain (benchmarks/finetune_layout.py,
-    a 2-core bf16 CPU, the ``last:1`` training step channels-last over contiguous: Lite0 1.17x in fp32 but 0.97x in
-    bf16, Lite2 0.97x and 0.92x); MPS is unmeasured."""
+    """Channels-last on CUDA (cuDNN's fast convolutions) only. On a CPU it is no steady gain
+    (benchmarks/finetune_layout.py, a 2-core bf16 CPU, the ``last:1`` training step channels-last over contiguous:
+    Lite0 1.17x in fp32 but 0.97x in bf16, Lite2 0.97x and 0.92x; a CPU without bf16, where "auto" trains in fp32,
+    was not measured); MPS neither."""
     return torch.device(device).type == "cuda"
 
 

@@ -387,10 +387,14 @@ def test_auto_decode_workers_are_one_for_a_cpu_forward_and_more_for_a_gpu(monkey
     from extract.stage import pass_settings
     from pipeline.config import load_config
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert decode_workers("auto", device="cpu") == 1
-    assert decode_workers("auto", device="cuda:0") == 8
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert decode_workers("auto", device="cuda") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks on one machine share its cores
+    assert decode_workers("auto", device="cuda") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # a container's limit, not the host's 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert decode_workers("auto", device="cuda") == 1
     assert decode_workers(3, device="cpu") == decode_workers(3, device="cuda") == 3
     assert decode_workers(0, device="cpu") == 0

@@ -47,18 +47,22 @@ def test_the_calibrated_plan_times_every_stage_the_config_runs(tmp_path, tiny_ma
 
 @pytest.mark.parametrize("backbone, policy, size, precision", [
     ("test_efficientnet", "last:1", 160, "fp32"), ("test_efficientnet", "last:1", 160, "bf16"),
-    pytest.param("inception_v3", "last:4", 299, "bf16", marks=pytest.mark.slow)])
+    pytest.param("inception_v3", "last:4", 299, "fp32", marks=pytest.mark.slow)])
 def test_the_plan_times_a_fine_tune_step_as_the_trainer_runs_it(monkeypatch, backbone, policy, size, precision):
     """A fine-tune step is timed under the fine-tune's own precision, and a network whose training forward also
     returns aux logits (Inception v3 once Mixed_6e trains) is timed, not dropped from the plan."""
     import torch
 
+    import finetune.train
     import study.precision
     from extract.backbones import load_backbone
     from pipeline.estimate import _policy_rates
 
-    seen, real = [], study.precision.autocast
-    monkeypatch.setattr(study.precision, "autocast", lambda p, d: (seen.append(p), real(p, d))[1])
+    seen, losses, real, real_loss = [], [], study.precision.autocast, finetune.train.training_loss
+    monkeypatch.setattr(study.precision, "autocast", lambda p, d: (seen.append((p, torch.is_grad_enabled())),
+                                                                   real(p, d))[1])
+    monkeypatch.setattr(finetune.train, "training_loss",
+                        lambda out, y, **kw: (losses.append((type(out), kw["aux_weight"])), real_loss(out, y, **kw))[1])
     config = load_config("configs/quick.toml", overrides=[f'finetune.precision="{precision}"', "finetune.batch_size=2",
                                                           "finetune.prefix_cache=false"])
     bb = load_backbone(backbone, pretrained=False)
@@ -66,4 +70,8 @@ def test_the_plan_times_a_fine_tune_step_as_the_trainer_runs_it(monkeypatch, bac
     train, evaluate = _policy_rates(bb, policy, outputs={}, images=images, config=config, device="cpu",
                                     decode_s=0.0)
     assert train > 0 and evaluate > 0
-    assert seen and set(seen) == {precision}
+    # Training steps (grad on) and evaluation steps (grad off) alike ran under the fine-tune's precision ...
+    assert set(seen) == {(precision, True), (precision, False)}
+    # ... and every training step's loss was the trainer's, with its aux weight (Inception: on a tuple of logits).
+    assert losses and {w for _, w in losses} == {config["finetune"]["aux_weight"]}
+    assert {t for t, _ in losses} == {tuple if backbone == "inception_v3" else torch.Tensor}
