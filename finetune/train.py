@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dataset.tensors import ImageViews
 from dataset.transforms import tta_views, view_seed
 from finetune.checkpoint import load_checkpoint, save_checkpoint
-from study import distributed
+from study import distributed, heap
 from study.console import bars_shown
 from study.errors import StudyError
 from study.metrics import mean_per_class_accuracy
@@ -243,7 +243,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(epoch_seed(self.seed, epoch))  # scoped: dropout / drop-path draws of this epoch
             batches = source.batches(epoch=epoch, seed=self.seed, batch_size=self.hp["batch_size"], train=True)
-            for x, y in batches:
+            for x, y in heap.trimmed(batches):
                 x, y = self._to_device(x), y.to(self.device)
                 with self._autocast():
                     out = self.model(x)
@@ -264,7 +264,7 @@ class Trainer:
         self.net.eval()
         out, n_views = [], source.eval_views
         batch_size = max(1, max(self.hp["batch_size"], 64) // n_views)
-        for x, _ in source.batches(epoch=0, seed=self.seed, batch_size=batch_size, train=False):
+        for x, _ in heap.trimmed(source.batches(epoch=0, seed=self.seed, batch_size=batch_size, train=False)):
             with self._autocast():
                 x = self._to_device(x)
                 logits = self.net.forward_suffix(x) if source.uses_prefix else self.net(x)
