@@ -45,34 +45,3 @@ def test_three_fine_tunes_in_one_process_free_their_activations(tiny_backbone, t
         alive = [ref for run in watched for ref in run if ref() is not None]
         assert not alive, f"after {policy}: {len(alive)} activation tensors of finished fine-tunes are still alive"
 
-
-def test_training_and_prediction_hand_freed_heap_back_every_few_batches(tiny_backbone, tmp_path, monkeypatch):
-    """The freed pages a loop's per-batch buffers leave in glibc's heap are trimmed every ``heap.EVERY`` batches of
-    a training epoch and of a prediction (the memory a loop holds then follows its live tensors, study/heap.py);
-    trimming is safe to call where the C library has no ``malloc_trim``."""
-    import torch
-
-    from finetune.model import build_split_net
-    from finetune.train import CachedSource, Trainer
-    from study import heap
-
-    heap.trim()  # the real one, once: no error on this platform
-    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
-    heap.trim()  # a C library without malloc_trim: nothing to do
-    calls = []
-    monkeypatch.setattr(heap, "trim", lambda: calls.append(1))
-    net = build_split_net(tiny_backbone, policy="head", n_classes=3)
-    hp = {**recipe(), "batch_size": 2, "precision": "fp32", "label_smoothing": 0.0, "lr": 1e-3, "backbone_lr_mult": 0.1,
-          "weight_decay": 0.0, "warmup_epochs": 0, "epochs": 1}
-    trainer = Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="k")
-    n, dim = 70, tiny_backbone.feature_dim
-    source = CachedSource(torch.randn(n, 1, dim), torch.arange(n) % 3)
-    trainer.predict(source)  # batches of 64: 2 batches, the first trimmed
-    assert len(calls) == 1
-    calls.clear()
-    trainer._bind(from_prefix=True)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer.train_epoch(source, epoch=0, optimizer=optimizer, scheduler=scheduler,
-                        scaler=torch.amp.GradScaler(enabled=False))
-    assert len(calls) == -(-35 // heap.EVERY)  # 35 batches of 2: trimmed before batches 0, 16 and 32

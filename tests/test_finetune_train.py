@@ -328,3 +328,44 @@ def test_a_trainer_keeps_the_layout_its_device_trains_fastest_in(tiny_backbone, 
     assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     for batch in (torch.randn(2, 8, 5, 5), torch.randn(4, 6), torch.randn(4, 6, 3)):
         assert to_training_layout(batch, device="cpu").is_contiguous()
+
+
+def test_training_and_prediction_hand_freed_heap_back_every_few_batches(tiny_backbone, tmp_path, monkeypatch):
+    """The freed pages a loop's per-batch buffers leave in glibc's heap are trimmed every ``heap.EVERY`` batches of
+    a training epoch and of a prediction (the memory a loop holds then follows its live tensors, study/heap.py);
+    trimming is safe to call where the C library has no ``malloc_trim``."""
+    import ctypes
+    import platform
+
+    from finetune.train import CachedSource
+    from study import heap
+
+    if platform.libc_ver()[0] == "glibc":
+        assert heap._malloc_trim.__wrapped__() is not None
+    heap.trim()  # the real one, once: no error on this platform
+    # A C library that cannot be loaded (macOS, Windows) or has no malloc_trim (musl): nothing to do.
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    assert heap._malloc_trim.__wrapped__() is None
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())
+    assert heap._malloc_trim.__wrapped__() is None
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    heap.trim()
+    with pytest.raises(ValueError, match="every=0"):
+        list(heap.trimmed([1], every=0))
+    calls = []
+    monkeypatch.setattr(heap, "trim", lambda: calls.append(1))
+    net = build_split_net(tiny_backbone, policy="head", n_classes=3)
+    hp = {**recipe(), "batch_size": 2, "precision": "fp32", "label_smoothing": 0.0, "lr": 1e-3, "backbone_lr_mult": 0.1,
+          "weight_decay": 0.0, "warmup_epochs": 0, "epochs": 1}
+    trainer = Trainer(net=net, hp=hp, seed=0, device="cpu", ckpt_dir=tmp_path, run_key="k")
+    n, dim = 70, tiny_backbone.feature_dim
+    source = CachedSource(torch.randn(n, 1, dim), torch.arange(n) % 3)
+    trainer.predict(source)  # batches of 64: 2 batches, the first trimmed
+    assert len(calls) == 1
+    calls.clear()
+    trainer._bind(from_prefix=True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer.train_epoch(source, epoch=0, optimizer=optimizer, scheduler=scheduler,
+                        scaler=torch.amp.GradScaler(enabled=False))
+    assert len(calls) == -(-35 // heap.EVERY)  # 35 batches of 2: trimmed before batches 0, 16 and 32
