@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dataset.images import load_rgb  # noqa: E402
 from dataset.transforms import eval_transform  # noqa: E402
 from extract.backbones import load_backbone  # noqa: E402
 from finetune.model import build_split_net  # noqa: E402
@@ -37,7 +37,7 @@ def _images(data_root: Path, *, n: int, data_config: dict) -> torch.Tensor:
     if len(files) < n:
         raise SystemExit(f"error: {n} Caltech images asked for, {len(files)} found under {data_root}")
     transform = eval_transform(data_config)
-    return torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    return torch.stack([transform(load_rgb(f)) for f in files])
 
 
 def _rate(net, acts, labels, *, channels_last: bool, dtype, steps: int) -> float:

@@ -339,7 +339,6 @@ def _build_timm(arch: str, weights: ResolvedWeights) -> nn.Module:
 # fusions and ensembles): every stage's logic runs in a fraction of a real backbone's time. Its weights are timm's
 # own initialisation under a fixed seed, named by the hash of that state
 # dict, so a store keyed on them never mixes two initialisations (another timm or torch may initialise otherwise).
-TEST_NAMES = TEST_BACKBONES
 _TEST_SEED = 0
 
 
@@ -446,9 +445,9 @@ FAMILIES: tuple[Family, ...] = (
     _torchvision_family("torchvision_convnext", ("convnext_",), "convnext"),
     _torchvision_family("torchvision_vit", ("vit_",), "vit"),
     _TORCHVISION,
-    Family(name="test", owns=TEST_NAMES.__contains__, library="timm", arch=_same, weights=_test_weights,
+    Family(name="test", owns=TEST_BACKBONES.__contains__, library="timm", arch=_same, weights=_test_weights,
            data_config=_timm_arch_data_config, build=_build_test, strip_head=_strip_timm_head,
-           blocks="timm_efficientnet", allowed=f"{', '.join(TEST_NAMES)} (tiny random networks for tests)"),
+           blocks="timm_efficientnet", allowed=f"{', '.join(TEST_BACKBONES)} (tiny random networks for tests)"),
     Family(name="timm", owns=lambda name: name.startswith("timm:"), library="timm", arch=_timm_arch,
            weights=_timm_weights, data_config=_timm_arch_data_config, build=_build_timm, strip_head=_strip_timm_head,
            blocks=None, allowed="'timm:<model_name>'"),

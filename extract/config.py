@@ -2,6 +2,14 @@
 from dataset.transforms import POLICIES, TTA_VIEWS
 from study.schema import Field, int_range, is_bool, is_str, list_of, one_of, pattern, str_map
 
+WORKERS_ALLOWED = "'auto' or an integer 0..64"
+
+
+def is_workers(value) -> bool:
+    """An extract.num_workers setting (the config's and the engine CLI's)."""
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 64)
+
+
 SCHEMA = {
     "backbones": Field(["efficientnet_lite0"], list_of(is_str, min_len=1), "frozen backbones that embed the images"),
     "weights": Field({}, str_map(), "local weights files, e.g. {resnet50 = \"/path/resnet50.pth\"}"),
@@ -23,9 +31,8 @@ SCHEMA = {
     # CPU forward takes, and a second one takes a core from the forward's threads (Lite0, 2,048 Caltech images, a
     # 2-core bf16 CPU, benchmarks/extract_throughput.py: the whole pass at 0.70 of the bare forward with 2 workers,
     # 0.91 with 1) -- and up to 8 (a core left to the main process) when a GPU runs it (extract.engine.decode_workers).
-    "num_workers": Field("auto", pattern("'auto' or an integer 0..64", lambda v: v == "auto" or (
-        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64)),
-        "image-decoding processes; auto: 1 for a CPU forward, else up to 8"),
+    "num_workers": Field("auto", pattern(WORKERS_ALLOWED, is_workers),
+                         "image-decoding processes; auto: 1 for a CPU forward, else up to 8"),
     "precision": Field("auto", one_of("auto", "fp32", "bf16", "fp16"), "auto: bf16 where native, else fp32"),
     "storage_dtype": Field("float32", one_of("float32", "float16"), "pooled features in the store"),
     "cut_dtype": Field("float16", one_of("float32", "float16"), "fine-tune cut activations in the store"),

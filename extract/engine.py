@@ -423,9 +423,12 @@ class _SegmentWriter:
 def _workers_arg(value: str) -> int | str:
     import argparse
 
-    if value == "auto" or (value.isdigit() and int(value) <= 64):
-        return value if value == "auto" else int(value)
-    raise argparse.ArgumentTypeError(f"{value!r}; allowed: 'auto' or an integer 0..64")
+    from extract.config import WORKERS_ALLOWED, is_workers
+
+    setting = int(value) if value.isdigit() else value
+    if is_workers(setting):
+        return setting
+    raise argparse.ArgumentTypeError(f"{value!r}; allowed: {WORKERS_ALLOWED}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,14 +88,16 @@ def unused(out: str | Path, *, trials: bool = False) -> list[Path]:
 def _unused_figures(out: Path) -> list[Path]:
     """The report's figure sets (reports/stage.py) whose files no run folder holds any more (a report copied them
     from the set or drew them into it), a malformed set, and temporary folders a killed report left behind."""
+    from reports.stage import read_figure_list
+
     runs = [run for run in sorted((out / "runs").glob("*")) if run.is_dir()]
     gone = []
     for folder in sorted((out / "figures").glob("*")):
         try:
-            files = list(json.loads((folder / "figures.json").read_text()).values())
+            files = list(read_figure_list(folder).values())
             used = any(all((run / name).is_file() and file_sha256(run / name) == digest for name, digest in files)
                        for run in runs)
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError):
             used = False  # a temporary folder, or a set the report itself would not use
         if not used:
             gone.append(folder)

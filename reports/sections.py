@@ -9,7 +9,7 @@ from reports.decision import Card, holm_of
 from reports.fmt import count, kind_name, md_table, p_text, pct, pts_ci, seconds, unit_name
 from study.commands import export_command, predict_command
 from study.protocol import RULE
-from study.results import TEST_BACKBONES
+from study.results import TEST_BACKBONES, fused_parts
 
 TIMING = "- **Timing conditions**: "  # the line reports.stage.record_end rewrites once the run has ended
 
@@ -134,8 +134,7 @@ def section_limitations(inp) -> list[str]:
             "training or of the search (a second run with other seeds could choose other settings)."]
     if lim.per_source.empty:
         out.append("- No per-source breakdown: the manifest's sources were not available to the report.")
-    random_nets = sorted({p for b in t.results.get("backbone", []) for p in b.removeprefix("fused:").split("+")}
-                         & set(TEST_BACKBONES))
+    random_nets = sorted({p for b in t.results.get("backbone", []) for p in fused_parts(b)} & set(TEST_BACKBONES))
     if random_nets:
         out.append(f"- **Random networks**: {', '.join(f'`{n}`' for n in random_nets)} are random-initialised test "
                    "networks, not pretrained ones: their rows test the pipeline and say nothing about transfer.")

@@ -128,6 +128,17 @@ def figure_key(run_dir: Path, dataset_dir: Path, n_boot: int) -> str:
     return h.hexdigest()
 
 
+def read_figure_list(folder: Path) -> dict[str, tuple[str, str]]:
+    """A figure set's ``figures.json``: figure key -> (file name in ``folder``, sha256); ValueError where it is none."""
+    entries = json.loads((folder / "figures.json").read_text())
+    ok = isinstance(entries, dict) and all(
+        isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) and Path(v[0]).name == v[0]
+        for v in entries.values())
+    if not ok:
+        raise ValueError(f"{folder / 'figures.json'} is not a figure list")
+    return {key: (name, digest) for key, (name, digest) in entries.items()}
+
+
 class _FigureCache:
     """``<root>/<key>/``: one set of PNGs and ``figures.json`` (figure key -> file name, sha256). A set is written
     whole (a temporary folder renamed into place); a set that is malformed, incomplete or whose bytes no longer
@@ -138,12 +149,7 @@ class _FigureCache:
 
     def _entries(self) -> dict[str, str]:
         """The set's figure key -> file name, every file checked against its digest (else an exception)."""
-        entries = json.loads((self.dir / "figures.json").read_text())
-        ok = isinstance(entries, dict) and all(
-            isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v) and Path(v[0]).name == v[0]
-            for v in entries.values())
-        if not ok:
-            raise ValueError(f"{self.dir / 'figures.json'} is not a figure list")
+        entries = read_figure_list(self.dir)
         for name, digest in entries.values():
             if file_sha256(self.dir / name) != digest:
                 raise ValueError(f"{self.dir / name} does not match its digest")

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("STUDY_DATA_ROOT", REPO.parent / "shared" / "datasets")).resolve()
 CALTECH = DATA_ROOT / "caltech101" / "101_ObjectCategories"
 TINY_CLASSES = ("accordion", "anchor", "barrel", "crab")
-# The fast lane's backbone: a tiny random-initialised network (extract/backbones.py TEST_NAMES) for every test of
+# The fast lane's backbone: a tiny random-initialised network (study/results.py TEST_BACKBONES) for every test of
 # a stage's logic; tests that need what pretrained weights give (features that separate classes, the real
 # pre-processing) load the real Lite0 and are marked slow.
 TEST_BACKBONE, TEST_BACKBONE2 = "test_efficientnet", "test_efficientnet_gn"  # the second for fusions, ensembles

@@ -198,7 +198,7 @@ def test_the_test_networks_are_one_seeded_init_named_by_its_hash_in_any_process(
     import subprocess
     import sys
 
-    a, b = (load_backbone(name) for name in backbones.TEST_NAMES)
+    a, b = (load_backbone(name) for name in backbones.TEST_BACKBONES)
     assert a.spec["weights"] == b.spec["weights"] == "init:seed0"
     assert a.spec["weights_sha256"] != b.spec["weights_sha256"]
     code = ("from extract.backbones import load_backbone; import torch; "
