@@ -1,4 +1,6 @@
 """Report rendering on generated predictions over the tiny real manifest (the e2e test covers real results)."""
+import shutil
+
 import numpy as np
 import pytest
 
@@ -24,8 +26,10 @@ def _row(*, kind, method, feature_set, y, pred, test_ids, k=None, seed=0, n_clas
             "trainable_params": 5124, **({"tta": "hflip"} if kind == "finetune" else {})}
 
 
-@pytest.fixture
-def run_dir(tmp_path, data_root):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data_root):
+    """A report over generated rows, built once: each test gets a copy (run_dir), which it may change."""
+    tmp_path = tmp_path_factory.mktemp("built")
     dataset_dir, run = tmp_path / "dataset", tmp_path / "run"
     run.mkdir()
     df = make_tiny_manifest(dataset_dir / "manifest.csv")
@@ -45,7 +49,14 @@ def run_dir(tmp_path, data_root):
     append_rows(run / "results.jsonl", rows)
     append_skip(run, stage="extract", what="resnet50", reason="weights unavailable", fix="put FILE in DIR")
     build_report(run_dir=run, dataset_dir=dataset_dir, title="Test report")
-    return run
+    return tmp_path
+
+
+@pytest.fixture
+def run_dir(built, tmp_path):
+    for name in ("dataset", "run"):
+        shutil.copytree(built / name, tmp_path / name)
+    return tmp_path / "run"
 
 
 def test_every_table_number_traces_to_a_results_row(run_dir):
@@ -142,7 +153,6 @@ def test_the_manifest_opens_as_text_and_reads_back_exactly(tmp_path):
 
 def test_a_rerun_with_the_same_rows_copies_the_figures_and_other_rows_or_damage_redraw_them(run_dir, tmp_path,
                                                                                            monkeypatch, caplog):
-    import shutil
     import tempfile
 
     from reports import plots
@@ -199,8 +209,6 @@ def test_rows_of_a_random_test_network_are_said_to_say_nothing_about_transfer(ru
 
 
 def test_prune_keeps_a_figure_set_while_a_run_holds_its_figures(run_dir, tmp_path):
-    import shutil
-
     from pipeline.prune import unused
 
     out = tmp_path / "out"
