@@ -75,7 +75,8 @@ def _to_display(tensor: torch.Tensor) -> Image.Image:
 
 
 def augmentation_sheet(manifest: pd.DataFrame, *, data_root: Path, path: Path, seed: int) -> None:
-    """A training image (seeded draw) under each policy: one row per policy, views 1..VIEWS as extraction draws them."""
+    """A training image (seeded draw) under each policy: one row per policy, views 1..VIEWS of a generic 224 px config
+    (extraction draws its own views, seeded by each image's content, at each backbone's size)."""
     train = manifest[manifest["split"] == "train"]
     pool = (train if len(train) else manifest).sort_values("sample_id")
     sample = pool.iloc[int(np.random.default_rng(seed).integers(len(pool)))]

@@ -102,3 +102,25 @@ def test_parallel_scan_matches_serial_scan(tmp_path, monkeypatch, data_root):
     parallel = file_index.scan_files(paths, index_path=tmp_path / "p.csv", workers=2)
     serial = file_index.scan_files(paths, index_path=tmp_path / "s.csv", workers=1)
     assert parallel.equals(serial)
+
+
+def test_the_augmentation_sheet_draws_each_views_pixels_as_the_full_transform_gives_them():
+    """The sheet stops each policy's transform at its uint8 image: the same draws and pixels as the full transform
+    (to float, normalised) mapped back to bytes, which is what it drew before, at a fraction of the time."""
+    import torch
+    from PIL import Image
+
+    from dataset.sheets import SHEET_DATA_CONFIG, _uint8_steps
+    from dataset.transforms import POLICIES, apply_view, augment_transform
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    mean, std = (torch.tensor(SHEET_DATA_CONFIG[k]).view(3, 1, 1) for k in ("mean", "std"))
+    for policy in POLICIES:
+        full = augment_transform(SHEET_DATA_CONFIG, policy)
+        for view in (1, 2):
+            want = apply_view(full, img, seed=3, sample_id="s", view=view).mul(std).add(mean)
+            got = apply_view(_uint8_steps(full), img, seed=3, sample_id="s", view=view)
+            assert got.dtype == torch.uint8 and got.shape == (3, 224, 224), policy
+            assert torch.equal(got, want.clamp(0, 1).mul(255).round().byte()), (policy, view)
+    with pytest.raises(ValueError, match="expected ToDtype, Normalize"):
+        _uint8_steps(_uint8_steps(full))
