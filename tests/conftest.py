@@ -2,17 +2,29 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pandas as pd
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One of pytest-xdist's test processes (pyproject.toml runs one per core): one thread each, for torch, BLAS and
+    # the processes its tests start, whatever the caller set; a thread per core in every process oversubscribes the
+    # cores. Set before numpy or torch is imported: their thread pools read it when they start.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
 
-from dataset.images import probe
-from dataset.manifest import write_manifest
-from study.hashing import file_sha256
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from dataset.images import probe  # noqa: E402
+from dataset.manifest import write_manifest  # noqa: E402
+from study.hashing import file_sha256  # noqa: E402
 
 # Tests never touch the network: weight resolution must not even probe for a download.
 os.environ.setdefault("STUDY_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)  # in case a plugin imported torch before the variables above were set
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("STUDY_DATA_ROOT", REPO.parent / "shared" / "datasets")).resolve()
@@ -22,6 +34,19 @@ TINY_CLASSES = ("accordion", "anchor", "barrel", "crab")
 # a stage's logic; tests that need what pretrained weights give (features that separate classes, the real
 # pre-processing) load the real Lite0 and are marked slow.
 TEST_BACKBONE, TEST_BACKBONE2 = "test_efficientnet", "test_efficientnet_gn"  # the second for fusions, ensembles
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: the cores this process may use (its CPU affinity and its cgroup's CPU quota), at most 8: a test
+    file is a process's unit of work and each process holds ~0.85 GiB of libraries."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU limit to read
+    return max(1, min(cores, 8))
 
 
 def pytest_collection_modifyitems(config, items):
